@@ -1,0 +1,18 @@
+"""The broker's one ASGI application: HTTP (admin, health, control API) and both sockets."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "brokersite.settings")
+django_asgi_app = get_asgi_application()  # sets Django up before consumers are imported
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+from dispatch.routing import SocketRouter  # noqa: E402
+
+application = ProtocolTypeRouter({
+    "http": ASGIStaticFilesHandler(django_asgi_app),
+    "websocket": SocketRouter(),
+})

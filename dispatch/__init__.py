@@ -1,0 +1,1 @@
+"""The broker: Channels consumers, forwarding, load balancing, registry and history."""

@@ -1,0 +1,68 @@
+"""What the broker itself answers: server actions and extra message types.
+
+Workers may send ``request`` frames to the broker (the seed's server side:
+``get_time``, ``get_client_info``, ``calculate``). More actions are one decorated
+function in a module named by the ``ACTION_MODULES`` setting::
+
+    from dispatch.actions import server_action
+
+    @server_action()
+    async def ping() -> str:
+        return "pong"
+
+New envelope types get a handler the same way, with :func:`on_message`; it is
+called with the worker consumer and the parsed :class:`~workers.protocol.Message`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Awaitable, Callable
+
+from workers.builtin import calculate_value, now_text
+from workers.handlers import CommandRegistry
+from workers.protocol import Message
+
+from . import conf
+from .registry import get_registry
+
+actions = CommandRegistry()
+server_action = actions.command
+
+MessageHandler = Callable[[Any, Message], Awaitable[None]]
+message_handlers: dict[str, MessageHandler] = {}
+
+
+def on_message(kind: str) -> Callable[[MessageHandler], MessageHandler]:
+    """Register the broker's handler for envelope type ``kind`` from workers."""
+
+    def register(func: MessageHandler) -> MessageHandler:
+        message_handlers[kind] = func
+        return func
+
+    return register
+
+
+@server_action()
+async def get_time() -> str:
+    """The broker's local time, ``YYYY-MM-DD HH:MM:SS``."""
+    return now_text()
+
+
+@server_action()
+async def get_client_info() -> dict[str, Any]:
+    """The online workers and their load."""
+    workers = [w.to_dict() for w in await get_registry().all()]
+    return {"count": len(workers), "workers": workers}
+
+
+@server_action()
+async def calculate(a: Any = None, b: Any = None, op: str = "+") -> float | int:
+    """``a op b`` for op in + - * /, computed by the broker."""
+    return calculate_value(a, b, op)
+
+
+def load_action_modules() -> None:
+    """Import the modules named in ``ACTION_MODULES`` so their decorators run."""
+    for name in filter(None, (n.strip() for n in conf.get("ACTION_MODULES").split(","))):
+        importlib.import_module(name)

@@ -1,0 +1,71 @@
+"""The broker's settings, their defaults, and where they come from.
+
+Each can be set in ``settings.BROKER`` (a dict) or as an environment variable
+``BROKER_<NAME>``; ``runbroker`` flags override both. Values are read lazily, so a
+flag applied at start-up is seen everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+
+#: name -> (default, what it is). The README's configuration table mirrors this.
+DEFAULTS: dict[str, tuple[Any, str]] = {
+    "HOST": ("127.0.0.1", "interface the three sockets listen on"),
+    "WORKER_PORT": (8765, "worker socket port"),
+    "REQUESTER_PORT": (8766, "requester socket port"),
+    "HTTP_PORT": (8000, "HTTP port: admin, /healthz, control API"),
+    "STRATEGY": ("least_loaded",
+                 "load balancing: least_loaded, round_robin, random, weighted_random"),
+    "TIMEOUT": (30.0, "seconds a request may take before 'Worker response timeout'"),
+    "MAX_RETRIES": (2, "times a request is re-sent after its worker was lost"),
+    "QUEUE_LIMIT": (1000, "requests per process that may wait for a free worker slot"),
+    "HEARTBEAT_INTERVAL": (5.0, "seconds between heartbeats, told to workers on connect"),
+    "HEARTBEAT_MISSES": (3, "heartbeat intervals of silence before a worker is dropped"),
+    "REGISTER_TIMEOUT": (10.0, "seconds a new worker socket has to send its connect frame"),
+    "MAX_MESSAGE_BYTES": (1_048_576, "largest frame accepted; larger ones get an error"),
+    "HISTORY": (True, "record request history in the database (batched)"),
+    "HISTORY_FLUSH_SECONDS": (1.0, "how often buffered history is written"),
+    "HISTORY_BUFFER": (50_000, "history records kept in memory at most; older are dropped"),
+    "API_TOKEN": ("", "bearer token for the HTTP control API from non-loopback peers"),
+    "ACTION_MODULES": ("", "comma-separated modules that register server actions"),
+}
+
+
+def get(name: str) -> Any:
+    """The current value of one broker setting, converted to its default's type."""
+    default, _ = DEFAULTS[name]
+    value = settings.BROKER.get(name, default)
+    return _coerce(value, default)
+
+
+def override(**values: Any) -> None:
+    """Set broker settings at run time (``runbroker`` flags use this)."""
+    for name, value in values.items():
+        if name not in DEFAULTS:
+            raise KeyError(f"unknown broker setting {name}")
+        settings.BROKER[name] = value
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(value, str) and not isinstance(default, str):
+        if isinstance(default, bool):
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        return type(default)(value)
+    return value
+
+
+@cache
+def process_name() -> str:
+    """This broker process's name in the shared registry and in history rows.
+
+    Host and pid say where it runs; a random tail keeps a restarted process with a
+    recycled pid from being taken for its predecessor.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:4]}"

@@ -1,0 +1,353 @@
+"""The two sockets: worker and requester. Thin edges between frames and services.
+
+Each consumer has three sections, as in Channels' own examples: socket handlers
+(frames in), frame/command helpers, and channel-layer handlers (``broker.*``
+messages in). The real work is in :mod:`dispatch.forwarding` and the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.consumer import get_handler_name
+
+from workers import protocol
+from workers.handlers import run_safely
+from workers.protocol import (ApiRequest, ApiResponse, Message, MessageType, ProtocolError,
+                              Registration, RequestBody, ResponseBody)
+
+from . import conf, events
+from .actions import actions, message_handlers
+from .forwarding import Dispatcher, get_dispatcher
+from .history import get_recorder
+from .registry import WorkerEntry
+
+log = logging.getLogger("dispatch.consumers")
+
+#: Close codes the broker uses (4000-4999 is the application's range).
+CLOSE_REPLACED = 4001
+CLOSE_BAD_REGISTRATION = 4002
+CLOSE_HEARTBEAT_TIMEOUT = 4003
+
+
+class LeanWebsocketConsumer(AsyncWebsocketConsumer):
+    """A websocket consumer without a database hop per message.
+
+    Channels' ``dispatch`` closes stale database connections around every message,
+    through a thread (``aclose_old_connections``). These sockets never touch the
+    database on their path, so that hop would only cost throughput.
+    """
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    @property
+    def peer(self) -> str:
+        client = self.scope.get("client") or ("?", 0)
+        return f"{client[0]}:{client[1]}"
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None
+                      ) -> None:
+        if text_data is None:
+            await self.refuse("Binary frames are not supported: send JSON as text")
+            return
+        limit = conf.get("MAX_MESSAGE_BYTES")
+        if len(text_data) > limit or (len(text_data) * 4 > limit
+                                      and len(text_data.encode()) > limit):
+            await self.refuse(f"Message too large: {len(text_data.encode())} bytes "
+                              f"(limit {limit})")
+            return
+        await self.receive_text(text_data)
+
+    async def receive_text(self, text: str) -> None:
+        raise NotImplementedError
+
+    async def refuse(self, error: str, request_id: str | None = None) -> None:
+        """Tell the peer that one frame was refused; the connection stays up."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+@dataclass(slots=True)
+class Assignment:
+    """A request this worker has been given and has yet to answer."""
+
+    reply_to: str
+    started: float  # time.monotonic()
+    deadline: float  # time.monotonic()
+
+
+class WorkerConsumer(LeanWebsocketConsumer):
+    """One worker's socket: registration, heartbeats, forwarded requests, answers."""
+
+    groups = [events.WORKERS_GROUP]
+
+    entry: WorkerEntry | None = None
+    dispatcher: Dispatcher
+
+    # -------------------------------------------------------------- socket handlers
+
+    async def connect(self) -> None:
+        self.dispatcher = await get_dispatcher()
+        self.session_id = protocol.new_id()
+        self.assignments: dict[str, Assignment] = {}
+        self.opened = self.last_frame = time.monotonic()
+        self.closed = False
+        await self.accept()
+        self.watchdog = asyncio.create_task(self._watch(), name=f"watch-{self.session_id}")
+
+    async def disconnect(self, code: int) -> None:
+        self.watchdog.cancel()
+        await self._teardown(f"disconnected ({code})")
+
+    async def receive_text(self, text: str) -> None:
+        self.last_frame = time.monotonic()
+        try:
+            msg = Message.from_json(text)
+        except ProtocolError as exc:
+            await self.refuse(str(exc))
+            return
+        handler = self.FRAME_HANDLERS.get(msg.type)
+        if msg.type != MessageType.CONNECT.value and self.entry is None:
+            await self.refuse("Register first: send a 'connect' frame", msg.msg_id)
+            return
+        try:
+            if handler is not None:
+                await handler(self, msg)
+            elif msg.type in message_handlers:
+                await message_handlers[msg.type](self, msg)
+            else:
+                await self.refuse(f"Unknown message type '{msg.type}'", msg.msg_id)
+        except ProtocolError as exc:
+            await self.refuse(str(exc), msg.msg_id)
+
+    async def refuse(self, error: str, request_id: str | None = None) -> None:
+        log.info("worker %s: refused a frame: %s", self.worker_label, error)
+        await self.send_frame(Message.error(error, reply_to=request_id))
+
+    # -------------------------------------------------------------- frame helpers
+
+    @property
+    def worker_label(self) -> str:
+        return self.entry.worker_id if self.entry else f"(unregistered {self.peer})"
+
+    async def send_frame(self, msg: Message) -> None:
+        if not self.closed:
+            await self.send(text_data=msg.to_json())
+
+    async def on_connect(self, msg: Message) -> None:
+        if self.entry is not None:
+            raise ProtocolError("Already registered on this connection")
+        try:
+            reg = Registration.from_data(msg.data)
+        except ProtocolError as exc:
+            await self.refuse(f"Bad registration: {exc}", msg.msg_id)
+            await self.close(CLOSE_BAD_REGISTRATION)
+            return
+        self.entry = WorkerEntry(
+            worker_id=reg.worker_id, name=reg.name, channel=self.channel_name,
+            commands=frozenset(reg.commands), weight=reg.weight,
+            max_concurrency=reg.max_concurrency, process=self.dispatcher.process,
+            address=self.peer, session_id=self.session_id)
+        replaced = await self.dispatcher.registry.add(self.entry)
+        if replaced is not None and replaced.channel != self.channel_name:
+            log.warning("worker %s reconnected; closing its previous connection", reg.worker_id)
+            await self.channel_layer.send(replaced.channel, events.kick(
+                "Replaced by a newer connection with the same worker_id", CLOSE_REPLACED))
+        self.dispatcher.local_workers[self.channel_name] = self
+        await self.send_frame(Message(MessageType.CONNECT.value, {
+            "worker_id": reg.worker_id,
+            "heartbeat_interval": conf.get("HEARTBEAT_INTERVAL"),
+            "process": self.dispatcher.process,
+        }))
+        get_recorder().worker_connected(
+            session_id=self.session_id, worker_id=reg.worker_id, name=reg.name,
+            address=self.peer, process=self.dispatcher.process, commands=reg.commands,
+            weight=reg.weight, max_concurrency=reg.max_concurrency,
+            connected_at=self.entry.connected_at)
+        self.dispatcher.kick()
+        log.info("worker %s (%s) registered from %s: %s", reg.worker_id, reg.name, self.peer,
+                 ", ".join(reg.commands))
+
+    async def on_heartbeat(self, msg: Message) -> None:
+        await self.dispatcher.registry.touch(self.entry.worker_id)  # type: ignore[union-attr]
+        get_recorder().worker_seen(self.session_id, time.time())
+        if "ack" not in msg.data:
+            await self.send_frame(Message.heartbeat(ack=msg.msg_id))
+
+    async def on_response(self, msg: Message) -> None:
+        body = ResponseBody.from_message(msg)
+        assignment = self.assignments.pop(body.request_id, None)
+        if assignment is None:
+            self.dispatcher.stats["late"] += 1
+            log.warning("worker %s answered request %s, which it does not hold (late or "
+                        "unknown): dropped", self.worker_label, body.request_id)
+            return
+        latency_ms = (time.monotonic() - assignment.started) * 1000
+        await self.dispatcher.registry.release(self.entry.worker_id,  # type: ignore[union-attr]
+                                               latency_ms=latency_ms, ok=body.success)
+        await self._deliver(assignment.reply_to, events.reply(
+            body.request_id, self.entry.worker_id, body.success, body.data,  # type: ignore
+            body.error, latency_ms))
+
+    async def on_request(self, msg: Message) -> None:
+        """A worker asks the broker itself (server actions)."""
+        body = RequestBody.from_message(msg)
+        success, data, error = await run_safely(actions, body.action, body.params)
+        await self.send_frame(Message.response(msg.msg_id, success, data, error))
+
+    async def on_disconnect(self, msg: Message) -> None:
+        """The worker is leaving: no new work; it closes once its requests are done."""
+        log.info("worker %s is draining before it leaves", self.worker_label)
+        await self.dispatcher.registry.set_draining(self.entry.worker_id, True)  # type: ignore
+
+    async def on_notification(self, msg: Message) -> None:
+        log.info("worker %s says: %s", self.worker_label, msg.data.get("message"))
+
+    async def on_error(self, msg: Message) -> None:
+        log.warning("worker %s reported an error: %s", self.worker_label, msg.data.get("error"))
+
+    FRAME_HANDLERS = {
+        MessageType.CONNECT.value: on_connect,
+        MessageType.HEARTBEAT.value: on_heartbeat,
+        MessageType.RESPONSE.value: on_response,
+        MessageType.REQUEST.value: on_request,
+        MessageType.DISCONNECT.value: on_disconnect,
+        MessageType.NOTIFICATION.value: on_notification,
+        MessageType.ERROR.value: on_error,
+    }
+
+    async def assign(self, message: dict[str, Any]) -> None:
+        """Hand one forwarded request to the worker (from the layer or in-process)."""
+        if self.closed or self.entry is None:
+            await self._deliver(message["reply_to"], events.lost(
+                message["key"], self.entry.worker_id if self.entry else "", "connection closed"))
+            return
+        now = time.monotonic()
+        self.assignments[message["key"]] = Assignment(message["reply_to"], now,
+                                                      now + message["timeout"])
+        await self.send_frame(Message.request(message["action"], message["params"],
+                                              msg_id=message["key"]))
+
+    async def _deliver(self, channel: str, message: dict[str, Any]) -> None:
+        """Send to a dispatcher: directly when it is this process's, else over the layer."""
+        if channel == self.dispatcher.channel:
+            await self.dispatcher.handle(message)
+        else:
+            await self.channel_layer.send(channel, message)
+
+    async def _watch(self) -> None:
+        """Ping, drop the silent, release slots of requests past their deadline."""
+        interval = conf.get("HEARTBEAT_INTERVAL")
+        silence_limit = interval * conf.get("HEARTBEAT_MISSES")
+        tick = min(interval, 1.0)
+        next_ping = time.monotonic() + interval
+        while not self.closed:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if self.entry is None and now - self.opened > conf.get("REGISTER_TIMEOUT"):
+                await self.refuse("No 'connect' frame in time; closing")
+                await self._close_and_teardown(CLOSE_BAD_REGISTRATION, "did not register")
+                return
+            if now - self.last_frame > silence_limit:
+                log.warning("worker %s silent for %.1fs: dropping it", self.worker_label,
+                            now - self.last_frame)
+                await self._close_and_teardown(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                return
+            if now >= next_ping and self.entry is not None:
+                next_ping = now + interval
+                await self.send_frame(Message.heartbeat())
+            await self._expire_assignments(now)
+
+    async def _expire_assignments(self, now: float) -> None:
+        for key in [k for k, a in self.assignments.items() if a.deadline < now]:
+            del self.assignments[key]
+            await self.dispatcher.registry.release(self.entry.worker_id,  # type: ignore
+                                                   latency_ms=None, ok=False)
+
+    async def _close_and_teardown(self, code: int, reason: str) -> None:
+        await self._teardown(reason)
+        await self.close(code)
+
+    async def _teardown(self, reason: str) -> None:
+        """Leave the registry and hand every unanswered request back: once only."""
+        if self.closed:
+            return
+        self.closed = True
+        self.dispatcher.local_workers.pop(self.channel_name, None)
+        if self.entry is None:
+            return
+        await self.dispatcher.registry.remove(self.entry.worker_id, self.channel_name)
+        assignments, self.assignments = self.assignments, {}
+        for key, assignment in assignments.items():
+            await self._deliver(assignment.reply_to,
+                                events.lost(key, self.entry.worker_id, reason))
+        get_recorder().worker_disconnected(self.session_id, time.time(),
+                                           self.entry.completed + self.entry.errors)
+        log.info("worker %s left (%s); %d request(s) handed back", self.entry.worker_id,
+                 reason, len(assignments))
+
+    # -------------------------------------------------------------- layer handlers
+
+    async def broker_forward(self, message: dict[str, Any]) -> None:
+        await self.assign(message)
+
+    async def broker_notify(self, message: dict[str, Any]) -> None:
+        if self.entry is not None:
+            await self.send_frame(Message.notification(message["message"],
+                                                       **message.get("extra", {})))
+
+    async def broker_kick(self, message: dict[str, Any]) -> None:
+        await self.send_frame(Message.error(message["reason"]))
+        await self._close_and_teardown(message["code"], message["reason"])
+
+
+# ---------------------------------------------------------------------------- requesters
+
+
+class RequesterConsumer(LeanWebsocketConsumer):
+    """A requester's socket: the seed's JSON API, many requests in flight at once."""
+
+    dispatcher: Dispatcher
+
+    async def connect(self) -> None:
+        self.dispatcher = await get_dispatcher()
+        self.in_flight: dict[str, str] = {}  # request_id -> dispatcher key
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        self.dispatcher.abandon(list(self.in_flight.values()))
+        self.in_flight.clear()
+
+    async def receive_text(self, text: str) -> None:
+        try:
+            request = ApiRequest.from_json(text)
+        except ProtocolError as exc:
+            await self.refuse(str(exc), exc.request_id)
+            return
+        if request.request_id in self.in_flight:
+            await self.refuse(f"Duplicate request_id '{request.request_id}': a request with "
+                              "this id is still in flight", request.request_id)
+            return
+        key = self.in_flight[request.request_id] = protocol.new_id()
+        await self.dispatcher.submit(
+            request.command, request.data, self.respond, request_id=request.request_id,
+            requester=self.peer, timeout=request.timeout, key=key)
+
+    async def refuse(self, error: str, request_id: str | None = None) -> None:
+        await self.send(text_data=ApiResponse.failure(request_id, error).to_json())
+
+    async def respond(self, response: ApiResponse) -> None:
+        """Called by the dispatcher, once per request."""
+        self.in_flight.pop(response.request_id, None)  # type: ignore[arg-type]
+        await self.send(text_data=response.to_json())

@@ -1,0 +1,43 @@
+"""Channel-layer messages between broker parts, as plain dicts.
+
+Channels routes a layer message to the consumer method named by its ``type``
+(``broker.forward`` -> ``broker_forward``). Keeping their shapes here means the
+sender and the receiver of each one are written against one definition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FORWARD = "broker.forward"  # dispatcher -> worker consumer: run this request
+REPLY = "broker.reply"  # worker consumer -> dispatcher: the worker's answer
+LOST = "broker.lost"  # worker consumer -> dispatcher: the worker went away mid-request
+NOTIFY = "broker.notify"  # anyone -> worker consumers (group): a notification to pass on
+KICK = "broker.kick"  # anyone -> one worker consumer: close the socket, with a reason
+
+#: Group every worker consumer joins, so one group_send reaches the whole fleet.
+WORKERS_GROUP = "dispatch.workers"
+
+
+def forward(key: str, action: str, params: dict[str, Any], reply_to: str,
+            timeout: float) -> dict[str, Any]:
+    return {"type": FORWARD, "key": key, "action": action, "params": params,
+            "reply_to": reply_to, "timeout": timeout}
+
+
+def reply(key: str, worker_id: str, success: bool, data: Any, error: str | None,
+          latency_ms: float) -> dict[str, Any]:
+    return {"type": REPLY, "key": key, "worker_id": worker_id, "success": success,
+            "data": data, "error": error, "latency_ms": latency_ms}
+
+
+def lost(key: str, worker_id: str, reason: str) -> dict[str, Any]:
+    return {"type": LOST, "key": key, "worker_id": worker_id, "reason": reason}
+
+
+def notify(message: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": NOTIFY, "message": message, "extra": extra}
+
+
+def kick(reason: str, code: int = 4000) -> dict[str, Any]:
+    return {"type": KICK, "reason": reason, "code": code}

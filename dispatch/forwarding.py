@@ -1,0 +1,302 @@
+"""Forwarding: choose a worker, reserve its slot, wait, fail over, answer once.
+
+One :class:`Dispatcher` per broker process owns every request that entered
+through this process (requester sockets and the control API). It has its own
+channel on the layer where workers' answers come back, so any number of broker
+processes can share one fleet. Every request ends in exactly one call of its
+``respond`` callback: the worker's answer, or an explicit error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from channels.exceptions import ChannelFull
+from channels.layers import BaseChannelLayer, get_channel_layer
+
+from workers import protocol
+from workers.protocol import ApiResponse
+
+from . import conf, events
+from .history import HistoryRecorder, get_recorder
+from .registry import Registry, WorkerEntry, get_registry
+
+log = logging.getLogger("dispatch.forwarding")
+
+Respond = Callable[[ApiResponse], Awaitable[None]]
+
+#: How often requests waiting for a free slot are retried when nothing wakes them.
+QUEUE_POLL_SECONDS = 0.05
+
+
+class LocalWorker(Protocol):
+    """A worker consumer in this process, reachable without a layer round trip."""
+
+    async def assign(self, message: dict[str, Any]) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A request this process has yet to answer."""
+
+    key: str
+    command: str
+    data: dict[str, Any]
+    respond: Respond
+    request_id: str
+    requester: str
+    deadline: float  # event-loop time
+    started: float = field(default_factory=time.time)
+    target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
+    worker_id: str | None = None  # the worker it is with now
+    attempts: int = 0
+    tried: set[str] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Dispatcher:
+    """The requests of one broker process, from arrival to answer."""
+
+    def __init__(self, layer: BaseChannelLayer, registry: Registry,
+                 recorder: HistoryRecorder) -> None:
+        self.layer = layer
+        self.registry = registry
+        self.recorder = recorder
+        self.process = conf.process_name()
+        self.channel = ""
+        self.pending: dict[str, Pending] = {}
+        self.waiting: deque[Pending] = deque()
+        self.local_workers: dict[str, LocalWorker] = {}
+        self.stats: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        self.channel = await self.layer.new_channel()
+        self._tasks = [asyncio.create_task(self._receive_loop(), name="dispatch-replies"),
+                       asyncio.create_task(self._queue_loop(), name="dispatch-queue")]
+        await self.recorder.start()
+        log.debug("dispatcher %s listening on %s", self.process, self.channel)
+
+    async def stop(self) -> None:
+        """Answer whatever is still pending, stop the loops, flush history."""
+        for pending in list(self.pending.values()):
+            await self._finish(pending, ApiResponse.failure(pending.request_id,
+                                                            protocol.SHUTTING_DOWN))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.recorder.stop()
+
+    # ------------------------------------------------------------------ entry points
+
+    async def submit(self, command: str, data: dict[str, Any], respond: Respond, *,
+                     request_id: str, requester: str, timeout: float | None = None,
+                     worker_id: str | None = None, key: str | None = None) -> str:
+        """Start a request; ``respond`` is called exactly once with its answer.
+
+        ``key`` (default: a new id) names the request inside the broker; the caller
+        may pass it to :meth:`abandon`. It is chosen before the call because the
+        answer can arrive before ``submit`` returns (no worker, say).
+        """
+        key = key or protocol.new_id()
+        loop = asyncio.get_running_loop()
+        seconds = timeout or conf.get("TIMEOUT")
+        pending = Pending(key, command, data, respond, request_id, requester,
+                          deadline=loop.time() + seconds, target=worker_id)
+        pending.timer = loop.call_later(seconds, self._expire, key)
+        self.pending[key] = pending
+        self.stats["submitted"] += 1
+        await self._assign(pending)
+        return key
+
+    def abandon(self, keys: list[str]) -> None:
+        """Forget requests whose requester left; their late answers will be dropped."""
+        for key in keys:
+            pending = self.pending.pop(key, None)
+            if pending is not None and pending.timer is not None:
+                pending.timer.cancel()
+
+    def kick(self) -> None:
+        """A worker slot may have freed: retry the waiting queue now."""
+        if self.waiting:
+            self._wake.set()
+
+    async def handle(self, message: dict[str, Any]) -> None:
+        """A layer message addressed to this dispatcher (or delivered in-process)."""
+        kind = message.get("type")
+        if kind == events.REPLY:
+            await self._on_reply(message)
+        elif kind == events.LOST:
+            await self._on_lost(message)
+        else:
+            log.warning("dispatcher ignored a layer message of type %r", kind)
+
+    # ------------------------------------------------------------------ assigning
+
+    async def _assign(self, pending: Pending) -> None:
+        """Reserve a worker and forward; or queue, or answer with why not."""
+        reservation = await self.registry.reserve(pending.command, exclude=pending.tried,
+                                                  worker_id=pending.target)
+        if reservation.worker is not None:
+            await self._forward(pending, reservation.worker)
+        elif reservation.capable:
+            await self._enqueue(pending)
+        else:
+            await self._fail(pending, self._unavailable_reason(pending))
+
+    def _unavailable_reason(self, pending: Pending) -> str:
+        if pending.target is not None:
+            return f"Unknown worker '{pending.target}'" if not pending.tried else protocol.WORKER_LOST
+        if pending.tried:
+            return f"{protocol.WORKER_LOST} and no other worker offers '{pending.command}'"
+        return protocol.NO_WORKERS
+
+    async def _enqueue(self, pending: Pending) -> None:
+        if len(self.waiting) >= conf.get("QUEUE_LIMIT"):
+            self.stats["queue_full"] += 1
+            await self._fail(pending, protocol.ALL_BUSY)
+            return
+        self.waiting.append(pending)
+        self._wake.set()
+
+    async def _forward(self, pending: Pending, worker: WorkerEntry) -> None:
+        pending.worker_id = worker.worker_id
+        pending.attempts += 1
+        pending.tried.add(worker.worker_id)
+        remaining = max(0.001, pending.deadline - asyncio.get_running_loop().time())
+        message = events.forward(pending.key, pending.command, pending.data, self.channel,
+                                 remaining)
+        local = self.local_workers.get(worker.channel)
+        try:
+            if local is not None:
+                await local.assign(message)
+            else:
+                await self.layer.send(worker.channel, message)
+        except ChannelFull:
+            self.stats["channel_full"] += 1
+            await self.registry.release(worker.worker_id, latency_ms=None, ok=True)
+            await self._fail(pending, protocol.BROKER_OVERLOADED)
+
+    async def _queue_loop(self) -> None:
+        """Retry queued requests when a slot frees (or every poll, across processes)."""
+        while True:
+            if self.waiting:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), QUEUE_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await self._wake.wait()
+            self._wake.clear()
+            for _ in range(len(self.waiting)):
+                pending = self.waiting.popleft()
+                if pending.key not in self.pending:
+                    continue  # answered (timed out) while waiting
+                reservation = await self.registry.reserve(
+                    pending.command, exclude=pending.tried, worker_id=pending.target)
+                if reservation.worker is not None:
+                    await self._forward(pending, reservation.worker)
+                elif reservation.capable:
+                    self.waiting.append(pending)
+                else:
+                    await self._fail(pending, self._unavailable_reason(pending))
+
+    # ------------------------------------------------------------------ answers
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+                await self.handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad message or a layer hiccup must not stop answers
+                log.exception("dispatcher failed to handle a layer message")
+                await asyncio.sleep(0.1)
+
+    async def _on_reply(self, message: dict[str, Any]) -> None:
+        pending = self.pending.get(message["key"])
+        if pending is None or pending.worker_id != message["worker_id"]:
+            self.stats["late"] += 1
+            log.info("dropped a late answer from worker %s (request already answered)",
+                     message["worker_id"])
+            return
+        self.kick()
+        await self._finish(pending, ApiResponse(
+            pending.request_id, message["success"], message["data"], message["error"],
+            message["worker_id"]))
+
+    async def _on_lost(self, message: dict[str, Any]) -> None:
+        pending = self.pending.get(message["key"])
+        if pending is None or pending.worker_id != message["worker_id"]:
+            return
+        self.stats["lost"] += 1
+        pending.worker_id = None
+        if pending.attempts > conf.get("MAX_RETRIES"):
+            await self._fail(pending, f"{protocol.WORKER_LOST} ({message['reason']}) "
+                                      f"after {pending.attempts} attempts")
+            return
+        log.info("request %s: worker %s lost (%s), re-dispatching", pending.request_id,
+                 message["worker_id"], message["reason"])
+        self.stats["redispatched"] += 1
+        await self._assign(pending)
+
+    def _expire(self, key: str) -> None:
+        pending = self.pending.get(key)
+        if pending is not None:
+            self.stats["timeouts"] += 1
+            asyncio.ensure_future(self._fail(pending, protocol.TIMEOUT))
+
+    async def _fail(self, pending: Pending, error: str) -> None:
+        await self._finish(pending, ApiResponse.failure(pending.request_id, error))
+
+    async def _finish(self, pending: Pending, response: ApiResponse) -> None:
+        """Answer once: the only place a request leaves :attr:`pending`."""
+        if self.pending.pop(pending.key, None) is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        now = time.time()
+        self.stats["answered"] += 1
+        self.recorder.record_request(
+            request_id=pending.request_id, command=pending.command,
+            worker_id=response.processed_by, success=response.success, error=response.error,
+            latency_ms=(now - pending.started) * 1000, attempts=pending.attempts,
+            requester=pending.requester, started_at=pending.started, finished_at=now)
+        try:
+            await pending.respond(response)
+        except Exception:  # the requester is gone; nobody is left to tell
+            log.debug("could not deliver the answer to %s", pending.requester, exc_info=True)
+
+
+_dispatchers: dict[asyncio.AbstractEventLoop, asyncio.Task[Dispatcher]] = {}
+
+
+async def get_dispatcher() -> Dispatcher:
+    """The dispatcher of this process (of this event loop), started on first use."""
+    loop = asyncio.get_running_loop()
+    task = _dispatchers.get(loop)
+    if task is None:
+        task = _dispatchers[loop] = loop.create_task(_make_dispatcher())
+    return await task
+
+
+async def _make_dispatcher() -> Dispatcher:
+    dispatcher = Dispatcher(get_channel_layer(), get_registry(), get_recorder())
+    await dispatcher.start()
+    return dispatcher
+
+
+async def stop_dispatcher() -> None:
+    """Stop this loop's dispatcher, if one was started (shutdown, tests)."""
+    task = _dispatchers.pop(asyncio.get_running_loop(), None)
+    if task is not None:
+        await (await task).stop()

@@ -1,0 +1,220 @@
+"""Live state of the worker fleet, shared by everything that forwards requests.
+
+One interface, :class:`Registry`; the in-process implementation below serves the
+embedded default, and a Redis implementation slots in for several processes. The
+hot operation is :meth:`Registry.reserve`: choose a worker for a command *and* take
+one of its slots in one step, so that two requests can never both take the last
+free slot.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, NamedTuple
+
+from . import conf
+from .balancing import get_strategy
+
+#: Weight of the newest sample in the running averages of latency and errors.
+EWMA_ALPHA = 0.2
+
+
+@dataclass(slots=True)
+class WorkerEntry:
+    """One connected worker, as the broker sees it."""
+
+    worker_id: str
+    name: str
+    channel: str  # channel-layer name of its WorkerConsumer
+    commands: frozenset[str]
+    weight: float = 1.0
+    max_concurrency: int = 16
+    process: str = ""
+    address: str = ""
+    session_id: str = ""
+    connected_at: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.time)
+    in_flight: int = 0
+    completed: int = 0
+    errors: int = 0
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    draining: bool = False
+
+    def has_room(self) -> bool:
+        return self.in_flight < self.max_concurrency and not self.draining
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view for the control API and management commands."""
+        data = asdict(self)
+        data["commands"] = sorted(self.commands)
+        del data["channel"]
+        return data
+
+
+class Reservation(NamedTuple):
+    """Outcome of :meth:`Registry.reserve`.
+
+    ``worker`` is set when a slot was taken. Otherwise ``capable`` tells "nobody
+    offers this command" (answer at once) from "all capable workers are full"
+    (wait for a slot).
+    """
+
+    worker: WorkerEntry | None
+    capable: bool
+
+
+class Registry(abc.ABC):
+    """What forwarding needs to know and change about workers."""
+
+    @abc.abstractmethod
+    async def add(self, entry: WorkerEntry) -> WorkerEntry | None:
+        """Register a worker; returns the entry it replaced (same id), if any."""
+
+    @abc.abstractmethod
+    async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
+        """Unregister, but only if ``channel`` still owns the id (a takeover keeps it)."""
+
+    @abc.abstractmethod
+    async def touch(self, worker_id: str, when: float | None = None) -> None:
+        """Record a heartbeat."""
+
+    @abc.abstractmethod
+    async def reserve(self, command: str, *, exclude: Iterable[str] = (),
+                      worker_id: str | None = None) -> Reservation:
+        """Choose a worker for ``command`` (or take ``worker_id``) and take a slot."""
+
+    @abc.abstractmethod
+    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+        """Give back a slot, folding the outcome into the worker's statistics."""
+
+    @abc.abstractmethod
+    async def set_draining(self, worker_id: str, draining: bool) -> bool:
+        """Take a worker out of rotation (or back); False if unknown."""
+
+    @abc.abstractmethod
+    async def get(self, worker_id: str) -> WorkerEntry | None:
+        """One worker, or None."""
+
+    @abc.abstractmethod
+    async def all(self) -> list[WorkerEntry]:
+        """Every live worker."""
+
+    async def count(self) -> int:
+        return len(await self.all())
+
+
+class MemoryRegistry(Registry):
+    """The registry of one process: plain dictionaries, no awaits that yield.
+
+    Every method finishes without suspending, so on one event loop each call is
+    atomic by construction: that is what makes choose-and-reserve safe here.
+    """
+
+    def __init__(self, *, rng: random.Random | None = None) -> None:
+        self._workers: dict[str, WorkerEntry] = {}
+        self._by_command: dict[str, dict[str, WorkerEntry]] = {}
+        self._seq = 0
+        self._rng = rng or random.Random()
+
+    async def add(self, entry: WorkerEntry) -> WorkerEntry | None:
+        old = self._drop(entry.worker_id)
+        self._workers[entry.worker_id] = entry
+        for command in entry.commands:
+            self._by_command.setdefault(command, {})[entry.worker_id] = entry
+        return old
+
+    async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
+        entry = self._workers.get(worker_id)
+        if entry is None or entry.channel != channel:
+            return None
+        return self._drop(worker_id)
+
+    def _drop(self, worker_id: str) -> WorkerEntry | None:
+        entry = self._workers.pop(worker_id, None)
+        if entry is not None:
+            for command in entry.commands:
+                offering = self._by_command.get(command)
+                if offering is not None:
+                    offering.pop(worker_id, None)
+                    if not offering:
+                        del self._by_command[command]
+        return entry
+
+    async def touch(self, worker_id: str, when: float | None = None) -> None:
+        entry = self._workers.get(worker_id)
+        if entry is not None:
+            entry.last_heartbeat = when or time.time()
+
+    async def reserve(self, command: str, *, exclude: Iterable[str] = (),
+                      worker_id: str | None = None) -> Reservation:
+        if worker_id is not None:
+            entry = self._workers.get(worker_id)
+            if entry is None:
+                return Reservation(None, False)
+            if not entry.has_room():
+                return Reservation(None, True)
+            entry.in_flight += 1
+            return Reservation(entry, True)
+        offering = self._by_command.get(command)
+        if not offering:
+            return Reservation(None, False)
+        excluded = set(exclude)
+        candidates = [w for w in offering.values() if w.has_room() and w.worker_id not in excluded]
+        if not candidates:
+            capable = any(w.worker_id not in excluded for w in offering.values())
+            return Reservation(None, capable)
+        self._seq += 1
+        chosen = get_strategy(conf.get("STRATEGY"))(candidates, self._seq, self._rng)
+        chosen.in_flight += 1
+        return Reservation(chosen, True)  # type: ignore[arg-type]
+
+    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return
+        entry.in_flight = max(0, entry.in_flight - 1)
+        if ok:
+            entry.completed += 1
+        else:
+            entry.errors += 1
+        entry.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - entry.error_rate)
+        if latency_ms is not None:
+            entry.latency_ms = (latency_ms if entry.completed + entry.errors == 1
+                                else entry.latency_ms + EWMA_ALPHA * (latency_ms - entry.latency_ms))
+
+    async def set_draining(self, worker_id: str, draining: bool) -> bool:
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return False
+        entry.draining = draining
+        return True
+
+    async def get(self, worker_id: str) -> WorkerEntry | None:
+        return self._workers.get(worker_id)
+
+    async def all(self) -> list[WorkerEntry]:
+        return list(self._workers.values())
+
+    async def count(self) -> int:
+        return len(self._workers)
+
+
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The registry of this process, created on first use from settings."""
+    global _registry
+    if _registry is None:
+        _registry = MemoryRegistry()
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget all state (tests)."""
+    global _registry
+    _registry = None

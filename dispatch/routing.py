@@ -1,0 +1,52 @@
+"""Which consumer serves a websocket: by path, else by the port it came in on.
+
+Daphne listens on the worker, requester and HTTP ports with one application, and
+``scope["server"]`` tells which port a connection arrived on. The paths
+``/ws/worker/`` and ``/ws/requester/`` work on any port, so a single port behind
+a proxy serves both kinds of peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import conf
+from .consumers import RequesterConsumer, WorkerConsumer
+
+log = logging.getLogger("dispatch.routing")
+
+WORKER_PATH = "/ws/worker"
+REQUESTER_PATH = "/ws/requester"
+
+
+class SocketRouter:
+    """ASGI app for websocket scopes that hands each to the right consumer."""
+
+    def __init__(self) -> None:
+        self.worker = WorkerConsumer.as_asgi()
+        self.requester = RequesterConsumer.as_asgi()
+
+    def choose(self, scope: dict[str, Any]) -> Any:
+        path = scope.get("path", "/").rstrip("/")
+        if path == WORKER_PATH:
+            return self.worker
+        if path == REQUESTER_PATH:
+            return self.requester
+        if path == "":
+            port = (scope.get("server") or (None, None))[1]
+            if port == conf.get("WORKER_PORT"):
+                return self.worker
+            if port == conf.get("REQUESTER_PORT"):
+                return self.requester
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        app = self.choose(scope)
+        if app is None:
+            log.info("refused a websocket on %s%s: no such endpoint", scope.get("server"),
+                     scope.get("path"))
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 4404})
+            return
+        await app(scope, receive, send)

@@ -1,0 +1,11 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("api/workers", views.workers, name="api-workers"),
+    path("api/broadcast", views.broadcast, name="api-broadcast"),
+    path("api/send", views.send, name="api-send"),
+    path("api/call", views.call, name="api-call"),
+]

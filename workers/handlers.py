@@ -1,0 +1,110 @@
+"""The command registry: one decorated function per command.
+
+Adding a command to a worker is one function::
+
+    from workers.handlers import command
+
+    @command()
+    async def resize(url: str, width: int = 256) -> dict:
+        ...
+
+Parameters arrive as keyword arguments taken from the request's ``params`` (the
+requester's ``data``). A plain ``def`` runs in a thread so that a slow or blocking
+handler never stalls the worker's heartbeats or its other requests. Whatever a
+handler raises becomes an error answer; the worker itself stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+Handler = Callable[..., Any]
+
+
+class CommandError(Exception):
+    """Raise this from a handler to answer with exactly this message as the error."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    func: Handler
+    signature: inspect.Signature
+    is_async: bool
+
+
+class CommandRegistry:
+    """Maps command names to handlers, and runs them with checked parameters."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def command(self, name: str | None = None) -> Callable[[Handler], Handler]:
+        """Decorator registering ``func`` under ``name`` (default: its own name)."""
+
+        def register(func: Handler) -> Handler:
+            self.add(name or func.__name__, func)
+            return func
+
+        return register
+
+    def add(self, name: str, func: Handler) -> None:
+        """Register (or replace) the handler for ``name``."""
+        self._entries[name] = _Entry(func, inspect.signature(func),
+                                     inspect.iscoroutinefunction(func))
+
+    def remove(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def names(self) -> list[str]:
+        """Command names, sorted, as a worker announces them when it registers."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def copy(self) -> CommandRegistry:
+        """A registry that starts with these commands and can be changed on its own."""
+        other = CommandRegistry()
+        other._entries = dict(self._entries)
+        return other
+
+    async def run(self, name: str, params: dict[str, Any]) -> Any:
+        """Run one command; raises :class:`CommandError` for anything the caller did wrong."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise CommandError(f"Unknown command '{name}'")
+        try:
+            entry.signature.bind(**params)
+        except TypeError as exc:
+            raise CommandError(f"Bad parameters for '{name}': {exc}") from None
+        if entry.is_async:
+            return await entry.func(**params)
+        result = await asyncio.to_thread(entry.func, **params)
+        if inspect.isawaitable(result):  # a sync function that returned a coroutine
+            result = await result
+        return result
+
+
+#: The registry that ``python -m workers`` serves unless told otherwise.
+registry = CommandRegistry()
+
+#: Shorthand: ``@command()`` registers into :data:`registry`.
+command = registry.command
+
+
+async def run_safely(reg: CommandRegistry, name: str, params: dict[str, Any]
+                     ) -> tuple[bool, Any, str | None]:
+    """Run a command and fold any failure into ``(success, data, error)``."""
+    try:
+        return True, await reg.run(name, params), None
+    except CommandError as exc:
+        return False, None, str(exc)
+    except Exception as exc:  # a handler bug must never kill its worker
+        return False, None, f"{type(exc).__name__}: {exc}"
+
+
+__all__ = ["CommandError", "CommandRegistry", "Handler", "command", "registry", "run_safely",
+           "Awaitable"]
