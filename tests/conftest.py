@@ -1,0 +1,51 @@
+"""Shared fixtures: real broker and worker processes for integration tests."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.procs import Broker, WorkerProc, wait_for
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Start brokers with ``make(env={...}, args=[...])``; all are stopped afterwards."""
+    started: list[Broker] = []
+
+    def make(env: dict[str, str] | None = None, args: list[str] | None = None) -> Broker:
+        broker = Broker(tmp_path, env=env or {}, args=args or [])
+        started.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in started:
+        broker.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., Broker]) -> Broker:
+    return broker_factory()
+
+
+@pytest.fixture
+def spawn_worker(broker: Broker) -> Iterator[Callable[..., WorkerProc]]:
+    """Start ``python -m workers`` processes against ``broker``; ``wait=True`` waits until
+    the broker lists them."""
+    started: list[WorkerProc] = []
+
+    def spawn(name: str, *args: str, wait: bool = True, target: Broker | None = None,
+              env: dict[str, str] | None = None) -> WorkerProc:
+        worker = WorkerProc(target or broker, name, list(args), env or {}).start()
+        started.append(worker)
+        if wait:
+            wait_for(lambda: any(w["name"] == name for w in (target or broker).workers()),
+                     15, f"worker {name} to register\n{worker.log()}")
+        return worker
+
+    yield spawn
+    for worker in started:
+        worker.stop(signal.SIGKILL)

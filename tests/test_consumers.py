@@ -1,0 +1,311 @@
+"""Both sockets through Channels' WebsocketCommunicator, in one event loop.
+
+These check the broker's behaviour frame by frame; tests/test_integration.py
+checks the same paths again with real processes and sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import override_settings
+
+from dispatch import registry as registry_module
+from dispatch.forwarding import get_dispatcher, stop_dispatcher
+from dispatch.routing import SocketRouter
+from workers.protocol import Message, Registration
+
+TIMEOUT = 3
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True)
+async def fresh_broker() -> AsyncIterator[None]:
+    registry_module.reset_registry()
+    with override_settings(BROKER={"HISTORY": False, "HEARTBEAT_INTERVAL": 0.2,
+                                   "MAX_MESSAGE_BYTES": 4096}):
+        yield
+        await stop_dispatcher()
+    registry_module.reset_registry()
+
+
+app = SocketRouter()
+
+
+async def open_socket(path: str) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(app, path)
+    connected, _ = await comm.connect(timeout=TIMEOUT)
+    assert connected
+    return comm
+
+
+async def frame(comm: WebsocketCommunicator, kind: str | None = None) -> Message:
+    """Next envelope, skipping heartbeat pings unless one is asked for."""
+    while True:
+        msg = Message.from_json(await comm.receive_from(timeout=TIMEOUT))
+        if kind == msg.type or (kind is None and msg.type != "heartbeat"):
+            return msg
+        if kind is not None and msg.type not in {kind, "heartbeat"}:
+            raise AssertionError(f"expected {kind}, got {msg}")
+
+
+async def no_request(comm: WebsocketCommunicator, seconds: float) -> bool:
+    """True if no ``request`` frame arrives for ``seconds`` (pings are ignored).
+
+    ``receive_nothing`` is used to wait because a timed-out ``receive_from`` would
+    cancel the application under test.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        if not await comm.receive_nothing(0.05):
+            if Message.from_json(await comm.receive_from(TIMEOUT)).type == "request":
+                return False
+    return True
+
+
+async def worker(worker_id: str, *commands: str, max_concurrency: int = 4
+                 ) -> WebsocketCommunicator:
+    comm = await open_socket("/ws/worker/")
+    reg = Registration(worker_id, worker_id, list(commands or ("echo",)),
+                       max_concurrency=max_concurrency)
+    await comm.send_to(text_data=Message("connect", reg.to_data()).to_json())
+    ack = await frame(comm, "connect")
+    assert ack.data["worker_id"] == worker_id and ack.data["heartbeat_interval"] == 0.2
+    return comm
+
+
+async def requester() -> WebsocketCommunicator:
+    return await open_socket("/ws/requester/")
+
+
+async def ask(comm: WebsocketCommunicator, command: str, request_id: str = "r1",
+              **extra: Any) -> None:
+    await comm.send_json_to({"request_id": request_id, "command": command, **extra})
+
+
+async def answer(worker_comm: WebsocketCommunicator, result: Any = None,
+                 success: bool = True) -> Message:
+    request = await frame(worker_comm, "request")
+    await worker_comm.send_to(text_data=Message.response(
+        request.msg_id, success, result if result is not None else request.data["params"],
+        None if success else "boom").to_json())
+    return request
+
+
+async def test_request_is_forwarded_and_answered_with_processed_by() -> None:
+    w, r = await worker("w1"), await requester()
+    await ask(r, "echo", data={"message": "hi"})
+    request = await answer(w, "Echo: hi")
+    assert request.data == {"action": "echo", "params": {"message": "hi"}}
+    assert await r.receive_json_from(TIMEOUT) == {
+        "request_id": "r1", "success": True, "data": "Echo: hi", "error": None,
+        "processed_by": "w1"}
+
+
+async def test_no_worker_answers_at_once() -> None:
+    r = await requester()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await ask(r, "echo")
+    reply = await r.receive_json_from(TIMEOUT)
+    assert reply["error"] == "No available workers" and reply["request_id"] == "r1"
+    assert loop.time() - started < 0.1
+
+
+async def test_timeout_answers_and_a_late_answer_is_dropped() -> None:
+    w, r = await worker("w1"), await requester()
+    await ask(r, "echo", timeout=0.2)
+    request = await frame(w, "request")
+    reply = await r.receive_json_from(TIMEOUT)
+    assert reply["error"] == "Worker response timeout"
+    await w.send_to(text_data=Message.response(request.msg_id, True, "late").to_json())
+    await ask(r, "echo", request_id="r2")
+    await answer(w, "fresh")
+    assert (await r.receive_json_from(TIMEOUT))["data"] == "fresh"  # not "late"
+    assert (await get_dispatcher()).stats["late"] == 1
+
+
+async def test_worker_lost_mid_request_fails_over_to_another() -> None:
+    w1, r = await worker("w1"), await requester()
+    await ask(r, "echo", data={"n": 1})
+    await frame(w1, "request")
+    w2 = await worker("w2")
+    await w1.disconnect()
+    await answer(w2)
+    reply = await r.receive_json_from(TIMEOUT)
+    assert reply["success"] and reply["processed_by"] == "w2" and reply["data"] == {"n": 1}
+
+
+async def test_worker_lost_with_nobody_left_is_an_explicit_error() -> None:
+    w1, r = await worker("w1"), await requester()
+    await ask(r, "echo")
+    await frame(w1, "request")
+    await w1.disconnect()
+    reply = await r.receive_json_from(TIMEOUT)
+    assert not reply["success"] and reply["error"].startswith("Worker lost")
+
+
+async def test_full_workers_queue_requests_until_a_slot_frees() -> None:
+    w, r = await worker("w1", max_concurrency=1), await requester()
+    await ask(r, "echo", request_id="a")
+    await ask(r, "echo", request_id="b")
+    first = await frame(w, "request")
+    assert await no_request(w, 0.3)  # b waits: the only slot is taken
+    await w.send_to(text_data=Message.response(first.msg_id, True, "A").to_json())
+    assert (await r.receive_json_from(TIMEOUT))["request_id"] == "a"
+    await answer(w, "B")
+    assert (await r.receive_json_from(TIMEOUT))["data"] == "B"
+
+
+async def test_many_requests_in_flight_are_matched_by_request_id() -> None:
+    w, r = await worker("w1", max_concurrency=10), await requester()
+    for i in range(5):
+        await ask(r, "echo", request_id=f"id{i}", data={"i": i})
+    requests = [await frame(w, "request") for _ in range(5)]
+    for req in reversed(requests):  # answer in reverse order
+        await w.send_to(text_data=Message.response(req.msg_id, True, req.data["params"]).to_json())
+    replies = [await r.receive_json_from(TIMEOUT) for _ in range(5)]
+    assert [x["request_id"] for x in replies] == [f"id{i}" for i in reversed(range(5))]
+    assert all(x["data"] == {"i": int(x["request_id"][2:])} for x in replies)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{not json", "Malformed JSON"),
+    ('["a list"]', "Expected a JSON object"),
+    ('{"request_id": "x"}', "Missing field 'command'"),
+    ('{"request_id": "x", "command": 5}', "Field 'command' must be str"),
+    ('{"request_id": "x", "command": "echo", "data": []}', "Field 'data' must be dict"),
+    ("x" * 5000, "Message too large"),
+])
+async def test_bad_requester_frames_get_clear_errors_and_the_socket_stays_up(
+        text: str, error: str) -> None:
+    w, r = await worker("w1"), await requester()
+    await r.send_to(text_data=text)
+    reply = await r.receive_json_from(TIMEOUT)
+    assert not reply["success"] and error in reply["error"]
+    await ask(r, "echo")
+    await answer(w, "still fine")
+    assert (await r.receive_json_from(TIMEOUT))["data"] == "still fine"
+
+
+async def test_binary_frame_and_duplicate_request_id_are_refused() -> None:
+    w, r = await worker("w1"), await requester()
+    await r.send_to(bytes_data=b"\x00\x01")
+    assert "Binary frames" in (await r.receive_json_from(TIMEOUT))["error"]
+    await ask(r, "echo", request_id="same")
+    await ask(r, "echo", request_id="same")
+    dup = await r.receive_json_from(TIMEOUT)
+    assert "Duplicate request_id" in dup["error"]
+    await answer(w, "once")
+    assert (await r.receive_json_from(TIMEOUT))["data"] == "once"
+    assert await no_request(w, 0.2)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{oops", "Malformed JSON"),
+    ('{"type": "teleport", "data": {}}', "Unknown message type 'teleport'"),
+    ('{"type": "response", "data": {"success": true}}', "Missing field 'request_id'"),
+    ('{"type": "connect", "data": {}}', "Already registered"),
+])
+async def test_bad_worker_frames_get_error_frames_and_keep_in_flight_work(
+        text: str, error: str) -> None:
+    w, r = await worker("w1"), await requester()
+    await ask(r, "echo")
+    request = await frame(w, "request")
+    await w.send_to(text_data=text)
+    err = await frame(w, "error")
+    assert error in err.data["error"]
+    await w.send_to(text_data=Message.response(request.msg_id, True, "ok").to_json())
+    assert (await r.receive_json_from(TIMEOUT))["data"] == "ok"
+
+
+async def test_unregistered_worker_must_register_first_and_bad_registration_closes() -> None:
+    comm = await open_socket("/ws/worker/")
+    await comm.send_to(text_data=Message.heartbeat().to_json())
+    assert "Register first" in (await frame(comm, "error")).data["error"]
+    await comm.send_to(text_data=Message("connect", {"commands": "echo"}).to_json())
+    assert "Bad registration" in (await frame(comm, "error")).data["error"]
+    assert (await comm.receive_output(TIMEOUT))["type"] == "websocket.close"
+
+
+async def test_heartbeats_are_answered_and_sent() -> None:
+    w = await worker("w1")
+    ping = Message.heartbeat(in_flight=0)
+    await w.send_to(text_data=ping.to_json())
+    assert (await frame(w, "heartbeat")).data.get("ack") == ping.msg_id
+    broker_ping = await frame(w, "heartbeat")  # the broker pings every interval (0.2 s)
+    assert "ack" not in broker_ping.data
+
+
+async def test_silent_worker_is_dropped_and_its_request_fails_over() -> None:
+    silent, r = await worker("silent"), await requester()
+    await ask(r, "echo")
+    await frame(silent, "request")
+    alive = await worker("alive")
+    # "alive" keeps talking; "silent" says nothing for 3 intervals (0.6 s)
+    request = None
+    for _ in range(30):
+        await alive.send_to(text_data=Message.heartbeat().to_json())
+        await asyncio.sleep(0.1)
+        while request is None and not await alive.receive_nothing(0.01):
+            msg = Message.from_json(await alive.receive_from(TIMEOUT))
+            request = msg if msg.type == "request" else None
+        if request is not None:
+            break
+    assert request is not None, "request never failed over"
+    await alive.send_to(text_data=Message.response(request.msg_id, True, "saved").to_json())
+    assert (await r.receive_json_from(TIMEOUT))["processed_by"] == "alive"
+
+
+async def test_worker_calls_server_actions() -> None:
+    w = await worker("w1")
+    req = Message.request("calculate", {"a": 10, "b": 20, "op": "+"})
+    await w.send_to(text_data=req.to_json())
+    resp = await frame(w, "response")
+    assert resp.data == {"request_id": req.msg_id, "success": True, "data": 30, "error": None}
+    req = Message.request("calculate", {"a": 1, "b": 0, "op": "/"})
+    await w.send_to(text_data=req.to_json())
+    assert (await frame(w, "response")).data["error"] == "Division by zero"
+    req = Message.request("get_client_info")
+    await w.send_to(text_data=req.to_json())
+    info = (await frame(w, "response")).data["data"]
+    assert info["count"] == 1 and info["workers"][0]["worker_id"] == "w1"
+
+
+async def test_broadcast_reaches_every_worker() -> None:
+    from dispatch import services
+
+    w1, w2 = await worker("w1"), await worker("w2")
+    assert await services.broadcast("maintenance at noon") == 2
+    for w in (w1, w2):
+        note = await frame(w, "notification")
+        assert note.data["message"] == "maintenance at noon"
+
+
+async def test_send_to_a_chosen_worker() -> None:
+    from dispatch import services
+
+    w1, w2 = await worker("w1"), await worker("w2")
+    task = asyncio.create_task(services.request("get_time", {}, worker_id="w2"))
+    request = await answer(w2, "12:00")
+    assert request.data["action"] == "get_time"
+    assert (await task).processed_by == "w2"
+    assert await no_request(w1, 0.2)
+    unknown = await services.request("get_time", {}, worker_id="nobody")
+    assert unknown.error == "Unknown worker 'nobody'"
+
+
+async def test_unknown_path_is_refused() -> None:
+    comm = WebsocketCommunicator(app, "/nowhere/")
+    connected, code = await comm.connect(timeout=TIMEOUT)
+    assert not connected and code == 4404
+
+
+def test_json_dumps_of_frames_is_compact() -> None:
+    assert json.loads(Message.heartbeat(ack="x").to_json())["data"] == {"ack": "x"}
