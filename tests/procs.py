@@ -6,6 +6,7 @@ is bounded so a broken build fails fast instead of hanging CI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -45,6 +46,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+                ) -> Any:
+    """:func:`wait_for` for async tests: polls in a thread so the event loop keeps running."""
+    return await asyncio.to_thread(wait_for, predicate, timeout, what)
 
 
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:

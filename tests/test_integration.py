@@ -1,0 +1,398 @@
+"""End to end: a real daphne broker, real `python -m workers` processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import websockets
+
+from tests.procs import ROOT, Broker, WorkerProc, free_port, until, wait_for
+from workers.requester import Requester, SyncRequester
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+HANDLERS = ("--handlers", "tests.sample_handlers")
+
+
+# ---------------------------------------------------------------- start it
+
+
+def test_broker_starts_with_health_admin_and_migrations(broker: Broker) -> None:
+    health = broker.get("/healthz")
+    assert health["status"] == "ok" and health["workers"] == 0
+    with urllib.request.urlopen(broker.http_url + "/admin/login/", timeout=5) as resp:
+        assert resp.status == 200 and b"Django" in resp.read()  # tables migrated, admin served
+    assert "Broker ready" in broker.log()
+
+
+def test_runbroker_help_lists_every_flag() -> None:
+    out = subprocess.run([sys.executable, "manage.py", "runbroker", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60).stdout
+    for flag in ("--host", "--worker-port", "--requester-port", "--http-port", "--strategy",
+                 "--timeout"):
+        assert flag in out
+
+
+async def test_sockets_routed_by_port_and_by_path(broker: Broker, spawn_worker) -> None:
+    spawn_worker("w1")
+    # by port: the requester port speaks the requester API
+    async with Requester(broker.requester_url) as r:
+        assert (await r.call("echo", message="a")) == "Echo: a"
+    # by path: the requester API on the worker port and on the HTTP port
+    for port in (broker.worker_port, broker.http_port):
+        async with Requester(f"ws://127.0.0.1:{port}/ws/requester/") as r:
+            assert (await r.call("echo", message="b")) == "Echo: b"
+
+
+# ---------------------------------------------------------------- workers
+
+
+def test_worker_registers_what_it_is(broker: Broker, spawn_worker) -> None:
+    spawn_worker("gpu-1", "--weight", "2.5", "--max-concurrency", "3", *HANDLERS)
+    [info] = broker.workers()
+    assert info["name"] == "gpu-1" and info["weight"] == 2.5 and info["max_concurrency"] == 3
+    assert {"get_time", "echo", "calculate", "get_system_info", "execute_command", "slow",
+            "blocking"} <= set(info["commands"])
+
+
+def test_builtin_and_user_commands(broker: Broker, spawn_worker) -> None:
+    spawn_worker("w1", *HANDLERS)
+    with SyncRequester(broker.requester_url) as r:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r.call("get_time"))
+        assert r.call("echo", message="Hello World") == "Echo: Hello World"
+        assert r.call("calculate", a=10, b=20, op="+") == 30
+        assert r.call("calculate", a=7, b=2, op="/") == 3.5
+        zero = r.request("calculate", {"a": 1, "b": 0, "op": "/"})
+        assert not zero.success and zero.error == "Division by zero"
+        info = r.call("get_system_info")
+        assert info["pid"] > 0 and info["hostname"]
+        marker = Path(ROOT / "tests" / "should-not-exist")
+        ran = r.request("execute_command", {"command": f"touch {marker}"}).data
+        assert ran["executed"] is False and not marker.exists()
+        assert r.call("blocking", seconds=0.1) == "slept 0.1"
+        boom = r.request("explode")
+        assert not boom.success and "kaboom" in boom.error
+        assert r.call("echo", message="still alive") == "Echo: still alive"
+
+
+def test_worker_side_imports_no_django() -> None:
+    code = ("import sys, workers.client, workers.requester, workers.__main__;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('django', 'channels', "
+            "'dispatch')]; sys.exit(repr(bad) if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_worker_reconnects_and_reregisters_after_broker_restart(broker: Broker,
+                                                                spawn_worker) -> None:
+    worker = spawn_worker("w1")
+    broker.stop(signal.SIGKILL)
+    time.sleep(0.5)
+    broker.start()  # same ports
+    broker.wait_workers(1, timeout=20)
+    with SyncRequester(broker.requester_url) as r:
+        assert r.call("echo", message="back") == "Echo: back"
+    assert worker.proc is not None and worker.proc.poll() is None
+
+
+# ---------------------------------------------------------------- requests
+
+
+SEED_EXAMPLE = '''
+import asyncio
+import websockets
+import json
+import uuid
+
+async def send_request():
+    uri = "ws://localhost:8766"
+    async with websockets.connect(uri) as ws:
+        # 构建请求
+        request = {
+            "request_id": str(uuid.uuid4()),
+            "command": "get_time",
+            "data": {}
+        }
+
+        # 发送请求
+        await ws.send(json.dumps(request))
+
+        # 接收响应
+        response = await ws.recv()
+        result = json.loads(response)
+
+        print(f"Success: {result['success']}")
+        print(f"Data: {result['data']}")
+        print(f"Processed by: {result['processed_by']}")
+
+asyncio.run(send_request())
+'''
+
+
+def _default_ports_free() -> bool:
+    import socket
+
+    for port in (8765, 8766, 8000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def test_seed_python_example_runs_unchanged(tmp_path: Path) -> None:
+    """The seed README's example, byte for byte, against a broker on the default ports."""
+    if not _default_ports_free():
+        pytest.skip("ports 8765/8766/8000 are taken on this machine")
+    broker = Broker(tmp_path, worker_port=8765, requester_port=8766, http_port=8000)
+    broker.start()
+    worker = WorkerProc(broker, "seed-worker").start()
+    try:
+        broker.wait_workers(1)
+        script = tmp_path / "seed_example.py"
+        script.write_text(SEED_EXAMPLE, encoding="utf-8")
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0] == "Success: True"
+        assert re.fullmatch(r"Data: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", lines[1])
+        assert lines[2].startswith("Processed by: ") and len(lines[2]) > len("Processed by: ")
+    finally:
+        worker.stop(signal.SIGKILL)
+        broker.stop(signal.SIGKILL)
+
+
+async def test_many_requests_in_flight_on_one_connection(broker: Broker, spawn_worker) -> None:
+    spawn_worker("w1", *HANDLERS)
+    spawn_worker("w2", *HANDLERS)
+    async with Requester(broker.requester_url) as r:
+        started = time.monotonic()
+        # slower requests first: answers come back as they finish, out of order
+        results = await asyncio.gather(*(r.call("slow", seconds=0.5 - i * 0.02, tag=str(i))
+                                         for i in range(20)))
+        elapsed = time.monotonic() - started
+    assert [x["tag"] for x in results] == [str(i) for i in range(20)]
+    assert elapsed < 2.5  # concurrent, not 20 x 0.5 s
+
+
+async def test_raw_socket_request_without_id_and_bad_frames(broker: Broker,
+                                                            spawn_worker) -> None:
+    spawn_worker("w1")
+    async with websockets.connect(broker.requester_url, max_size=None) as ws:
+        await ws.send(json.dumps({"command": "echo", "data": {"message": "x"}}))
+        reply = json.loads(await ws.recv())
+        assert reply["success"] and reply["request_id"]  # one was given
+        await ws.send("{not json")
+        assert "Malformed JSON" in json.loads(await ws.recv())["error"]
+        await ws.send(json.dumps({"request_id": "big", "command": "echo",
+                                  "data": {"message": "x" * 1_100_000}}))
+        big = json.loads(await ws.recv())
+        assert big["request_id"] is None and "Message too large" in big["error"]
+        await ws.send(b"\x00binary")
+        assert "Binary frames" in json.loads(await ws.recv())["error"]
+        await ws.send(json.dumps({"request_id": "ok", "command": "echo", "data": {}}))
+        assert json.loads(await ws.recv())["request_id"] == "ok"
+
+
+def test_requester_cli_one_shot_and_console(broker: Broker, spawn_worker) -> None:
+    spawn_worker("w1")
+    cli = [sys.executable, "-m", "workers.requester", "127.0.0.1", str(broker.requester_port)]
+    one = subprocess.run([*cli, "calculate", '{"a": 10, "b": 20, "op": "+"}'], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert one.returncode == 0 and json.loads(one.stdout)["data"] == 30
+    console = subprocess.run(cli, cwd=ROOT, input='request get_time\nrequest calculate '
+                             '{"a": 10, "b": 20, "op": "*"}\nrequest calculate {bad\nquit\n',
+                             capture_output=True, text=True, timeout=30)
+    assert console.returncode == 0 and "200" in console.stdout
+    assert "Traceback" not in console.stdout + console.stderr
+
+
+# ---------------------------------------------------------------- balancing and failure
+
+
+def test_round_robin_cycles_over_all_workers(broker_factory, tmp_path: Path) -> None:
+    broker = broker_factory(args=["--strategy", "round_robin"])
+    workers = [WorkerProc(broker, f"rr{i}").start() for i in range(3)]
+    try:
+        broker.wait_workers(3)
+        with SyncRequester(broker.requester_url) as r:
+            served = Counter(r.request("echo", {"message": i}).processed_by for i in range(30))
+        assert sorted(served.values()) == [10, 10, 10]
+    finally:
+        for w in workers:
+            w.stop(signal.SIGKILL)
+
+
+async def test_least_loaded_spreads_concurrent_work(broker: Broker, spawn_worker) -> None:
+    for i in range(3):
+        spawn_worker(f"ll{i}", *HANDLERS)
+    async with Requester(broker.requester_url) as r:
+        answers = await asyncio.gather(*(r.request("slow", {"seconds": 0.3}) for _ in range(9)))
+    assert Counter(a.processed_by for a in answers).most_common(1)[0][1] <= 4
+
+
+async def test_max_concurrency_holds_and_the_rest_wait(broker: Broker, spawn_worker) -> None:
+    spawn_worker("narrow", "--max-concurrency", "2", *HANDLERS)
+    async with Requester(broker.requester_url) as r:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(r.request("slow", {"seconds": 0.4}) for _ in range(6)))
+        elapsed = time.monotonic() - started
+    assert all(a.success for a in answers)
+    assert elapsed >= 1.15  # 6 requests, 2 at a time, 0.4 s each: three rounds
+
+
+async def test_no_worker_error_is_immediate_and_timeouts_are_settable(
+        broker_factory, tmp_path: Path) -> None:
+    broker = broker_factory(args=["--timeout", "0.5"])
+    async with Requester(broker.requester_url) as r:
+        started = time.monotonic()
+        none = await r.request("echo")
+        assert none.error == "No available workers" and time.monotonic() - started < 0.5
+        worker = WorkerProc(broker, "sleepy", list(HANDLERS)).start()
+        try:
+            broker.wait_workers(1)
+            slow = await r.request("slow", {"seconds": 3})  # global --timeout 0.5
+            assert slow.error == "Worker response timeout"
+            per_request = await r.request("slow", {"seconds": 0.8}, timeout=2)
+            assert per_request.success
+            quick = await r.request("slow", {"seconds": 0.5}, timeout=0.2)
+            assert quick.error == "Worker response timeout"
+            await until(lambda: "does not hold" in broker.log(), 5, "late answers logged")
+        finally:
+            worker.stop(signal.SIGKILL)
+
+
+async def test_kill_9_worker_with_requests_in_flight_fails_over(broker: Broker,
+                                                                spawn_worker) -> None:
+    victim = spawn_worker("victim", *HANDLERS)
+    async with Requester(broker.requester_url) as r:
+        calls = [asyncio.ensure_future(r.request("slow", {"seconds": 1.0, "tag": str(i)}))
+                 for i in range(10)]
+        await until(lambda: sum(w["in_flight"] for w in broker.workers()) == 10, 5,
+                    "10 requests in flight")
+        spawn_worker("survivor", *HANDLERS)
+        victim.stop(signal.SIGKILL)
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    assert all(a.success for a in answers), [a.error for a in answers]
+    assert {a.processed_by for a in answers} == {
+        w["worker_id"] for w in broker.workers() if w["name"] == "survivor"}
+
+
+async def test_kill_9_last_worker_gives_explicit_error(broker: Broker, spawn_worker) -> None:
+    victim = spawn_worker("only", *HANDLERS)
+    async with Requester(broker.requester_url) as r:
+        call = asyncio.ensure_future(r.request("slow", {"seconds": 5}))
+        await until(lambda: broker.workers()[0]["in_flight"] == 1, 5, "request in flight")
+        started = time.monotonic()
+        victim.stop(signal.SIGKILL)
+        answer = await asyncio.wait_for(call, 10)
+    assert not answer.success and answer.error.startswith("Worker lost")
+    assert time.monotonic() - started < 3
+
+
+async def test_frozen_worker_is_detected_and_its_work_moves(broker: Broker,
+                                                            spawn_worker) -> None:
+    frozen = spawn_worker("frozen", *HANDLERS)
+    async with Requester(broker.requester_url) as r:
+        call = asyncio.ensure_future(r.request("slow", {"seconds": 0.5}))
+        await until(lambda: broker.workers()[0]["in_flight"] == 1, 5, "request in flight")
+        frozen.send_signal(signal.SIGSTOP)
+        spawn_worker("thawed", *HANDLERS, wait=False)
+        try:
+            started = time.monotonic()
+            answer = await asyncio.wait_for(call, 10)
+            detected = time.monotonic() - started
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+    assert answer.success and detected < 5  # heartbeat 0.5 s x 3 misses, not the 30 s timeout
+    assert [w["name"] for w in broker.workers()] == ["thawed"] or answer.processed_by != frozen
+
+
+# ---------------------------------------------------------------- both directions, operate
+
+
+def test_management_commands_act_through_the_running_broker(broker: Broker,
+                                                            spawn_worker) -> None:
+    worker = spawn_worker("w1")
+    listing = broker.manage("workers")
+    assert listing.returncode == 0 and "w1" in listing.stdout
+    [info] = broker.workers()
+    sent = broker.manage("send", info["worker_id"], "calculate", '{"a": 2, "b": 3, "op": "*"}')
+    assert sent.returncode == 0 and json.loads(sent.stdout)["data"] == 6
+    called = broker.manage("call", "echo", '{"message": "hi"}')
+    assert called.returncode == 0 and json.loads(called.stdout)["data"] == "Echo: hi"
+    cast = broker.manage("broadcast", "maintenance at noon")
+    assert cast.returncode == 0
+    wait_for(lambda: "maintenance at noon" in worker.log(), 5, "worker to log the broadcast")
+    console = broker.manage("console", input="list\nbroadcast hello all\nquit\n")
+    assert console.returncode == 0 and "w1" in console.stdout
+    failing = broker.manage("call", "nope")
+    assert failing.returncode != 0 and "No available workers" in failing.stdout + failing.stderr
+
+
+def test_management_command_without_broker_fails_loudly(tmp_path: Path) -> None:
+    dead = Broker(tmp_path, http_port=free_port())
+    out = dead.manage("workers")
+    assert out.returncode != 0 and "Cannot reach the broker" in out.stderr
+
+
+def test_history_and_registrations_land_in_the_database(broker: Broker, spawn_worker) -> None:
+    import sqlite3
+
+    spawn_worker("w1")
+    with SyncRequester(broker.requester_url) as r:
+        for i in range(25):
+            r.call("echo", message=i)
+        r.request("calculate", {"a": 1, "b": 0, "op": "/"})
+    db = sqlite3.connect(broker.workdir / "broker.sqlite3")
+
+    def rows() -> int:
+        return db.execute("select count(*) from dispatch_requestrecord").fetchone()[0]
+
+    wait_for(lambda: rows() == 26, 10, "26 history rows")
+    failed = db.execute("select command, error, worker_id, attempts from dispatch_requestrecord "
+                        "where success = 0").fetchall()
+    assert failed[0][:2] == ("calculate", "Division by zero") and failed[0][3] == 1
+    sessions = db.execute("select name, status, commands from dispatch_workersession").fetchall()
+    assert sessions[0][0] == "w1" and sessions[0][1] == "online" and "echo" in sessions[0][2]
+
+
+async def test_worker_calls_the_broker_and_custom_messages(broker: Broker) -> None:
+    from workers.client import Worker
+    from workers.protocol import Message
+
+    worker = Worker(broker.worker_url, name="inproc")
+    seen: list[Message] = []
+    worker.on("notification")(lambda msg: seen.append(msg))
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.connected.wait(), 10)
+        assert await worker.request("calculate", {"a": 10, "b": 20, "op": "+"}) == 30
+        assert re.fullmatch(r"\d{4}-.*", await worker.request("get_time"))
+        info = await worker.request("get_client_info")
+        assert info["count"] == 1 and info["workers"][0]["name"] == "inproc"
+        await asyncio.to_thread(broker.manage, "broadcast", '{"kind": "reload"}')
+        await asyncio.wait_for(_until(lambda: seen), 5)
+        assert seen[0].data["message"] == {"kind": "reload"}
+    finally:
+        await worker.stop()
+        task.cancel()
+
+
+async def _until(predicate: Callable[[], object]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)
