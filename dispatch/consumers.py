@@ -15,6 +15,7 @@ from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 
 from workers import protocol
 from workers.handlers import run_safely
@@ -38,9 +39,9 @@ CLOSE_HEARTBEAT_TIMEOUT = 4003
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     """A websocket consumer without a database hop per message.
 
-    Channels' ``dispatch`` closes stale database connections around every message,
-    through a thread (``aclose_old_connections``). These sockets never touch the
-    database on their path, so that hop would only cost throughput.
+    Channels' ``dispatch`` closes stale database connections around every message
+    (and again on disconnect), through a thread (``aclose_old_connections``). These
+    sockets never touch the database, so that hop would only cost throughput.
     """
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -48,6 +49,12 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        for group in self.groups:
+            await self.channel_layer.group_discard(group, self.channel_name)
+        await self.disconnect(message["code"])
+        raise StopConsumer()
 
     @property
     def peer(self) -> str:

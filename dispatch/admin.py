@@ -1,0 +1,50 @@
+"""Read-only admin views of worker registrations and request history.
+
+History is a record of what happened; editing it by hand would only make it lie.
+Both admins therefore allow browsing, searching and deleting (to prune old rows),
+never adding or changing.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from .models import RequestRecord, WorkerSession
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Every field shown read-only; no add form, no change form that saves."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        # False still lets users with "view" permission open the detail page.
+        return False
+
+
+@admin.register(WorkerSession)
+class WorkerSessionAdmin(ReadOnlyAdmin):
+    list_display = (
+        "worker_id", "name", "status", "address", "process", "max_concurrency",
+        "weight", "requests_served", "connected_at", "last_seen", "disconnected_at",
+    )
+    list_filter = ("status", "process", "connected_at")
+    search_fields = ("worker_id", "name", "address", "session_id", "process")
+    date_hierarchy = "connected_at"
+    ordering = ("-connected_at",)
+
+
+@admin.register(RequestRecord)
+class RequestRecordAdmin(ReadOnlyAdmin):
+    list_display = (
+        "request_id", "command", "success", "worker_id", "latency_ms", "attempts",
+        "requester", "process", "finished_at",
+    )
+    list_filter = ("success", "command", "process", "finished_at")
+    search_fields = ("request_id", "command", "worker_id", "requester", "error")
+    date_hierarchy = "finished_at"
+    ordering = ("-finished_at",)
+    # The default count(*) for the paginator is slow on a large history table.
+    show_full_result_count = False

@@ -1,0 +1,446 @@
+"""Request history and worker registrations, written in batches off the request path.
+
+Consumers call the recording methods on the hot path, so those only append to
+in-memory buffers: no await, no database, O(1). A background task writes whatever
+has gathered every ``HISTORY_FLUSH_SECONDS`` in one thread hop and one transaction,
+so the database sees a few bulk statements per second however busy the broker is.
+
+History is best-effort by design: when the buffer is full the oldest records are
+dropped (and counted) rather than slowing requests down, and a database that fails
+is retried on the next flush rather than reported to any caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache
+from typing import Any, Iterable
+
+from channels.db import database_sync_to_async
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
+from django.db.models import Case, CharField, F, Model, Value, When
+
+from . import conf
+from .models import RequestRecord, WorkerSession
+
+logger = logging.getLogger("dispatch.history")
+
+#: Failed flushes in a row after which a batch the database refuses for a reason
+#: other than being unreachable is discarded, so one bad row cannot wedge history.
+MAX_REFUSED_FLUSHES = 3
+#: Rows per UPDATE ... CASE statement; keeps each statement's SQL a sane size.
+UPDATE_CHUNK = 500
+#: Rows per INSERT statement.
+INSERT_CHUNK = 500
+
+_INT_MAX = 2**31 - 1
+_SMALLINT_MAX = 2**15 - 1
+
+
+# --------------------------------------------------------------------------- batch
+
+
+@dataclass
+class Batch:
+    """Everything recorded since the last successful flush.
+
+    Connects are keyed by session so a ``seen`` or ``disconnected`` for a session
+    still in the batch is folded into its row instead of needing one to exist.
+    """
+
+    requests: deque[dict[str, Any]]
+    connects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)
+    disconnects: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, capacity: int) -> Batch:
+        return cls(requests=deque(maxlen=capacity))
+
+    def __len__(self) -> int:
+        return len(self.requests) + len(self.connects) + len(self.seen) + len(self.disconnects)
+
+    def absorb_newer(self, newer: Batch) -> int:
+        """Append what was recorded while this (failed) batch was being written.
+
+        Returns how many old request records fell off the front to stay bounded.
+        """
+        capacity = self.requests.maxlen or 0
+        overflow = max(0, len(self.requests) + len(newer.requests) - capacity)
+        self.requests.extend(newer.requests)
+        self.connects.update(newer.connects)
+        for session_id, when in newer.seen.items():
+            self.seen[session_id] = max(when, self.seen.get(session_id, when))
+        self.disconnects.update(newer.disconnects)
+        return overflow
+
+
+# --------------------------------------------------------------------------- recorder
+
+
+class HistoryRecorder:
+    """Buffers history on the event loop; writes it from a background task.
+
+    One per event loop (see :func:`get_recorder`): the buffers are plain containers
+    touched only from that loop, which is what makes the recording methods safe
+    without locks.
+    """
+
+    def __init__(self, *, process: str | None = None, capacity: int | None = None,
+                 flush_seconds: float | None = None) -> None:
+        self.process = process or conf.process_name()
+        self.capacity = capacity if capacity is not None else conf.get("HISTORY_BUFFER")
+        self.flush_seconds = (
+            flush_seconds if flush_seconds is not None else conf.get("HISTORY_FLUSH_SECONDS")
+        )
+        self._batch = Batch.empty(self.capacity)
+        self._retry: Batch | None = None  # a batch the database refused, kept for retry
+        self._refused = 0  # flushes in a row that failed with a non-connection error
+        self._failures = 0  # flushes in a row that failed for any reason
+        self._dropped_unreported = 0
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        #: Totals since start, for health pages and tests.
+        self.written = 0
+        self.dropped = 0
+
+    # ----------------------------------------------------------- hot path, no await
+
+    def record_request(self, *, request_id: str, command: str, worker_id: str | None,
+                       success: bool, error: str | None, latency_ms: float | None,
+                       attempts: int, requester: str, started_at: float,
+                       finished_at: float) -> None:
+        """Remember one answered request; the oldest record goes if the buffer is full."""
+        requests = self._batch.requests
+        if len(requests) == requests.maxlen:
+            self._count_drop(1)
+        requests.append({
+            "request_id": request_id, "command": command, "worker_id": worker_id or "",
+            "success": success, "error": error or "", "latency_ms": latency_ms,
+            "attempts": attempts, "requester": requester, "started_at": started_at,
+            "finished_at": finished_at,
+        })
+
+    def worker_connected(self, *, session_id: str, worker_id: str, name: str, address: str,
+                         process: str, commands: Iterable[str], weight: float,
+                         max_concurrency: int, connected_at: float) -> None:
+        """Remember a new worker connection; written as a new online row."""
+        self._batch.connects[session_id] = {
+            "session_id": session_id, "worker_id": worker_id, "name": name,
+            "address": address, "process": process, "commands": sorted(commands),
+            "weight": weight, "max_concurrency": max_concurrency,
+            "connected_at": connected_at,
+        }
+
+    def worker_seen(self, session_id: str, when: float) -> None:
+        """Note a sign of life; only the latest per session reaches the database."""
+        seen = self._batch.seen
+        if when > seen.get(session_id, 0.0):
+            seen[session_id] = when
+
+    def worker_disconnected(self, session_id: str, when: float, requests_served: int) -> None:
+        """Note that a connection ended; its row goes offline at the next flush."""
+        self._batch.disconnects[session_id] = (when, requests_served)
+
+    @property
+    def pending(self) -> int:
+        """Records waiting to be written, including a batch kept for retry."""
+        return len(self._batch) + (len(self._retry) if self._retry else 0)
+
+    def _count_drop(self, count: int) -> None:
+        self.dropped += count
+        self._dropped_unreported += count
+
+    # ----------------------------------------------------------- background writing
+
+    async def start(self) -> None:
+        """Start the periodic flush task (once; later calls do nothing)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="dispatch.history.flush")
+
+    async def stop(self) -> None:
+        """Stop the periodic task and write what is left."""
+        task, self._task = self._task, None
+        if task is not None:
+            async with self._lock:  # cancel between flushes, never halfway through one
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
+
+    async def flush(self) -> int:
+        """Write everything buffered in one thread hop; return the rows written.
+
+        Never raises: the batch is kept for the next flush and the failure logged,
+        because the callers are request handlers and shutdown paths that must not
+        fail for the sake of history.
+        """
+        async with self._lock:
+            self._report_drops()
+            batch = self._take()
+            if not len(batch):
+                return 0
+            try:
+                written = await database_sync_to_async(write_batch)(batch, self.process)
+            except Exception as exc:
+                self._keep_for_retry(batch, exc)
+                return 0
+            self._failures = self._refused = 0
+            self.written += written
+            return written
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            try:
+                await self.flush()
+            except Exception:  # flush() does not raise; this is a last line of defence
+                logger.exception("history flush failed unexpectedly")
+
+    def _take(self) -> Batch:
+        """Swap in a fresh buffer and return what was gathered, retry batch first."""
+        batch, self._batch = self._batch, Batch.empty(self.capacity)
+        if self._retry is not None:
+            retry, self._retry = self._retry, None
+            self._count_drop(retry.absorb_newer(batch))
+            batch = retry
+        return batch
+
+    def _keep_for_retry(self, batch: Batch, exc: Exception) -> None:
+        self._failures += 1
+        if not _is_unreachable(exc):
+            self._refused += 1
+        if self._refused >= MAX_REFUSED_FLUSHES:
+            logger.error("history: database refused the same batch %d times (%s); "
+                         "discarding %d records", self._refused, exc, len(batch))
+            self._count_drop(len(batch.requests))
+            self._refused = 0
+            return
+        logger.warning("history: flush failed (%d in a row): %s; keeping %d records "
+                       "for the next flush", self._failures, exc, len(batch),
+                       exc_info=self._failures == 1)
+        self._retry = batch
+
+    def _report_drops(self) -> None:
+        if self._dropped_unreported:
+            logger.warning("history: buffer full (%d records); dropped %d of the oldest",
+                           self.capacity, self._dropped_unreported)
+            self._dropped_unreported = 0
+
+
+class NullRecorder(HistoryRecorder):
+    """What :func:`get_recorder` gives when ``HISTORY`` is off: records nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(process="-", capacity=0, flush_seconds=3600.0)
+
+    def record_request(self, **kwargs: Any) -> None:  # type: ignore[override]
+        pass
+
+    def worker_connected(self, **kwargs: Any) -> None:  # type: ignore[override]
+        pass
+
+    def worker_seen(self, session_id: str, when: float) -> None:
+        pass
+
+    def worker_disconnected(self, session_id: str, when: float, requests_served: int) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def flush(self) -> int:
+        return 0
+
+
+def _is_unreachable(exc: Exception) -> bool:
+    """Whether the database was unreachable or busy, so the same rows may succeed later."""
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
+# --------------------------------------------------------------------------- one per loop
+
+_NULL = NullRecorder()
+_recorders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HistoryRecorder] = (
+    weakref.WeakKeyDictionary()
+)
+_loopless: HistoryRecorder | None = None
+
+
+def get_recorder() -> HistoryRecorder:
+    """The recorder of the running event loop (or a do-nothing one if history is off).
+
+    Per loop rather than per process because its flush task and lock belong to a
+    loop: a test suite runs many loops in one process, a broker runs one.
+    """
+    global _loopless
+    if not conf.get("HISTORY"):
+        return _NULL
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        if _loopless is None:
+            _loopless = HistoryRecorder()
+        return _loopless
+    recorder = _recorders.get(loop)
+    if recorder is None:
+        recorder = _recorders[loop] = HistoryRecorder()
+    return recorder
+
+
+def reset_recorders() -> None:
+    """Forget every recorder (tests); unflushed records are lost."""
+    global _loopless
+    _recorders.clear()
+    _loopless = None
+
+
+async def mark_process_offline(process: str) -> int:
+    """Set rows this process name left "online" (a crashed earlier run) to offline.
+
+    Their end time is unknown; ``last_seen`` is the best estimate. Called by the
+    broker at start, before its own workers connect. A database problem is logged,
+    not raised: the broker must start even if history cannot be tidied.
+    """
+    if not conf.get("HISTORY"):
+        return 0
+    try:
+        count = await database_sync_to_async(_mark_offline)(process)
+    except DatabaseError as exc:
+        logger.warning("history: could not mark stale sessions of %s offline: %s", process, exc)
+        return 0
+    if count:
+        logger.info("history: marked %d stale worker sessions of %s offline", count, process)
+    return count
+
+
+def _mark_offline(process: str) -> int:
+    return WorkerSession.objects.filter(
+        process=process, status=WorkerSession.Status.ONLINE
+    ).update(status=WorkerSession.Status.OFFLINE, disconnected_at=F("last_seen"))
+
+
+# --------------------------------------------------------------------------- writing (sync)
+
+
+def write_batch(batch: Batch, process: str) -> int:
+    """Write one batch in one transaction; runs in a worker thread.
+
+    Order matters: connects first, so the updates for seen and disconnected can find
+    rows created in the same flush (those are folded in before insert anyway).
+    """
+    with transaction.atomic():
+        written = _insert_sessions(batch)
+        written += _update_disconnected(
+            {s: d for s, d in batch.disconnects.items() if s not in batch.connects},
+            batch.seen,
+        )
+        written += _update_seen(
+            {s: t for s, t in batch.seen.items()
+             if s not in batch.disconnects and s not in batch.connects}
+        )
+        written += _insert_requests(batch.requests, process)
+    return written
+
+
+def _insert_sessions(batch: Batch) -> int:
+    rows = [_session_row(c, batch.seen.get(c["session_id"]),
+                         batch.disconnects.get(c["session_id"]))
+            for c in batch.connects.values()]
+    # ignore_conflicts: a session id already stored must not sink the whole batch.
+    WorkerSession.objects.bulk_create(rows, batch_size=INSERT_CHUNK, ignore_conflicts=True)
+    return len(rows)
+
+
+def _session_row(c: dict[str, Any], seen: float | None,
+                 disconnect: tuple[float, int] | None) -> WorkerSession:
+    last_seen = max(c["connected_at"], seen or 0.0, disconnect[0] if disconnect else 0.0)
+    row = WorkerSession(
+        session_id=c["session_id"], worker_id=c["worker_id"], name=c["name"],
+        address=c["address"], process=c["process"], commands=c["commands"],
+        weight=c["weight"], max_concurrency=_clamp(c["max_concurrency"], _INT_MAX),
+        connected_at=_dt(c["connected_at"]), last_seen=_dt(last_seen),
+    )
+    if disconnect:
+        row.status = WorkerSession.Status.OFFLINE
+        row.disconnected_at = _dt(disconnect[0])
+        row.requests_served = _clamp(disconnect[1], _INT_MAX)
+    return _clip(row)
+
+
+def _update_disconnected(disconnects: dict[str, tuple[float, int]],
+                         seen: dict[str, float]) -> int:
+    """Mark sessions offline: one UPDATE with CASE per chunk, not one per session."""
+    updated = 0
+    items = list(disconnects.items())
+    for start in range(0, len(items), UPDATE_CHUNK):
+        chunk = items[start:start + UPDATE_CHUNK]
+        updated += WorkerSession.objects.filter(
+            session_id__in=[s for s, _ in chunk]
+        ).update(
+            status=WorkerSession.Status.OFFLINE,
+            disconnected_at=_case({s: _dt(when) for s, (when, _) in chunk}),
+            last_seen=_case({s: _dt(max(when, seen.get(s, when))) for s, (when, _) in chunk}),
+            requests_served=_case({s: _clamp(n, _INT_MAX) for s, (_, n) in chunk}),
+        )
+    return updated
+
+
+def _update_seen(seen: dict[str, float]) -> int:
+    updated = 0
+    items = list(seen.items())
+    for start in range(0, len(items), UPDATE_CHUNK):
+        chunk = dict(items[start:start + UPDATE_CHUNK])
+        updated += WorkerSession.objects.filter(session_id__in=list(chunk)).update(
+            last_seen=_case({s: _dt(when) for s, when in chunk.items()})
+        )
+    return updated
+
+
+def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
+    rows = [_clip(RequestRecord(
+        request_id=r["request_id"], command=r["command"], worker_id=r["worker_id"],
+        success=r["success"], error=r["error"], latency_ms=r["latency_ms"],
+        attempts=_clamp(r["attempts"], _SMALLINT_MAX), requester=r["requester"],
+        process=process, started_at=_dt(r["started_at"]), finished_at=_dt(r["finished_at"]),
+    )) for r in requests]
+    RequestRecord.objects.bulk_create(rows, batch_size=INSERT_CHUNK)
+    return len(rows)
+
+
+def _case(values: dict[str, Any]) -> Case:
+    """``CASE session_id WHEN ... THEN ...`` for a per-row value in one UPDATE."""
+    return Case(*(When(session_id=s, then=Value(v)) for s, v in values.items()))
+
+
+def _dt(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
+
+
+def _clamp(value: int, highest: int) -> int:
+    return max(-highest, min(int(value), highest))
+
+
+def _clip(row: Model) -> Model:
+    """Cut strings to their column's length; PostgreSQL refuses longer ones outright."""
+    for attname, max_length in _char_limits(type(row)):
+        value = getattr(row, attname)
+        if isinstance(value, str) and len(value) > max_length:
+            setattr(row, attname, value[:max_length])
+    return row
+
+
+@cache
+def _char_limits(model: type[Model]) -> tuple[tuple[str, int], ...]:
+    return tuple((f.attname, f.max_length) for f in model._meta.concrete_fields
+                 if isinstance(f, CharField) and f.max_length)

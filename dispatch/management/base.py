@@ -1,0 +1,135 @@
+"""What the control commands share: broker options, the client, JSON and table output.
+
+Each command is a thin edge: parse arguments, call one :class:`BrokerClient`
+method, print. Failures to reach or satisfy the broker become ``CommandError`` here,
+once, so every command exits non-zero with the same clear message.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from ..control import BrokerClient, ControlError, default_base_url, default_token
+
+
+class BrokerCommand(BaseCommand):
+    """A management command that acts through the running broker's HTTP API.
+
+    Subclasses implement :meth:`handle_broker`; ``--broker`` and ``--token`` are added
+    here. System checks are skipped: these commands touch neither models nor the
+    database, and an operator's shell should not need a working one to use them.
+    """
+
+    requires_system_checks: list[str] = []
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--broker", metavar="URL",
+            help="Base URL of the broker's HTTP port (default: $BROKER_URL, "
+                 "else http://127.0.0.1:<BROKER_HTTP_PORT>).",
+        )
+        parser.add_argument(
+            "--token",
+            help="Bearer token for the control API (default: $BROKER_API_TOKEN). "
+                 "Needed only from a non-loopback address.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        client = self.get_client(options)
+        try:
+            self.handle_broker(client, **options)
+        except ControlError as exc:
+            raise CommandError(str(exc)) from exc
+
+    def handle_broker(self, client: BrokerClient, **options: Any) -> None:
+        raise NotImplementedError("subclasses of BrokerCommand must provide handle_broker()")
+
+    def get_client(self, options: dict[str, Any]) -> BrokerClient:
+        token = options.get("token")
+        return BrokerClient(
+            options.get("broker") or default_base_url(),
+            token=default_token() if token is None else token,
+        )
+
+    def write_json(self, value: Any) -> None:
+        self.stdout.write(dumps(value))
+
+    def write_response(self, response: dict[str, Any], what: str) -> None:
+        """Print a requester-style response; raise if it says the request failed."""
+        self.write_json(response)
+        if not response.get("success"):
+            raise CommandError(f"{what} failed: {response.get('error') or 'unknown error'}")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_json(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object from the command line; ``None`` or empty means ``{}``."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CommandError(f"{what} must be a JSON object, like {{\"key\": \"value\"}}")
+    return value
+
+
+def parse_message(text: str) -> Any:
+    """A broadcast message: JSON if it parses as JSON, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def seconds(text: str) -> float:
+    """argparse type for ``--timeout``: refuses zero and negatives, which never answer."""
+    value = float(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+# --------------------------------------------------------------------------- output
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
+
+
+WORKER_COLUMNS = ("ID", "NAME", "PROCESS", "LOAD", "DONE", "ERRORS", "LATENCY", "COMMANDS")
+
+
+def format_workers(workers: Iterable[dict[str, Any]]) -> str:
+    """The workers as an aligned text table, one row each; a sentence if none."""
+    rows = [_worker_row(w) for w in workers]
+    if not rows:
+        return "No workers online."
+    table = [WORKER_COLUMNS, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(WORKER_COLUMNS) - 1)]
+    lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]).rstrip()
+             for row in table]
+    return "\n".join(lines)
+
+
+def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
+    name = str(w.get("name") or "")
+    if w.get("draining"):
+        name += " (draining)"
+    latency = w.get("latency_ms")
+    return (
+        str(w.get("worker_id", "")),
+        name,
+        str(w.get("process") or ""),
+        f"{w.get('in_flight', 0)}/{w.get('max_concurrency', '?')}",
+        str(w.get("completed", 0)),
+        str(w.get("errors", 0)),
+        f"{latency:.1f} ms" if isinstance(latency, (int, float)) else "-",
+        ",".join(w.get("commands") or []),
+    )

@@ -1,0 +1,78 @@
+"""What the broker remembers in the database: worker registrations and request history.
+
+Neither table is on the request path. Live state (who is online, who is busy) lives
+in the registry; these rows are written in batches by :mod:`dispatch.history` so
+the admin can answer "who was connected when" and "what happened to request X".
+
+Integer fields are plain (not ``Positive*``) on purpose: a database CHECK constraint
+that one odd value violates would fail a whole batch of history, not one row.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class WorkerSession(models.Model):
+    """One worker connection, from its connect frame to its disconnect.
+
+    A worker that reconnects gets a new row (a new ``session_id``) under the same
+    ``worker_id``, so the history of one machine's connections stays readable.
+    """
+
+    class Status(models.TextChoices):
+        ONLINE = "online", "online"
+        OFFLINE = "offline", "offline"
+
+    session_id = models.CharField(max_length=32, unique=True)
+    worker_id = models.CharField(max_length=128, db_index=True)
+    name = models.CharField(max_length=200, blank=True)
+    address = models.CharField(
+        max_length=100, blank=True, help_text="ip:port the worker connected from"
+    )
+    process = models.CharField(
+        max_length=200, blank=True, help_text="broker process that held the connection"
+    )
+    commands = models.JSONField(default=list, blank=True)
+    weight = models.FloatField(default=1.0)
+    max_concurrency = models.IntegerField(default=1)
+    status = models.CharField(
+        max_length=10, choices=Status.choices, default=Status.ONLINE, db_index=True
+    )
+    connected_at = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    disconnected_at = models.DateTimeField(null=True, blank=True)
+    requests_served = models.IntegerField(default=0)
+
+    class Meta:
+        verbose_name = "worker registration"
+        ordering = ["-connected_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name or self.worker_id} ({self.status})"
+
+
+class RequestRecord(models.Model):
+    """One requester request and its outcome, as answered to the requester."""
+
+    request_id = models.CharField(max_length=128, db_index=True)
+    command = models.CharField(max_length=200, db_index=True)
+    worker_id = models.CharField(max_length=128, blank=True)
+    success = models.BooleanField()
+    error = models.TextField(blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    attempts = models.SmallIntegerField(default=1)
+    requester = models.CharField(
+        max_length=100, blank=True, help_text='peer address, or "api" for the HTTP API'
+    )
+    process = models.CharField(max_length=200, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "request"
+        ordering = ["-finished_at"]
+
+    def __str__(self) -> str:
+        outcome = "ok" if self.success else (self.error or "failed")
+        return f"{self.command} [{self.request_id}]: {outcome}"
