@@ -94,7 +94,8 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 10_000, "expiry": 60},
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": 10_000, "expiry": 60,
+                       "prefix": os.environ.get("BROKER_REDIS_PREFIX", "dispatch") + ":asgi"},
         }
     }
 else:

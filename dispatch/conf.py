@@ -35,6 +35,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "HISTORY_BUFFER": (50_000, "history records kept in memory at most; older are dropped"),
     "API_TOKEN": ("", "bearer token for the HTTP control API from non-loopback peers"),
     "ACTION_MODULES": ("", "comma-separated modules that register server actions"),
+    "REDIS_PREFIX": ("dispatch", "prefix of every Redis key (registry and channel layer)"),
 }
 
 

@@ -26,7 +26,7 @@ from . import conf, events
 from .actions import actions, message_handlers
 from .forwarding import Dispatcher, get_dispatcher
 from .history import get_recorder
-from .registry import WorkerEntry
+from .registry import RegistryUnavailable, WorkerEntry
 
 log = logging.getLogger("dispatch.consumers")
 
@@ -34,6 +34,7 @@ log = logging.getLogger("dispatch.consumers")
 CLOSE_REPLACED = 4001
 CLOSE_BAD_REGISTRATION = 4002
 CLOSE_HEARTBEAT_TIMEOUT = 4003
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
@@ -137,6 +138,9 @@ class WorkerConsumer(LeanWebsocketConsumer):
                 await self.refuse(f"Unknown message type '{msg.type}'", msg.msg_id)
         except ProtocolError as exc:
             await self.refuse(str(exc), msg.msg_id)
+        except RegistryUnavailable as exc:
+            log.warning("worker %s: %s", self.worker_label, exc)
+            await self.refuse(f"{protocol.BROKER_UNAVAILABLE}: {exc}", msg.msg_id)
 
     async def refuse(self, error: str, request_id: str | None = None) -> None:
         log.info("worker %s: refused a frame: %s", self.worker_label, error)
@@ -161,12 +165,18 @@ class WorkerConsumer(LeanWebsocketConsumer):
             await self.refuse(f"Bad registration: {exc}", msg.msg_id)
             await self.close(CLOSE_BAD_REGISTRATION)
             return
-        self.entry = WorkerEntry(
+        entry = WorkerEntry(
             worker_id=reg.worker_id, name=reg.name, channel=self.channel_name,
             commands=frozenset(reg.commands), weight=reg.weight,
             max_concurrency=reg.max_concurrency, process=self.dispatcher.process,
             address=self.peer, session_id=self.session_id)
-        replaced = await self.dispatcher.registry.add(self.entry)
+        try:
+            replaced = await self.dispatcher.registry.add(entry)
+        except RegistryUnavailable as exc:  # the worker retries with backoff
+            await self.refuse(f"{protocol.BROKER_UNAVAILABLE}: {exc}", msg.msg_id)
+            await self.close(CLOSE_TRY_AGAIN_LATER)
+            return
+        self.entry = entry
         if replaced is not None and replaced.channel != self.channel_name:
             log.warning("worker %s reconnected; closing its previous connection", reg.worker_id)
             await self.channel_layer.send(replaced.channel, events.kick(
@@ -201,8 +211,11 @@ class WorkerConsumer(LeanWebsocketConsumer):
                         "unknown): dropped", self.worker_label, body.request_id)
             return
         latency_ms = (time.monotonic() - assignment.started) * 1000
-        await self.dispatcher.registry.release(self.entry.worker_id,  # type: ignore[union-attr]
-                                               latency_ms=latency_ms, ok=body.success)
+        try:
+            await self.dispatcher.registry.release(self.entry.worker_id,  # type: ignore
+                                                   latency_ms=latency_ms, ok=body.success)
+        except RegistryUnavailable as exc:  # the answer still goes out
+            log.warning("worker %s: could not release its slot: %s", self.worker_label, exc)
         await self._deliver(assignment.reply_to, events.reply(
             body.request_id, self.entry.worker_id, body.success, body.data,  # type: ignore
             body.error, latency_ms))
@@ -274,7 +287,10 @@ class WorkerConsumer(LeanWebsocketConsumer):
             if now >= next_ping and self.entry is not None:
                 next_ping = now + interval
                 await self.send_frame(Message.heartbeat())
-            await self._expire_assignments(now)
+            try:
+                await self._expire_assignments(now)
+            except RegistryUnavailable as exc:
+                log.warning("worker %s: %s", self.worker_label, exc)
 
     async def _expire_assignments(self, now: float) -> None:
         for key in [k for k, a in self.assignments.items() if a.deadline < now]:
@@ -294,7 +310,10 @@ class WorkerConsumer(LeanWebsocketConsumer):
         self.dispatcher.local_workers.pop(self.channel_name, None)
         if self.entry is None:
             return
-        await self.dispatcher.registry.remove(self.entry.worker_id, self.channel_name)
+        try:
+            await self.dispatcher.registry.remove(self.entry.worker_id, self.channel_name)
+        except RegistryUnavailable as exc:  # its entry expires with its heartbeat
+            log.warning("worker %s: could not leave the registry: %s", self.worker_label, exc)
         assignments, self.assignments = self.assignments, {}
         for key, assignment in assignments.items():
             await self._deliver(assignment.reply_to,

@@ -24,7 +24,7 @@ from workers.protocol import ApiResponse
 
 from . import conf, events
 from .history import HistoryRecorder, get_recorder
-from .registry import Registry, WorkerEntry, get_registry
+from .registry import Registry, RegistryUnavailable, WorkerEntry, get_registry
 
 log = logging.getLogger("dispatch.forwarding")
 
@@ -54,6 +54,7 @@ class Pending:
     started: float = field(default_factory=time.time)
     target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
     worker_id: str | None = None  # the worker it is with now
+    worker_channel: str = ""  # that worker's consumer, to notice a reconnect elsewhere
     attempts: int = 0
     tried: set[str] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
@@ -81,7 +82,8 @@ class Dispatcher:
     async def start(self) -> None:
         self.channel = await self.layer.new_channel()
         self._tasks = [asyncio.create_task(self._receive_loop(), name="dispatch-replies"),
-                       asyncio.create_task(self._queue_loop(), name="dispatch-queue")]
+                       asyncio.create_task(self._queue_loop(), name="dispatch-queue"),
+                       asyncio.create_task(self._sweep_loop(), name="dispatch-sweep")]
         await self.recorder.start()
         log.debug("dispatcher %s listening on %s", self.process, self.channel)
 
@@ -143,8 +145,12 @@ class Dispatcher:
 
     async def _assign(self, pending: Pending) -> None:
         """Reserve a worker and forward; or queue, or answer with why not."""
-        reservation = await self.registry.reserve(pending.command, exclude=pending.tried,
-                                                  worker_id=pending.target)
+        try:
+            reservation = await self.registry.reserve(pending.command, exclude=pending.tried,
+                                                      worker_id=pending.target)
+        except RegistryUnavailable as exc:
+            await self._fail(pending, f"{protocol.BROKER_UNAVAILABLE}: {exc}")
+            return
         if reservation.worker is not None:
             await self._forward(pending, reservation.worker)
         elif reservation.capable:
@@ -169,6 +175,7 @@ class Dispatcher:
 
     async def _forward(self, pending: Pending, worker: WorkerEntry) -> None:
         pending.worker_id = worker.worker_id
+        pending.worker_channel = worker.channel
         pending.attempts += 1
         pending.tried.add(worker.worker_id)
         remaining = max(0.001, pending.deadline - asyncio.get_running_loop().time())
@@ -182,8 +189,20 @@ class Dispatcher:
                 await self.layer.send(worker.channel, message)
         except ChannelFull:
             self.stats["channel_full"] += 1
-            await self.registry.release(worker.worker_id, latency_ms=None, ok=True)
+            await self._give_back(worker.worker_id)
             await self._fail(pending, protocol.BROKER_OVERLOADED)
+        except Exception as exc:  # the layer's backend is down: answer, never hang
+            log.warning("could not forward request %s to %s: %s", pending.request_id,
+                        worker.worker_id, exc)
+            await self._give_back(worker.worker_id)
+            await self._fail(pending, f"{protocol.BROKER_UNAVAILABLE}: {exc}")
+
+    async def _give_back(self, worker_id: str) -> None:
+        """Release a slot taken for a request that never reached its worker."""
+        try:
+            await self.registry.release(worker_id, latency_ms=None, ok=True)
+        except RegistryUnavailable:
+            pass  # the slot's entry expires with its heartbeat
 
     async def _queue_loop(self) -> None:
         """Retry queued requests when a slot frees (or every poll, across processes)."""
@@ -195,19 +214,38 @@ class Dispatcher:
                     pass
             else:
                 await self._wake.wait()
-            self._wake.clear()
             for _ in range(len(self.waiting)):
                 pending = self.waiting.popleft()
-                if pending.key not in self.pending:
-                    continue  # answered (timed out) while waiting
-                reservation = await self.registry.reserve(
-                    pending.command, exclude=pending.tried, worker_id=pending.target)
-                if reservation.worker is not None:
-                    await self._forward(pending, reservation.worker)
-                elif reservation.capable:
-                    self.waiting.append(pending)
-                else:
-                    await self._fail(pending, self._unavailable_reason(pending))
+                if pending.key in self.pending:  # else answered (timed out) while waiting
+                    await self._assign(pending)  # may queue it again
+            # Cleared after the pass, so that re-queueing above does not spin the loop;
+            # a wake-up lost here costs at most one poll interval.
+            self._wake.clear()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(conf.get("HEARTBEAT_INTERVAL"))
+            try:
+                await self.sweep()
+            except Exception as exc:  # noqa: BLE001 - Redis down: try again next round
+                log.warning("could not check the workers of pending requests: %s", exc)
+
+    async def sweep(self) -> None:
+        """Hand back requests whose worker vanished without a word.
+
+        A worker consumer reports the requests it held when its socket closes; but if
+        its whole broker process dies, nobody does. Its workers then drop out of the
+        shared registry when their heartbeats expire, and this notices.
+        """
+        held = [p for p in self.pending.values() if p.worker_id is not None]
+        if not held:
+            return
+        live = await self.registry.channels(p.worker_id for p in held)  # type: ignore[misc]
+        for pending in held:
+            if pending.worker_id is not None and \
+                    live.get(pending.worker_id) != pending.worker_channel:
+                await self._on_lost(events.lost(pending.key, pending.worker_id,
+                                                "worker vanished"))
 
     # ------------------------------------------------------------------ answers
 

@@ -67,6 +67,10 @@ class Reservation(NamedTuple):
     capable: bool
 
 
+class RegistryUnavailable(ConnectionError):
+    """The shared registry cannot be reached (Redis down): requests get an error answer."""
+
+
 class Registry(abc.ABC):
     """What forwarding needs to know and change about workers."""
 
@@ -105,6 +109,15 @@ class Registry(abc.ABC):
 
     async def count(self) -> int:
         return len(await self.all())
+
+    async def channels(self, worker_ids: Iterable[str]) -> dict[str, str]:
+        """Channel of each of these workers that is still live; the dead are left out."""
+        found = {}
+        for worker_id in set(worker_ids):
+            entry = await self.get(worker_id)
+            if entry is not None:
+                found[worker_id] = entry.channel
+        return found
 
 
 class MemoryRegistry(Registry):

@@ -22,20 +22,28 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 try:  # orjson is several times faster; the worker side must not require it.
     import orjson
 
     def dumps(obj: Any) -> str:
-        """Serialize to compact JSON text."""
-        return orjson.dumps(obj).decode()
+        """Serialize to compact JSON text.
+
+        What orjson refuses but JSON can carry (integers beyond 64 bits, as
+        ``calculate`` can produce, or non-string keys) goes through the stdlib
+        encoder, so an answer does not depend on whether orjson is installed.
+        """
+        try:
+            return orjson.dumps(obj).decode()
+        except orjson.JSONEncodeError:
+            return _encoder.encode(obj)
 
     def _loads(text: str | bytes) -> Any:
         return orjson.loads(text)
 
     _DecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
 except ImportError:  # pragma: no cover - exercised on worker machines
-    _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
     def dumps(obj: Any) -> str:
         """Serialize to compact JSON text."""
         return _encoder.encode(obj)
@@ -53,6 +61,7 @@ WORKER_LOST = "Worker lost"
 ALL_BUSY = "All workers busy"
 BROKER_OVERLOADED = "Broker overloaded"
 SHUTTING_DOWN = "Broker shutting down"
+BROKER_UNAVAILABLE = "Broker unavailable"
 
 
 class MessageType(str, Enum):
