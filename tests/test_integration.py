@@ -78,7 +78,7 @@ def test_builtin_and_user_commands(broker: Broker, spawn_worker) -> None:
         info = r.call("get_system_info")
         assert info["pid"] > 0 and info["hostname"]
         marker = Path(ROOT / "tests" / "should-not-exist")
-        ran = r.request("execute_command", {"command": f"touch {marker}"}).data
+        ran = r.call("execute_command", command=f"touch {marker}")
         assert ran["executed"] is False and not marker.exists()
         assert r.call("blocking", seconds=0.1) == "slept 0.1"
         boom = r.request("explode")

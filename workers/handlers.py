@@ -102,7 +102,8 @@ async def run_safely(reg: CommandRegistry, name: str, params: dict[str, Any]
         return True, await reg.run(name, params), None
     except CommandError as exc:
         return False, None, str(exc)
-    except Exception as exc:  # a handler bug must never kill its worker
+    # A handler bug must never kill its worker; sys.exit() in a handler is one too.
+    except (Exception, SystemExit) as exc:
         return False, None, f"{type(exc).__name__}: {exc}"
 
 

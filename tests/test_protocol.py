@@ -1,0 +1,188 @@
+"""The wire formats, without sockets: what goes in as text comes out as data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workers import protocol
+from workers.protocol import (ApiRequest, ApiResponse, Message, MessageType, ProtocolError,
+                              Registration, RequestBody, ResponseBody)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+def test_envelope_has_the_seed_fields_and_round_trips() -> None:
+    msg = Message.request("calculate", {"a": 10, "b": 20, "op": "+"})
+    frame = json.loads(msg.to_json())
+    assert set(frame) == {"type", "msg_id", "timestamp", "data"}
+    assert frame["type"] == "request"
+    assert frame["data"] == {"action": "calculate", "params": {"a": 10, "b": 20, "op": "+"}}
+    assert Message.from_json(msg.to_json()) == msg
+
+
+def test_seed_example_frame_parses() -> None:
+    text = ('{"type": "request", "msg_id": "msg_1234567890", "timestamp": 1234567890.123,'
+            ' "data": {"action": "get_time", "params": {}}}')
+    msg = Message.from_json(text)
+    assert (msg.type, msg.msg_id, msg.timestamp) == ("request", "msg_1234567890", 1234567890.123)
+    assert RequestBody.from_message(msg) == RequestBody("get_time", {})
+
+
+def test_missing_optional_fields_are_filled_in() -> None:
+    msg = Message.from_json('{"type": "custom"}')
+    assert msg.data == {} and msg.msg_id and msg.timestamp > 0
+
+
+def test_non_ascii_text_survives() -> None:
+    msg = Message.notification("你好，世界")
+    assert Message.from_json(msg.to_json()).data["message"] == "你好，世界"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("not json", "Malformed JSON"),
+    ("[1, 2]", "Expected a JSON object, got list"),
+    ('{"data": {}}', "Missing field 'type'"),
+    ('{"type": ""}', "must not be empty"),
+    ('{"type": 5}', "Field 'type' must be str"),
+    ('{"type": "x", "data": [1]}', "Field 'data' must be dict"),
+    ('{"type": "x", "timestamp": true}', "Field 'timestamp' must be"),
+    (b"\xff\xfe", "Malformed JSON"),
+])
+def test_bad_frames_are_refused_with_a_readable_reason(text: str | bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        Message.from_json(text)
+
+
+def test_message_types_are_the_seeds() -> None:
+    assert {t.value for t in MessageType} == {
+        "connect", "disconnect", "heartbeat", "error", "request", "response", "notification",
+        "custom"}
+
+
+def test_response_and_error_constructors() -> None:
+    resp = Message.response("r1", False, None, "boom")
+    assert resp.data == {"request_id": "r1", "success": False, "data": None, "error": "boom"}
+    assert ResponseBody.from_message(resp) == ResponseBody("r1", False, None, "boom")
+    err = Message.error("Unknown message type 'x'", reply_to="m1")
+    assert err.type == "error" and err.data == {"error": "Unknown message type 'x'",
+                                                "reply_to": "m1"}
+
+
+def test_heartbeat_ping_and_its_answer() -> None:
+    ping = Message.heartbeat(in_flight=3)
+    assert ping.data == {"in_flight": 3}
+    pong = Message.heartbeat(ack=ping.msg_id, in_flight=0)
+    assert pong.data == {"ack": ping.msg_id, "in_flight": 0}
+
+
+def test_request_body_errors_keep_the_request_id() -> None:
+    msg = Message("request", {"params": {}}, msg_id="abc")
+    with pytest.raises(ProtocolError) as info:
+        RequestBody.from_message(msg)
+    assert info.value.request_id == "abc"
+    with pytest.raises(ProtocolError, match="'params' must be dict"):
+        RequestBody.from_message(Message("request", {"action": "x", "params": [1]}))
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_registration_round_trip() -> None:
+    reg = Registration("w1", "host-1", ["echo", "get_time"], 2.5, 4)
+    assert reg.to_data() == {"worker_id": "w1", "name": "host-1", "commands": ["echo", "get_time"],
+                             "weight": 2.5, "max_concurrency": 4}
+    assert Registration.from_data(reg.to_data()) == reg
+
+
+def test_registration_defaults() -> None:
+    reg = Registration.from_data({"commands": []})
+    assert reg.worker_id and reg.name == reg.worker_id
+    assert (reg.weight, reg.max_concurrency) == (1.0, 16)
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({}, "Missing field 'commands'"),
+    ({"commands": ["ok", ""]}, "list of non-empty strings"),
+    ({"commands": [], "weight": 0}, "greater than 0"),
+    ({"commands": [], "weight": True}, "'weight' must be"),
+    ({"commands": [], "max_concurrency": 0}, "at least 1"),
+    ({"commands": [], "max_concurrency": 1.5}, "'max_concurrency' must be int"),
+])
+def test_bad_registrations_are_refused(data: dict, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        Registration.from_data(data)
+
+
+# --------------------------------------------------------------------------- requester API
+
+
+def test_api_request_as_in_the_seed() -> None:
+    req = ApiRequest.from_json('{"request_id": "u1", "command": "echo", '
+                               '"data": {"message": "Hello World"}}')
+    assert req == ApiRequest("echo", {"message": "Hello World"}, "u1", None)
+    assert json.loads(req.to_json()) == {"request_id": "u1", "command": "echo",
+                                         "data": {"message": "Hello World"}}
+
+
+def test_api_request_gets_an_id_and_keeps_a_timeout() -> None:
+    req = ApiRequest.from_json('{"command": "get_time", "timeout": 2}')
+    assert req.request_id and req.data == {} and req.timeout == 2.0
+    assert json.loads(req.to_json())["timeout"] == 2.0
+
+
+@pytest.mark.parametrize("text, reason, rid", [
+    ('{"request_id": "u1"}', "Missing field 'command'", "u1"),
+    ('{"request_id": "u1", "command": ""}', "must not be empty", "u1"),
+    ('{"request_id": 7, "command": "x"}', "'request_id' must be str", None),
+    ('{"request_id": "u1", "command": "x", "data": "hi"}', "'data' must be dict", "u1"),
+    ('{"request_id": "u1", "command": "x", "timeout": 0}', "between 0 and 86400", "u1"),
+    ('{"request_id": "u1", "command": "x", "timeout": "5"}', "'timeout' must be", "u1"),
+])
+def test_bad_api_requests_say_why_and_keep_the_id(text: str, reason: str, rid: str | None
+                                                  ) -> None:
+    with pytest.raises(ProtocolError, match=reason) as info:
+        ApiRequest.from_json(text)
+    assert info.value.request_id == rid
+
+
+def test_api_response_round_trip_and_failure() -> None:
+    resp = ApiResponse("u1", True, "2025-10-20 15:30:45", None, "abc123")
+    assert json.loads(resp.to_json()) == {"request_id": "u1", "success": True,
+                                          "data": "2025-10-20 15:30:45", "error": None,
+                                          "processed_by": "abc123"}
+    assert ApiResponse.from_json(resp.to_json()) == resp
+    fail = ApiResponse.failure(None, protocol.NO_WORKERS)
+    assert ApiResponse.from_json(fail.to_json()) == ApiResponse(None, False, None,
+                                                                "No available workers", None)
+
+
+def test_seed_error_texts() -> None:
+    assert protocol.NO_WORKERS == "No available workers"
+    assert protocol.TIMEOUT == "Worker response timeout"
+
+
+def test_big_integers_serialize_like_stdlib_json() -> None:
+    """orjson stops at 64 bits; the answer must not depend on whether it is installed."""
+    big = 2**70
+    assert json.loads(protocol.dumps({"v": big})) == {"v": big}
+    with pytest.raises(TypeError):
+        protocol.dumps({"v": object()})
+
+
+def test_worker_side_imports_no_django() -> None:
+    """A worker machine installs only websockets: the workers package must stay Django-free."""
+    code = ("import sys, workers.client, workers.requester, workers.__main__, workers.builtin\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('django', 'channels', 'dispatch', 'brokersite', 'daphne'))\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
