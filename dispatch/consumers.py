@@ -8,12 +8,15 @@ messages in). The real work is in :mod:`dispatch.forwarding` and the registry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
+from channels.utils import await_many_dispatch
 from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 
@@ -22,7 +25,7 @@ from workers.handlers import run_safely
 from workers.protocol import (ApiRequest, ApiResponse, Message, MessageType, ProtocolError,
                               Registration, RequestBody, ResponseBody)
 
-from . import conf, events
+from . import conf, events, layer
 from .actions import actions, message_handlers
 from .forwarding import Dispatcher, get_dispatcher
 from .history import get_recorder
@@ -45,6 +48,24 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     sockets never touch the database, so that hop would only cost throughput.
     """
 
+    #: Whether this consumer gets a channel of its own on the layer.
+    uses_layer = True
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Channels' consumer loop, with a layer receive that survives layer outages."""
+        self.scope = scope
+        self.base_send = send
+        sources = [receive]
+        self.channel_layer = get_channel_layer() if self.uses_layer else None
+        if self.channel_layer is not None:
+            self.channel_name = await self.channel_layer.new_channel()
+            sources.append(functools.partial(layer.receive, self.channel_layer,
+                                             self.channel_name))
+        try:
+            await await_many_dispatch(sources, self.dispatch)
+        except StopConsumer:
+            pass
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
@@ -52,9 +73,12 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         await handler(message)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
-        for group in self.groups:
-            await self.channel_layer.group_discard(group, self.channel_name)
         await self.disconnect(message["code"])
+        for group in self.groups:
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception as exc:  # noqa: BLE001 - layer down: membership expires
+                log.warning("could not leave group %s: %s", group, exc)
         raise StopConsumer()
 
     @property
@@ -179,7 +203,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
         self.entry = entry
         if replaced is not None and replaced.channel != self.channel_name:
             log.warning("worker %s reconnected; closing its previous connection", reg.worker_id)
-            await self.channel_layer.send(replaced.channel, events.kick(
+            await self._deliver(replaced.channel, events.kick(
                 "Replaced by a newer connection with the same worker_id", CLOSE_REPLACED))
         self.dispatcher.local_workers[self.channel_name] = self
         await self.send_frame(Message(MessageType.CONNECT.value, {
@@ -197,10 +221,25 @@ class WorkerConsumer(LeanWebsocketConsumer):
                  ", ".join(reg.commands))
 
     async def on_heartbeat(self, msg: Message) -> None:
-        await self.dispatcher.registry.touch(self.entry.worker_id)  # type: ignore[union-attr]
+        entry = self.entry
+        assert entry is not None
+        if not await self.dispatcher.registry.touch(entry.worker_id):
+            await self._register_again(entry)
         get_recorder().worker_seen(self.session_id, time.time())
         if "ack" not in msg.data:
             await self.send_frame(Message.heartbeat(ack=msg.msg_id))
+
+    async def _register_again(self, entry: WorkerEntry) -> None:
+        """Put a live worker back after the shared state lost it (Redis restarted empty)."""
+        log.warning("worker %s was missing from the registry; registering it again",
+                    entry.worker_id)
+        entry.in_flight = len(self.assignments)
+        await self.dispatcher.registry.add(entry)
+        for group in self.groups:
+            try:
+                await self.channel_layer.group_add(group, self.channel_name)
+            except Exception as exc:  # noqa: BLE001 - retried at the next heartbeat
+                raise RegistryUnavailable(f"could not rejoin {group}: {exc}") from exc
 
     async def on_response(self, msg: Message) -> None:
         body = ResponseBody.from_message(msg)
@@ -263,8 +302,12 @@ class WorkerConsumer(LeanWebsocketConsumer):
         """Send to a dispatcher: directly when it is this process's, else over the layer."""
         if channel == self.dispatcher.channel:
             await self.dispatcher.handle(message)
-        else:
+            return
+        try:
             await self.channel_layer.send(channel, message)
+        except Exception as exc:  # noqa: BLE001 - layer down: that request will time out
+            log.error("worker %s: could not pass %s on to %s: %s", self.worker_label,
+                      message["type"], channel, exc)
 
     async def _watch(self) -> None:
         """Ping, drop the silent, release slots of requests past their deadline."""
@@ -342,7 +385,12 @@ class WorkerConsumer(LeanWebsocketConsumer):
 
 
 class RequesterConsumer(LeanWebsocketConsumer):
-    """A requester's socket: the seed's JSON API, many requests in flight at once."""
+    """A requester's socket: the seed's JSON API, many requests in flight at once.
+
+    Its answers arrive through the process's dispatcher, so it needs no channel.
+    """
+
+    uses_layer = False
 
     dispatcher: Dispatcher
 

@@ -22,7 +22,7 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 from workers import protocol
 from workers.protocol import ApiResponse
 
-from . import conf, events
+from . import conf, events, layer
 from .history import HistoryRecorder, get_recorder
 from .registry import Registry, RegistryUnavailable, WorkerEntry, get_registry
 
@@ -56,7 +56,6 @@ class Pending:
     worker_id: str | None = None  # the worker it is with now
     worker_channel: str = ""  # that worker's consumer, to notice a reconnect elsewhere
     attempts: int = 0
-    tried: set[str] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -146,7 +145,9 @@ class Dispatcher:
     async def _assign(self, pending: Pending) -> None:
         """Reserve a worker and forward; or queue, or answer with why not."""
         try:
-            reservation = await self.registry.reserve(pending.command, exclude=pending.tried,
+            # A lost worker has left the registry by now; if it is back (it reconnected,
+            # perhaps to another broker process) it is as good a choice as any.
+            reservation = await self.registry.reserve(pending.command,
                                                       worker_id=pending.target)
         except RegistryUnavailable as exc:
             await self._fail(pending, f"{protocol.BROKER_UNAVAILABLE}: {exc}")
@@ -160,8 +161,8 @@ class Dispatcher:
 
     def _unavailable_reason(self, pending: Pending) -> str:
         if pending.target is not None:
-            return f"Unknown worker '{pending.target}'" if not pending.tried else protocol.WORKER_LOST
-        if pending.tried:
+            return protocol.WORKER_LOST if pending.attempts else f"Unknown worker '{pending.target}'"
+        if pending.attempts:
             return f"{protocol.WORKER_LOST} and no other worker offers '{pending.command}'"
         return protocol.NO_WORKERS
 
@@ -177,7 +178,6 @@ class Dispatcher:
         pending.worker_id = worker.worker_id
         pending.worker_channel = worker.channel
         pending.attempts += 1
-        pending.tried.add(worker.worker_id)
         remaining = max(0.001, pending.deadline - asyncio.get_running_loop().time())
         message = events.forward(pending.key, pending.command, pending.data, self.channel,
                                  remaining)
@@ -250,15 +250,13 @@ class Dispatcher:
     # ------------------------------------------------------------------ answers
 
     async def _receive_loop(self) -> None:
+        """Answers from workers of other processes, for as long as this one lives."""
         while True:
+            message = await layer.receive(self.layer, self.channel)
             try:
-                message = await self.layer.receive(self.channel)
                 await self.handle(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bad message or a layer hiccup must not stop answers
+            except Exception:  # a malformed message must not stop the answers
                 log.exception("dispatcher failed to handle a layer message")
-                await asyncio.sleep(0.1)
 
     async def _on_reply(self, message: dict[str, Any]) -> None:
         pending = self.pending.get(message["key"])

@@ -83,8 +83,8 @@ class Registry(abc.ABC):
         """Unregister, but only if ``channel`` still owns the id (a takeover keeps it)."""
 
     @abc.abstractmethod
-    async def touch(self, worker_id: str, when: float | None = None) -> None:
-        """Record a heartbeat."""
+    async def touch(self, worker_id: str, when: float | None = None) -> bool:
+        """Record a heartbeat; False if the worker is not registered (any more)."""
 
     @abc.abstractmethod
     async def reserve(self, command: str, *, exclude: Iterable[str] = (),
@@ -157,10 +157,11 @@ class MemoryRegistry(Registry):
                         del self._by_command[command]
         return entry
 
-    async def touch(self, worker_id: str, when: float | None = None) -> None:
+    async def touch(self, worker_id: str, when: float | None = None) -> bool:
         entry = self._workers.get(worker_id)
         if entry is not None:
             entry.last_heartbeat = when or time.time()
+        return entry is not None
 
     async def reserve(self, command: str, *, exclude: Iterable[str] = (),
                       worker_id: str | None = None) -> Reservation:
@@ -223,7 +224,14 @@ def get_registry() -> Registry:
     """The registry of this process, created on first use from settings."""
     global _registry
     if _registry is None:
-        _registry = MemoryRegistry()
+        from django.conf import settings
+
+        if settings.REDIS_URL:
+            from .redis_registry import RedisRegistry
+
+            _registry = RedisRegistry(settings.REDIS_URL, prefix=conf.get("REDIS_PREFIX"))
+        else:
+            _registry = MemoryRegistry()
     return _registry
 
 

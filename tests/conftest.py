@@ -10,6 +10,8 @@ import pytest
 
 from tests.procs import Broker, WorkerProc, wait_for
 
+pytest_plugins = ["tests.redis_fixture"]
+
 
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:

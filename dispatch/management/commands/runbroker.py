@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from django.conf import settings
 
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -34,6 +40,11 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=None,
                             help=f"seconds before 'Worker response timeout' "
                                  f"(default {conf.get('TIMEOUT')})")
+        parser.add_argument("--processes", type=int, default=1,
+                            help="broker processes to start (default 1). More than one needs "
+                                 "REDIS_URL; process i listens on each port + i x --port-step")
+        parser.add_argument("--port-step", type=int, default=10,
+                            help="port offset between processes with --processes (default 10)")
         parser.add_argument("--no-migrate", action="store_true",
                             help="do not apply database migrations at start")
 
@@ -47,9 +58,56 @@ class Command(BaseCommand):
         ports = [conf.get("WORKER_PORT"), conf.get("REQUESTER_PORT"), conf.get("HTTP_PORT")]
         if len(set(ports)) != 3:
             raise CommandError(f"The three ports must differ, got {ports}")
+        processes = options["processes"]
+        if processes < 1:
+            raise CommandError("--processes must be at least 1")
+        if processes > 1 and not settings.REDIS_URL:
+            raise CommandError("Several processes share their workers through Redis: "
+                               "set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
         if not options["no_migrate"]:
             call_command("migrate", interactive=False, verbosity=0)
-        serve(conf.get("HOST"), ports, self.stdout.write)
+        if processes == 1:
+            serve(conf.get("HOST"), ports, self.stdout.write)
+            return
+        step = options["port_step"]
+        every_port = [port + i * step for port in ports for i in range(processes)]
+        if step < 1 or len(set(every_port)) < len(every_port):
+            raise CommandError(f"--port-step {step} makes the processes' ports overlap "
+                               f"({ports}); choose a larger step or ports further apart")
+        sys.exit(supervise([
+            [sys.executable, "manage.py", "runbroker", "--no-migrate",
+             "--host", conf.get("HOST"), "--strategy", conf.get("STRATEGY"),
+             "--timeout", str(conf.get("TIMEOUT")),
+             "--worker-port", str(ports[0] + i * step),
+             "--requester-port", str(ports[1] + i * step),
+             "--http-port", str(ports[2] + i * step)]
+            for i in range(processes)], self.stdout.write))
+
+
+def supervise(commands: list[list[str]], say: Any) -> int:
+    """Run one broker process per command until SIGINT/SIGTERM, passing signals on.
+
+    A process manager (systemd, supervisord) does this better in production: this
+    is for one machine and for trying a cluster out. A child that dies is logged,
+    not restarted; the others keep serving.
+    """
+    children = [subprocess.Popen(cmd, cwd=settings.BASE_DIR) for cmd in commands]
+    say(f"Started {len(children)} broker processes: pids "
+        f"{', '.join(str(c.pid) for c in children)}")
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = []
+    for child in children:
+        codes.append(child.wait())
+        if codes[-1] not in (0, -signal.SIGTERM, -signal.SIGINT):
+            log.error("broker process %d exited with %d", child.pid, codes[-1])
+    return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
 
 
 def serve(host: str, ports: list[int], say: object) -> None:

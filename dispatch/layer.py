@@ -1,0 +1,43 @@
+"""Receiving from the channel layer in a way that outlives an outage of its backend.
+
+Channels lets an exception from ``channel_layer.receive`` end the consumer, which
+would close every worker socket the moment Redis restarts. Here a failed receive is
+retried with a growing pause instead; the outage is logged once when it starts and
+once when it ends, for the whole process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from channels.layers import BaseChannelLayer
+
+log = logging.getLogger("dispatch.layer")
+
+MAX_PAUSE = 2.0
+
+_down = False
+
+
+async def receive(layer: BaseChannelLayer, channel: str) -> dict[str, Any]:
+    """The next message on ``channel``, waiting out layer outages."""
+    global _down
+    pause = 0.0
+    while True:
+        try:
+            message = await layer.receive(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the backend is down; keep trying
+            if not _down:
+                _down = True
+                log.error("channel layer unavailable; retrying: %s", exc)
+            pause = min(MAX_PAUSE, pause * 2 or 0.05)
+            await asyncio.sleep(pause)
+            continue
+        if _down:
+            _down = False
+            log.warning("channel layer reachable again")
+        return message

@@ -1,0 +1,517 @@
+"""The registry shared by several broker processes, kept in Redis.
+
+Same semantics as :class:`~dispatch.registry.MemoryRegistry`, plus one thing a
+single process never needs: a worker whose broker process died leaves no one to
+remove it, so every worker carries a heartbeat time, and a worker silent for longer
+than ``ttl`` is dead. The dead are pruned on read, inside the same Lua script as the
+read (as channels_redis prunes expired group members), so no call ever returns one.
+
+Key layout, all under ``<prefix>:``::
+
+    worker:<id>       hash    every WorkerEntry field (commands as a JSON list)
+    command:<name>    set     ids of the workers offering that command
+    heartbeats        zset    worker id -> time of its last heartbeat
+    round-robin       string  global sequence number of choices (INCR)
+    processes         zset    broker process name -> time until which it is alive
+
+Every key also gets a Redis TTL of twice the worker ttl, refreshed by heartbeats: a
+safety net so nothing outlives a cluster that stopped for good.
+
+Choosing and reserving (:meth:`RedisRegistry.reserve`) is split in two round trips
+rather than done in one Lua script: the first script prunes and returns the stats of
+the candidates (and the next global sequence number); the strategy, the same Python
+function the in-process registry uses, chooses; the second script takes a slot only
+if the worker is still live and not full, so ``max_concurrency`` holds across
+processes. If another process took the last slot in between, we fetch again, a
+bounded number of times. This keeps the strategies in one place, in Python, at the
+price of one extra round trip; the stats a choice is based on may be a moment old,
+which only matters to balancing, never to correctness.
+
+Times are this host's clock (``time.time()``), passed to the scripts: broker hosts
+are expected to be NTP-synchronised to well within the ttl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import random
+import time
+from dataclasses import fields
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from . import conf
+from .balancing import get_strategy
+from .registry import EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry
+
+#: Times reserve() fetches candidates again after losing the race for a slot.
+RESERVE_ATTEMPTS = 5
+#: Seconds to wait for a TCP connection, and for an answer, before Redis counts as down.
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 5.0
+
+#: Options of every client. No retries: a refused connection fails at once and the
+#: broker answers with an error (a retried script might also run twice). The pool
+#: checks a connection before lending it and reopens one that Redis closed (after a
+#: restart), so nothing broken is kept...
+CLIENT_OPTIONS: dict[str, Any] = {
+    "decode_responses": True,
+    "retry": Retry(NoBackoff(), 0),
+    "socket_connect_timeout": CONNECT_TIMEOUT,
+    "socket_timeout": COMMAND_TIMEOUT,
+}
+try:  # ...unless redis-py >= 7 expects maintenance notifications, which skips that check
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - older redis-py
+    pass
+else:
+    CLIENT_OPTIONS["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+
+# ---------------------------------------------------------------------------- Lua
+# Every script but RELEASE starts with this prelude. Convention: KEYS[1] is the
+# heartbeats zset, ARGV[1] the key prefix ("dispatch:"), ARGV[2] the cutoff time (a
+# heartbeat older than it is dead); a script's own arguments start at ARGV[3]. Keys
+# derived from the prefix are not declared in KEYS: fine on one Redis server (and
+# with Sentinel), not on Redis Cluster.
+_PRELUDE = """
+local beats, prefix, cutoff = KEYS[1], ARGV[1], ARGV[2]
+
+local function worker_key(id) return prefix .. 'worker:' .. id end
+local function command_key(command) return prefix .. 'command:' .. command end
+
+-- Take a worker out of every structure; returns its old hash (flat list, maybe empty).
+local function drop(id)
+  local key = worker_key(id)
+  local old = redis.call('HGETALL', key)
+  for i = 1, #old, 2 do
+    if old[i] == 'commands' then
+      for _, command in ipairs(cjson.decode(old[i + 1])) do
+        redis.call('SREM', command_key(command), id)
+      end
+    end
+  end
+  redis.call('DEL', key)
+  redis.call('ZREM', beats, id)
+  return old
+end
+
+-- Registered and heard from within the ttl (the dead are pruned just below).
+local function alive(id)
+  return redis.call('ZSCORE', beats, id) and redis.call('EXISTS', worker_key(id)) == 1
+end
+
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', '(' .. cutoff)) do
+  drop(id)
+end
+"""
+
+# add: replace any entry with the same id. KEYS[2] the worker hash; ARGV[3] id,
+# ARGV[4] heartbeat time, ARGV[5] key TTL (ms), ARGV[6] commands (JSON), ARGV[7..]
+# the entry as field/value pairs. Returns the replaced hash (empty if none).
+_ADD = _PRELUDE + """
+local id, now, key_ttl = ARGV[3], ARGV[4], ARGV[5]
+local old = drop(id)
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('PEXPIRE', KEYS[2], key_ttl)
+for _, command in ipairs(cjson.decode(ARGV[6])) do
+  redis.call('SADD', command_key(command), id)
+  redis.call('PEXPIRE', command_key(command), key_ttl)
+end
+redis.call('ZADD', beats, now, id)
+redis.call('PEXPIRE', beats, key_ttl)
+return old
+"""
+
+# remove: only if ARGV[4] is still the worker's channel (a takeover keeps the entry).
+# ARGV[3] id. Returns the removed hash (empty if nothing was removed).
+_REMOVE = _PRELUDE + """
+if redis.call('HGET', worker_key(ARGV[3]), 'channel') ~= ARGV[4] then return {} end
+return drop(ARGV[3])
+"""
+
+# touch: a heartbeat. ARGV[3] id, ARGV[4] heartbeat time, ARGV[5] key TTL (ms).
+# Refreshes the score and every key's TTL. Returns 1, or 0 if the worker is not live:
+# once dead (pruned or not), it stays dead until added again.
+_TOUCH = _PRELUDE + """
+local id, now, key_ttl = ARGV[3], ARGV[4], ARGV[5]
+if not alive(id) then
+  drop(id)
+  return 0
+end
+local key = worker_key(id)
+redis.call('ZADD', beats, now, id)
+redis.call('HSET', key, 'last_heartbeat', now)
+redis.call('PEXPIRE', key, key_ttl)
+redis.call('PEXPIRE', beats, key_ttl)
+for _, command in ipairs(cjson.decode(redis.call('HGET', key, 'commands'))) do
+  redis.call('PEXPIRE', command_key(command), key_ttl)
+end
+return 1
+"""
+
+# candidates: the first half of reserve. KEYS[2] the command's set, KEYS[3] the
+# round-robin counter; ARGV[3] key TTL (ms), ARGV[4..] worker ids to exclude. Returns
+# {capable, seq, rows}: capable is 1 if a live, non-excluded worker offers the
+# command; rows are those with a free slot, as {id, weight, in_flight,
+# max_concurrency, latency_ms, error_rate}; seq is the next global sequence number,
+# drawn only when there is a choice to make (as MemoryRegistry counts).
+_CANDIDATES = _PRELUDE + """
+local excluded = {}
+for i = 4, #ARGV do excluded[ARGV[i]] = true end
+local capable, rows = 0, {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not alive(id) then
+    redis.call('SREM', KEYS[2], id)  -- left behind by a hash that expired
+  elseif not excluded[id] then
+    capable = 1
+    local f = redis.call('HMGET', worker_key(id), 'weight', 'in_flight', 'max_concurrency',
+                         'latency_ms', 'error_rate', 'draining')
+    if f[6] ~= '1' and tonumber(f[2]) < tonumber(f[3]) then
+      rows[#rows + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
+    end
+  end
+end
+local seq = 0
+if #rows > 0 then
+  seq = redis.call('INCR', KEYS[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return {capable, seq, rows}
+"""
+
+# reserve: the compare-and-increment half. Take a slot of worker ARGV[3] if it is
+# live, offers command ARGV[4] ('' = don't check), is not draining and has room.
+# Returns the updated hash; 0 if it is not live or does not offer it; 1 if it is full.
+_RESERVE = _PRELUDE + """
+local id, command = ARGV[3], ARGV[4]
+if not alive(id) then return 0 end
+if command ~= '' and redis.call('SISMEMBER', command_key(command), id) == 0 then
+  return 0
+end
+local key = worker_key(id)
+local f = redis.call('HMGET', key, 'in_flight', 'max_concurrency', 'draining')
+if f[3] == '1' or tonumber(f[1]) >= tonumber(f[2]) then return 1 end
+redis.call('HINCRBY', key, 'in_flight', 1)
+return redis.call('HGETALL', key)
+"""
+
+# release: give back a slot and fold the outcome into the statistics, with the same
+# arithmetic as MemoryRegistry.release (Lua numbers are doubles too; %.17g writes
+# them back without loss). No prelude: KEYS[1] is the worker hash; ARGV[1] latency
+# in ms ('' = none), ARGV[2] '1' if ok, ARGV[3] the EWMA weight.
+_RELEASE = """
+local key = KEYS[1]
+if redis.call('EXISTS', key) == 0 then return 0 end
+local f = redis.call('HMGET', key, 'in_flight', 'completed', 'errors', 'latency_ms',
+                     'error_rate')
+local ok, alpha = ARGV[2] == '1', tonumber(ARGV[3])
+local completed, errors = tonumber(f[2]), tonumber(f[3])
+if ok then completed = completed + 1 else errors = errors + 1 end
+local error_rate = tonumber(f[5])
+error_rate = error_rate + alpha * ((ok and 0.0 or 1.0) - error_rate)
+local latency = tonumber(f[4])
+if ARGV[1] ~= '' then
+  local sample = tonumber(ARGV[1])
+  if completed + errors == 1 then
+    latency = sample
+  else
+    latency = latency + alpha * (sample - latency)
+  end
+end
+redis.call('HSET', key,
+  'in_flight', string.format('%d', math.max(0, tonumber(f[1]) - 1)),
+  'completed', string.format('%d', completed),
+  'errors', string.format('%d', errors),
+  'latency_ms', string.format('%.17g', latency),
+  'error_rate', string.format('%.17g', error_rate))
+return 1
+"""
+
+# set_draining: ARGV[3] id, ARGV[4] '1' or '0'. Returns 0 if the worker is not live.
+_SET_DRAINING = _PRELUDE + """
+if not alive(ARGV[3]) then return 0 end
+redis.call('HSET', worker_key(ARGV[3]), 'draining', ARGV[4])
+return 1
+"""
+
+# get: ARGV[3] id. Returns its hash, empty if it is not live.
+_GET = _PRELUDE + """
+if not alive(ARGV[3]) then return {} end
+return redis.call('HGETALL', worker_key(ARGV[3]))
+"""
+
+# all: the hash of every live worker.
+_ALL = _PRELUDE + """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', beats, 0, -1)) do
+  local h = redis.call('HGETALL', worker_key(id))
+  if #h == 0 then drop(id) else out[#out + 1] = h end
+end
+return out
+"""
+
+# count: how many workers are live (a fresh heartbeat implies a hash: its TTL is longer).
+_COUNT = _PRELUDE + """
+return redis.call('ZCARD', beats)
+"""
+
+# channels: ARGV[3..] worker ids. Returns {id, channel, ...} for the live ones.
+_CHANNELS = _PRELUDE + """
+local out = {}
+for i = 3, #ARGV do
+  if alive(ARGV[i]) then
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = redis.call('HGET', worker_key(ARGV[i]), 'channel')
+  end
+end
+return out
+"""
+
+
+class _Lua:
+    """A script run by its hash; its text is sent only when Redis lacks it (after a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RELEASE, SET_DRAINING, GET, ALL, COUNT, CHANNELS = (
+    _Lua(s) for s in (_ADD, _REMOVE, _TOUCH, _CANDIDATES, _RESERVE, _RELEASE, _SET_DRAINING,
+                      _GET, _ALL, _COUNT, _CHANNELS))
+
+# ---------------------------------------------------------------------------- encoding
+
+#: How a hash field is read back, by the field's annotation in WorkerEntry.
+_DECODERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "bool": lambda text: text == "1",
+    "frozenset[str]": lambda text: frozenset(json.loads(text)),
+}
+
+
+def _encode(entry: WorkerEntry) -> dict[str, str]:
+    """Every field of ``entry`` as text; floats by repr, so they read back exactly."""
+    out = {}
+    for f in fields(WorkerEntry):
+        value = getattr(entry, f.name)
+        if isinstance(value, bool):
+            out[f.name] = "1" if value else "0"
+        elif isinstance(value, (set, frozenset)):
+            out[f.name] = json.dumps(sorted(value))
+        elif isinstance(value, float):
+            out[f.name] = repr(value)
+        else:
+            out[f.name] = str(value)
+    return out
+
+
+def _decode(flat: list[str]) -> WorkerEntry:
+    """A WorkerEntry from a hash as Lua returns it: [field, value, field, value, ...]."""
+    raw = dict(zip(flat[::2], flat[1::2]))
+    return WorkerEntry(**{f.name: _DECODERS.get(str(f.type), str)(raw[f.name])
+                          for f in fields(WorkerEntry) if f.name in raw})
+
+
+class _Candidate(NamedTuple):
+    """The stats a strategy looks at (balancing.WorkerStats), as CANDIDATES returns them."""
+
+    worker_id: str
+    weight: float
+    in_flight: int
+    max_concurrency: int
+    latency_ms: float
+    error_rate: float
+
+    @classmethod
+    def from_row(cls, row: list[str]) -> _Candidate:
+        worker_id, weight, in_flight, max_concurrency, latency_ms, error_rate = row
+        return cls(worker_id, float(weight), int(in_flight), int(max_concurrency),
+                   float(latency_ms), float(error_rate))
+
+
+@contextlib.contextmanager
+def _unavailable_on_error() -> Iterator[None]:
+    """Turn "cannot talk to Redis" into RegistryUnavailable; anything else is a bug and rises."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise RegistryUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- registry
+
+class RedisRegistry(Registry):
+    """Worker registry shared through Redis by every broker process of a cluster.
+
+    The broker must call :meth:`touch` on every worker heartbeat (a worker not touched
+    for ``ttl`` seconds is dead for everyone), and may call :meth:`close` at shutdown.
+    Every method raises :class:`RegistryUnavailable` while Redis cannot be reached and
+    works again, without any help, once it can.
+    """
+
+    def __init__(self, url: str, *, prefix: str = "dispatch", ttl: float | None = None,
+                 rng: random.Random | None = None) -> None:
+        """``ttl``: seconds of silence after which a worker is dead; by default read from
+        the settings at each use: HEARTBEAT_INTERVAL x (HEARTBEAT_MISSES + 1), one interval
+        more than the owning process itself waits, so that it notices first if it lives."""
+        self.url = url
+        self.prefix = prefix
+        self._ttl = ttl
+        self._rng = rng or random.Random()
+        self._p = f"{prefix}:"
+        self._beats = f"{prefix}:heartbeats"
+        self._seq = f"{prefix}:round-robin"
+        self._processes = f"{prefix}:processes"
+        # One client (and connection pool) per event loop: a connection belongs to the
+        # loop that opened it, and tests, daphne and async_to_sync each run their own.
+        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+
+    @property
+    def ttl(self) -> float:
+        if self._ttl is not None:
+            return self._ttl
+        return conf.get("HEARTBEAT_INTERVAL") * (conf.get("HEARTBEAT_MISSES") + 1)
+
+    def _key_ttl_ms(self) -> int:
+        """Redis TTL of every key: the safety net, twice the worker ttl."""
+        return max(1000, int(self.ttl * 2000))
+
+    def _client(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            for old in [old for old in self._clients if old.is_closed()]:
+                del self._clients[old]  # no loop left to close its sockets: the GC will
+            client = self._clients[loop] = aioredis.Redis.from_url(self.url,
+                                                                   **CLIENT_OPTIONS)
+        return client
+
+    async def close(self) -> None:
+        """Close this event loop's connections (at shutdown; at the end of a test)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    async def _run(self, script: _Lua, keys: list[str], args: list[Any]) -> Any:
+        """Run a prelude script: KEYS[1] = heartbeats, ARGV[1] = prefix, ARGV[2] = cutoff."""
+        with _unavailable_on_error():
+            return await script(self._client(), [self._beats, *keys],
+                                [self._p, repr(time.time() - self.ttl), *args])
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self._p}worker:{worker_id}"
+
+    # ------------------------------------------------------------------ Registry API
+
+    async def add(self, entry: WorkerEntry) -> WorkerEntry | None:
+        """Register (or re-register) ``entry``; its heartbeat time is now."""
+        data = _encode(entry)
+        data["last_heartbeat"] = now = repr(time.time())
+        pairs = [text for item in data.items() for text in item]
+        old = await self._run(ADD, [self._worker_key(entry.worker_id)],
+                              [entry.worker_id, now, self._key_ttl_ms(), data["commands"],
+                               *pairs])
+        return _decode(old) if old else None
+
+    async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
+        old = await self._run(REMOVE, [], [worker_id, channel])
+        return _decode(old) if old else None
+
+    async def touch(self, worker_id: str, when: float | None = None) -> bool:
+        return bool(await self._run(TOUCH, [], [worker_id, repr(when or time.time()),
+                                                self._key_ttl_ms()]))
+
+    async def reserve(self, command: str, *, exclude: Iterable[str] = (),
+                      worker_id: str | None = None) -> Reservation:
+        """Two round trips: fetch candidates, then take a slot of the chosen one (see the
+        module docstring); one for a named worker."""
+        if worker_id is not None:
+            got = await self._run(RESERVE, [], [worker_id, ""])
+            if not isinstance(got, list):
+                return Reservation(None, got == 1)  # 0: unknown, 1: full
+            return Reservation(_decode(got), True)
+        excluded = list(set(exclude))
+        strategy = get_strategy(conf.get("STRATEGY"))
+        for _ in range(RESERVE_ATTEMPTS):
+            capable, seq, rows = await self._run(
+                CANDIDATES, [f"{self._p}command:{command}", self._seq],
+                [self._key_ttl_ms(), *excluded])
+            if not rows:
+                return Reservation(None, bool(capable))
+            chosen = strategy([_Candidate.from_row(row) for row in rows], seq, self._rng)
+            got = await self._run(RESERVE, [], [chosen.worker_id, command])
+            if isinstance(got, list):
+                return Reservation(_decode(got), True)
+            # Another process took its last slot (or it left) meanwhile: look again.
+        return Reservation(None, True)  # lost every race: capable but busy, so it waits
+
+    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+        with _unavailable_on_error():
+            await RELEASE(self._client(), [self._worker_key(worker_id)],
+                          ["" if latency_ms is None else repr(float(latency_ms)),
+                           "1" if ok else "0", repr(EWMA_ALPHA)])
+
+    async def set_draining(self, worker_id: str, draining: bool) -> bool:
+        return bool(await self._run(SET_DRAINING, [], [worker_id, "1" if draining else "0"]))
+
+    async def get(self, worker_id: str) -> WorkerEntry | None:
+        found = await self._run(GET, [], [worker_id])
+        return _decode(found) if found else None
+
+    async def all(self) -> list[WorkerEntry]:
+        """Every live worker, oldest connection first (as MemoryRegistry lists them)."""
+        entries = [_decode(h) for h in await self._run(ALL, [], [])]
+        return sorted(entries, key=lambda e: (e.connected_at, e.worker_id))
+
+    async def count(self) -> int:
+        return int(await self._run(COUNT, [], []))
+
+    async def channels(self, worker_ids: Iterable[str]) -> dict[str, str]:
+        """One round trip, however many ids."""
+        flat = await self._run(CHANNELS, [], list(set(worker_ids)))
+        return dict(zip(flat[::2], flat[1::2]))
+
+    # ------------------------------------------------------------------ broker processes
+
+    async def process_alive(self, process: str, ttl: float | None = None) -> None:
+        """Declare ``process`` alive for ``ttl`` more seconds (default: the worker ttl).
+
+        Call it every heartbeat interval; :meth:`live_processes` then tells which broker
+        processes of the cluster are running, e.g. to re-dispatch the requests held by
+        one that stopped saying so.
+        """
+        ttl = self.ttl if ttl is None else ttl
+        with _unavailable_on_error():
+            async with self._client().pipeline(transaction=True) as pipe:
+                pipe.zadd(self._processes, {process: time.time() + ttl})
+                pipe.pexpire(self._processes, max(self._key_ttl_ms(), int(ttl * 2000)))
+                await pipe.execute()
+
+    async def process_gone(self, process: str) -> None:
+        """Say goodbye at a clean shutdown, so that others need not wait for the ttl."""
+        with _unavailable_on_error():
+            await self._client().zrem(self._processes, process)
+
+    async def live_processes(self) -> set[str]:
+        """Names of the broker processes whose last :meth:`process_alive` has not run out."""
+        with _unavailable_on_error():
+            async with self._client().pipeline(transaction=True) as pipe:
+                pipe.zremrangebyscore(self._processes, "-inf", f"({time.time()!r}")
+                pipe.zrange(self._processes, 0, -1)
+                _, names = await pipe.execute()
+        return set(names)

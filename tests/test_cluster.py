@@ -1,0 +1,231 @@
+"""Several broker processes sharing Redis (and PostgreSQL): one broker to the outside."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.procs import ROOT, Broker, WorkerProc, free_port, until, wait_for
+from workers.requester import Requester, SyncRequester
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+HANDLERS = ("--handlers", "tests.sample_handlers")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., list[Broker]]]:
+    """``make(n, args=[...], env={...})`` starts n brokers sharing one Redis prefix."""
+    started: list[Broker] = []
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+
+    def make(n: int = 2, args: list[str] | None = None, env: dict[str, str] | None = None,
+             url: str | None = None) -> list[Broker]:
+        shared = {"REDIS_URL": url or redis_url, "BROKER_REDIS_PREFIX": prefix, **(env or {})}
+        brokers = [Broker(tmp_path, env=shared, args=args or []) for _ in range(n)]
+        for broker in brokers:
+            started.append(broker)
+            broker.start()
+        return brokers
+
+    yield make
+    for broker in started:
+        broker.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def workers_started() -> Iterator[list[WorkerProc]]:
+    started: list[WorkerProc] = []
+    yield started
+    for worker in started:
+        worker.stop(signal.SIGKILL)
+
+
+def start_worker(started: list[WorkerProc], broker: Broker, name: str, *args: str
+                 ) -> WorkerProc:
+    worker = WorkerProc(broker, name, [*HANDLERS, *args]).start()
+    started.append(worker)
+    wait_for(lambda: any(w["name"] == name for w in broker.workers()), 15,
+             f"worker {name} to register\n{worker.log()}")
+    return worker
+
+
+def test_worker_on_one_process_serves_requesters_and_commands_on_another(
+        cluster, workers_started) -> None:
+    a, b = cluster(2)
+    worker = start_worker(workers_started, a, "on-a")
+    with SyncRequester(b.requester_url) as r:
+        answer = r.request("echo", {"message": "across"})
+    assert answer.success and answer.data == "Echo: across"
+    [info] = b.workers()  # b sees the worker a holds, and says which process holds it
+    assert info["name"] == "on-a" and info["process"] == a.get("/healthz")["process"]
+    listing = b.manage("workers")
+    assert listing.returncode == 0 and "on-a" in listing.stdout
+    sent = b.manage("send", info["worker_id"], "calculate", '{"a": 6, "b": 7, "op": "*"}')
+    assert sent.returncode == 0 and '"data": 42' in sent.stdout
+    assert b.manage("broadcast", "hello from b").returncode == 0
+    wait_for(lambda: "hello from b" in worker.log(), 5, "worker on a to get b's broadcast")
+
+
+def test_round_robin_is_global(cluster, workers_started) -> None:
+    a, b = cluster(2, args=["--strategy", "round_robin"])
+    for name, broker in (("w1", a), ("w2", a), ("w3", b)):
+        start_worker(workers_started, broker, name)
+    served: Counter[str] = Counter()
+    with SyncRequester(a.requester_url) as ra, SyncRequester(b.requester_url) as rb:
+        for i in range(30):
+            served[(ra if i % 2 else rb).request("echo", {"message": i}).processed_by] += 1
+    assert sorted(served.values()) == [10, 10, 10]
+
+
+async def test_max_concurrency_holds_across_processes(cluster, workers_started) -> None:
+    a, b = cluster(2)
+    start_worker(workers_started, a, "narrow", "--max-concurrency", "2")
+    peak = 0
+
+    def watch() -> bool:
+        nonlocal peak
+        peak = max(peak, sum(w["in_flight"] for w in a.workers()))
+        return False
+
+    async with Requester(a.requester_url) as ra, Requester(b.requester_url) as rb:
+        started = time.monotonic()
+        calls = asyncio.gather(*(r.request("slow", {"seconds": 0.4})
+                                 for r in (ra, rb, ra, rb, ra, rb)))
+        watcher = asyncio.ensure_future(asyncio.to_thread(
+            lambda: [watch() or time.sleep(0.05) for _ in range(20)]))
+        answers = await calls
+        elapsed = time.monotonic() - started
+        await watcher
+    assert all(x.success for x in answers), [x.error for x in answers]
+    assert peak <= 2 and elapsed >= 1.15  # two at a time, three rounds
+
+
+async def test_kill_9_of_a_broker_process(cluster, workers_started) -> None:
+    a, b = cluster(2)
+    # the worker knows both brokers: after a dies it reconnects to b
+    start_worker(workers_started, a, "roamer", "--url", b.worker_url)
+    async with Requester(b.requester_url) as rb:
+        calls = [asyncio.ensure_future(rb.request("slow", {"seconds": 1.0, "tag": str(i)}))
+                 for i in range(5)]
+        await until(lambda: sum(w["in_flight"] for w in b.workers()) == 5, 5,
+                    "5 requests in flight through a")
+        started = time.monotonic()
+        a.stop(signal.SIGKILL)
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 20)
+        took = time.monotonic() - started
+    assert all(x.success for x in answers), [x.error for x in answers]
+    assert took < 10  # re-dispatched long before the 30 s timeout
+    [info] = b.workers()
+    assert info["name"] == "roamer" and info["process"] == b.get("/healthz")["process"]
+
+
+async def test_redis_restart_while_brokers_run(cluster, workers_started, redis_server) -> None:
+    a, b = cluster(2, url=redis_server.url)
+    start_worker(workers_started, a, "steady")
+    async with Requester(b.requester_url) as rb:
+        assert (await rb.request("echo", {"message": "before"})).success
+        redis_server.stop()
+        during = await asyncio.wait_for(rb.request("echo", {"message": "during"},
+                                                   timeout=2), 10)
+        assert not during.success  # an explicit error, not a hang
+        await asyncio.sleep(1.0)
+        redis_server.start()
+
+        async def served() -> bool:
+            return (await rb.request("echo", {"message": "after"}, timeout=2)).success
+
+        deadline = time.monotonic() + 20
+        while not await served():
+            assert time.monotonic() < deadline, f"no recovery\n{a.log()[-2000:]}"
+            await asyncio.sleep(0.5)
+    for broker in (a, b):
+        assert broker.proc is not None and broker.proc.poll() is None
+    assert "unavailable" in (a.log() + b.log()).lower()
+
+
+def test_runbroker_processes_flag(tmp_path: Path, redis_url: str) -> None:
+    ports = [free_port() for _ in range(3)]
+    step = 7
+    env = {**os.environ, "REDIS_URL": redis_url,
+           "BROKER_REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+           "BROKER_HEARTBEAT_INTERVAL": "0.5"}
+    cmd = [sys.executable, "manage.py", "runbroker", "--processes", "2", "--port-step",
+           str(step), "--worker-port", str(ports[0]), "--requester-port", str(ports[1]),
+           "--http-port", str(ports[2])]
+    log = (tmp_path / "cluster.log").open("wb")
+    parent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    first = Broker(tmp_path, worker_port=ports[0], requester_port=ports[1],
+                   http_port=ports[2])
+    second = Broker(tmp_path, worker_port=ports[0] + step, requester_port=ports[1] + step,
+                    http_port=ports[2] + step)
+    worker = None
+    try:
+        for broker in (first, second):
+            wait_for(lambda: broker.get("/healthz")["status"] == "ok", 30, "both processes")
+        assert first.get("/healthz")["process"] != second.get("/healthz")["process"]
+        worker = WorkerProc(first, "w").start()
+        wait_for(lambda: len(second.workers()) == 1, 15, "worker seen by the second")
+        with SyncRequester(second.requester_url) as r:
+            assert r.call("echo", message="x") == "Echo: x"
+    finally:
+        if worker:
+            worker.stop(signal.SIGKILL)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(20) == 0
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    admin = os.environ.get("TEST_POSTGRES_ADMIN_URL",
+                           "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("REQUIRE_SERVICES") == "1":
+            pytest.fail(f"PostgreSQL required but unreachable at {admin}: {exc}")
+        pytest.skip(f"NO POSTGRESQL at {admin} ({exc}); set TEST_POSTGRES_ADMIN_URL")
+    name = f"broker_test_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def test_history_from_every_process_lands_in_postgres(cluster, workers_started,
+                                                      postgres_url: str) -> None:
+    import psycopg
+
+    a, b = cluster(2, env={"DATABASE_URL": postgres_url})
+    start_worker(workers_started, a, "pg-worker")
+    with SyncRequester(a.requester_url) as ra, SyncRequester(b.requester_url) as rb:
+        for i in range(10):
+            assert (ra if i % 2 else rb).call("echo", message=i) == f"Echo: {i}"
+    processes = {a.get("/healthz")["process"], b.get("/healthz")["process"]}
+
+    def rows() -> list[tuple[str, int]]:
+        with psycopg.connect(postgres_url) as conn:
+            return conn.execute("select process, count(*) from dispatch_requestrecord "
+                                "group by process").fetchall()
+
+    wait_for(lambda: sum(n for _, n in rows()) == 10, 15, "10 history rows in PostgreSQL")
+    assert {p for p, _ in rows()} == processes and all(n == 5 for _, n in rows())
+    with psycopg.connect(postgres_url) as conn:
+        sessions = conn.execute("select name, process from dispatch_workersession").fetchall()
+    assert sessions == [("pg-worker", a.get("/healthz")["process"])]

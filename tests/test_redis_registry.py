@@ -1,0 +1,309 @@
+"""The Redis registry against a real Redis: the in-process registry's behaviours, and
+what only a shared registry must do (atomic reservations across processes, global
+round robin, expiry of workers whose process died, outages)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from dispatch.redis_registry import RedisRegistry
+from dispatch.registry import MemoryRegistry, RegistryUnavailable, WorkerEntry
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def entry(worker_id: str, *commands: str, max_concurrency: int = 2, channel: str = "",
+          weight: float = 1.0) -> WorkerEntry:
+    return WorkerEntry(worker_id=worker_id, name=worker_id, channel=channel or f"ch-{worker_id}",
+                       commands=frozenset(commands or ("echo",)),
+                       max_concurrency=max_concurrency, weight=weight)
+
+
+@pytest.fixture
+async def make_registry(redis_url: str, redis_prefix: str
+                        ) -> AsyncIterator[Callable[..., RedisRegistry]]:
+    """``make(ttl=...)``: registries sharing one prefix, as broker processes would."""
+    made: list[RedisRegistry] = []
+
+    def make(ttl: float = 30.0, url: str | None = None) -> RedisRegistry:
+        made.append(RedisRegistry(url or redis_url, prefix=redis_prefix, ttl=ttl))
+        return made[-1]
+
+    yield make
+    for registry in made:
+        await registry.close()
+
+
+@pytest.fixture
+def registry(make_registry: Callable[..., RedisRegistry]) -> RedisRegistry:
+    return make_registry()
+
+
+# ------------------------------------------------------------- as tests/test_registry.py
+
+async def test_only_workers_offering_the_command_are_chosen(registry: RedisRegistry) -> None:
+    await registry.add(entry("a", "echo"))
+    await registry.add(entry("b", "resize"))
+    for _ in range(2):
+        res = await registry.reserve("resize")
+        assert res.worker is not None and res.worker.worker_id == "b"
+    assert (await registry.reserve("nothing")) == (None, False)
+
+
+async def test_max_concurrency_is_respected_and_release_frees_a_slot(
+        registry: RedisRegistry) -> None:
+    await registry.add(entry("a", max_concurrency=2))
+    assert (await registry.reserve("echo")).worker is not None
+    assert (await registry.reserve("echo")).worker is not None
+    full = await registry.reserve("echo")
+    assert full.worker is None and full.capable  # capable but busy: the request waits
+    await registry.release("a", latency_ms=12.0, ok=True)
+    assert (await registry.reserve("echo")).worker is not None
+
+
+async def test_release_keeps_the_same_statistics_as_the_memory_registry(
+        registry: RedisRegistry) -> None:
+    memory = MemoryRegistry()
+    for reg in (registry, memory):
+        await reg.add(entry("a", max_concurrency=4))
+        for latency, ok in [(10.0, True), (None, True), (20.0, True), (30.0, False),
+                            (7.5, False)]:
+            await reg.reserve("echo")
+            await reg.release("a", latency_ms=latency, ok=ok)
+        await reg.release("a", latency_ms=1.0, ok=True)  # one release too many: stays at 0
+    shared, local = await registry.get("a"), await memory.get("a")
+    assert shared is not None and local is not None
+    stats = ("in_flight", "completed", "errors", "latency_ms", "error_rate")
+    assert [getattr(shared, s) for s in stats] == [getattr(local, s) for s in stats]
+    assert shared.in_flight == 0 and (shared.completed, shared.errors) == (4, 2)
+
+
+async def test_exclude_skips_workers_already_tried(registry: RedisRegistry) -> None:
+    await registry.add(entry("a"))
+    await registry.add(entry("b"))
+    res = await registry.reserve("echo", exclude={"a"})
+    assert res.worker is not None and res.worker.worker_id == "b"
+    assert (await registry.reserve("echo", exclude={"a", "b"})) == (None, False)
+
+
+async def test_reserve_a_named_worker(registry: RedisRegistry) -> None:
+    await registry.add(entry("a", max_concurrency=1))
+    assert (await registry.reserve("anything", worker_id="a")).worker is not None
+    assert (await registry.reserve("anything", worker_id="a")) == (None, True)
+    assert (await registry.reserve("anything", worker_id="zz")) == (None, False)
+
+
+async def test_draining_worker_gets_no_new_work(registry: RedisRegistry) -> None:
+    await registry.add(entry("a"))
+    assert await registry.set_draining("a", True)
+    assert (await registry.reserve("echo")).worker is None
+    assert not await registry.set_draining("zz", True)
+
+
+async def test_takeover_keeps_the_newer_connection(registry: RedisRegistry) -> None:
+    await registry.add(entry("a", channel="old"))
+    replaced = await registry.add(entry("a", "resize", channel="new"))
+    assert replaced is not None and replaced.channel == "old"
+    assert await registry.remove("a", "old") is None  # the old socket closing changes nothing
+    assert (await registry.reserve("resize")).worker is not None
+    assert (await registry.reserve("echo")) == (None, False)
+    assert await registry.remove("a", "new") is not None
+    assert await registry.count() == 0
+
+
+# ------------------------------------------------------------- shared state
+
+async def test_an_entry_reads_back_field_for_field(registry: RedisRegistry) -> None:
+    original = WorkerEntry(worker_id="w:1", name="Wörker", channel="specific.abc!def",
+                           commands=frozenset({"echo", "resize", "a b"}), weight=2.5,
+                           max_concurrency=7, process="host:12:ab12", address="10.0.0.1:5",
+                           session_id="s-1", connected_at=1700000000.125, latency_ms=0.1,
+                           error_rate=1 / 3, draining=True)
+    assert await registry.add(original) is None
+    [listed] = await registry.all()
+    got = await registry.get("w:1")
+    assert got == listed
+    assert got is not None and got.last_heartbeat >= original.last_heartbeat  # set by add
+    got.last_heartbeat = original.last_heartbeat
+    assert got == original
+    assert await registry.channels(["w:1", "nobody"]) == {"w:1": "specific.abc!def"}
+
+
+async def test_two_processes_never_exceed_max_concurrency(
+        make_registry: Callable[..., RedisRegistry]) -> None:
+    first, second = make_registry(), make_registry()
+    await first.add(entry("narrow", max_concurrency=3))
+    await first.add(entry("full-one", max_concurrency=1))
+    await first.reserve("echo", worker_id="full-one")  # a full candidate along the way
+    holding = peak = taken = 0
+
+    async def attempt(registry: RedisRegistry) -> None:
+        nonlocal holding, peak, taken
+        res = await registry.reserve("echo")
+        if res.worker is None:
+            assert res.capable
+            return
+        assert res.worker.worker_id == "narrow" and res.worker.in_flight <= 3
+        holding += 1
+        taken += 1
+        peak = max(peak, holding)
+        await asyncio.sleep(random.uniform(0, 0.005))
+        holding -= 1
+        await registry.release("narrow", latency_ms=1.0, ok=True)
+
+    await asyncio.gather(*(attempt(first if i % 2 else second) for i in range(200)))
+    assert peak == 3 and taken >= 3
+    narrow = await second.get("narrow")
+    assert narrow is not None and narrow.in_flight == 0 and narrow.completed == taken
+
+
+async def test_exactly_the_free_slots_are_taken_by_a_burst(
+        make_registry: Callable[..., RedisRegistry]) -> None:
+    registries = [make_registry(), make_registry()]
+    await registries[0].add(entry("narrow", max_concurrency=3))
+    results = await asyncio.gather(*(registries[i % 2].reserve("echo") for i in range(200)))
+    assert sum(r.worker is not None for r in results) == 3
+    assert all(r.capable for r in results)
+
+
+def test_one_registry_serves_several_event_loops(
+        make_registry: Callable[..., RedisRegistry]) -> None:
+    """Each loop gets its own connection pool (daphne, async_to_sync, tests)."""
+    registry = make_registry()
+
+    def run_in_new_loop(call: Callable[[], Any]) -> Any:
+        async def run() -> Any:
+            try:
+                return await call()
+            finally:
+                await registry.close()  # this loop's pool goes with the loop
+        return asyncio.run(run())
+
+    run_in_new_loop(lambda: registry.add(entry("a", max_concurrency=50)))
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        async def run() -> None:
+            for _ in range(20):
+                res = await registry.reserve("echo")
+                assert res.worker is not None
+                await registry.release("a", latency_ms=1.0, ok=True)
+        try:
+            run_in_new_loop(run)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    final = run_in_new_loop(lambda: registry.get("a"))
+    assert final is not None and (final.in_flight, final.completed) == (0, 60)
+
+
+async def test_round_robin_cycles_over_all_workers_globally(
+        make_registry: Callable[..., RedisRegistry], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(settings.BROKER, "STRATEGY", "round_robin")
+    first, second = make_registry(), make_registry()
+    for name in ("w1", "w2", "w3"):
+        await first.add(entry(name))
+    chosen = []
+    for i in range(30):
+        res = await (first if i % 2 else second).reserve("echo")
+        assert res.worker is not None
+        chosen.append(res.worker.worker_id)
+        await first.release(res.worker.worker_id, latency_ms=1.0, ok=True)
+    # every window of three consecutive choices, whichever process made them, is w1..w3
+    assert all(len(set(chosen[i:i + 3])) == 3 for i in range(len(chosen) - 2))
+
+
+async def test_a_worker_whose_heartbeats_stopped_is_pruned(
+        make_registry: Callable[..., RedisRegistry], redis_url: str,
+        redis_prefix: str) -> None:
+    registry = make_registry(ttl=1.0)
+    await registry.add(entry("silent", "echo", "resize"))
+    await registry.add(entry("steady"))
+    for _ in range(6):
+        await asyncio.sleep(0.2)
+        assert await registry.touch("steady")
+    # "silent" is dead for every read, and its traces are gone
+    assert [w.worker_id for w in await registry.all()] == ["steady"]
+    assert await registry.count() == 1
+    assert await registry.get("silent") is None
+    assert await registry.channels(["silent", "steady"]) == {"steady": "ch-steady"}
+    assert (await registry.reserve("resize")) == (None, False)
+    assert (await registry.reserve("x", worker_id="silent")) == (None, False)
+    assert not await registry.touch("silent")  # dead stays dead until added again
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        keys = set(await client.keys(f"{redis_prefix}:*"))
+        assert f"{redis_prefix}:worker:silent" not in keys
+        assert f"{redis_prefix}:command:resize" not in keys
+        assert await client.smembers(f"{redis_prefix}:command:echo") == {"steady"}
+        for key in keys:  # the safety net: every key expires unless refreshed
+            assert await client.pttl(key) > 0, key
+    finally:
+        await client.aclose()
+    # a heartbeat dated in the past counts as silence too
+    assert await registry.touch("steady", when=time.time() - 60)
+    assert await registry.count() == 0
+
+
+async def test_broker_processes_say_they_are_alive(
+        make_registry: Callable[..., RedisRegistry]) -> None:
+    registry = make_registry()
+    await registry.process_alive("p1", ttl=0.3)
+    await registry.process_alive("p2", ttl=30)
+    await registry.process_alive("p3", ttl=30)
+    assert await registry.live_processes() == {"p1", "p2", "p3"}
+    await registry.process_gone("p3")
+    await asyncio.sleep(0.4)
+    assert await registry.live_processes() == {"p2"}
+
+
+async def test_redis_outage_raises_registry_unavailable_then_recovers(
+        make_registry: Callable[..., RedisRegistry], redis_server: RedisServer) -> None:
+    registry = make_registry(url=redis_server.url)
+    await registry.add(entry("a"))
+    assert (await registry.reserve("echo")).worker is not None
+    redis_server.stop()
+    started = time.monotonic()
+    calls = [registry.reserve("echo"), registry.release("a", latency_ms=1.0, ok=True),
+             registry.add(entry("b")), registry.touch("a"), registry.all(),
+             registry.live_processes()]
+    for call in calls:
+        with pytest.raises(RegistryUnavailable, match="^Redis unavailable: ") as failed:
+            await call
+        assert isinstance(failed.value, ConnectionError)
+    assert time.monotonic() - started < 5  # fails fast: the broker answers with an error
+    redis_server.start()
+    # a fresh Redis (no persistence) forgot everything; the broker re-adds on the next
+    # heartbeat, and the pooled connections that Redis closed are not reused
+    assert not await registry.touch("a")
+    await registry.add(entry("a"))
+    res = await registry.reserve("echo")
+    assert res.worker is not None and res.worker.worker_id == "a"
+
+
+async def test_connections_closed_by_a_redis_restart_are_not_reused(
+        make_registry: Callable[..., RedisRegistry], redis_server: RedisServer) -> None:
+    registry = make_registry(url=redis_server.url)
+    # a few pooled connections, all idle when Redis goes away
+    await asyncio.gather(*(registry.add(entry(f"w{i}")) for i in range(4)))
+    redis_server.stop()
+    redis_server.start()
+    await asyncio.sleep(0.1)  # a running loop sees the closed sockets
+    for _ in range(8):  # no RegistryUnavailable: each is reopened as it is lent
+        assert await registry.count() == 0
+        assert not await registry.touch("w1")
