@@ -1,16 +1,19 @@
-"""Read-only admin views of worker registrations and request history.
+"""Admin: read-only worker registrations and request history; credentials.
 
 History is a record of what happened; editing it by hand would only make it lie.
-Both admins therefore allow browsing, searching and deleting (to prune old rows),
-never adding or changing.
+Those admins therefore allow browsing, searching and deleting (to prune old rows),
+never adding or changing. Credentials are created and revoked here.
 """
 
 from __future__ import annotations
 
-from django.contrib import admin
+from typing import Any
+
+from django.contrib import admin, messages
 from django.http import HttpRequest
 
-from .models import RequestRecord, WorkerSession
+from .auth import digest, new_token
+from .models import Credential, RequestRecord, WorkerSession
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -48,3 +51,24 @@ class RequestRecordAdmin(ReadOnlyAdmin):
     ordering = ("-finished_at",)
     # The default count(*) for the paginator is slow on a large history table.
     show_full_result_count = False
+
+
+@admin.register(Credential)
+class CredentialAdmin(admin.ModelAdmin):
+    """Create and revoke credentials; a new one's token is shown once, after saving."""
+
+    list_display = ("name", "kind", "active", "key_id", "max_connections", "created_at")
+    list_filter = ("kind", "active")
+    search_fields = ("name", "key_id")
+    readonly_fields = ("key_id", "created_at")
+    fields = ("name", "kind", "commands", "max_connections", "active", "key_id", "created_at")
+
+    def save_model(self, request: HttpRequest, obj: Credential, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        token, obj.key_id = new_token(obj.kind)
+        obj.digest = digest(token)
+        super().save_model(request, obj, form, change)
+        messages.warning(request, f"Token for '{obj.name}' (copy it now, it is not shown "
+                                  f"again): {token}")

@@ -33,7 +33,10 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "HISTORY": (True, "record request history in the database (batched)"),
     "HISTORY_FLUSH_SECONDS": (1.0, "how often buffered history is written"),
     "HISTORY_BUFFER": (50_000, "history records kept in memory at most; older are dropped"),
-    "API_TOKEN": ("", "bearer token for the HTTP control API from non-loopback peers"),
+    "API_TOKEN": ("", "static bearer token for the HTTP control API (admin keys work too)"),
+    "ALLOWED_ORIGINS": ("", "browser origins allowed on the requester socket (comma-separated; "
+                            "* for any)"),
+    "AUTH_REFRESH_SECONDS": (2.0, "how often credentials are reloaded (revocation delay)"),
     "ACTION_MODULES": ("", "comma-separated modules that register server actions"),
     "REDIS_PREFIX": ("dispatch", "prefix of every Redis key (registry and channel layer)"),
 }

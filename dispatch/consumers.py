@@ -25,7 +25,8 @@ from workers.handlers import run_safely
 from workers.protocol import (ApiRequest, ApiResponse, Message, MessageType, ProtocolError,
                               Registration, RequestBody, ResponseBody)
 
-from . import conf, events, layer
+from . import auth, conf, events, layer
+from .auth import Grant, Refusal, get_guard
 from .actions import actions, message_handlers
 from .forwarding import Dispatcher, get_dispatcher
 from .history import get_recorder
@@ -81,6 +82,41 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                 log.warning("could not leave group %s: %s", group, exc)
         raise StopConsumer()
 
+    #: Which credential kind this socket takes: "worker" or "requester".
+    kind = ""
+    grant: Grant | None = None
+
+    async def admit(self) -> bool:
+        """Accept the socket, then check who it is; a refused peer is told why, then closed.
+
+        Accepting first is what lets the reason reach the peer: daphne turns a refusal
+        during the handshake into a bare HTTP 403.
+        """
+        self.guard = await get_guard()
+        await self.accept()
+        if self.kind == "requester" and not auth.origin_allowed(self.scope):
+            verdict: Grant | Refusal | None = Refusal(
+                auth.CLOSE_FORBIDDEN, "Origin not allowed: add it to BROKER_ALLOWED_ORIGINS")
+        else:
+            verdict = self.guard.admit(self.scope, self.kind)
+        if isinstance(verdict, Refusal):
+            log.info("refused a %s from %s: %s", self.kind, self.peer, verdict.reason)
+            await self.refuse(verdict.reason)
+            await self.close(verdict.code)
+            return False
+        self.grant = verdict
+        self.guard.attach(verdict, self)
+        return True
+
+    async def revoke(self, reason: str) -> None:
+        """The credential of this connection was revoked: say so and close."""
+        await self.refuse(reason)
+        await self.close(auth.CLOSE_UNAUTHORIZED)
+
+    def forget_grant(self) -> None:
+        if hasattr(self, "guard"):
+            self.guard.detach(self.grant, self)
+
     @property
     def peer(self) -> str:
         client = self.scope.get("client") or ("?", 0)
@@ -129,18 +165,29 @@ class WorkerConsumer(LeanWebsocketConsumer):
 
     # -------------------------------------------------------------- socket handlers
 
+    kind = "worker"
+    watchdog: asyncio.Task[None] | None = None
+
     async def connect(self) -> None:
         self.dispatcher = await get_dispatcher()
         self.session_id = protocol.new_id()
         self.assignments: dict[str, Assignment] = {}
         self.opened = self.last_frame = time.monotonic()
         self.closed = False
-        await self.accept()
-        self.watchdog = asyncio.create_task(self._watch(), name=f"watch-{self.session_id}")
+        if await self.admit():
+            self.watchdog = asyncio.create_task(self._watch(), name=f"watch-{self.session_id}")
+        else:
+            self.closed = True
 
     async def disconnect(self, code: int) -> None:
-        self.watchdog.cancel()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.forget_grant()
         await self._teardown(f"disconnected ({code})")
+
+    async def revoke(self, reason: str) -> None:
+        await self.refuse(reason)
+        await self._close_and_teardown(auth.CLOSE_UNAUTHORIZED, reason)
 
     async def receive_text(self, text: str) -> None:
         self.last_frame = time.monotonic()
@@ -391,15 +438,16 @@ class RequesterConsumer(LeanWebsocketConsumer):
     """
 
     uses_layer = False
-
+    kind = "requester"
     dispatcher: Dispatcher
 
     async def connect(self) -> None:
         self.dispatcher = await get_dispatcher()
         self.in_flight: dict[str, str] = {}  # request_id -> dispatcher key
-        await self.accept()
+        await self.admit()
 
     async def disconnect(self, code: int) -> None:
+        self.forget_grant()
         self.dispatcher.abandon(list(self.in_flight.values()))
         self.in_flight.clear()
 
@@ -408,6 +456,10 @@ class RequesterConsumer(LeanWebsocketConsumer):
             request = ApiRequest.from_json(text)
         except ProtocolError as exc:
             await self.refuse(str(exc), exc.request_id)
+            return
+        if self.grant is not None and not self.grant.allows(request.command):
+            await self.refuse(f"Command '{request.command}' is not allowed for this API key",
+                              request.request_id)
             return
         if request.request_id in self.in_flight:
             await self.refuse(f"Duplicate request_id '{request.request_id}': a request with "

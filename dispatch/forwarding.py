@@ -24,6 +24,7 @@ from workers.protocol import ApiResponse
 
 from . import conf, events, layer
 from .history import HistoryRecorder, get_recorder
+from .loops import PerLoop
 from .registry import Registry, RegistryUnavailable, WorkerEntry, get_registry
 
 log = logging.getLogger("dispatch.forwarding")
@@ -313,26 +314,10 @@ class Dispatcher:
             log.debug("could not deliver the answer to %s", pending.requester, exc_info=True)
 
 
-_dispatchers: dict[asyncio.AbstractEventLoop, asyncio.Task[Dispatcher]] = {}
+_dispatchers: PerLoop[Dispatcher] = PerLoop(
+    lambda: Dispatcher(get_channel_layer(), get_registry(), get_recorder()))
 
-
-async def get_dispatcher() -> Dispatcher:
-    """The dispatcher of this process (of this event loop), started on first use."""
-    loop = asyncio.get_running_loop()
-    task = _dispatchers.get(loop)
-    if task is None:
-        task = _dispatchers[loop] = loop.create_task(_make_dispatcher())
-    return await task
-
-
-async def _make_dispatcher() -> Dispatcher:
-    dispatcher = Dispatcher(get_channel_layer(), get_registry(), get_recorder())
-    await dispatcher.start()
-    return dispatcher
-
-
-async def stop_dispatcher() -> None:
-    """Stop this loop's dispatcher, if one was started (shutdown, tests)."""
-    task = _dispatchers.pop(asyncio.get_running_loop(), None)
-    if task is not None:
-        await (await task).stop()
+#: The dispatcher of this process (of this event loop), started on first use.
+get_dispatcher = _dispatchers.get
+#: Stop this loop's dispatcher, if one was started (shutdown, tests).
+stop_dispatcher = _dispatchers.stop

@@ -76,3 +76,37 @@ class RequestRecord(models.Model):
     def __str__(self) -> str:
         outcome = "ok" if self.success else (self.error or "failed")
         return f"{self.command} [{self.request_id}]: {outcome}"
+
+
+class Credential(models.Model):
+    """A worker token, a requester API key, or an admin key for the control API.
+
+    Only a SHA-256 digest of the token is stored: tokens are long random strings,
+    so a fast hash is enough, and the broker checks one per connection, not per
+    message. The token itself is shown once, when it is created.
+    """
+
+    class Kind(models.TextChoices):
+        WORKER = "worker", "worker token"
+        REQUESTER = "requester", "requester API key"
+        ADMIN = "admin", "admin key (control API)"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    key_id = models.CharField(max_length=16, unique=True, editable=False,
+                              help_text="public part of the token, used to find it")
+    digest = models.CharField(max_length=64, editable=False)
+    commands = models.JSONField(default=list, blank=True,
+                                help_text="requester keys: commands allowed (empty: all)")
+    max_connections = models.IntegerField(default=0,
+                                          help_text="per broker process; 0: no limit")
+    active = models.BooleanField(default=True,
+                                 help_text="untick to revoke: live connections are closed "
+                                           "within seconds")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind}{'' if self.active else ', revoked'})"

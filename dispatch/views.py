@@ -1,14 +1,14 @@
 """HTTP edge: health check and the control API that management commands use.
 
-The API is open to loopback peers (the embedded default runs the commands on the
-same machine) and otherwise needs ``Authorization: Bearer <API_TOKEN>``.
+The API needs a staff session or ``Authorization: Bearer <admin key>``; in protected
+mode (no credentials yet) loopback peers need nothing, so the embedded default
+works on one machine with no set-up.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
-import ipaddress
 import json
 from typing import Any, Awaitable, Callable
 
@@ -17,6 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from . import conf, services
+from .auth import get_guard, is_loopback
 from .forwarding import get_dispatcher
 from .registry import get_registry
 
@@ -27,15 +28,19 @@ class BadRequest(ValueError):
     """The body of an API call is not what the endpoint takes."""
 
 
-def _allowed(request: HttpRequest) -> bool:
-    token = conf.get("API_TOKEN")
-    header = request.headers.get("Authorization", "")
-    if token and hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+async def _allowed(request: HttpRequest) -> bool:
+    """A staff session, an admin key or ``API_TOKEN``; or loopback in protected mode."""
+    guard = await get_guard()
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token:
+        static = conf.get("API_TOKEN")
+        if (static and hmac.compare_digest(token.encode(), static.encode())) or \
+                guard.check_api_token(token):
+            return True
+    user = await request.auser()
+    if user.is_active and user.is_staff:
         return True
-    try:
-        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
-    except ValueError:
-        return False
+    return guard.protected_mode and is_loopback({"client": (request.META.get("REMOTE_ADDR"),)})
 
 
 def api(view: View) -> View:
@@ -43,10 +48,10 @@ def api(view: View) -> View:
 
     @functools.wraps(view)
     async def wrapper(request: HttpRequest) -> JsonResponse:
-        if not _allowed(request):
-            return JsonResponse({"error": "Forbidden: the control API needs a loopback peer "
-                                          "or 'Authorization: Bearer <BROKER_API_TOKEN>'"},
-                                status=403)
+        if not await _allowed(request):
+            return JsonResponse({"error": "Forbidden: the control API needs a staff login or "
+                                          "'Authorization: Bearer <admin key>' (python manage.py "
+                                          "token create admin NAME)"}, status=403)
         try:
             return await view(request)
         except BadRequest as exc:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from tests.procs import Broker, WorkerProc, wait_for
 
@@ -51,3 +54,26 @@ def spawn_worker(broker: Broker) -> Iterator[Callable[..., WorkerProc]]:
     yield spawn
     for worker in started:
         worker.stop(signal.SIGKILL)
+
+
+async def close_thread_connections() -> None:
+    """Close the DB connection that async code opened in asgiref's shared sync thread.
+
+    The SQLite in-memory test database ignores ``close()``, so that connection would
+    outlive the test, and a later test without DB access that touches it in the same
+    thread would be refused.
+    """
+    await sync_to_async(_close_connections, thread_sensitive=True)()
+
+
+def _close_connections() -> None:
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None:
+            BaseDatabaseWrapper.close(conn)  # bypasses the in-memory no-op on purpose
+
+
+@pytest.fixture
+async def async_db(transactional_db: None) -> AsyncIterator[None]:
+    """Database access for async tests (consumers load credentials from it)."""
+    yield
+    await close_thread_connections()

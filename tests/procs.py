@@ -121,6 +121,13 @@ class Broker:
     def workers(self) -> list[dict[str, Any]]:
         return self.get("/api/workers")["workers"]
 
+    def workers_as(self, token: str) -> list[dict[str, Any]]:
+        """The worker list, with an admin key (needed once credentials exist)."""
+        request = urllib.request.Request(self.http_url + "/api/workers",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return json.load(resp)["workers"]
+
     def wait_workers(self, n: int, timeout: float = 15.0) -> list[dict[str, Any]]:
         wait_for(lambda: len(self.workers()) == n, timeout, f"{n} workers online")
         return self.workers()

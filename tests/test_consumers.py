@@ -15,13 +15,14 @@ from channels.testing import WebsocketCommunicator
 from django.test import override_settings
 
 from dispatch import registry as registry_module
+from dispatch.auth import stop_guard
 from dispatch.forwarding import get_dispatcher, stop_dispatcher
 from dispatch.routing import SocketRouter
 from workers.protocol import Message, Registration
 
 TIMEOUT = 3
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("async_db")]
 
 
 @pytest.fixture(autouse=True)
@@ -31,14 +32,17 @@ async def fresh_broker() -> AsyncIterator[None]:
                                    "MAX_MESSAGE_BYTES": 4096}):
         yield
         await stop_dispatcher()
+        await stop_guard()
     registry_module.reset_registry()
 
 
 app = SocketRouter()
 
 
-async def open_socket(path: str) -> WebsocketCommunicator:
-    comm = WebsocketCommunicator(app, path)
+async def open_socket(path: str, client: str = "127.0.0.1", headers: list | None = None
+                      ) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(app, path, headers=headers)
+    comm.scope["client"] = (client, 50000)
     connected, _ = await comm.connect(timeout=TIMEOUT)
     assert connected
     return comm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 
@@ -26,16 +27,11 @@ def shell_commands() -> list[str]:
 
 @pytest.mark.parametrize("command", shell_commands())
 def test_every_shell_command_in_the_readme_exists(command: str) -> None:
-    """Each command answers --help (the program and its sub-command exist)."""
-    words = command.split()
+    """Each command, with its arguments as written, answers --help (so it exists)."""
+    words = shlex.split(command)
     if words[0] == "./test.sh":
         pytest.skip("this is the command running these tests")
-    if words[:2] == ["python", "manage.py"]:
-        argv = [sys.executable, "manage.py", words[2], "--help"]
-    elif words[:2] == ["python", "-m"]:
-        argv = [sys.executable, "-m", words[2], "--help"]
-    else:
-        argv = [words[0], "--help"]
+    argv = [sys.executable, *words[1:], "--help"] if words[0] == "python" else [*words, "--help"]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()

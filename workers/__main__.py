@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .client import Worker
-from .requester import broker_url, is_url
+from .requester import broker_url, default_token, is_url
 
 logger = logging.getLogger("workers.client")
 
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--handlers", action="append", default=[], metavar="MODULE",
                         help="module (dotted name, or path to a .py file) whose @command() "
                              "functions this worker also serves; repeatable")
+    parser.add_argument("--token", default=default_token(),
+                        help="worker token, when the broker has credentials "
+                             "(default $BROKER_TOKEN)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on standard error (default INFO)")
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"cannot load handlers {name!r}: {type(exc).__name__}: {exc}")
     try:
         worker = Worker(urls, name=args.name, weight=args.weight,
-                        max_concurrency=args.max_concurrency)
+                        max_concurrency=args.max_concurrency, token=args.token)
     except ValueError as exc:
         parser.error(str(exc))
     logger.info("Worker %s serving %s", worker.name, ", ".join(worker.registry.names()))

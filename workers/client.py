@@ -34,7 +34,7 @@ from websockets.uri import parse_uri
 from .handlers import CommandRegistry, run_safely
 from .protocol import (Message, MessageType, ProtocolError, Registration, RequestBody,
                        ResponseBody, new_id)
-from .requester import ConnectionLost, RequestFailed, describe
+from .requester import ConnectionLost, RequestFailed, auth_headers, describe
 
 logger = logging.getLogger("workers.client")
 
@@ -125,7 +125,7 @@ class Worker:
                  registry: CommandRegistry | None = None,
                  heartbeat_interval: float | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 30.0,
-                 stop_timeout: float = 30.0) -> None:
+                 stop_timeout: float = 30.0, token: str | None = None) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
             raise ValueError("At least one broker URL is needed")
@@ -139,6 +139,7 @@ class Worker:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.stop_timeout = stop_timeout
+        self.token = token
         #: Set while registered with a broker; cleared when the connection ends.
         self.connected = asyncio.Event()
 
@@ -293,7 +294,8 @@ class Worker:
         registered = False
         try:
             async with connect(url, max_size=MAX_FRAME_BYTES, open_timeout=OPEN_TIMEOUT,
-                               close_timeout=CLOSE_TIMEOUT, ping_interval=None) as ws:
+                               close_timeout=CLOSE_TIMEOUT, ping_interval=None,
+                               additional_headers=auth_headers(self.token)) as ws:
                 await self._register(ws)
                 registered = True
                 return True, await self._serve(ws)
@@ -314,7 +316,10 @@ class Worker:
         """Send ``connect`` and adopt the id and heartbeat interval the broker answers with."""
         registration = Registration(self._worker_id, self.name, self.registry.names(),
                                     self.weight, self.max_concurrency)
-        await ws.send(Message(MessageType.CONNECT.value, registration.to_data()).to_json())
+        try:
+            await ws.send(Message(MessageType.CONNECT.value, registration.to_data()).to_json())
+        except ConnectionClosed:
+            pass  # refused at once (credentials): the broker's reason is still to be read
         try:
             async with asyncio.timeout(REGISTER_TIMEOUT):
                 while True:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import logging
 import sys
 import threading
@@ -70,6 +71,16 @@ class ConnectionLost(ConnectionError):
     """The connection to the broker is gone, so an answer can no longer arrive."""
 
 
+def auth_headers(token: str | None) -> dict[str, str] | None:
+    """The handshake header that carries a worker token or API key, if there is one."""
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
+def default_token() -> str | None:
+    """``$BROKER_TOKEN``: lets scripts keep the token out of the command line."""
+    return os.environ.get("BROKER_TOKEN") or None
+
+
 def broker_url(host: str, port: int, path: str = "/") -> str:
     """``ws://host:port/``, with brackets around an IPv6 address."""
     if ":" in host and not host.startswith("["):
@@ -100,9 +111,11 @@ class Requester:
     so nothing waits forever even if the broker never answers.
     """
 
-    def __init__(self, url: str, *, default_timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, url: str, *, token: str | None = None,
+                 default_timeout: float = DEFAULT_TIMEOUT,
                  margin: float = DEFAULT_MARGIN, open_timeout: float = 10.0) -> None:
         self.url = url
+        self.token = token
         self.default_timeout = default_timeout
         self.margin = margin
         self.open_timeout = open_timeout
@@ -114,7 +127,8 @@ class Requester:
     async def connect(self) -> Requester:
         """Open the connection; raises ``OSError``/``InvalidHandshake``/``TimeoutError``."""
         self._ws = await connect(self.url, max_size=MAX_FRAME_BYTES,
-                                 open_timeout=self.open_timeout)
+                                 open_timeout=self.open_timeout,
+                                 additional_headers=auth_headers(self.token))
         self._lost = None
         self._reader = asyncio.create_task(self._read_loop(self._ws),
                                            name="workers.requester reader")
@@ -340,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "as a JSON object, e.g. calculate '{\"a\": 1, \"b\": 2}'")
     parser.add_argument("--url", help="broker URL such as ws://host:8766/ (then HOST PORT "
                                       "are left out)")
+    parser.add_argument("--token", default=default_token(),
+                        help="API key, when the broker has credentials (default $BROKER_TOKEN)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds the broker may take for each request (default: the "
                              "broker's own, normally 30)")
@@ -392,10 +408,10 @@ def format_response(response: ApiResponse) -> str:
 
 
 async def one_shot(url: str, command: str, data: dict[str, Any], timeout: float | None,
-                   out: TextIO) -> int:
+                   out: TextIO, token: str | None = None) -> int:
     """Send a single request and print its answer."""
     try:
-        requester = await Requester(url).connect()
+        requester = await Requester(url, token=token).connect()
     except CONNECT_ERRORS as exc:
         print(f"Cannot reach the broker at {url}: {describe(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -470,9 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     url, command, data = parse_target(parser, args)
     if command is not None:
-        return asyncio.run(one_shot(url, command, data, args.timeout, sys.stdout))
+        return asyncio.run(one_shot(url, command, data, args.timeout, sys.stdout, args.token))
     try:
-        requester = SyncRequester(url)
+        requester = SyncRequester(url, token=args.token)
     except CONNECT_ERRORS as exc:
         print(f"Cannot reach the broker at {url}: {describe(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE

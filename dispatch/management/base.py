@@ -34,7 +34,7 @@ class BrokerCommand(BaseCommand):
         parser.add_argument(
             "--token",
             help="Bearer token for the control API (default: $BROKER_API_TOKEN). "
-                 "Needed only from a non-loopback address.",
+                 "Needed once credentials exist (an admin key), or from another machine.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:

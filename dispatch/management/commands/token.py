@@ -1,0 +1,60 @@
+"""``manage.py token``: create, list and revoke worker tokens, API keys and admin keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import IntegrityError
+
+from dispatch.auth import create_credential
+from dispatch.models import Credential
+
+
+class Command(BaseCommand):
+    help = ("Manage credentials. 'create' prints the new token once (only a digest is "
+            "stored); 'revoke' closes the connections made with it within seconds. While "
+            "no credential exists, the broker accepts local connections only.")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        create = actions.add_parser("create", help="create a credential and print its token")
+        create.add_argument("kind", choices=[k.value for k in Credential.Kind],
+                            help="worker token, requester API key, or admin key (control API)")
+        create.add_argument("name", help="a unique name, e.g. gpu-fleet or billing-service")
+        create.add_argument("--commands", default="",
+                            help="requester keys: comma-separated commands it may send "
+                                 "(default: all)")
+        create.add_argument("--max-connections", type=int, default=0,
+                            help="connections per broker process at most (default 0: no limit)")
+        actions.add_parser("list", help="list credentials (never their tokens)")
+        revoke = actions.add_parser("revoke", help="revoke a credential by name")
+        revoke.add_argument("name", help="the credential's name")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        getattr(self, f"handle_{options['action']}")(**options)
+
+    def handle_create(self, kind: str, name: str, commands: str, max_connections: int,
+                      **_: Any) -> None:
+        allowed = [c.strip() for c in commands.split(",") if c.strip()]
+        if allowed and kind != "requester":
+            raise CommandError("--commands applies to requester keys only")
+        try:
+            _, token = create_credential(name, kind, allowed, max_connections)
+        except IntegrityError:
+            raise CommandError(f"A credential named '{name}' exists already") from None
+        self.stderr.write(f"Created {kind} credential '{name}'. Its token is shown once:")
+        self.stdout.write(token)
+
+    def handle_list(self, **_: Any) -> None:
+        for c in Credential.objects.all():
+            limits = ", ".join(filter(None, [
+                f"commands: {', '.join(c.commands)}" if c.commands else "",
+                f"max {c.max_connections} connections" if c.max_connections else ""]))
+            self.stdout.write(f"{c.name:24} {c.kind:10} {'active' if c.active else 'revoked':8} "
+                              f"{c.key_id}  {limits}")
+
+    def handle_revoke(self, name: str, **_: Any) -> None:
+        if not Credential.objects.filter(name=name).update(active=False):
+            raise CommandError(f"No credential named '{name}'")
+        self.stdout.write(f"Revoked '{name}': its connections close within seconds.")
