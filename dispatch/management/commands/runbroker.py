@@ -138,6 +138,9 @@ def serve(host: str, ports: list[int], say: object) -> None:
         # error; far larger ones are cut off by daphne with close code 1009.
         websocket_max_message_size=4 * limit + 65536,
         websocket_max_frame_size=4 * limit + 65536,
+        # Workers stay connected for days: daphne's default closes every socket
+        # after 24 hours.
+        websocket_timeout=-1,
         ready_callable=ready,
         verbosity=0,
     ).run()
