@@ -30,6 +30,10 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "HEARTBEAT_MISSES": (3, "heartbeat intervals of silence before a worker is dropped"),
     "REGISTER_TIMEOUT": (10.0, "seconds a new worker socket has to send its connect frame"),
     "MAX_MESSAGE_BYTES": (1_048_576, "largest frame accepted; larger ones get an error"),
+    "MAX_IN_FLIGHT": (1000, "requests one requester connection may have in flight"),
+    "RATE_LIMIT": (20_000, "frames per second one connection may send (bursts of twice "
+                           "that); beyond, it is closed with 1008. 0: no limit"),
+    "SHUTDOWN_GRACE": (10.0, "seconds SIGTERM waits for requests in flight to finish"),
     "HISTORY": (True, "record request history in the database (batched)"),
     "HISTORY_FLUSH_SECONDS": (1.0, "how often buffered history is written"),
     "HISTORY_BUFFER": (50_000, "history records kept in memory at most; older are dropped"),

@@ -39,6 +39,7 @@ CLOSE_REPLACED = 4001
 CLOSE_BAD_REGISTRATION = 4002
 CLOSE_HEARTBEAT_TIMEOUT = 4003
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_POLICY_VIOLATION = 1008
 
 
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
@@ -122,8 +123,36 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         client = self.scope.get("client") or ("?", 0)
         return f"{client[0]}:{client[1]}"
 
+    _allowance: float | None = None  # frames this connection may send now (token bucket)
+    _checked = 0.0
+    _throttled = False
+
+    def within_rate(self) -> bool:
+        """Token bucket: RATE_LIMIT frames a second on average, bursts of twice that."""
+        rate = conf.get("RATE_LIMIT")
+        if not rate:
+            return True
+        now = time.monotonic()
+        if self._allowance is None:
+            self._allowance = 2.0 * rate
+        else:
+            self._allowance = min(2.0 * rate, self._allowance + (now - self._checked) * rate)
+        self._checked = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
+
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None
                       ) -> None:
+        if not self.within_rate():
+            if not self._throttled:  # say it once; what else is queued is dropped
+                self._throttled = True
+                log.warning("%s sends faster than %s frames/s: closing it", self.peer,
+                            conf.get("RATE_LIMIT"))
+                await self.refuse(f"Rate limit exceeded ({conf.get('RATE_LIMIT')} frames/s)")
+                await self.close(CLOSE_POLICY_VIOLATION)
+            return
         if text_data is None:
             await self.refuse("Binary frames are not supported: send JSON as text")
             return
@@ -240,7 +269,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
             worker_id=reg.worker_id, name=reg.name, channel=self.channel_name,
             commands=frozenset(reg.commands), weight=reg.weight,
             max_concurrency=reg.max_concurrency, process=self.dispatcher.process,
-            address=self.peer, session_id=self.session_id)
+            address=self.peer, session_id=self.session_id, no_retry=frozenset(reg.no_retry))
         try:
             replaced = await self.dispatcher.registry.add(entry)
         except RegistryUnavailable as exc:  # the worker retries with backoff
@@ -460,6 +489,10 @@ class RequesterConsumer(LeanWebsocketConsumer):
         if self.grant is not None and not self.grant.allows(request.command):
             await self.refuse(f"Command '{request.command}' is not allowed for this API key",
                               request.request_id)
+            return
+        if len(self.in_flight) >= conf.get("MAX_IN_FLIGHT"):
+            await self.refuse(f"Too many requests in flight on this connection (limit "
+                              f"{conf.get('MAX_IN_FLIGHT')})", request.request_id)
             return
         if request.request_id in self.in_flight:
             await self.refuse(f"Duplicate request_id '{request.request_id}': a request with "

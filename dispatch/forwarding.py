@@ -56,6 +56,7 @@ class Pending:
     target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
     worker_id: str | None = None  # the worker it is with now
     worker_channel: str = ""  # that worker's consumer, to notice a reconnect elsewhere
+    retry_safe: bool = True  # False: the worker said this command must not run twice
     attempts: int = 0
     timer: asyncio.TimerHandle | None = None
 
@@ -178,6 +179,7 @@ class Dispatcher:
     async def _forward(self, pending: Pending, worker: WorkerEntry) -> None:
         pending.worker_id = worker.worker_id
         pending.worker_channel = worker.channel
+        pending.retry_safe = pending.command not in worker.no_retry
         pending.attempts += 1
         remaining = max(0.001, pending.deadline - asyncio.get_running_loop().time())
         message = events.forward(pending.key, pending.command, pending.data, self.channel,
@@ -277,6 +279,11 @@ class Dispatcher:
             return
         self.stats["lost"] += 1
         pending.worker_id = None
+        if not pending.retry_safe:
+            await self._fail(pending, f"{protocol.WORKER_LOST} ({message['reason']}); "
+                                      f"'{pending.command}' is not idempotent, so it was "
+                                      "not retried")
+            return
         if pending.attempts > conf.get("MAX_RETRIES"):
             await self._fail(pending, f"{protocol.WORKER_LOST} ({message['reason']}) "
                                       f"after {pending.attempts} attempts")

@@ -43,6 +43,7 @@ class WorkerEntry:
     latency_ms: float = 0.0
     error_rate: float = 0.0
     draining: bool = False
+    no_retry: frozenset[str] = frozenset()  # commands never re-sent elsewhere
 
     def has_room(self) -> bool:
         return self.in_flight < self.max_concurrency and not self.draining
@@ -51,6 +52,7 @@ class WorkerEntry:
         """JSON-friendly view for the control API and management commands."""
         data = asdict(self)
         data["commands"] = sorted(self.commands)
+        data["no_retry"] = sorted(self.no_retry)
         del data["channel"]
         return data
 

@@ -30,3 +30,10 @@ async def explode() -> None:
 @command()
 def whoami() -> int:
     return os.getpid()
+
+
+@command(idempotent=False)
+async def charge(seconds: float = 1.0) -> str:
+    """Must never run twice: if its worker dies, the broker must not retry it."""
+    await asyncio.sleep(seconds)
+    return "charged"

@@ -313,3 +313,38 @@ async def test_unknown_path_is_refused() -> None:
 
 def test_json_dumps_of_frames_is_compact() -> None:
     assert json.loads(Message.heartbeat(ack="x").to_json())["data"] == {"ack": "x"}
+
+
+async def test_a_flooding_connection_is_closed_and_others_are_unaffected() -> None:
+    w, calm = await worker("w1"), await requester()
+    with override_settings(BROKER={"HISTORY": False, "RATE_LIMIT": 50}):
+        flood = await requester()
+        for i in range(150):  # a burst of 100 is allowed, then 50 a second
+            await flood.send_to(text_data="{bad")
+        replies = []
+        while True:
+            out = await flood.receive_output(TIMEOUT)
+            if out["type"] == "websocket.close":
+                break
+            replies.append(json.loads(out["text"])["error"])
+        assert out["code"] == 1008 and replies[-1] == "Rate limit exceeded (50 frames/s)"
+        assert 100 <= len(replies) - 1 < 110  # the burst was answered one by one
+        await ask(calm, "echo")
+        await answer(w, "calm")
+        assert (await calm.receive_json_from(TIMEOUT))["data"] == "calm"
+
+
+async def test_requests_in_flight_per_connection_are_limited() -> None:
+    w, r = await worker("w1"), await requester()
+    with override_settings(BROKER={"HISTORY": False, "MAX_IN_FLIGHT": 2}):
+        for i in range(3):
+            await ask(r, "echo", request_id=f"r{i}")
+        refused = await r.receive_json_from(TIMEOUT)
+        assert refused["request_id"] == "r2" and "limit 2" in refused["error"]
+        await answer(w, "one")
+        assert (await r.receive_json_from(TIMEOUT))["data"] == "one"
+        await ask(r, "echo", request_id="r3")  # a slot freed up
+        await answer(w, "two")
+        await answer(w, "three")
+        assert {(await r.receive_json_from(TIMEOUT))["data"] for _ in range(2)} == {"two",
+                                                                                   "three"}

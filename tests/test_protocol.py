@@ -96,9 +96,10 @@ def test_request_body_errors_keep_the_request_id() -> None:
 
 
 def test_registration_round_trip() -> None:
-    reg = Registration("w1", "host-1", ["echo", "get_time"], 2.5, 4)
-    assert reg.to_data() == {"worker_id": "w1", "name": "host-1", "commands": ["echo", "get_time"],
-                             "weight": 2.5, "max_concurrency": 4}
+    reg = Registration("w1", "host-1", ["echo", "get_time", "pay"], 2.5, 4, ["pay"])
+    assert reg.to_data() == {"worker_id": "w1", "name": "host-1",
+                             "commands": ["echo", "get_time", "pay"], "weight": 2.5,
+                             "max_concurrency": 4, "no_retry": ["pay"]}
     assert Registration.from_data(reg.to_data()) == reg
 
 

@@ -100,7 +100,7 @@ async def test_registers_with_its_commands_and_settings(broker: FakeBroker,
     assert conn.hello.type == "connect"
     assert conn.hello.data == {"worker_id": worker.worker_id, "name": "test-worker",
                                "commands": ["boom", "echo", "not_json", "sleep_then"],
-                               "weight": 2.5, "max_concurrency": 3}
+                               "weight": 2.5, "max_concurrency": 3, "no_retry": []}
     await asyncio.wait_for(worker.connected.wait(), WAIT)
 
 

@@ -315,7 +315,8 @@ class Worker:
     async def _register(self, ws: ClientConnection) -> None:
         """Send ``connect`` and adopt the id and heartbeat interval the broker answers with."""
         registration = Registration(self._worker_id, self.name, self.registry.names(),
-                                    self.weight, self.max_concurrency)
+                                    self.weight, self.max_concurrency,
+                                    self.registry.not_idempotent())
         try:
             await ws.send(Message(MessageType.CONNECT.value, registration.to_data()).to_json())
         except ConnectionClosed:

@@ -33,6 +33,7 @@ class _Entry:
     func: Handler
     signature: inspect.Signature
     is_async: bool
+    idempotent: bool
 
 
 class CommandRegistry:
@@ -41,19 +42,29 @@ class CommandRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
 
-    def command(self, name: str | None = None) -> Callable[[Handler], Handler]:
-        """Decorator registering ``func`` under ``name`` (default: its own name)."""
+    def command(self, name: str | None = None, *, idempotent: bool = True
+                ) -> Callable[[Handler], Handler]:
+        """Decorator registering ``func`` under ``name`` (default: its own name).
+
+        ``idempotent=False`` marks a command that must not run twice (it charges a
+        card, sends a mail): if its worker is lost mid-request, the broker answers
+        with an error instead of sending it to another worker.
+        """
 
         def register(func: Handler) -> Handler:
-            self.add(name or func.__name__, func)
+            self.add(name or func.__name__, func, idempotent=idempotent)
             return func
 
         return register
 
-    def add(self, name: str, func: Handler) -> None:
+    def add(self, name: str, func: Handler, *, idempotent: bool = True) -> None:
         """Register (or replace) the handler for ``name``."""
         self._entries[name] = _Entry(func, inspect.signature(func),
-                                     inspect.iscoroutinefunction(func))
+                                     inspect.iscoroutinefunction(func), idempotent)
+
+    def not_idempotent(self) -> list[str]:
+        """Commands that must never be retried on another worker, sorted."""
+        return sorted(name for name, entry in self._entries.items() if not entry.idempotent)
 
     def remove(self, name: str) -> None:
         self._entries.pop(name, None)

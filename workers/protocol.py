@@ -240,10 +240,13 @@ class Registration:
     commands: list[str]
     weight: float = 1.0
     max_concurrency: int = 16
+    #: Commands never to be re-sent to another worker if this one is lost mid-request.
+    no_retry: list[str] = field(default_factory=list)
 
     def to_data(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "name": self.name, "commands": self.commands,
-                "weight": self.weight, "max_concurrency": self.max_concurrency}
+                "weight": self.weight, "max_concurrency": self.max_concurrency,
+                "no_retry": self.no_retry}
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Registration:
@@ -256,9 +259,13 @@ class Registration:
         max_concurrency = _field(data, "max_concurrency", int, 16)
         if max_concurrency < 1:
             raise ProtocolError("Field 'max_concurrency' must be at least 1")
+        no_retry = _field(data, "no_retry", list, [])
+        if not all(isinstance(c, str) for c in no_retry):
+            raise ProtocolError("Field 'no_retry' must be a list of strings")
         worker_id = _field(data, "worker_id", str, None) or new_id()[:12]
         return cls(worker_id=worker_id, name=_field(data, "name", str, None) or worker_id,
-                   commands=commands, weight=weight, max_concurrency=max_concurrency)
+                   commands=commands, weight=weight, max_concurrency=max_concurrency,
+                   no_retry=no_retry)
 
 
 # --------------------------------------------------------------------------- requester API
