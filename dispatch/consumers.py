@@ -40,6 +40,7 @@ CLOSE_BAD_REGISTRATION = 4002
 CLOSE_HEARTBEAT_TIMEOUT = 4003
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_GOING_AWAY = 1001
 
 
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
@@ -201,7 +202,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
         self.dispatcher = await get_dispatcher()
         self.session_id = protocol.new_id()
         self.assignments: dict[str, Assignment] = {}
-        self.opened = self.last_frame = time.monotonic()
+        self.opened = self.last_frame = self.last_ack = time.monotonic()
         self.closed = False
         if await self.admit():
             self.watchdog = asyncio.create_task(self._watch(), name=f"watch-{self.session_id}")
@@ -302,7 +303,9 @@ class WorkerConsumer(LeanWebsocketConsumer):
         if not await self.dispatcher.registry.touch(entry.worker_id):
             await self._register_again(entry)
         get_recorder().worker_seen(self.session_id, time.time())
-        if "ack" not in msg.data:
+        if "ack" in msg.data:
+            self.last_ack = time.monotonic()
+        else:
             await self.send_frame(Message.heartbeat(ack=msg.msg_id))
 
     async def _register_again(self, entry: WorkerEntry) -> None:
@@ -374,6 +377,25 @@ class WorkerConsumer(LeanWebsocketConsumer):
         await self.send_frame(Message.request(message["action"], message["params"],
                                               msg_id=message["key"]))
 
+    @property
+    def busy(self) -> int:
+        """Requests this worker holds."""
+        return len(self.assignments)
+
+    async def stop_taking_work(self) -> None:
+        """Out of rotation: what it holds still finishes."""
+        if self.entry is not None:
+            try:
+                await self.dispatcher.registry.set_draining(self.entry.worker_id, True)
+            except RegistryUnavailable as exc:
+                log.warning("worker %s: could not take it out of rotation: %s",
+                            self.worker_label, exc)
+
+    async def leave(self, reason: str) -> None:
+        """The broker is going away: tell the worker, then close."""
+        await self.send_frame(Message(MessageType.DISCONNECT.value, {"reason": reason}))
+        await self._close_and_teardown(CLOSE_GOING_AWAY, reason)
+
     async def _deliver(self, channel: str, message: dict[str, Any]) -> None:
         """Send to a dispatcher: directly when it is this process's, else over the layer."""
         if channel == self.dispatcher.channel:
@@ -402,6 +424,13 @@ class WorkerConsumer(LeanWebsocketConsumer):
                 log.warning("worker %s silent for %.1fs: dropping it", self.worker_label,
                             now - self.last_frame)
                 await self._close_and_teardown(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                return
+            if self.entry is not None and now - self.last_ack > silence_limit + interval:
+                # It talks but does not answer our pings: it is not reading its socket,
+                # and what we send it would pile up in memory.
+                log.warning("worker %s has not answered a ping for %.1fs: dropping it",
+                            self.worker_label, now - self.last_ack)
+                await self._close_and_teardown(CLOSE_HEARTBEAT_TIMEOUT, "not answering pings")
                 return
             if now >= next_ping and self.entry is not None:
                 next_ping = now + interval

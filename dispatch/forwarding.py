@@ -38,7 +38,14 @@ QUEUE_POLL_SECONDS = 0.05
 class LocalWorker(Protocol):
     """A worker consumer in this process, reachable without a layer round trip."""
 
+    @property
+    def busy(self) -> int: ...
+
     async def assign(self, message: dict[str, Any]) -> None: ...
+
+    async def stop_taking_work(self) -> None: ...
+
+    async def leave(self, reason: str) -> None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -57,6 +64,7 @@ class Pending:
     worker_id: str | None = None  # the worker it is with now
     worker_channel: str = ""  # that worker's consumer, to notice a reconnect elsewhere
     retry_safe: bool = True  # False: the worker said this command must not run twice
+    lost_because: str = ""  # why its last worker was lost, for the error text
     attempts: int = 0
     timer: asyncio.TimerHandle | None = None
 
@@ -77,6 +85,7 @@ class Dispatcher:
         self.stats: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.accepting = True
 
     # ------------------------------------------------------------------ life cycle
 
@@ -87,6 +96,24 @@ class Dispatcher:
                        asyncio.create_task(self._sweep_loop(), name="dispatch-sweep")]
         await self.recorder.start()
         log.debug("dispatcher %s listening on %s", self.process, self.channel)
+
+    async def drain(self, grace: float) -> None:
+        """Graceful shutdown: take no new requests, let those in flight finish.
+
+        Waits up to ``grace`` seconds for this process's requests and for the work its
+        workers hold for other processes, then tells those workers to go (they
+        reconnect elsewhere, or when the broker is back).
+        """
+        self.accepting = False
+        for worker in list(self.local_workers.values()):
+            await worker.stop_taking_work()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and (
+                self.pending or any(w.busy for w in self.local_workers.values())):
+            await asyncio.sleep(0.05)
+        for worker in list(self.local_workers.values()):
+            await worker.leave(protocol.SHUTTING_DOWN)
 
     async def stop(self) -> None:
         """Answer whatever is still pending, stop the loops, flush history."""
@@ -110,6 +137,9 @@ class Dispatcher:
         answer can arrive before ``submit`` returns (no worker, say).
         """
         key = key or protocol.new_id()
+        if not self.accepting:
+            await respond(ApiResponse.failure(request_id, protocol.SHUTTING_DOWN))
+            return key
         loop = asyncio.get_running_loop()
         seconds = timeout or conf.get("TIMEOUT")
         pending = Pending(key, command, data, respond, request_id, requester,
@@ -162,10 +192,11 @@ class Dispatcher:
             await self._fail(pending, self._unavailable_reason(pending))
 
     def _unavailable_reason(self, pending: Pending) -> str:
+        lost = f"{protocol.WORKER_LOST} ({pending.lost_because})"
         if pending.target is not None:
-            return protocol.WORKER_LOST if pending.attempts else f"Unknown worker '{pending.target}'"
+            return lost if pending.attempts else f"Unknown worker '{pending.target}'"
         if pending.attempts:
-            return f"{protocol.WORKER_LOST} and no other worker offers '{pending.command}'"
+            return f"{lost} and no other worker offers '{pending.command}'"
         return protocol.NO_WORKERS
 
     async def _enqueue(self, pending: Pending) -> None:
@@ -279,6 +310,7 @@ class Dispatcher:
             return
         self.stats["lost"] += 1
         pending.worker_id = None
+        pending.lost_because = message["reason"]
         if not pending.retry_safe:
             await self._fail(pending, f"{protocol.WORKER_LOST} ({message['reason']}); "
                                       f"'{pending.command}' is not idempotent, so it was "

@@ -49,9 +49,12 @@ async def open_socket(path: str, client: str = "127.0.0.1", headers: list | None
 
 
 async def frame(comm: WebsocketCommunicator, kind: str | None = None) -> Message:
-    """Next envelope, skipping heartbeat pings unless one is asked for."""
+    """Next envelope, skipping heartbeat pings (answered, as a worker must) unless one
+    is asked for."""
     while True:
         msg = Message.from_json(await comm.receive_from(timeout=TIMEOUT))
+        if msg.type == "heartbeat" and "ack" not in msg.data:
+            await comm.send_to(text_data=Message.heartbeat(ack=msg.msg_id).to_json())
         if kind == msg.type or (kind is None and msg.type != "heartbeat"):
             return msg
         if kind is not None and msg.type not in {kind, "heartbeat"}:
@@ -259,6 +262,8 @@ async def test_silent_worker_is_dropped_and_its_request_fails_over() -> None:
         await asyncio.sleep(0.1)
         while request is None and not await alive.receive_nothing(0.01):
             msg = Message.from_json(await alive.receive_from(TIMEOUT))
+            if msg.type == "heartbeat" and "ack" not in msg.data:
+                await alive.send_to(text_data=Message.heartbeat(ack=msg.msg_id).to_json())
             request = msg if msg.type == "request" else None
         if request is not None:
             break
@@ -348,3 +353,22 @@ async def test_requests_in_flight_per_connection_are_limited() -> None:
         await answer(w, "three")
         assert {(await r.receive_json_from(TIMEOUT))["data"] for _ in range(2)} == {"two",
                                                                                    "three"}
+
+
+async def test_worker_that_talks_but_does_not_read_is_dropped() -> None:
+    """Heartbeats alone are not enough: a worker must answer pings, or its socket is
+    not being read and whatever the broker sends it would pile up in memory."""
+    deaf, r = await worker("deaf"), await requester()
+    await ask(r, "echo")
+    await frame(deaf, "request")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reply = None
+    while reply is None and loop.time() - started < 5:
+        await deaf.send_to(text_data=Message.heartbeat().to_json())  # talks, never acks
+        await asyncio.sleep(0.1)
+        if not await r.receive_nothing(0.01):
+            reply = await r.receive_json_from(TIMEOUT)
+    assert reply is not None and reply["error"].startswith("Worker lost")
+    assert "not answering pings" in reply["error"]
+    assert loop.time() - started < 2  # 3 intervals of 0.2 s plus one, not the timeout

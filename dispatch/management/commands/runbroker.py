@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import subprocess
@@ -126,6 +127,7 @@ def serve(host: str, ports: list[int], say: object) -> None:
     limit = conf.get("MAX_MESSAGE_BYTES")
 
     def ready() -> None:
+        graceful_stop_on_signals(conf.get("SHUTDOWN_GRACE"))
         say(f"Broker ready: workers ws://{host}:{worker_port}  "  # type: ignore[operator]
             f"requesters ws://{host}:{requester_port}  http://{host}:{http_port}  "
             f"(strategy {conf.get('STRATEGY')}, timeout {conf.get('TIMEOUT')}s, "
@@ -143,4 +145,34 @@ def serve(host: str, ports: list[int], say: object) -> None:
         websocket_timeout=-1,
         ready_callable=ready,
         verbosity=0,
+        signal_handlers=False,  # ours, below: finish requests in flight first
     ).run()
+    log.info("broker stopped")
+
+
+def graceful_stop_on_signals(grace: float) -> None:
+    """SIGTERM/SIGINT: drain (up to ``grace`` seconds), then stop; a second one stops now."""
+    from twisted.internet import reactor
+
+    from dispatch.forwarding import get_dispatcher, stop_dispatcher
+
+    loop = reactor._asyncioEventloop  # type: ignore[attr-defined]
+    stopping: list[asyncio.Task[None]] = []
+
+    async def drain_and_stop() -> None:
+        try:
+            log.warning("stopping: finishing requests in flight (up to %.0fs)", grace)
+            await (await get_dispatcher()).drain(grace)
+            await stop_dispatcher()  # answers what is left, flushes history
+        finally:
+            reactor.stop()
+
+    def on_signal() -> None:
+        if stopping:
+            log.warning("stopping now")
+            reactor.stop()
+        else:
+            stopping.append(loop.create_task(drain_and_stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
