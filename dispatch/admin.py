@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.http import HttpRequest
 
+from . import services
 from .auth import digest, new_token
 from .models import Credential, RequestRecord, WorkerSession
 
@@ -37,6 +39,22 @@ class WorkerSessionAdmin(ReadOnlyAdmin):
     search_fields = ("worker_id", "name", "address", "session_id", "process")
     date_hierarchy = "connected_at"
     ordering = ("-connected_at",)
+    actions = ["drain", "undrain"]
+
+    @admin.action(description="Drain: no new requests (work in hand finishes)")
+    def drain(self, request: HttpRequest, queryset: Any) -> None:
+        self._set_draining(request, queryset, True)
+
+    @admin.action(description="Undo drain: back into rotation")
+    def undrain(self, request: HttpRequest, queryset: Any) -> None:
+        self._set_draining(request, queryset, False)
+
+    def _set_draining(self, request: HttpRequest, queryset: Any, draining: bool) -> None:
+        ids = sorted(set(queryset.filter(status=WorkerSession.Status.ONLINE)
+                         .values_list("worker_id", flat=True)))
+        done = [w for w in ids if async_to_sync(services.drain)(w, draining)]
+        self.message_user(request, f"{'Drained' if draining else 'Back in rotation'}: "
+                                   f"{', '.join(done) or 'no online worker selected'}")
 
 
 @admin.register(RequestRecord)

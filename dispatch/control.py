@@ -78,6 +78,10 @@ class BrokerClient:
         """Send a notification to every online worker; returns how many got it."""
         return int(self._request("POST", "/api/broadcast", {"message": message})["sent_to"])
 
+    def drain(self, worker_id: str, draining: bool = True) -> None:
+        """Take a worker out of rotation (or put it back); its work in hand finishes."""
+        self._request("POST", "/api/drain", {"worker_id": worker_id, "draining": draining})
+
     def send(self, worker_id: str, action: str, params: dict[str, Any] | None = None,
              timeout: float | None = None) -> dict[str, Any]:
         """Run ``action`` on one given worker; returns the requester-style response."""

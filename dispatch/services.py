@@ -31,6 +31,11 @@ async def broadcast(message: Any) -> int:
     return await get_registry().count()
 
 
+async def drain(worker_id: str, draining: bool = True) -> bool:
+    """Take a worker out of rotation (or back); False if no such worker is online."""
+    return await get_registry().set_draining(worker_id, draining)
+
+
 async def request(command: str, data: dict[str, Any], *, timeout: float | None = None,
                   worker_id: str | None = None, requester: str = "api") -> ApiResponse:
     """Run one command on the best worker (or on ``worker_id``) and wait for its answer."""

@@ -7,5 +7,6 @@ urlpatterns = [
     path("api/workers", views.workers, name="api-workers"),
     path("api/broadcast", views.broadcast, name="api-broadcast"),
     path("api/send", views.send, name="api-send"),
+    path("api/drain", views.drain, name="api-drain"),
     path("api/call", views.call, name="api-call"),
 ]

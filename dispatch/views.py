@@ -119,6 +119,19 @@ async def broadcast(request: HttpRequest) -> JsonResponse:
 
 @require_POST
 @api
+async def drain(request: HttpRequest) -> JsonResponse:
+    body = _body(request)
+    worker_id = _text(body, "worker_id")
+    draining = body.get("draining", True)
+    if not isinstance(draining, bool):
+        raise BadRequest("Field 'draining' must be true or false")
+    if not await services.drain(worker_id, draining):
+        return JsonResponse({"error": f"Unknown worker '{worker_id}'"}, status=404)
+    return JsonResponse({"worker_id": worker_id, "draining": draining})
+
+
+@require_POST
+@api
 async def send(request: HttpRequest) -> JsonResponse:
     body = _body(request)
     response = await services.request(_text(body, "action"), _object(body, "params"),
