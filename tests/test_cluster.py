@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -229,3 +231,44 @@ def test_history_from_every_process_lands_in_postgres(cluster, workers_started,
     with psycopg.connect(postgres_url) as conn:
         sessions = conn.execute("select name, process from dispatch_workersession").fetchall()
     assert sessions == [("pg-worker", a.get("/healthz")["process"])]
+
+
+async def test_redis_stopped_5s_under_load(cluster, workers_started, redis_server,
+                                           record_property) -> None:
+    """Requests keep coming while Redis is down for 5 s: each gets an answer, no process
+    dies, and the cluster serves again by itself."""
+    a, b = cluster(2, url=redis_server.url)
+    start_worker(workers_started, a, "steady")
+    outcomes: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def load(r: Requester) -> None:
+        while not stop.is_set():
+            try:
+                answer = await asyncio.wait_for(r.request("echo", {"message": "x"}, timeout=2),
+                                                10)
+                outcomes["ok" if answer.success else "error"] += 1
+            except asyncio.TimeoutError:
+                outcomes["silent"] += 1
+            await asyncio.sleep(0.01)
+
+    async with Requester(a.requester_url) as ra, Requester(b.requester_url) as rb:
+        tasks = [asyncio.ensure_future(load(r)) for r in (ra, rb, ra, rb)]
+        await asyncio.sleep(1)
+        redis_server.stop()
+        await asyncio.sleep(5)
+        redis_server.start()
+        restarted = time.monotonic()
+        before = outcomes["ok"]
+        while outcomes["ok"] < before + 20:
+            assert time.monotonic() - restarted < 30, f"no recovery: {outcomes}"
+            await asyncio.sleep(0.2)
+        recovered = time.monotonic() - restarted
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert outcomes["silent"] == 0 and outcomes["error"] > 0, outcomes
+    for broker in (a, b):
+        assert broker.proc is not None and broker.proc.poll() is None
+    record_property("redis_outage", json.dumps({**outcomes, "recovered_s": round(recovered, 1)}))
+    logging.getLogger("tests.cluster").warning("figures: %s recovered in %.1fs", dict(outcomes),
+                                               recovered)
