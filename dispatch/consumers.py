@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from channels.utils import await_many_dispatch
-from channels.consumer import get_handler_name
-from channels.exceptions import StopConsumer
 
 from workers import protocol
 from workers.handlers import run_safely
@@ -53,6 +53,13 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
 
     #: Whether this consumer gets a channel of its own on the layer.
     uses_layer = True
+    #: Which credential kind this socket takes: "worker" or "requester".
+    kind = ""
+    grant: Grant | None = None
+    # Token bucket of the frame rate limit: frames this connection may send now.
+    _allowance: float | None = None
+    _checked = 0.0
+    _throttled = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Channels' consumer loop, with a layer receive that survives layer outages."""
@@ -83,10 +90,6 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
             except Exception as exc:  # noqa: BLE001 - layer down: membership expires
                 log.warning("could not leave group %s: %s", group, exc)
         raise StopConsumer()
-
-    #: Which credential kind this socket takes: "worker" or "requester".
-    kind = ""
-    grant: Grant | None = None
 
     async def admit(self) -> bool:
         """Accept the socket, then check who it is; a refused peer is told why, then closed.
@@ -123,10 +126,6 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     def peer(self) -> str:
         client = self.scope.get("client") or ("?", 0)
         return f"{client[0]}:{client[1]}"
-
-    _allowance: float | None = None  # frames this connection may send now (token bucket)
-    _checked = 0.0
-    _throttled = False
 
     def within_rate(self) -> bool:
         """Token bucket: RATE_LIMIT frames a second on average, bursts of twice that."""
@@ -190,13 +189,12 @@ class WorkerConsumer(LeanWebsocketConsumer):
 
     groups = [events.WORKERS_GROUP]
 
+    kind = "worker"
     entry: WorkerEntry | None = None
     dispatcher: Dispatcher
+    watchdog: asyncio.Task[None] | None = None
 
     # -------------------------------------------------------------- socket handlers
-
-    kind = "worker"
-    watchdog: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         self.dispatcher = await get_dispatcher()
