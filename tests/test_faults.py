@@ -99,13 +99,13 @@ async def test_worker_that_stops_reading_is_cut_off(broker_factory, record_prope
         async with Requester(broker.requester_url) as r:
             started = time.monotonic()
             answers = await asyncio.wait_for(asyncio.gather(
-                *(r.request("echo", {"message": payload}, timeout=20) for _ in range(200))), 20)
+                *(r.request("echo", {"message": payload}, timeout=30) for _ in range(200))), 40)
             cut_off = time.monotonic() - started
         talker.cancel()
     peak = rss.memory_info().rss
     assert all(not a.success and "Worker lost" in a.error for a in answers)
     grew_mb = (peak - before) / 2 ** 20
-    assert cut_off < 5 and grew_mb < 300, (cut_off, grew_mb)
+    assert cut_off < 10 and grew_mb < 300, (cut_off, grew_mb)  # ~2 s on a quiet machine
     report(record_property, requests=200, payload_kb=500, cut_off_seconds=round(cut_off, 2),
            broker_rss_growth_mb=round(grew_mb, 1))
 

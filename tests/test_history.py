@@ -173,21 +173,22 @@ async def test_seen_is_coalesced_and_disconnect_updates_a_written_row(
     connect(recorder, "s2", worker_id="w2")
     await recorder.flush()
 
-    for i in range(1, 50):
+    for i in range(1, 50):  # heartbeats: only the first of each SEEN_EVERY is written
         recorder.worker_seen("s1", T0 + i)
         recorder.worker_seen("s2", T0 + i / 10)
     assert recorder.pending == 2
     assert await recorder.flush() == 2
-    assert (await session("s1")).last_seen.timestamp() == T0 + 49
-    assert (await session("s2")).last_seen.timestamp() == pytest.approx(T0 + 4.9)
+    assert (await session("s1")).last_seen.timestamp() == T0 + 1
+    assert (await session("s2")).last_seen.timestamp() == pytest.approx(T0 + 0.1)
 
-    recorder.worker_seen("s1", T0 + 60)
-    recorder.worker_disconnected("s1", T0 + 55, 3)
+    recorder.worker_seen("s1", T0 + 1 + history.SEEN_EVERY)  # a minute on: written again
+    assert recorder.pending == 1
+    recorder.worker_disconnected("s1", T0 + 65, 3)
     assert await recorder.flush() == 1
     row = await session("s1")
     assert row.status == WorkerSession.Status.OFFLINE and row.requests_served == 3
-    assert row.disconnected_at.timestamp() == T0 + 55
-    assert row.last_seen.timestamp() == T0 + 60
+    assert row.disconnected_at.timestamp() == T0 + 65
+    assert row.last_seen.timestamp() == T0 + 65
     assert (await session("s2")).status == WorkerSession.Status.ONLINE
 
 
