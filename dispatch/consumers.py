@@ -65,14 +65,15 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         """Channels' consumer loop, with a layer receive that survives layer outages."""
         self.scope = scope
         self.base_send = send
-        sources = [receive]
         self.channel_layer = get_channel_layer() if self.uses_layer else None
-        if self.channel_layer is not None:
-            self.channel_name = await self.channel_layer.new_channel()
-            sources.append(functools.partial(layer.receive, self.channel_layer,
-                                             self.channel_name))
         try:
-            await await_many_dispatch(sources, self.dispatch)
+            if self.channel_layer is None:
+                while True:  # one source: no task and no asyncio.wait per message
+                    await self.dispatch(await receive())
+            self.channel_name = await self.channel_layer.new_channel()
+            await await_many_dispatch(
+                [receive, functools.partial(layer.receive, self.channel_layer,
+                                            self.channel_name)], self.dispatch)
         except StopConsumer:
             pass
 
