@@ -219,6 +219,8 @@ class WorkerConsumer(LeanWebsocketConsumer):
         await self._close_and_teardown(auth.CLOSE_UNAUTHORIZED, reason)
 
     async def receive_text(self, text: str) -> None:
+        if self.closed:
+            return  # sent before the broker dropped this worker: it must not bring it back
         self.last_frame = time.monotonic()
         try:
             msg = Message.from_json(text)
@@ -326,6 +328,8 @@ class WorkerConsumer(LeanWebsocketConsumer):
             self.dispatcher.stats["late"] += 1
             log.warning("worker %s answered request %s, which it does not hold (late or "
                         "unknown): dropped", self.worker_label, body.request_id)
+            await self.refuse(f"Not holding request '{body.request_id}' (answered already, "
+                              "timed out, or never sent): answer dropped", msg.msg_id)
             return
         latency_ms = (time.monotonic() - assignment.started) * 1000
         try:

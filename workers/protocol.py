@@ -23,6 +23,9 @@ from enum import Enum
 from typing import Any
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+#: What the stdlib parser raises on bad input: ValueError also covers integers over
+#: 4,300 digits, RecursionError deep nesting.
+STDLIB_DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RecursionError)
 
 try:  # orjson is several times faster; the worker side must not require it.
     import orjson
@@ -51,7 +54,7 @@ except ImportError:  # pragma: no cover - exercised on worker machines
     def _loads(text: str | bytes) -> Any:
         return json.loads(text)
 
-    _DecodeError = (json.JSONDecodeError, UnicodeDecodeError)
+    _DecodeError = STDLIB_DECODE_ERRORS
 
 
 # Error texts a requester sees; the first two are the seed's own wording.
@@ -123,6 +126,14 @@ def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     return value
 
 
+def _seconds_or_weight(obj: dict[str, Any], name: str, default: float) -> float:
+    """A number field as float; an integer too large for a float is refused, not raised."""
+    try:
+        return float(_field(obj, name, (int, float), default))
+    except OverflowError:
+        raise ProtocolError(f"Field '{name}' is out of range") from None
+
+
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
@@ -157,7 +168,7 @@ class Message:
             type=kind,
             data=_field(obj, "data", dict, {}),
             msg_id=_field(obj, "msg_id", str, None) or new_id(),
-            timestamp=float(_field(obj, "timestamp", (int, float), time.time())),
+            timestamp=_seconds_or_weight(obj, "timestamp", time.time()),
         )
 
     # Constructors for the frames the two sides exchange. They keep the shape of
@@ -253,7 +264,7 @@ class Registration:
         commands = _field(data, "commands", list)
         if not all(isinstance(c, str) and c for c in commands):
             raise ProtocolError("Field 'commands' must be a list of non-empty strings")
-        weight = float(_field(data, "weight", (int, float), 1.0))
+        weight = _seconds_or_weight(data, "weight", 1.0)
         if not weight > 0:
             raise ProtocolError("Field 'weight' must be greater than 0")
         max_concurrency = _field(data, "max_concurrency", int, 16)
