@@ -94,7 +94,11 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 10_000, "expiry": 60,
+            # channels-redis waits up to 5 s for a message; redis-py 8 gives up reading
+            # after 5 s by default, which would turn every quiet wait into an "outage".
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30,
+                                  "socket_connect_timeout": 5}],
+                       "capacity": 10_000, "expiry": 60,
                        "prefix": os.environ.get("BROKER_REDIS_PREFIX", "dispatch") + ":asgi"},
         }
     }
