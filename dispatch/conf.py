@@ -43,6 +43,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "AUTH_REFRESH_SECONDS": (2.0, "how often credentials are reloaded (revocation delay)"),
     "ACTION_MODULES": ("", "comma-separated modules that register server actions"),
     "REDIS_PREFIX": ("dispatch", "prefix of every Redis key (registry and channel layer)"),
+    "ECHO_ROUTE": (False, "tests only: serve /ws/echo/, which sends every frame back "
+                          "unchanged (for the Autobahn protocol suite); never in production"),
 }
 
 

@@ -4,6 +4,9 @@ Daphne listens on the worker, requester and HTTP ports with one application, and
 ``scope["server"]`` tells which port a connection arrived on. The paths
 ``/ws/worker/`` and ``/ws/requester/`` work on any port, so a single port behind
 a proxy serves both kinds of peer.
+
+With the ``ECHO_ROUTE`` setting on (tests only), ``/ws/echo/`` echoes every frame
+back, so a protocol-conformance suite can exercise daphne and Channels directly.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from typing import Any
 
 from . import conf
 from .consumers import RequesterConsumer, WorkerConsumer
+from .echo import EchoConsumer
 
 log = logging.getLogger("dispatch.routing")
 
 WORKER_PATH = "/ws/worker"
 REQUESTER_PATH = "/ws/requester"
+ECHO_PATH = "/ws/echo"
 
 
 class SocketRouter:
@@ -26,6 +31,7 @@ class SocketRouter:
     def __init__(self) -> None:
         self.worker = WorkerConsumer.as_asgi()
         self.requester = RequesterConsumer.as_asgi()
+        self.echo = EchoConsumer.as_asgi()
 
     def choose(self, scope: dict[str, Any]) -> Any:
         path = scope.get("path", "/").rstrip("/")
@@ -33,6 +39,8 @@ class SocketRouter:
             return self.worker
         if path == REQUESTER_PATH:
             return self.requester
+        if path == ECHO_PATH and conf.get("ECHO_ROUTE"):
+            return self.echo
         if path == "":
             port = (scope.get("server") or (None, None))[1]
             if port == conf.get("WORKER_PORT"):
