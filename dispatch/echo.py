@@ -9,8 +9,6 @@ Never turn it on in production.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .consumers import LeanWebsocketConsumer
 
 

@@ -17,15 +17,9 @@ from django.conf import settings
 from dispatch.redis_registry import RedisRegistry
 from dispatch.registry import MemoryRegistry, RegistryUnavailable, WorkerEntry
 from tests.redis_fixture import RedisServer
+from tests.test_registry import entry
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def entry(worker_id: str, *commands: str, max_concurrency: int = 2, channel: str = "",
-          weight: float = 1.0) -> WorkerEntry:
-    return WorkerEntry(worker_id=worker_id, name=worker_id, channel=channel or f"ch-{worker_id}",
-                       commands=frozenset(commands or ("echo",)),
-                       max_concurrency=max_concurrency, weight=weight)
 
 
 @pytest.fixture
@@ -48,27 +42,8 @@ def registry(make_registry: Callable[..., RedisRegistry]) -> RedisRegistry:
     return make_registry()
 
 
-# ------------------------------------------------------------- as tests/test_registry.py
-
-async def test_only_workers_offering_the_command_are_chosen(registry: RedisRegistry) -> None:
-    await registry.add(entry("a", "echo"))
-    await registry.add(entry("b", "resize"))
-    for _ in range(2):
-        res = await registry.reserve("resize")
-        assert res.worker is not None and res.worker.worker_id == "b"
-    assert (await registry.reserve("nothing")) == (None, False)
-
-
-async def test_max_concurrency_is_respected_and_release_frees_a_slot(
-        registry: RedisRegistry) -> None:
-    await registry.add(entry("a", max_concurrency=2))
-    assert (await registry.reserve("echo")).worker is not None
-    assert (await registry.reserve("echo")).worker is not None
-    full = await registry.reserve("echo")
-    assert full.worker is None and full.capable  # capable but busy: the request waits
-    await registry.release("a", latency_ms=12.0, ok=True)
-    assert (await registry.reserve("echo")).worker is not None
-
+# ------------------------------------------------------------- the same arithmetic
+# (the behaviours both registries share are in tests/test_registry.py, run on both)
 
 async def test_release_keeps_the_same_statistics_as_the_memory_registry(
         registry: RedisRegistry) -> None:
@@ -85,39 +60,6 @@ async def test_release_keeps_the_same_statistics_as_the_memory_registry(
     stats = ("in_flight", "completed", "errors", "latency_ms", "error_rate")
     assert [getattr(shared, s) for s in stats] == [getattr(local, s) for s in stats]
     assert shared.in_flight == 0 and (shared.completed, shared.errors) == (4, 2)
-
-
-async def test_exclude_skips_workers_already_tried(registry: RedisRegistry) -> None:
-    await registry.add(entry("a"))
-    await registry.add(entry("b"))
-    res = await registry.reserve("echo", exclude={"a"})
-    assert res.worker is not None and res.worker.worker_id == "b"
-    assert (await registry.reserve("echo", exclude={"a", "b"})) == (None, False)
-
-
-async def test_reserve_a_named_worker(registry: RedisRegistry) -> None:
-    await registry.add(entry("a", max_concurrency=1))
-    assert (await registry.reserve("anything", worker_id="a")).worker is not None
-    assert (await registry.reserve("anything", worker_id="a")) == (None, True)
-    assert (await registry.reserve("anything", worker_id="zz")) == (None, False)
-
-
-async def test_draining_worker_gets_no_new_work(registry: RedisRegistry) -> None:
-    await registry.add(entry("a"))
-    assert await registry.set_draining("a", True)
-    assert (await registry.reserve("echo")).worker is None
-    assert not await registry.set_draining("zz", True)
-
-
-async def test_takeover_keeps_the_newer_connection(registry: RedisRegistry) -> None:
-    await registry.add(entry("a", channel="old"))
-    replaced = await registry.add(entry("a", "resize", channel="new"))
-    assert replaced is not None and replaced.channel == "old"
-    assert await registry.remove("a", "old") is None  # the old socket closing changes nothing
-    assert (await registry.reserve("resize")).worker is not None
-    assert (await registry.reserve("echo")) == (None, False)
-    assert await registry.remove("a", "new") is not None
-    assert await registry.count() == 0
 
 
 # ------------------------------------------------------------- shared state

@@ -1,10 +1,13 @@
-"""The in-process worker registry: choose-and-reserve, release, statistics."""
+"""Both worker registries (in-process and Redis): choose-and-reserve, release, statistics."""
 
 from __future__ import annotations
 
+from typing import AsyncIterator
+
 import pytest
 
-from dispatch.registry import MemoryRegistry, WorkerEntry
+from dispatch.redis_registry import RedisRegistry
+from dispatch.registry import MemoryRegistry, Registry, WorkerEntry
 
 
 def entry(worker_id: str, *commands: str, max_concurrency: int = 2, channel: str = "",
@@ -14,12 +17,19 @@ def entry(worker_id: str, *commands: str, max_concurrency: int = 2, channel: str
                        max_concurrency=max_concurrency, weight=weight)
 
 
-@pytest.fixture
-def registry() -> MemoryRegistry:
-    return MemoryRegistry()
+@pytest.fixture(params=["memory", "redis"])
+async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
+    """Each behaviour runs on the in-process registry and on the Redis one."""
+    if request.param == "memory":
+        yield MemoryRegistry()
+        return
+    shared = RedisRegistry(request.getfixturevalue("redis_url"),
+                           prefix=request.getfixturevalue("redis_prefix"), ttl=30.0)
+    yield shared
+    await shared.close()
 
 
-async def test_only_workers_offering_the_command_are_chosen(registry: MemoryRegistry) -> None:
+async def test_only_workers_offering_the_command_are_chosen(registry: Registry) -> None:
     await registry.add(entry("a", "echo"))
     await registry.add(entry("b", "resize"))
     for _ in range(2):
@@ -29,7 +39,7 @@ async def test_only_workers_offering_the_command_are_chosen(registry: MemoryRegi
 
 
 async def test_max_concurrency_is_respected_and_release_frees_a_slot(
-        registry: MemoryRegistry) -> None:
+        registry: Registry) -> None:
     await registry.add(entry("a", max_concurrency=2))
     assert (await registry.reserve("echo")).worker is not None
     assert (await registry.reserve("echo")).worker is not None
@@ -39,7 +49,7 @@ async def test_max_concurrency_is_respected_and_release_frees_a_slot(
     assert (await registry.reserve("echo")).worker is not None
 
 
-async def test_release_keeps_running_statistics(registry: MemoryRegistry) -> None:
+async def test_release_keeps_running_statistics(registry: Registry) -> None:
     await registry.add(entry("a"))
     for latency, ok in [(10.0, True), (20.0, True), (30.0, False)]:
         await registry.reserve("echo")
@@ -50,7 +60,7 @@ async def test_release_keeps_running_statistics(registry: MemoryRegistry) -> Non
     assert 10.0 < a.latency_ms < 30.0 and 0 < a.error_rate < 1
 
 
-async def test_exclude_skips_workers_already_tried(registry: MemoryRegistry) -> None:
+async def test_exclude_skips_workers_already_tried(registry: Registry) -> None:
     await registry.add(entry("a"))
     await registry.add(entry("b"))
     res = await registry.reserve("echo", exclude={"a"})
@@ -58,20 +68,21 @@ async def test_exclude_skips_workers_already_tried(registry: MemoryRegistry) -> 
     assert (await registry.reserve("echo", exclude={"a", "b"})) == (None, False)
 
 
-async def test_reserve_a_named_worker(registry: MemoryRegistry) -> None:
+async def test_reserve_a_named_worker(registry: Registry) -> None:
     await registry.add(entry("a", max_concurrency=1))
     assert (await registry.reserve("anything", worker_id="a")).worker is not None
     assert (await registry.reserve("anything", worker_id="a")) == (None, True)
     assert (await registry.reserve("anything", worker_id="zz")) == (None, False)
 
 
-async def test_draining_worker_gets_no_new_work(registry: MemoryRegistry) -> None:
+async def test_draining_worker_gets_no_new_work(registry: Registry) -> None:
     await registry.add(entry("a"))
     assert await registry.set_draining("a", True)
     assert (await registry.reserve("echo")).worker is None
+    assert not await registry.set_draining("zz", True)
 
 
-async def test_takeover_keeps_the_newer_connection(registry: MemoryRegistry) -> None:
+async def test_takeover_keeps_the_newer_connection(registry: Registry) -> None:
     await registry.add(entry("a", channel="old"))
     replaced = await registry.add(entry("a", "resize", channel="new"))
     assert replaced is not None and replaced.channel == "old"
