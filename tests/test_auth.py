@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
-import websockets
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import override_settings
@@ -22,7 +22,7 @@ from dispatch.auth import create_credential, digest, get_guard, stop_guard
 from dispatch.forwarding import stop_dispatcher
 from dispatch.models import Credential
 from dispatch.routing import SocketRouter
-from tests.procs import ROOT, Broker, WorkerProc, until, wait_for
+from tests.procs import ROOT, WorkerProc, wait_for
 from workers.protocol import Message, Registration
 from workers.requester import Requester
 
@@ -65,9 +65,8 @@ async def refused(comm: WebsocketCommunicator) -> tuple[str, int]:
     text = await comm.receive_from(3)
     close = await comm.receive_output(3)
     assert close["type"] == "websocket.close"
-    reason = Message.from_json(text).data["error"] if '"type"' in text else \
-        __import__("json").loads(text)["error"]
-    return reason, close["code"]
+    body = json.loads(text)  # an error frame (worker socket) or an error answer
+    return (body["data"] if "type" in body else body)["error"], close["code"]
 
 
 async def register(comm: WebsocketCommunicator) -> Message:
