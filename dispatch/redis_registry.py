@@ -157,19 +157,16 @@ return 1
 """
 
 # candidates: the first half of reserve. KEYS[2] the command's set, KEYS[3] the
-# round-robin counter; ARGV[3] key TTL (ms), ARGV[4..] worker ids to exclude. Returns
-# {capable, seq, rows}: capable is 1 if a live, non-excluded worker offers the
-# command; rows are those with a free slot, as {id, weight, in_flight,
+# round-robin counter; ARGV[3] key TTL (ms). Returns
+# {capable, seq, rows}: capable is 1 if a live worker offers the command; rows are those with a free slot, as {id, weight, in_flight,
 # max_concurrency, latency_ms, error_rate}; seq is the next global sequence number,
 # drawn only when there is a choice to make (as MemoryRegistry counts).
 _CANDIDATES = _PRELUDE + """
-local excluded = {}
-for i = 4, #ARGV do excluded[ARGV[i]] = true end
 local capable, rows = 0, {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if not alive(id) then
     redis.call('SREM', KEYS[2], id)  -- left behind by a hash that expired
-  elseif not excluded[id] then
+  else
     capable = 1
     local f = redis.call('HMGET', worker_key(id), 'weight', 'in_flight', 'max_concurrency',
                          'latency_ms', 'error_rate', 'draining')
@@ -436,8 +433,7 @@ class RedisRegistry(Registry):
         return bool(await self._run(TOUCH, [], [worker_id, repr(when or time.time()),
                                                 self._key_ttl_ms()]))
 
-    async def reserve(self, command: str, *, exclude: Iterable[str] = (),
-                      worker_id: str | None = None) -> Reservation:
+    async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
         """Two round trips: fetch candidates, then take a slot of the chosen one (see the
         module docstring); one for a named worker."""
         if worker_id is not None:
@@ -445,12 +441,11 @@ class RedisRegistry(Registry):
             if not isinstance(got, list):
                 return Reservation(None, got == 1)  # 0: unknown, 1: full
             return Reservation(_decode(got), True)
-        excluded = list(set(exclude))
         strategy = get_strategy(conf.get("STRATEGY"))
         for _ in range(RESERVE_ATTEMPTS):
             capable, seq, rows = await self._run(
                 CANDIDATES, [f"{self._p}command:{command}", self._seq],
-                [self._key_ttl_ms(), *excluded])
+                [self._key_ttl_ms()])
             if not rows:
                 return Reservation(None, bool(capable))
             chosen = strategy([_Candidate.from_row(row) for row in rows], seq, self._rng)

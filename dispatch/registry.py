@@ -89,8 +89,7 @@ class Registry(abc.ABC):
         """Record a heartbeat; False if the worker is not registered (any more)."""
 
     @abc.abstractmethod
-    async def reserve(self, command: str, *, exclude: Iterable[str] = (),
-                      worker_id: str | None = None) -> Reservation:
+    async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
         """Choose a worker for ``command`` (or take ``worker_id``) and take a slot."""
 
     @abc.abstractmethod
@@ -165,8 +164,7 @@ class MemoryRegistry(Registry):
             entry.last_heartbeat = when or time.time()
         return entry is not None
 
-    async def reserve(self, command: str, *, exclude: Iterable[str] = (),
-                      worker_id: str | None = None) -> Reservation:
+    async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
         if worker_id is not None:
             entry = self._workers.get(worker_id)
             if entry is None:
@@ -178,11 +176,9 @@ class MemoryRegistry(Registry):
         offering = self._by_command.get(command)
         if not offering:
             return Reservation(None, False)
-        excluded = set(exclude)
-        candidates = [w for w in offering.values() if w.has_room() and w.worker_id not in excluded]
+        candidates = [w for w in offering.values() if w.has_room()]
         if not candidates:
-            capable = any(w.worker_id not in excluded for w in offering.values())
-            return Reservation(None, capable)
+            return Reservation(None, True)
         self._seq += 1
         chosen = get_strategy(conf.get("STRATEGY"))(candidates, self._seq, self._rng)
         chosen.in_flight += 1

@@ -60,14 +60,6 @@ async def test_release_keeps_running_statistics(registry: Registry) -> None:
     assert 10.0 < a.latency_ms < 30.0 and 0 < a.error_rate < 1
 
 
-async def test_exclude_skips_workers_already_tried(registry: Registry) -> None:
-    await registry.add(entry("a"))
-    await registry.add(entry("b"))
-    res = await registry.reserve("echo", exclude={"a"})
-    assert res.worker is not None and res.worker.worker_id == "b"
-    assert (await registry.reserve("echo", exclude={"a", "b"})) == (None, False)
-
-
 async def test_reserve_a_named_worker(registry: Registry) -> None:
     await registry.add(entry("a", max_concurrency=1))
     assert (await registry.reserve("anything", worker_id="a")).worker is not None
