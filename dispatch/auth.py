@@ -96,9 +96,12 @@ def presented_token(scope: dict[str, Any]) -> str | None:
 
 
 def is_loopback(scope: dict[str, Any]) -> bool:
-    client = scope.get("client") or ("", 0)
+    return is_loopback_host((scope.get("client") or ("", 0))[0])
+
+
+def is_loopback_host(host: str | None) -> bool:
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        return ipaddress.ip_address(host or "").is_loopback
     except ValueError:
         return False
 

@@ -17,7 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from . import conf, services
-from .auth import get_guard, is_loopback
+from .auth import get_guard, is_loopback_host
 from .forwarding import get_dispatcher
 from .registry import get_registry
 
@@ -40,7 +40,7 @@ async def _allowed(request: HttpRequest) -> bool:
     user = await request.auser()
     if user.is_active and user.is_staff:
         return True
-    return guard.protected_mode and is_loopback({"client": (request.META.get("REMOTE_ADDR"),)})
+    return guard.protected_mode and is_loopback_host(request.META.get("REMOTE_ADDR"))
 
 
 def api(view: View) -> View:
