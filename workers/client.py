@@ -33,7 +33,7 @@ from websockets.uri import parse_uri
 
 from .handlers import CommandRegistry, run_safely
 from .protocol import (Message, MessageType, ProtocolError, Registration, RequestBody,
-                       ResponseBody, new_id)
+                       ResponseBody, random_id)
 from .requester import ConnectionLost, RequestFailed, auth_headers, describe
 
 logger = logging.getLogger("workers.client")
@@ -143,7 +143,7 @@ class Worker:
         #: Set while registered with a broker; cleared when the connection ends.
         self.connected = asyncio.Event()
 
-        self._worker_id = new_id()[:12]
+        self._worker_id = random_id()
         self._interval = heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
         self._slots = asyncio.Semaphore(max_concurrency)
         self._handlers: dict[str, list[MessageHandler]] = {}
