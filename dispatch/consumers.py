@@ -285,7 +285,8 @@ class WorkerConsumer(LeanWebsocketConsumer):
             worker_id=reg.worker_id, name=reg.name, channel=self.channel_name,
             commands=frozenset(reg.commands), weight=reg.weight,
             max_concurrency=reg.max_concurrency, process=self.dispatcher.process,
-            address=self.peer, session_id=self.session_id, no_retry=frozenset(reg.no_retry))
+            address=self.peer, session_id=self.session_id, no_retry=frozenset(reg.no_retry),
+            inbox=self.dispatcher.channel)
         try:
             replaced = await self.dispatcher.registry.add(entry)
         except RegistryUnavailable as exc:  # the worker retries with backoff
@@ -295,8 +296,12 @@ class WorkerConsumer(LeanWebsocketConsumer):
         self.entry = entry
         if replaced is not None and replaced.channel != self.channel_name:
             log.warning("worker %s reconnected; closing its previous connection", reg.worker_id)
-            await self._deliver(replaced.channel, events.kick(
-                "Replaced by a newer connection with the same worker_id", CLOSE_REPLACED))
+            try:
+                await self.channel_layer.send(replaced.channel, events.kick(
+                    "Replaced by a newer connection with the same worker_id", CLOSE_REPLACED))
+            except Exception as exc:  # noqa: BLE001 - layer down: it times out on its own
+                log.warning("could not close the previous connection of %s: %s",
+                            reg.worker_id, exc)
         self.dispatcher.local_workers[self.channel_name] = self
         await self.send_frame(Message(MessageType.CONNECT.value, {
             "worker_id": reg.worker_id,
@@ -347,11 +352,11 @@ class WorkerConsumer(LeanWebsocketConsumer):
             return
         latency_ms = (time.monotonic() - assignment.started) * 1000
         try:
-            await self.dispatcher.registry.release(self.entry.worker_id,  # type: ignore
-                                                   latency_ms=latency_ms, ok=body.success)
+            await self.dispatcher.release(self.entry.worker_id,  # type: ignore[union-attr]
+                                          latency_ms=latency_ms, ok=body.success)
         except RegistryUnavailable as exc:  # the answer still goes out
             log.warning("worker %s: could not release its slot: %s", self.worker_label, exc)
-        await self._deliver(assignment.reply_to, events.reply(
+        await self.dispatcher.deliver(assignment.reply_to, events.reply(
             body.request_id, self.entry.worker_id, body.success, body.data,  # type: ignore
             body.error, latency_ms))
 
@@ -385,7 +390,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
     async def assign(self, message: dict[str, Any]) -> None:
         """Hand one forwarded request to the worker (from the layer or in-process)."""
         if self.closed or self.entry is None:
-            await self._deliver(message["reply_to"], events.lost(
+            await self.dispatcher.deliver(message["reply_to"], events.lost(
                 message["key"], self.entry.worker_id if self.entry else "", "connection closed"))
             return
         now = time.monotonic()
@@ -412,17 +417,6 @@ class WorkerConsumer(LeanWebsocketConsumer):
         """The broker is going away: tell the worker, then close."""
         await self.send_frame(Message(MessageType.DISCONNECT.value, {"reason": reason}))
         await self._close_and_teardown(CLOSE_GOING_AWAY, reason)
-
-    async def _deliver(self, channel: str, message: dict[str, Any]) -> None:
-        """Send to a dispatcher: directly when it is this process's, else over the layer."""
-        if channel == self.dispatcher.channel:
-            await self.dispatcher.handle(message)
-            return
-        try:
-            await self.channel_layer.send(channel, message)
-        except Exception as exc:  # noqa: BLE001 - layer down: that request will time out
-            log.error("worker %s: could not pass %s on to %s: %s", self.worker_label,
-                      message["type"], channel, exc)
 
     async def _watch(self) -> None:
         """Ping, drop the silent, release slots of requests past their deadline."""
@@ -463,8 +457,8 @@ class WorkerConsumer(LeanWebsocketConsumer):
     async def _expire_assignments(self, now: float) -> None:
         for key in [k for k, a in self.assignments.items() if a.deadline < now]:
             del self.assignments[key]
-            await self.dispatcher.registry.release(self.entry.worker_id,  # type: ignore
-                                                   latency_ms=None, ok=False)
+            await self.dispatcher.release(self.entry.worker_id,  # type: ignore[union-attr]
+                                          latency_ms=None, ok=False)
 
     async def _close_and_teardown(self, code: int, reason: str) -> None:
         await self._teardown(reason)
@@ -484,7 +478,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
             log.warning("worker %s: could not leave the registry: %s", self.worker_label, exc)
         assignments, self.assignments = self.assignments, {}
         for key, assignment in assignments.items():
-            await self._deliver(assignment.reply_to,
+            await self.dispatcher.deliver(assignment.reply_to,
                                 events.lost(key, self.entry.worker_id, reason))
         get_recorder().worker_disconnected(self.session_id, time.time(),
                                            self.entry.completed + self.entry.errors)
@@ -492,9 +486,6 @@ class WorkerConsumer(LeanWebsocketConsumer):
                  reason, len(assignments))
 
     # -------------------------------------------------------------- layer handlers
-
-    async def broker_forward(self, message: dict[str, Any]) -> None:
-        await self.assign(message)
 
     async def broker_notify(self, message: dict[str, Any]) -> None:
         if self.entry is not None:

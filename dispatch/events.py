@@ -9,20 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
-FORWARD = "broker.forward"  # dispatcher -> worker consumer: run this request
+FORWARD = "broker.forward"  # dispatcher -> the worker's dispatcher: run this request
 REPLY = "broker.reply"  # worker consumer -> dispatcher: the worker's answer
 LOST = "broker.lost"  # worker consumer -> dispatcher: the worker went away mid-request
 NOTIFY = "broker.notify"  # anyone -> worker consumers (group): a notification to pass on
 KICK = "broker.kick"  # anyone -> one worker consumer: close the socket, with a reason
+BATCH = "broker.batch"  # dispatcher -> dispatcher: several of the above in one layer message
 
 #: Group every worker consumer joins, so one group_send reaches the whole fleet.
 WORKERS_GROUP = "dispatch.workers"
 
 
 def forward(key: str, action: str, params: dict[str, Any], reply_to: str,
-            timeout: float) -> dict[str, Any]:
+            timeout: float, worker_id: str, worker: str) -> dict[str, Any]:
+    """``worker`` is the channel of the worker's consumer, in the receiving process."""
     return {"type": FORWARD, "key": key, "action": action, "params": params,
-            "reply_to": reply_to, "timeout": timeout}
+            "reply_to": reply_to, "timeout": timeout, "worker_id": worker_id,
+            "worker": worker}
 
 
 def reply(key: str, worker_id: str, success: bool, data: Any, error: str | None,
@@ -33,6 +36,10 @@ def reply(key: str, worker_id: str, success: bool, data: Any, error: str | None,
 
 def lost(key: str, worker_id: str, reason: str) -> dict[str, Any]:
     return {"type": LOST, "key": key, "worker_id": worker_id, "reason": reason}
+
+
+def batch(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": BATCH, "messages": messages}
 
 
 def notify(message: Any, **extra: Any) -> dict[str, Any]:

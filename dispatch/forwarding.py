@@ -2,9 +2,15 @@
 
 One :class:`Dispatcher` per broker process owns every request that entered
 through this process (requester sockets and the control API). It has its own
-channel on the layer where workers' answers come back, so any number of broker
-processes can share one fleet. Every request ends in exactly one call of its
-``respond`` callback: the worker's answer, or an explicit error.
+channel on the layer, its inbox, so any number of broker processes can share one
+fleet: requests for a worker held by another process go to that process's inbox,
+and the worker's answer comes back to this one's. Every request ends in exactly one
+call of its ``respond`` callback: the worker's answer, or an explicit error.
+
+Between processes, everything travels in batches: what gathers for one inbox
+while the previous layer send is under way goes as one layer message, and with a
+shared (Redis) registry, slots are reserved and given back many at a time. Within
+one process nothing is batched, nor sent over the layer: calls are direct.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from workers.protocol import ApiResponse
 
 from . import conf, events, layer
 from .history import HistoryRecorder, get_recorder
-from .loops import PerLoop
-from .registry import Registry, RegistryUnavailable, WorkerEntry, get_registry
+from .loops import Batcher, PerLoop
+from .registry import Registry, RegistryUnavailable, Reservation, WorkerEntry, get_registry
 
 log = logging.getLogger("dispatch.forwarding")
 
@@ -81,7 +87,11 @@ class Dispatcher:
         self.channel = ""
         self.pending: dict[str, Pending] = {}
         self.waiting: deque[Pending] = deque()
-        self.local_workers: dict[str, LocalWorker] = {}
+        self.local_workers: dict[str, LocalWorker] = {}  # by consumer channel
+        self._outbox: Batcher[tuple[str, dict[str, Any]]] = Batcher(self._send, "dispatch-send")
+        self._intake: Batcher[Pending] = Batcher(self._assign_many, "dispatch-reserve")
+        self._releases: Batcher[tuple[str, float | None, bool]] = Batcher(
+            self._release_many, "dispatch-release")
         self.stats: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,7 +157,10 @@ class Dispatcher:
         pending.timer = loop.call_later(seconds, self._expire, key)
         self.pending[key] = pending
         self.stats["submitted"] += 1
-        await self._assign(pending)
+        if self.registry.local:
+            await self._assign(pending)
+        else:  # reserved with the others of this moment, in two round trips for all
+            self._intake.add(pending)
         return key
 
     def abandon(self, keys: list[str]) -> None:
@@ -162,6 +175,24 @@ class Dispatcher:
         if self.waiting:
             self._wake.set()
 
+    async def deliver(self, channel: str, message: dict[str, Any]) -> None:
+        """Send to a dispatcher's inbox: this one's directly, another's in a batch."""
+        if channel == self.channel:
+            await self.handle(message)
+        else:
+            self._outbox.add((channel, message))
+
+    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+        """Give back a worker's slot: at once in-process, in a batch on a shared registry.
+
+        Raises :class:`RegistryUnavailable` only in the first case; a batch that
+        cannot be given back is logged (the slots come back with the worker's entry).
+        """
+        if self.registry.local:
+            await self.registry.release(worker_id, latency_ms=latency_ms, ok=ok)
+        else:
+            self._releases.add((worker_id, latency_ms, ok))
+
     async def handle(self, message: dict[str, Any]) -> None:
         """A layer message addressed to this dispatcher (or delivered in-process)."""
         kind = message.get("type")
@@ -169,6 +200,14 @@ class Dispatcher:
             await self._on_reply(message)
         elif kind == events.LOST:
             await self._on_lost(message)
+        elif kind == events.FORWARD:
+            await self._on_forward(message)
+        elif kind == events.BATCH:
+            for inner in message["messages"]:
+                try:
+                    await self.handle(inner)
+                except Exception:  # one bad message must not lose the rest
+                    log.exception("dispatcher failed to handle a %s message", inner.get("type"))
         else:
             log.warning("dispatcher ignored a layer message of type %r", kind)
 
@@ -183,6 +222,28 @@ class Dispatcher:
                                                       worker_id=pending.target)
         except RegistryUnavailable as exc:
             await self._fail(pending, f"{protocol.BROKER_UNAVAILABLE}: {exc}")
+            return
+        await self._place(pending, reservation)
+
+    async def _assign_many(self, batch: list[Pending]) -> None:
+        """:meth:`_assign` for requests that arrived together."""
+        batch = [p for p in batch if p.key in self.pending]  # not timed out meanwhile
+        try:
+            reservations = await self.registry.reserve_many(
+                [(p.command, p.target) for p in batch])
+        except Exception as exc:  # noqa: BLE001 - each of them gets an answer
+            if not isinstance(exc, RegistryUnavailable):
+                log.exception("could not reserve workers for %d request(s)", len(batch))
+            for pending in batch:
+                await self._fail(pending, f"{protocol.BROKER_UNAVAILABLE}: {exc}")
+            return
+        for pending, reservation in zip(batch, reservations):
+            await self._place(pending, reservation)
+
+    async def _place(self, pending: Pending, reservation: Reservation) -> None:
+        if pending.key not in self.pending:  # answered (timed out) while reserving
+            if reservation.worker is not None:
+                await self._give_back(reservation.worker.worker_id)
             return
         if reservation.worker is not None:
             await self._forward(pending, reservation.worker)
@@ -214,29 +275,75 @@ class Dispatcher:
         pending.attempts += 1
         remaining = max(0.001, pending.deadline - asyncio.get_running_loop().time())
         message = events.forward(pending.key, pending.command, pending.data, self.channel,
-                                 remaining)
+                                 remaining, worker.worker_id, worker.channel)
         local = self.local_workers.get(worker.channel)
+        if local is None:
+            await self.deliver(worker.inbox, message)
+            return
         try:
-            if local is not None:
-                await local.assign(message)
-            else:
-                await self.layer.send(worker.channel, message)
-        except ChannelFull:
-            self.stats["channel_full"] += 1
-            await self._give_back(worker.worker_id)
-            await self._fail(pending, protocol.BROKER_OVERLOADED)
-        except Exception as exc:  # the layer's backend is down: answer, never hang
+            await local.assign(message)
+        except Exception as exc:  # noqa: BLE001 - answer, never hang
             log.warning("could not forward request %s to %s: %s", pending.request_id,
                         worker.worker_id, exc)
             await self._give_back(worker.worker_id)
             await self._fail(pending, f"{protocol.BROKER_UNAVAILABLE}: {exc}")
 
+    async def _on_forward(self, message: dict[str, Any]) -> None:
+        """Another process chose a worker of this one."""
+        worker = self.local_workers.get(message["worker"])
+        if worker is not None:
+            await worker.assign(message)
+        else:  # it left after it was chosen: the requester's process tries another
+            await self.deliver(message["reply_to"], events.lost(
+                message["key"], message["worker_id"], "connection closed"))
+
+    async def _send(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """One layer message per destination inbox (the outbox's batch)."""
+        by_inbox: dict[str, list[dict[str, Any]]] = {}
+        for channel, message in items:
+            by_inbox.setdefault(channel, []).append(message)
+        await asyncio.gather(*(self._send_one(channel, messages)
+                               for channel, messages in by_inbox.items()))
+
+    async def _send_one(self, channel: str, messages: list[dict[str, Any]]) -> None:
+        try:
+            await self.layer.send(channel, messages[0] if len(messages) == 1
+                                  else events.batch(messages))
+        except Exception as exc:  # noqa: BLE001 - full, or the backend is down
+            full = isinstance(exc, ChannelFull)
+            self.stats["channel_full"] += full
+            log.warning("could not pass %d message(s) on to %s: %s", len(messages), channel,
+                        "channel full" if full else exc)
+            for message in messages:
+                await self._undelivered(message, protocol.BROKER_OVERLOADED if full
+                                        else f"{protocol.BROKER_UNAVAILABLE}: {exc}")
+
+    async def _undelivered(self, message: dict[str, Any], error: str) -> None:
+        """A forward that never left: answer its request, never leave it hanging.
+
+        (An answer for another process that could not be sent is lost: that process
+        answers its request when it times out.)
+        """
+        if message["type"] != events.FORWARD:
+            return
+        pending = self.pending.get(message["key"])
+        if pending is not None and pending.worker_id == message["worker_id"]:
+            await self._give_back(message["worker_id"])
+            await self._fail(pending, error)
+
     async def _give_back(self, worker_id: str) -> None:
         """Release a slot taken for a request that never reached its worker."""
         try:
-            await self.registry.release(worker_id, latency_ms=None, ok=True)
+            await self.release(worker_id, latency_ms=None, ok=True)
         except RegistryUnavailable:
             pass  # the slot's entry expires with its heartbeat
+
+    async def _release_many(self, outcomes: list[tuple[str, float | None, bool]]) -> None:
+        try:
+            await self.registry.release_many(outcomes)
+        except RegistryUnavailable as exc:
+            log.warning("could not give back %d worker slot(s): %s", len(outcomes), exc)
+        self.kick()
 
     async def _queue_loop(self) -> None:
         """Retry queued requests when a slot frees (or every poll, across processes)."""
@@ -248,10 +355,8 @@ class Dispatcher:
                     pass
             else:
                 await self._wake.wait()
-            for _ in range(len(self.waiting)):
-                pending = self.waiting.popleft()
-                if pending.key in self.pending:  # else answered (timed out) while waiting
-                    await self._assign(pending)  # may queue it again
+            batch = [self.waiting.popleft() for _ in range(len(self.waiting))]
+            await self._assign_many(batch)  # may queue some again
             # Cleared after the pass, so that re-queueing above does not spin the loop;
             # a wake-up lost here costs at most one poll interval.
             self._wake.clear()

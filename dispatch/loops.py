@@ -1,4 +1,4 @@
-"""One service object per event loop, started on first use.
+"""Event-loop helpers: one service object per loop, and batches of work.
 
 The dispatcher and the credential guard each run background tasks, so each
 belongs to one event loop: daphne's in production, a fresh one per test.
@@ -7,7 +7,10 @@ belongs to one event loop: daphne's in production, a fresh one per test.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Generic, Protocol, TypeVar
+import logging
+from typing import Awaitable, Callable, Generic, Protocol, TypeVar
+
+log = logging.getLogger("dispatch.loops")
 
 
 class Service(Protocol):
@@ -44,3 +47,38 @@ class PerLoop(Generic[S]):
         if task is not None:
             await (await task).stop()
 
+
+
+T = TypeVar("T")
+
+
+class Batcher(Generic[T]):
+    """Items added while the previous batch was being handled are handled as one.
+
+    For work that costs a round trip whatever its size (a Redis script, a layer send):
+    at low load each item goes alone, at once (the next tick); under load the batches
+    grow by themselves, up to what arrived during one round trip. ``handle`` must
+    answer for every item itself: an exception is logged, the items are not retried.
+    """
+
+    def __init__(self, handle: Callable[[list[T]], Awaitable[None]], name: str) -> None:
+        self._handle = handle
+        self._name = name
+        self._items: list[T] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, item: T) -> None:
+        self._items.append(item)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+
+    async def _run(self) -> None:
+        try:
+            while self._items:
+                items, self._items = self._items, []
+                try:
+                    await self._handle(items)
+                except Exception:
+                    log.exception("%s failed on a batch of %d", self._name, len(items))
+        finally:
+            self._task = None

@@ -25,7 +25,9 @@ if the worker is still live and not full, so ``max_concurrency`` holds across
 processes. If another process took the last slot in between, we fetch again, a
 bounded number of times. This keeps the strategies in one place, in Python, at the
 price of one extra round trip; the stats a choice is based on may be a moment old,
-which only matters to balancing, never to correctness.
+which only matters to balancing, never to correctness. Under load the dispatcher
+reserves for many requests at once (:meth:`RedisRegistry.reserve_many`): still two
+round trips, for the whole batch.
 
 Times are this host's clock (``time.time()``), passed to the scripts: broker hosts
 are expected to be NTP-synchronised to well within the ttl.
@@ -39,6 +41,7 @@ import hashlib
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import fields
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -156,78 +159,114 @@ end
 return 1
 """
 
-# candidates: the first half of reserve. KEYS[2] the command's set, KEYS[3] the
-# round-robin counter; ARGV[3] key TTL (ms). Returns
-# {capable, seq, rows}: capable is 1 if a live worker offers the command; rows are those with a free slot, as {id, weight, in_flight,
-# max_concurrency, latency_ms, error_rate}; seq is the next global sequence number,
-# drawn only when there is a choice to make (as MemoryRegistry counts).
+# candidates: the first half of reserve, for one or more commands at once. KEYS[2] the
+# round-robin counter; ARGV[3] key TTL (ms), ARGV[4] how many choices will be made,
+# ARGV[5..] the commands. Returns {seq, {{capable, rows}, ...}} with one pair per
+# command: capable is 1 if a live worker offers it; rows are those with a free slot,
+# as {id, weight, in_flight, max_concurrency, latency_ms, error_rate}. seq is the
+# global sequence number of the last of the choices (INCRBY their number), drawn only
+# when there is a choice to make (as MemoryRegistry counts).
 _CANDIDATES = _PRELUDE + """
-local capable, rows = 0, {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if not alive(id) then
-    redis.call('SREM', KEYS[2], id)  -- left behind by a hash that expired
-  else
-    capable = 1
-    local f = redis.call('HMGET', worker_key(id), 'weight', 'in_flight', 'max_concurrency',
-                         'latency_ms', 'error_rate', 'draining')
-    if f[6] ~= '1' and tonumber(f[2]) < tonumber(f[3]) then
-      rows[#rows + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
+local found, any = {}, false
+for i = 5, #ARGV do
+  local set = command_key(ARGV[i])
+  local capable, rows = 0, {}
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    if not alive(id) then
+      redis.call('SREM', set, id)  -- left behind by a hash that expired
+    else
+      capable = 1
+      local f = redis.call('HMGET', worker_key(id), 'weight', 'in_flight', 'max_concurrency',
+                           'latency_ms', 'error_rate', 'draining')
+      if f[6] ~= '1' and tonumber(f[2]) < tonumber(f[3]) then
+        rows[#rows + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
+      end
     end
   end
+  any = any or #rows > 0
+  found[#found + 1] = {capable, rows}
 end
 local seq = 0
-if #rows > 0 then
-  seq = redis.call('INCR', KEYS[3])
-  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if any then
+  seq = redis.call('INCRBY', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-return {capable, seq, rows}
+return {seq, found}
 """
 
-# reserve: the compare-and-increment half. Take a slot of worker ARGV[3] if it is
-# live, offers command ARGV[4] ('' = don't check), is not draining and has room.
-# Returns the updated hash; 0 if it is not live or does not offer it; 1 if it is full.
-_RESERVE = _PRELUDE + """
-local id, command = ARGV[3], ARGV[4]
-if not alive(id) then return 0 end
-if command ~= '' and redis.call('SISMEMBER', command_key(command), id) == 0 then
-  return 0
+# The compare-and-increment half, as a function: take a slot of worker `id` if it is
+# live, offers `command` ('' = don't check), is not draining and has room. Returns
+# 2 if taken, 1 if it is full, 0 if it is not live or does not offer the command.
+_TAKE = """
+local function take(id, command)
+  if not alive(id) then return 0 end
+  if command ~= '' and redis.call('SISMEMBER', command_key(command), id) == 0 then
+    return 0
+  end
+  local key = worker_key(id)
+  local f = redis.call('HMGET', key, 'in_flight', 'max_concurrency', 'draining')
+  if f[3] == '1' or tonumber(f[1]) >= tonumber(f[2]) then return 1 end
+  redis.call('HINCRBY', key, 'in_flight', 1)
+  return 2
 end
-local key = worker_key(id)
-local f = redis.call('HMGET', key, 'in_flight', 'max_concurrency', 'draining')
-if f[3] == '1' or tonumber(f[1]) >= tonumber(f[2]) then return 1 end
-redis.call('HINCRBY', key, 'in_flight', 1)
-return redis.call('HGETALL', key)
 """
 
-# release: give back a slot and fold the outcome into the statistics, with the same
-# arithmetic as MemoryRegistry.release (Lua numbers are doubles too; %.17g writes
-# them back without loss). No prelude: KEYS[1] is the worker hash; ARGV[1] latency
-# in ms ('' = none), ARGV[2] '1' if ok, ARGV[3] the EWMA weight.
-_RELEASE = """
-local key = KEYS[1]
-if redis.call('EXISTS', key) == 0 then return 0 end
-local f = redis.call('HMGET', key, 'in_flight', 'completed', 'errors', 'latency_ms',
-                     'error_rate')
-local ok, alpha = ARGV[2] == '1', tonumber(ARGV[3])
-local completed, errors = tonumber(f[2]), tonumber(f[3])
-if ok then completed = completed + 1 else errors = errors + 1 end
-local error_rate = tonumber(f[5])
-error_rate = error_rate + alpha * ((ok and 0.0 or 1.0) - error_rate)
-local latency = tonumber(f[4])
-if ARGV[1] ~= '' then
-  local sample = tonumber(ARGV[1])
-  if completed + errors == 1 then
-    latency = sample
-  else
-    latency = latency + alpha * (sample - latency)
+# reserve: one slot of worker ARGV[3] for command ARGV[4]. Returns the updated hash,
+# or take()'s 0 or 1.
+_RESERVE = _PRELUDE + _TAKE + """
+local got = take(ARGV[3], ARGV[4])
+if got ~= 2 then return got end
+return redis.call('HGETALL', worker_key(ARGV[3]))
+"""
+
+# reserve_many: ARGV[3..] pairs of worker id and command. Returns {statuses, hashes}:
+# take()'s answer for each pair, and {id, hash, ...} once for each worker taken.
+_RESERVE_MANY = _PRELUDE + _TAKE + """
+local statuses, hashes, seen = {}, {}, {}
+for i = 3, #ARGV, 2 do
+  local got = take(ARGV[i], ARGV[i + 1])
+  statuses[#statuses + 1] = got
+  if got == 2 and not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    hashes[#hashes + 1] = ARGV[i]
+    hashes[#hashes + 1] = redis.call('HGETALL', worker_key(ARGV[i]))
   end
 end
-redis.call('HSET', key,
-  'in_flight', string.format('%d', math.max(0, tonumber(f[1]) - 1)),
-  'completed', string.format('%d', completed),
-  'errors', string.format('%d', errors),
-  'latency_ms', string.format('%.17g', latency),
-  'error_rate', string.format('%.17g', error_rate))
+return {statuses, hashes}
+"""
+
+# release: give back slots and fold the outcomes into the statistics, with the same
+# arithmetic as MemoryRegistry.release (Lua numbers are doubles too; %.17g writes
+# them back without loss). No prelude: KEYS are worker hashes (one may come more
+# than once); ARGV[1] the EWMA weight, then for each key its latency in ms ('' = none)
+# and '1' if ok.
+_RELEASE = """
+local alpha = tonumber(ARGV[1])
+for k, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local f = redis.call('HMGET', key, 'in_flight', 'completed', 'errors', 'latency_ms',
+                         'error_rate')
+    local ok, sample = ARGV[2 * k + 1] == '1', ARGV[2 * k]
+    local completed, errors = tonumber(f[2]), tonumber(f[3])
+    if ok then completed = completed + 1 else errors = errors + 1 end
+    local error_rate = tonumber(f[5])
+    error_rate = error_rate + alpha * ((ok and 0.0 or 1.0) - error_rate)
+    local latency = tonumber(f[4])
+    if sample ~= '' then
+      if completed + errors == 1 then
+        latency = tonumber(sample)
+      else
+        latency = latency + alpha * (tonumber(sample) - latency)
+      end
+    end
+    redis.call('HSET', key,
+      'in_flight', string.format('%d', math.max(0, tonumber(f[1]) - 1)),
+      'completed', string.format('%d', completed),
+      'errors', string.format('%d', errors),
+      'latency_ms', string.format('%.17g', latency),
+      'error_rate', string.format('%.17g', error_rate))
+  end
+end
 return 1
 """
 
@@ -272,7 +311,7 @@ return out
 """
 
 
-class _Lua:
+class LuaScript:
     """A script run by its hash; its text is sent only when Redis lacks it (after a restart)."""
 
     def __init__(self, source: str) -> None:
@@ -286,9 +325,10 @@ class _Lua:
             return await client.eval(self.source, len(keys), *keys, *args)
 
 
-ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RELEASE, SET_DRAINING, GET, ALL, COUNT, CHANNELS = (
-    _Lua(s) for s in (_ADD, _REMOVE, _TOUCH, _CANDIDATES, _RESERVE, _RELEASE, _SET_DRAINING,
-                      _GET, _ALL, _COUNT, _CHANNELS))
+(ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RESERVE_MANY, RELEASE, SET_DRAINING, GET, ALL,
+ COUNT, CHANNELS) = (
+    LuaScript(s) for s in (_ADD, _REMOVE, _TOUCH, _CANDIDATES, _RESERVE, _RESERVE_MANY, _RELEASE,
+                      _SET_DRAINING, _GET, _ALL, _COUNT, _CHANNELS))
 
 # ---------------------------------------------------------------------------- encoding
 
@@ -404,7 +444,7 @@ class RedisRegistry(Registry):
         if client is not None:
             await client.aclose()
 
-    async def _run(self, script: _Lua, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         """Run a prelude script: KEYS[1] = heartbeats, ARGV[1] = prefix, ARGV[2] = cutoff."""
         with _unavailable_on_error():
             return await script(self._client(), [self._beats, *keys],
@@ -443,23 +483,84 @@ class RedisRegistry(Registry):
             return Reservation(_decode(got), True)
         strategy = get_strategy(conf.get("STRATEGY"))
         for _ in range(RESERVE_ATTEMPTS):
-            capable, seq, rows = await self._run(
-                CANDIDATES, [f"{self._p}command:{command}", self._seq],
-                [self._key_ttl_ms()])
+            seq, [(capable, rows)] = await self._candidates([command], 1)
             if not rows:
                 return Reservation(None, bool(capable))
-            chosen = strategy([_Candidate.from_row(row) for row in rows], seq, self._rng)
+            chosen = strategy(rows, seq, self._rng)
             got = await self._run(RESERVE, [], [chosen.worker_id, command])
             if isinstance(got, list):
                 return Reservation(_decode(got), True)
             # Another process took its last slot (or it left) meanwhile: look again.
         return Reservation(None, True)  # lost every race: capable but busy, so it waits
 
+    async def reserve_many(self, requests: list[tuple[str, str | None]]) -> list[Reservation]:
+        """Two round trips for the lot: candidates of every command, then every slot.
+
+        Choices within the batch count against each other (a worker chosen once has
+        one slot less for the next), as one-at-a-time reserves would. A request that
+        loses a race with another process falls back to :meth:`reserve`.
+        """
+        out: list[Reservation | None] = [None] * len(requests)
+        open_ = []
+        for i, (command, worker_id) in enumerate(requests):
+            if worker_id is None:
+                open_.append(i)
+            else:
+                out[i] = await self.reserve(command, worker_id=worker_id)
+        if open_:
+            for i, reservation in zip(open_, await self._reserve_open(
+                    [requests[i][0] for i in open_])):
+                out[i] = reservation
+        return out  # type: ignore[return-value]
+
+    async def _reserve_open(self, commands: list[str]) -> list[Reservation]:
+        distinct = sorted(set(commands))
+        last_seq, found = await self._candidates(distinct, len(commands))
+        pools = dict(zip(distinct, found))
+        strategy = get_strategy(conf.get("STRATEGY"))
+        taken: Counter[str] = Counter()
+        out: list[Reservation | None] = [None] * len(commands)
+        picks: list[tuple[int, str, str]] = []  # (index, worker id, command)
+        for i, command in enumerate(commands):
+            capable, rows = pools[command]
+            room = [c._replace(in_flight=c.in_flight + taken[c.worker_id]) for c in rows
+                    if c.in_flight + taken[c.worker_id] < c.max_concurrency]
+            if not room:
+                out[i] = Reservation(None, bool(capable))
+                continue
+            chosen = strategy(room, last_seq - len(commands) + 1 + i, self._rng)
+            taken[chosen.worker_id] += 1
+            picks.append((i, chosen.worker_id, command))
+        if picks:
+            statuses, flat = await self._run(
+                RESERVE_MANY, [], [text for _, worker_id, command in picks
+                                   for text in (worker_id, command)])
+            entries = {worker_id: _decode(h) for worker_id, h in zip(flat[::2], flat[1::2])}
+            for (i, worker_id, command), status in zip(picks, statuses):
+                out[i] = (Reservation(entries[worker_id], True) if status == 2
+                          else await self.reserve(command))  # lost a race: one at a time
+        return out  # type: ignore[return-value]
+
+    async def _candidates(self, commands: list[str], choices: int
+                          ) -> tuple[int, list[tuple[bool, list[_Candidate]]]]:
+        """Sequence number of the last of ``choices``, and (capable, free) per command."""
+        seq, found = await self._run(CANDIDATES, [self._seq],
+                                     [self._key_ttl_ms(), choices, *commands])
+        return int(seq), [(bool(capable), [_Candidate.from_row(row) for row in rows])
+                          for capable, rows in found]
+
     async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+        await self.release_many([(worker_id, latency_ms, ok)])
+
+    async def release_many(self, outcomes: list[tuple[str, float | None, bool]]) -> None:
+        """One round trip, however many."""
+        if not outcomes:
+            return
+        args = [repr(EWMA_ALPHA)]
+        for _, latency_ms, ok in outcomes:
+            args += ["" if latency_ms is None else repr(float(latency_ms)), "1" if ok else "0"]
         with _unavailable_on_error():
-            await RELEASE(self._client(), [self._worker_key(worker_id)],
-                          ["" if latency_ms is None else repr(float(latency_ms)),
-                           "1" if ok else "0", repr(EWMA_ALPHA)])
+            await RELEASE(self._client(), [self._worker_key(w) for w, _, _ in outcomes], args)
 
     async def set_draining(self, worker_id: str, draining: bool) -> bool:
         return bool(await self._run(SET_DRAINING, [], [worker_id, "1" if draining else "0"]))

@@ -44,6 +44,7 @@ class WorkerEntry:
     error_rate: float = 0.0
     draining: bool = False
     no_retry: frozenset[str] = frozenset()  # commands never re-sent elsewhere
+    inbox: str = ""  # channel of the dispatcher of the process that holds its socket
 
     def has_room(self) -> bool:
         return self.in_flight < self.max_concurrency and not self.draining
@@ -53,7 +54,7 @@ class WorkerEntry:
         data = asdict(self)
         data["commands"] = sorted(self.commands)
         data["no_retry"] = sorted(self.no_retry)
-        del data["channel"]
+        del data["channel"], data["inbox"]
         return data
 
 
@@ -76,6 +77,9 @@ class RegistryUnavailable(ConnectionError):
 class Registry(abc.ABC):
     """What forwarding needs to know and change about workers."""
 
+    #: True when no call waits on I/O (one process): callers then need not batch.
+    local = False
+
     @abc.abstractmethod
     async def add(self, entry: WorkerEntry) -> WorkerEntry | None:
         """Register a worker; returns the entry it replaced (same id), if any."""
@@ -95,6 +99,19 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
         """Give back a slot, folding the outcome into the worker's statistics."""
+
+    async def reserve_many(self, requests: list[tuple[str, str | None]]) -> list[Reservation]:
+        """:meth:`reserve` for each ``(command, worker_id)``, in order.
+
+        A shared registry does them in a couple of round trips, whatever their number.
+        """
+        return [await self.reserve(command, worker_id=worker_id)
+                for command, worker_id in requests]
+
+    async def release_many(self, outcomes: list[tuple[str, float | None, bool]]) -> None:
+        """:meth:`release` for each ``(worker_id, latency_ms, ok)``."""
+        for worker_id, latency_ms, ok in outcomes:
+            await self.release(worker_id, latency_ms=latency_ms, ok=ok)
 
     @abc.abstractmethod
     async def set_draining(self, worker_id: str, draining: bool) -> bool:
@@ -127,6 +144,8 @@ class MemoryRegistry(Registry):
     Every method finishes without suspending, so on one event loop each call is
     atomic by construction: that is what makes choose-and-reserve safe here.
     """
+
+    local = True
 
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._workers: dict[str, WorkerEntry] = {}

@@ -115,6 +115,33 @@ async def test_request_is_forwarded_and_answered_with_processed_by() -> None:
         "processed_by": "w1"}
 
 
+async def test_a_batch_from_another_process_reaches_its_workers_and_answers_come_back(
+        ) -> None:
+    """What a second broker process sends: forwards for this process's workers, in one
+    layer message. One worker left meanwhile: its request comes back as lost."""
+    from channels.layers import get_channel_layer
+
+    from dispatch import events
+
+    w = await worker("w1")
+    dispatcher, layer = await get_dispatcher(), get_channel_layer()
+    entry = await dispatcher.registry.get("w1")
+    assert entry is not None and entry.inbox == dispatcher.channel
+    other_inbox = await layer.new_channel()
+    await layer.send(dispatcher.channel, events.batch([
+        events.forward("k1", "echo", {"n": 1}, other_inbox, 5.0, "w1", entry.channel),
+        events.forward("k2", "echo", {"n": 2}, other_inbox, 5.0, "gone", "no-such-channel"),
+    ]))
+    request = await answer(w, "done")
+    assert request.msg_id == "k1"
+    got = {}
+    for _ in range(2):
+        message = await asyncio.wait_for(layer.receive(other_inbox), TIMEOUT)
+        got[message["key"]] = message
+    assert got["k1"]["type"] == events.REPLY and got["k1"]["data"] == "done"
+    assert got["k2"]["type"] == events.LOST and got["k2"]["worker_id"] == "gone"
+
+
 async def test_no_worker_answers_at_once() -> None:
     r = await requester()
     loop = asyncio.get_running_loop()

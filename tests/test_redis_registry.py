@@ -117,6 +117,18 @@ async def test_exactly_the_free_slots_are_taken_by_a_burst(
     assert all(r.capable for r in results)
 
 
+async def test_batches_from_two_processes_take_exactly_the_free_slots(
+        make_registry: Callable[..., RedisRegistry]) -> None:
+    registries = [make_registry(), make_registry()]
+    await registries[0].add(entry("narrow", max_concurrency=3))
+    await registries[0].add(entry("wide", max_concurrency=5))
+    batches = await asyncio.gather(*(registries[i % 2].reserve_many([("echo", None)] * 10)
+                                     for i in range(6)))
+    taken = [r.worker.worker_id for batch in batches for r in batch if r.worker]
+    assert sorted(taken) == ["narrow"] * 3 + ["wide"] * 5
+    assert all(r.capable for batch in batches for r in batch)
+
+
 def test_one_registry_serves_several_event_loops(
         make_registry: Callable[..., RedisRegistry]) -> None:
     """Each loop gets its own connection pool (daphne, async_to_sync, tests)."""

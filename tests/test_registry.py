@@ -83,3 +83,20 @@ async def test_takeover_keeps_the_newer_connection(registry: Registry) -> None:
     assert (await registry.reserve("echo")) == (None, False)
     assert await registry.remove("a", "new") is not None
     assert await registry.count() == 0
+
+
+async def test_a_batch_of_reservations_counts_each_choice_against_the_next(
+        registry: Registry) -> None:
+    await registry.add(entry("a", "echo", max_concurrency=2))
+    await registry.add(entry("b", "echo", "resize", max_concurrency=1))
+    got = await registry.reserve_many([("echo", None), ("resize", None), ("echo", None),
+                                       ("echo", None), ("nothing", None), ("echo", "a")])
+    taken = [r.worker.worker_id if r.worker else None for r in got]
+    # three slots in all: 'b' goes to whichever request gets it first, never twice
+    assert sorted(t for t in taken if t) == ["a", "a", "b"]
+    assert taken.count("b") == 1 and got[4] == (None, False)
+    assert all(r.capable for i, r in enumerate(got) if i != 4)  # the rest wait for a slot
+    await registry.release_many([("a", 5.0, True), ("a", None, False), ("b", 7.0, True)])
+    a, b = await registry.get("a"), await registry.get("b")
+    assert a is not None and b is not None
+    assert (a.in_flight, a.completed, a.errors, b.in_flight, b.completed) == (0, 1, 1, 0, 1)
