@@ -111,7 +111,8 @@ else:
     # capacity of 100 per channel would refuse them long before the broker is busy.
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # Channels' own, with its expiry sweep rationed (O(connections) each time).
+            "BACKEND": "dispatch.memory_layer.InMemoryChannelLayer",
             "CONFIG": {"capacity": 10_000, "expiry": 60},
         }
     }
