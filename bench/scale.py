@@ -9,10 +9,12 @@ from typing import Any, Callable
 
 from bench.common import (Proc, http_json, python, raise_fd_limit, tree_cpu_seconds,
                           tree_rss_mb, wait_until)
-from bench.systems import OursDaphne, Unavailable
+from bench.systems import Ours, OursAsgi, OursDaphne, Unavailable
 
 PER_PROCESS = 2500  # worker connections per bench-worker process
 DEFAULT_INTERVAL = 5.0
+#: Heartbeat interval of the extra run that shows what rarer heartbeats save.
+SLOW_INTERVAL = 30.0
 
 
 def _spawn_workers(url: str, total: int, workdir: Path, tag: str, dial: int = 100
@@ -28,14 +30,14 @@ def _spawn_workers(url: str, total: int, workdir: Path, tag: str, dial: int = 10
     return procs
 
 
-def _count(system: OursDaphne) -> int:
+def _count(system: Ours) -> int:
     try:
         return int(http_json(system.health_url, 3.0).get("workers", 0))
     except Exception:  # noqa: BLE001 - busy or restarting
         return -1
 
 
-def _connect_all(system: OursDaphne, n: int, timeout: float, log: Callable[[str], None]
+def _connect_all(system: Ours, n: int, timeout: float, log: Callable[[str], None]
                  ) -> float:
     t0 = time.monotonic()
     best = -1
@@ -75,7 +77,7 @@ def _established(pids: list[int]) -> int | None:
     return total
 
 
-def _measure(system: OursDaphne, procs: list[Proc], window: float) -> dict[str, float]:
+def _measure(system: Ours, procs: list[Proc], window: float) -> dict[str, float]:
     pids, wpids = system.broker_pids(), [p.pid for p in procs]
     c0, w0, t0 = tree_cpu_seconds(pids), tree_cpu_seconds(wpids), time.monotonic()
     time.sleep(window)
@@ -90,14 +92,17 @@ def _measure(system: OursDaphne, procs: list[Proc], window: float) -> dict[str, 
 
 def idle_ladder(workdir: Path, steps: list[int], interval: float, window: float,
                 log: Callable[[str], None], env: dict[str, str] | None = None,
-                tag: str = "idle") -> dict[str, Any]:
+                tag: str = "idle", server: str = "daphne") -> dict[str, Any]:
     """One broker; idle workers added step by step; RSS and CPU measured at each step.
 
     Stops at the first step whose workers do not all register in time (the broker
-    cannot keep up), recording how far it got.
+    cannot keep up), recording how far it got. ``server``: daphne (runbroker, the
+    embedded default) or uvicorn-sansio (the same application on uvicorn).
     """
-    system = OursDaphne(workdir, {"BROKER_HEARTBEAT_INTERVAL": str(interval), **(env or {})},
-                        name=f"{tag}-{interval:g}s")
+    broker_env = {"BROKER_HEARTBEAT_INTERVAL": str(interval), **(env or {})}
+    system: Ours = (OursDaphne(workdir, broker_env, name=f"{tag}-{interval:g}s")
+                    if server == "daphne" else
+                    OursAsgi(workdir, "uvicorn", ws="websockets-sansio", env=broker_env))
     procs: list[Proc] = []
     out: dict[str, Any] = {"interval": interval, "steps": [], "env": env or {}}
     try:
@@ -148,11 +153,17 @@ def run_idle(workdir: Path, n: int, short_interval: float, window: float,
         mid = steps[-2] if len(steps) > 1 else base
         nohist = idle_ladder(workdir, [mid], DEFAULT_INTERVAL, window, log,
                              env={"BROKER_HISTORY": "0"}, tag="nohist")
+        # The two ways to a cheaper idle fleet: a leaner server, or rarer heartbeats.
+        uvicorn = idle_ladder(workdir, [n], DEFAULT_INTERVAL, window, log, tag="uvicorn",
+                              server="uvicorn-sansio")
+        slow = idle_ladder(workdir, [n], SLOW_INTERVAL, window, log, tag="slow")
     except Unavailable as exc:
         return {"status": "n/a", "reason": str(exc), "workers": n}
     result: dict[str, Any] = {"status": "ok", "workers": n, "interval": DEFAULT_INTERVAL,
                               "short_interval": short_interval, "ladder": ladder,
-                              "short": short, "nohist": nohist, "rss0_mb": ladder["rss0_mb"]}
+                              "short": short, "nohist": nohist, "uvicorn": uvicorn,
+                              "slow": slow, "slow_interval": SLOW_INTERVAL,
+                              "rss0_mb": ladder["rss0_mb"]}
     last = ladder["steps"][-1]
     result["reached"] = last["workers"] if last["status"] == "ok" else last.get("registered")
     result["final"] = last

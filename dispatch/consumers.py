@@ -213,6 +213,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
 
     async def connect(self) -> None:
         self.dispatcher = await get_dispatcher()
+        self.recorder = get_recorder()  # once: heartbeats are most of an idle fleet's work
         self.session_id = protocol.random_id(16)
         self.assignments: dict[str, Assignment] = {}
         self.opened = self.last_frame = self.last_ack = time.monotonic()
@@ -308,7 +309,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
             "heartbeat_interval": conf.get("HEARTBEAT_INTERVAL"),
             "process": self.dispatcher.process,
         }))
-        get_recorder().worker_connected(
+        self.recorder.worker_connected(
             session_id=self.session_id, worker_id=reg.worker_id, name=reg.name,
             address=self.peer, process=self.dispatcher.process, commands=reg.commands,
             weight=reg.weight, max_concurrency=reg.max_concurrency,
@@ -322,7 +323,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
         assert entry is not None
         if not await self.dispatcher.registry.touch(entry.worker_id):
             await self._register_again(entry)
-        get_recorder().worker_seen(self.session_id, time.time())
+        self.recorder.worker_seen(self.session_id, time.time())
         if "ack" in msg.data:
             self.last_ack = time.monotonic()
         else:
@@ -480,7 +481,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
         for key, assignment in assignments.items():
             await self.dispatcher.deliver(assignment.reply_to,
                                 events.lost(key, self.entry.worker_id, reason))
-        get_recorder().worker_disconnected(self.session_id, time.time(),
+        self.recorder.worker_disconnected(self.session_id, time.time(),
                                            self.entry.completed + self.entry.errors)
         log.info("worker %s left (%s); %d request(s) handed back", self.entry.worker_id,
                  reason, len(assignments))
