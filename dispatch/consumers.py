@@ -480,9 +480,9 @@ class WorkerConsumer(LeanWebsocketConsumer):
         assignments, self.assignments = self.assignments, {}
         for key, assignment in assignments.items():
             await self.dispatcher.deliver(assignment.reply_to,
-                                events.lost(key, self.entry.worker_id, reason))
+                                          events.lost(key, self.entry.worker_id, reason))
         self.recorder.worker_disconnected(self.session_id, time.time(),
-                                           self.entry.completed + self.entry.errors)
+                                          self.entry.completed + self.entry.errors)
         log.info("worker %s left (%s); %d request(s) handed back", self.entry.worker_id,
                  reason, len(assignments))
 
