@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -60,3 +63,39 @@ def test_python_example_runs(broker: Broker, spawn_worker) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "Echo: hi", str([i * 2 for i in range(10)]), "False Division by zero"]
+
+
+def test_the_uvicorn_command_serves_workers_and_requesters(tmp_path) -> None:
+    """The README's uvicorn line, as written (but on a free loopback port), serves both
+    sockets on one port: a worker registers and a request is answered."""
+    from tests.procs import free_port, wait_for
+    from workers.requester import SyncRequester
+
+    [line] = [b.split("#")[0].strip() for block in code_blocks("bash")
+              for b in block.splitlines() if b.startswith("uvicorn ")]
+    words, port = shlex.split(line), free_port()
+    words[words.index("--host") + 1], words[words.index("--port") + 1] = "127.0.0.1", str(port)
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+           "BROKER_HISTORY_FLUSH_SECONDS": "0.2"}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env,
+                   check=True, timeout=120)
+    log = (tmp_path / "uvicorn.log").open("wb")
+    server = subprocess.Popen([sys.executable, "-m", *words], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    worker = subprocess.Popen([sys.executable, "-m", "workers",
+                               f"ws://127.0.0.1:{port}/ws/worker/", "--name", "uv"],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def registered() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError((tmp_path / "uvicorn.log").read_text(errors="replace"))
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                return json.load(r)["workers"] == 1
+
+        wait_for(registered, 30, "uvicorn up with one worker")
+        with SyncRequester(f"ws://127.0.0.1:{port}/ws/requester/") as broker:
+            assert broker.call("echo", message="hi") == "Echo: hi"
+    finally:
+        for proc in (worker, server):
+            proc.terminate()
+            proc.wait(10)
