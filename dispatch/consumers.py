@@ -73,7 +73,9 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         try:
             if self.channel_layer is not None:
                 self.channel_name = await self.channel_layer.new_channel()
-                listener = asyncio.create_task(self._listen(), name=f"listen-{self.channel_name}")
+                listener = asyncio.create_task(
+                    layer.listen(self.channel_layer, self.channel_name, self.dispatch,
+                                 type(self).__name__), name=f"listen-{self.channel_name}")
             while True:
                 await self.dispatch(await receive())
         except StopConsumer:
@@ -81,15 +83,6 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         finally:
             if listener is not None:
                 listener.cancel()
-
-    async def _listen(self) -> None:
-        """Layer messages for this consumer, with a receive that survives layer outages."""
-        while True:
-            message = await layer.receive(self.channel_layer, self.channel_name)
-            try:
-                await self.dispatch(message)
-            except Exception:  # one bad message must not deafen the consumer
-                log.exception("%s failed to handle a layer message", type(self).__name__)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         handler = getattr(self, get_handler_name(message), None)

@@ -101,7 +101,8 @@ class Dispatcher:
 
     async def start(self) -> None:
         self.channel = await self.layer.new_channel()
-        self._tasks = [asyncio.create_task(self._receive_loop(), name="dispatch-replies"),
+        self._tasks = [asyncio.create_task(layer.listen(self.layer, self.channel, self.handle,
+                                                        "dispatcher"), name="dispatch-inbox"),
                        asyncio.create_task(self._queue_loop(), name="dispatch-queue"),
                        asyncio.create_task(self._sweep_loop(), name="dispatch-sweep")]
         await self.recorder.start()
@@ -387,15 +388,6 @@ class Dispatcher:
                                                 "worker vanished"))
 
     # ------------------------------------------------------------------ answers
-
-    async def _receive_loop(self) -> None:
-        """Answers from workers of other processes, for as long as this one lives."""
-        while True:
-            message = await layer.receive(self.layer, self.channel)
-            try:
-                await self.handle(message)
-            except Exception:  # a malformed message must not stop the answers
-                log.exception("dispatcher failed to handle a layer message")
 
     async def _on_reply(self, message: dict[str, Any]) -> None:
         pending = self.pending.get(message["key"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from channels.layers import BaseChannelLayer
 
@@ -41,3 +41,18 @@ async def receive(layer: BaseChannelLayer, channel: str) -> dict[str, Any]:
             _down = False
             log.warning("channel layer reachable again")
         return message
+
+
+async def listen(layer: BaseChannelLayer, channel: str,
+                 handle: Callable[[dict[str, Any]], Awaitable[None]], who: str) -> None:
+    """Hand every message on ``channel`` to ``handle``, for as long as the task lives.
+
+    A message whose handling fails is logged and dropped: one bad message must not
+    deafen the listener.
+    """
+    while True:
+        message = await receive(layer, channel)
+        try:
+            await handle(message)
+        except Exception:
+            log.exception("%s failed to handle a %r message", who, message.get("type"))
