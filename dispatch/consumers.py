@@ -58,6 +58,7 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     _allowance: float | None = None
     _checked = 0.0
     _throttled = False
+    _ended = False  # the socket is gone: its layer listener must stop too
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Channels' consumer loop, leaner: frames in this task, layer messages in another.
@@ -75,12 +76,14 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
                 self.channel_name = await self.channel_layer.new_channel()
                 listener = asyncio.create_task(
                     layer.listen(self.channel_layer, self.channel_name, self.dispatch,
-                                 type(self).__name__), name=f"listen-{self.channel_name}")
+                                 type(self).__name__, lambda: not self._ended),
+                    name=f"listen-{self.channel_name}")
             while True:
                 await self.dispatch(await receive())
         except StopConsumer:
             pass
         finally:
+            self._ended = True
             if listener is not None:
                 listener.cancel()
 

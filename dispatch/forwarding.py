@@ -39,6 +39,8 @@ Respond = Callable[[ApiResponse], Awaitable[None]]
 
 #: How often requests waiting for a free slot are retried when nothing wakes them.
 QUEUE_POLL_SECONDS = 0.05
+#: How long stop() waits for its background tasks to end once cancelled.
+STOP_WAIT_SECONDS = 2.0
 
 
 class LocalWorker(Protocol):
@@ -96,13 +98,15 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.accepting = True
+        self.stopped = False
 
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
         self.channel = await self.layer.new_channel()
         self._tasks = [asyncio.create_task(layer.listen(self.layer, self.channel, self.handle,
-                                                        "dispatcher"), name="dispatch-inbox"),
+                                                        "dispatcher", lambda: not self.stopped),
+                                           name="dispatch-inbox"),
                        asyncio.create_task(self._queue_loop(), name="dispatch-queue"),
                        asyncio.create_task(self._sweep_loop(), name="dispatch-sweep")]
         await self.recorder.start()
@@ -131,9 +135,15 @@ class Dispatcher:
         for pending in list(self.pending.values()):
             await self._finish(pending, ApiResponse.failure(pending.request_id,
                                                             protocol.SHUTTING_DOWN))
+        self.stopped = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: a receive cancelled inside redis-py's blocking read now and then
+        # keeps waiting for its answer (seen with channels-redis), and shutdown must
+        # not wait for it.
+        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_WAIT_SECONDS)
+        for task in stuck:
+            log.warning("task %s did not stop when cancelled; leaving it", task.get_name())
         await self.recorder.stop()
 
     # ------------------------------------------------------------------ entry points

@@ -44,14 +44,20 @@ async def receive(layer: BaseChannelLayer, channel: str) -> dict[str, Any]:
 
 
 async def listen(layer: BaseChannelLayer, channel: str,
-                 handle: Callable[[dict[str, Any]], Awaitable[None]], who: str) -> None:
-    """Hand every message on ``channel`` to ``handle``, for as long as the task lives.
+                 handle: Callable[[dict[str, Any]], Awaitable[None]], who: str,
+                 wanted: Callable[[], bool]) -> None:
+    """Hand every message on ``channel`` to ``handle`` while ``wanted()`` says so.
 
     A message whose handling fails is logged and dropped: one bad message must not
-    deafen the listener.
+    deafen the listener. ``wanted`` is checked as well as cancelling the task because
+    a cancellation delivered inside redis-py's blocking read is now and then lost
+    (seen with channels-redis): the receive then carries on, and without the check
+    such a listener would outlive its consumer.
     """
-    while True:
+    while wanted():
         message = await receive(layer, channel)
+        if not wanted():
+            return
         try:
             await handle(message)
         except Exception:

@@ -82,3 +82,28 @@ async def test_nothing_is_left_behind_in_redis(make_layer, redis_url: str,
     await asyncio.gather(*layer.receive_cleaners)
     with redis.Redis.from_url(redis_url) as client:
         assert list(client.scan_iter(match=f"{redis_prefix}:*")) == []
+
+
+async def test_a_listener_stops_with_its_owner_even_if_its_cancel_is_lost(make_layer) -> None:
+    """dispatch.layer.listen checks ``wanted`` around each receive, so a listener whose
+    cancellation got lost in a blocking read still ends at its next message."""
+    from dispatch.layer import listen
+
+    layer = make_layer()
+    channel = await layer.new_channel()
+    handled: list[int] = []
+    owner_alive = True
+
+    async def handle(message: dict) -> None:
+        handled.append(message["i"])
+
+    task = asyncio.create_task(listen(layer, channel, handle, "test", lambda: owner_alive))
+    await layer.send(channel, {"type": "t", "i": 1})
+    for _ in range(100):
+        if handled:
+            break
+        await asyncio.sleep(0.02)
+    owner_alive = False  # the consumer is gone; nobody cancels the listener
+    await layer.send(channel, {"type": "t", "i": 2})
+    await asyncio.wait_for(task, 5)
+    assert handled == [1]
