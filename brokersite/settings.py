@@ -107,12 +107,11 @@ if REDIS_URL:
         }
     }
 else:
-    # A worker may have thousands of forwarded requests queued: the default
-    # capacity of 100 per channel would refuse them long before the broker is busy.
+    # A process's inbox may hold thousands of forwarded requests and answers: the
+    # default capacity of 100 per channel would refuse them long before it is busy.
     CHANNEL_LAYERS = {
         "default": {
-            # Channels' own, with its expiry sweep rationed (O(connections) each time).
-            "BACKEND": "dispatch.memory_layer.InMemoryChannelLayer",
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
             "CONFIG": {"capacity": 10_000, "expiry": 60},
         }
     }

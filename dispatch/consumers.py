@@ -1,8 +1,9 @@
 """The two sockets: worker and requester. Thin edges between frames and services.
 
 Each consumer has three sections, as in Channels' own examples: socket handlers
-(frames in), frame/command helpers, and channel-layer handlers (``broker.*``
-messages in). The real work is in :mod:`dispatch.forwarding` and the registry.
+(frames in), frame/command helpers, and what the process's dispatcher calls with
+the ``broker.*`` layer messages it receives for them (sockets have no channel of
+their own). The real work is in :mod:`dispatch.forwarding` and the registry.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Any
 from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.layers import get_channel_layer
 
 from workers import protocol
 from workers.handlers import run_safely
 from workers.protocol import (ApiRequest, ApiResponse, Message, MessageType, ProtocolError,
                               Registration, RequestBody, ResponseBody)
 
-from . import auth, conf, events, layer
+from . import auth, conf, events
 from .auth import Grant, Refusal, get_guard
 from .actions import actions, message_handlers
 from .forwarding import Dispatcher, get_dispatcher
@@ -42,15 +42,18 @@ CLOSE_GOING_AWAY = 1001
 
 
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
-    """A websocket consumer without a database hop per message.
+    """A websocket consumer without a database hop per message, and without a channel.
 
     Channels' ``dispatch`` closes stale database connections around every message
     (and again on disconnect), through a thread (``aclose_old_connections``). These
     sockets never touch the database, so that hop would only cost throughput.
+
+    Nor do they listen on the channel layer: the process's dispatcher does, once for
+    all of them, and calls them. A layer receiver per socket would cost a task and,
+    with Redis, a share of one receive lock per process; cancelled at every
+    disconnect, such a receiver can lose the message it was popping for the others.
     """
 
-    #: Whether this consumer gets a channel of its own on the layer.
-    uses_layer = True
     #: Which credential kind this socket takes: "worker" or "requester".
     kind = ""
     grant: Grant | None = None
@@ -58,34 +61,18 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     _allowance: float | None = None
     _checked = 0.0
     _throttled = False
-    _ended = False  # the socket is gone: its layer listener must stop too
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Channels' consumer loop, leaner: frames in this task, layer messages in another.
-
-        Channels' ``await_many_dispatch`` makes a task and an ``asyncio.wait`` per
-        message (~10% of the broker's time under load); a listener task for the
-        layer costs nothing per frame.
-        """
+        """Channels' consumer loop, leaner: one source, so no task and no
+        ``asyncio.wait`` per frame (Channels' ``await_many_dispatch``: ~10% under load)."""
         self.scope = scope
         self.base_send = send
-        self.channel_layer = get_channel_layer() if self.uses_layer else None
-        listener = None
+        self.channel_layer = None
         try:
-            if self.channel_layer is not None:
-                self.channel_name = await self.channel_layer.new_channel()
-                listener = asyncio.create_task(
-                    layer.listen(self.channel_layer, self.channel_name, self.dispatch,
-                                 type(self).__name__, lambda: not self._ended),
-                    name=f"listen-{self.channel_name}")
             while True:
                 await self.dispatch(await receive())
         except StopConsumer:
             pass
-        finally:
-            self._ended = True
-            if listener is not None:
-                listener.cancel()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         handler = getattr(self, get_handler_name(message), None)
@@ -95,11 +82,6 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         await self.disconnect(message["code"])
-        for group in self.groups:
-            try:
-                await self.channel_layer.group_discard(group, self.channel_name)
-            except Exception as exc:  # noqa: BLE001 - layer down: membership expires
-                log.warning("could not leave group %s: %s", group, exc)
         raise StopConsumer()
 
     async def admit(self) -> bool:
@@ -198,8 +180,6 @@ class Assignment:
 class WorkerConsumer(LeanWebsocketConsumer):
     """One worker's socket: registration, heartbeats, forwarded requests, answers."""
 
-    groups = [events.WORKERS_GROUP]
-
     kind = "worker"
     entry: WorkerEntry | None = None
     dispatcher: Dispatcher
@@ -211,6 +191,8 @@ class WorkerConsumer(LeanWebsocketConsumer):
         self.dispatcher = await get_dispatcher()
         self.recorder = get_recorder()  # once: heartbeats are most of an idle fleet's work
         self.session_id = protocol.random_id(16)
+        # Names this connection in the registry and in its dispatcher (no layer channel).
+        self.channel_name = f"worker.{self.session_id}"
         self.assignments: dict[str, Assignment] = {}
         self.opened = self.last_frame = self.last_ack = time.monotonic()
         self.closed = False
@@ -293,12 +275,9 @@ class WorkerConsumer(LeanWebsocketConsumer):
         self.entry = entry
         if replaced is not None and replaced.channel != self.channel_name:
             log.warning("worker %s reconnected; closing its previous connection", reg.worker_id)
-            try:
-                await self.channel_layer.send(replaced.channel, events.kick(
-                    "Replaced by a newer connection with the same worker_id", CLOSE_REPLACED))
-            except Exception as exc:  # noqa: BLE001 - layer down: it times out on its own
-                log.warning("could not close the previous connection of %s: %s",
-                            reg.worker_id, exc)
+            await self.dispatcher.deliver(replaced.inbox, events.kick(
+                replaced.channel, "Replaced by a newer connection with the same worker_id",
+                CLOSE_REPLACED))
         self.dispatcher.local_workers[self.channel_name] = self
         await self.send_frame(Message(MessageType.CONNECT.value, {
             "worker_id": reg.worker_id,
@@ -331,11 +310,6 @@ class WorkerConsumer(LeanWebsocketConsumer):
                     entry.worker_id)
         entry.in_flight = len(self.assignments)
         await self.dispatcher.registry.add(entry)
-        for group in self.groups:
-            try:
-                await self.channel_layer.group_add(group, self.channel_name)
-            except Exception as exc:  # noqa: BLE001 - retried at the next heartbeat
-                raise RegistryUnavailable(f"could not rejoin {group}: {exc}") from exc
 
     async def on_response(self, msg: Message) -> None:
         body = ResponseBody.from_message(msg)
@@ -482,16 +456,18 @@ class WorkerConsumer(LeanWebsocketConsumer):
         log.info("worker %s left (%s); %d request(s) handed back", self.entry.worker_id,
                  reason, len(assignments))
 
-    # -------------------------------------------------------------- layer handlers
+    # -------------------------------------------------------------- from the dispatcher
 
-    async def broker_notify(self, message: dict[str, Any]) -> None:
+    async def notify(self, message: dict[str, Any]) -> None:
+        """A broadcast (``broker.notify``) to pass on."""
         if self.entry is not None:
             await self.send_frame(Message.notification(message["message"],
                                                        **message.get("extra", {})))
 
-    async def broker_kick(self, message: dict[str, Any]) -> None:
-        await self.send_frame(Message.error(message["reason"]))
-        await self._close_and_teardown(message["code"], message["reason"])
+    async def kick(self, reason: str, code: int) -> None:
+        """Close this socket, saying why (a newer connection took its worker id)."""
+        await self.send_frame(Message.error(reason))
+        await self._close_and_teardown(code, reason)
 
 
 # ---------------------------------------------------------------------------- requesters
@@ -500,10 +476,9 @@ class WorkerConsumer(LeanWebsocketConsumer):
 class RequesterConsumer(LeanWebsocketConsumer):
     """A requester's socket: the seed's JSON API, many requests in flight at once.
 
-    Its answers arrive through the process's dispatcher, so it needs no channel.
+    Its answers arrive through the process's dispatcher.
     """
 
-    uses_layer = False
     kind = "requester"
     dispatcher: Dispatcher
 

@@ -15,8 +15,6 @@ from .consumers import LeanWebsocketConsumer
 class EchoConsumer(LeanWebsocketConsumer):
     """Text comes back as text, bytes as bytes, byte for byte."""
 
-    uses_layer = False  # an echo needs no channel
-
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None
                       ) -> None:
         if text_data is not None:

@@ -12,12 +12,13 @@ from typing import Any
 FORWARD = "broker.forward"  # dispatcher -> the worker's dispatcher: run this request
 REPLY = "broker.reply"  # worker consumer -> dispatcher: the worker's answer
 LOST = "broker.lost"  # worker consumer -> dispatcher: the worker went away mid-request
-NOTIFY = "broker.notify"  # anyone -> worker consumers (group): a notification to pass on
-KICK = "broker.kick"  # anyone -> one worker consumer: close the socket, with a reason
+NOTIFY = "broker.notify"  # anyone -> every dispatcher (group) -> its workers: a notification
+KICK = "broker.kick"  # a dispatcher -> the dispatcher holding one worker: close that socket
 BATCH = "broker.batch"  # dispatcher -> dispatcher: several of the above in one layer message
 
-#: Group every worker consumer joins, so one group_send reaches the whole fleet.
-WORKERS_GROUP = "dispatch.workers"
+#: Group every dispatcher's inbox joins, so one group_send reaches every broker process,
+#: which passes it on to the workers it holds.
+INBOXES_GROUP = "dispatch.inboxes"
 
 
 def forward(key: str, action: str, params: dict[str, Any], reply_to: str,
@@ -46,5 +47,6 @@ def notify(message: Any, **extra: Any) -> dict[str, Any]:
     return {"type": NOTIFY, "message": message, "extra": extra}
 
 
-def kick(reason: str, code: int = 4000) -> dict[str, Any]:
-    return {"type": KICK, "reason": reason, "code": code}
+def kick(worker: str, reason: str, code: int = 4000) -> dict[str, Any]:
+    """``worker`` is the name of the worker's consumer in the receiving process."""
+    return {"type": KICK, "worker": worker, "reason": reason, "code": code}

@@ -44,12 +44,17 @@ STOP_WAIT_SECONDS = 2.0
 
 
 class LocalWorker(Protocol):
-    """A worker consumer in this process, reachable without a layer round trip."""
+    """A worker consumer in this process: it has no channel of its own, the dispatcher
+    hands it whatever the layer brings for it."""
 
     @property
     def busy(self) -> int: ...
 
     async def assign(self, message: dict[str, Any]) -> None: ...
+
+    async def notify(self, message: dict[str, Any]) -> None: ...
+
+    async def kick(self, reason: str, code: int) -> None: ...
 
     async def stop_taking_work(self) -> None: ...
 
@@ -109,6 +114,7 @@ class Dispatcher:
                                            name="dispatch-inbox"),
                        asyncio.create_task(self._queue_loop(), name="dispatch-queue"),
                        asyncio.create_task(self._sweep_loop(), name="dispatch-sweep")]
+        await self._join_broadcasts()
         await self.recorder.start()
         log.debug("dispatcher %s listening on %s", self.process, self.channel)
 
@@ -144,7 +150,19 @@ class Dispatcher:
         _, stuck = await asyncio.wait(self._tasks, timeout=STOP_WAIT_SECONDS)
         for task in stuck:
             log.warning("task %s did not stop when cancelled; leaving it", task.get_name())
+        try:
+            await self.layer.group_discard(events.INBOXES_GROUP, self.channel)
+        except Exception as exc:  # noqa: BLE001 - layer down: membership expires
+            log.warning("could not leave the broadcast group: %s", exc)
         await self.recorder.stop()
+
+    async def _join_broadcasts(self) -> None:
+        """(Re)join the group every process's inbox is in: once at start, then every
+        sweep, so that membership survives a Redis restart."""
+        try:
+            await self.layer.group_add(events.INBOXES_GROUP, self.channel)
+        except Exception as exc:  # noqa: BLE001 - layer down: the next sweep retries
+            log.warning("could not join the broadcast group: %s", exc)
 
     # ------------------------------------------------------------------ entry points
 
@@ -213,6 +231,13 @@ class Dispatcher:
             await self._on_lost(message)
         elif kind == events.FORWARD:
             await self._on_forward(message)
+        elif kind == events.NOTIFY:
+            for worker in list(self.local_workers.values()):
+                await worker.notify(message)
+        elif kind == events.KICK:
+            target = self.local_workers.get(message["worker"])
+            if target is not None:
+                await target.kick(message["reason"], message["code"])
         elif kind == events.BATCH:
             for inner in message["messages"]:
                 try:
@@ -375,6 +400,7 @@ class Dispatcher:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(conf.get("HEARTBEAT_INTERVAL"))
+            await self._join_broadcasts()
             try:
                 await self.sweep()
             except Exception as exc:  # noqa: BLE001 - Redis down: try again next round

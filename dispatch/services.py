@@ -27,7 +27,7 @@ async def workers_list() -> list[dict[str, Any]]:
 
 async def broadcast(message: Any) -> int:
     """Send a notification to every worker; returns how many were online."""
-    await get_channel_layer().group_send(events.WORKERS_GROUP, events.notify(message))
+    await get_channel_layer().group_send(events.INBOXES_GROUP, events.notify(message))
     return await get_registry().count()
 
 
