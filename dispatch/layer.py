@@ -52,7 +52,7 @@ async def listen(layer: BaseChannelLayer, channel: str,
     deafen the listener. ``wanted`` is checked as well as cancelling the task because
     a cancellation delivered inside redis-py's blocking read is now and then lost
     (seen with channels-redis): the receive then carries on, and without the check
-    such a listener would outlive its consumer.
+    such a listener would outlive its owner.
     """
     while wanted():
         message = await receive(layer, channel)
