@@ -96,7 +96,7 @@ class Dispatcher:
         self.waiting: deque[Pending] = deque()
         self.local_workers: dict[str, LocalWorker] = {}  # by consumer channel
         self._outbox: Batcher[tuple[str, dict[str, Any]]] = Batcher(self._send, "dispatch-send")
-        self._intake: Batcher[Pending] = Batcher(self._assign_many, "dispatch-reserve")
+        self._intake: Batcher[Pending] = Batcher(self._assign, "dispatch-reserve")
         self._releases: Batcher[tuple[str, float | None, bool]] = Batcher(
             self._release_many, "dispatch-release")
         self.stats: Counter[str] = Counter()
@@ -187,7 +187,7 @@ class Dispatcher:
         self.pending[key] = pending
         self.stats["submitted"] += 1
         if self.registry.local:
-            await self._assign(pending)
+            await self._assign([pending])
         else:  # reserved with the others of this moment, in two round trips for all
             self._intake.add(pending)
         return key
@@ -249,20 +249,12 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ assigning
 
-    async def _assign(self, pending: Pending) -> None:
-        """Reserve a worker and forward; or queue, or answer with why not."""
-        try:
-            # A lost worker has left the registry by now; if it is back (it reconnected,
-            # perhaps to another broker process) it is as good a choice as any.
-            reservation = await self.registry.reserve(pending.command,
-                                                      worker_id=pending.target)
-        except RegistryUnavailable as exc:
-            await self._fail(pending, f"{protocol.BROKER_UNAVAILABLE}: {exc}")
-            return
-        await self._place(pending, reservation)
+    async def _assign(self, batch: list[Pending]) -> None:
+        """Reserve a worker for each request and forward; or queue, or answer with why not.
 
-    async def _assign_many(self, batch: list[Pending]) -> None:
-        """:meth:`_assign` for requests that arrived together."""
+        A lost worker has left the registry by now; if it is back (it reconnected,
+        perhaps to another broker process) it is as good a choice as any.
+        """
         batch = [p for p in batch if p.key in self.pending]  # not timed out meanwhile
         try:
             reservations = await self.registry.reserve_many(
@@ -392,7 +384,7 @@ class Dispatcher:
             else:
                 await self._wake.wait()
             batch = [self.waiting.popleft() for _ in range(len(self.waiting))]
-            await self._assign_many(batch)  # may queue some again
+            await self._assign(batch)  # may queue some again
             # Cleared after the pass, so that re-queueing above does not spin the loop;
             # a wake-up lost here costs at most one poll interval.
             self._wake.clear()
@@ -456,7 +448,7 @@ class Dispatcher:
         log.info("request %s: worker %s lost (%s), re-dispatching", pending.request_id,
                  message["worker_id"], message["reason"])
         self.stats["redispatched"] += 1
-        await self._assign(pending)
+        await self._assign([pending])
 
     def _expire(self, key: str) -> None:
         pending = self.pending.get(key)

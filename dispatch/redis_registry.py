@@ -54,7 +54,7 @@ from . import conf
 from .balancing import get_strategy
 from .registry import EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry
 
-#: Times reserve() fetches candidates again after losing the race for a slot.
+#: Times a reservation fetches candidates (again, after losing the race for a slot).
 RESERVE_ATTEMPTS = 5
 #: Seconds to wait for a TCP connection, and for an answer, before Redis counts as down.
 CONNECT_TIMEOUT = 2.0
@@ -476,29 +476,18 @@ class RedisRegistry(Registry):
     async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
         """Two round trips: fetch candidates, then take a slot of the chosen one (see the
         module docstring); one for a named worker."""
-        if worker_id is not None:
-            got = await self._run(RESERVE, [], [worker_id, ""])
-            if not isinstance(got, list):
-                return Reservation(None, got == 1)  # 0: unknown, 1: full
-            return Reservation(_decode(got), True)
-        strategy = get_strategy(conf.get("STRATEGY"))
-        for _ in range(RESERVE_ATTEMPTS):
-            seq, [(capable, rows)] = await self._candidates([command], 1)
-            if not rows:
-                return Reservation(None, bool(capable))
-            chosen = strategy(rows, seq, self._rng)
-            got = await self._run(RESERVE, [], [chosen.worker_id, command])
-            if isinstance(got, list):
-                return Reservation(_decode(got), True)
-            # Another process took its last slot (or it left) meanwhile: look again.
-        return Reservation(None, True)  # lost every race: capable but busy, so it waits
+        if worker_id is None:
+            return (await self._reserve_open([command]))[0]
+        got = await self._run(RESERVE, [], [worker_id, ""])
+        if not isinstance(got, list):
+            return Reservation(None, got == 1)  # 0: unknown, 1: full
+        return Reservation(_decode(got), True)
 
     async def reserve_many(self, requests: list[tuple[str, str | None]]) -> list[Reservation]:
         """Two round trips for the lot: candidates of every command, then every slot.
 
         Choices within the batch count against each other (a worker chosen once has
-        one slot less for the next), as one-at-a-time reserves would. A request that
-        loses a race with another process falls back to :meth:`reserve`.
+        one slot less for the next), as one-at-a-time reserves would.
         """
         out: list[Reservation | None] = [None] * len(requests)
         open_ = []
@@ -513,7 +502,11 @@ class RedisRegistry(Registry):
                 out[i] = reservation
         return out  # type: ignore[return-value]
 
-    async def _reserve_open(self, commands: list[str]) -> list[Reservation]:
+    async def _reserve_open(self, commands: list[str], attempts: int = RESERVE_ATTEMPTS
+                            ) -> list[Reservation]:
+        """Choose and take a slot for each command. Those that lost a race with another
+        process (it took the last slot, or the worker left) are tried again together,
+        ``attempts`` times in all; after that they count as capable but busy (they wait)."""
         distinct = sorted(set(commands))
         last_seq, found = await self._candidates(distinct, len(commands))
         pools = dict(zip(distinct, found))
@@ -536,9 +529,17 @@ class RedisRegistry(Registry):
                 RESERVE_MANY, [], [text for _, worker_id, command in picks
                                    for text in (worker_id, command)])
             entries = {worker_id: _decode(h) for worker_id, h in zip(flat[::2], flat[1::2])}
+            lost = []
             for (i, worker_id, command), status in zip(picks, statuses):
-                out[i] = (Reservation(entries[worker_id], True) if status == 2
-                          else await self.reserve(command))  # lost a race: one at a time
+                if status == 2:
+                    out[i] = Reservation(entries[worker_id], True)
+                else:
+                    lost.append(i)
+            if lost:
+                again = (await self._reserve_open([commands[i] for i in lost], attempts - 1)
+                         if attempts > 1 else [Reservation(None, True)] * len(lost))
+                for i, reservation in zip(lost, again):
+                    out[i] = reservation
         return out  # type: ignore[return-value]
 
     async def _candidates(self, commands: list[str], choices: int
