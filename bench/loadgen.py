@@ -56,18 +56,22 @@ class WsRequester:
                 f'"data":{{"payload":"{payload}"}}}}')
 
     async def _read(self) -> None:
-        pending = self.pending
+        """Answer calls until the socket closes; then fail those still waiting."""
         try:
-            async for text in self.ws:
-                answer = loads(text)
-                future = pending.pop(answer.get("request_id"), None)
-                if future is not None and not future.done():
-                    future.set_result(answer)
+            await self._receive_answers()
         finally:
-            for future in pending.values():
+            for future in self.pending.values():
                 if not future.done():
                     future.set_exception(Closed("connection closed"))
-            pending.clear()
+            self.pending.clear()
+
+    async def _receive_answers(self) -> None:
+        pending = self.pending
+        async for text in self.ws:
+            answer = loads(text)
+            future = pending.pop(answer.get("request_id"), None)
+            if future is not None and not future.done():
+                future.set_result(answer)
 
     async def call(self, rid: str, text: str) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
@@ -108,25 +112,19 @@ class SioRequester(WsRequester):
         return (f'["request",{{"request_id":"{rid}","command":"{COMMAND}",'
                 f'"data":{{"payload":"{payload}"}}}}]')
 
-    async def _read(self) -> None:
+    async def _receive_answers(self) -> None:
         pending, ws = self.pending, self.ws
-        try:
-            async for text in ws:
-                if text == "2":
-                    await ws.send("3")
-                    continue
-                if text.startswith("43"):
-                    i = 2
-                    while text[i].isdigit():
-                        i += 1
-                    future = pending.pop(text[2:i], None)
-                    if future is not None and not future.done():
-                        future.set_result(loads(text[i:])[0])
-        finally:
-            for future in pending.values():
-                if not future.done():
-                    future.set_exception(Closed("connection closed"))
-            pending.clear()
+        async for text in ws:
+            if text == "2":
+                await ws.send("3")
+                continue
+            if text.startswith("43"):
+                i = 2
+                while text[i].isdigit():
+                    i += 1
+                future = pending.pop(text[2:i], None)
+                if future is not None and not future.done():
+                    future.set_result(loads(text[i:])[0])
 
     async def call(self, rid: str, text: str) -> dict[str, Any]:
         ack = str(next(self.acks))

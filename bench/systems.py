@@ -80,6 +80,12 @@ class System:
         self.procs.append(proc)
         return proc
 
+    def _serve(self, proc: Proc, worker_url: str, requester_url: str, health_url: str) -> None:
+        """Record where ``proc`` listens, then wait until its health URL says ok."""
+        self.worker_url, self.requester_url = worker_url, requester_url
+        self.health_url = health_url
+        self._wait_healthy(health_url, proc)
+
     def _wait_healthy(self, url: str, proc: Proc) -> None:
         ok = wait_until(lambda: not proc.alive() or http_json(url, 1.0).get("status") == "ok",
                         START_TIMEOUT)
@@ -108,11 +114,8 @@ class Baseline(System):
                 "--requester-port", str(rport)]
         if self.uvloop:
             args.append("--uvloop")
-        proc = self._spawn("broker", args)
-        self.worker_url = f"ws://{HOST}:{wport}"
-        self.requester_url = f"ws://{HOST}:{rport}"
-        self.health_url = f"http://{HOST}:{rport}/healthz"
-        self._wait_healthy(self.health_url, proc)
+        self._serve(self._spawn("broker", args), f"ws://{HOST}:{wport}",
+                    f"ws://{HOST}:{rport}", f"http://{HOST}:{rport}/healthz")
 
 
 class Nats(System):
@@ -200,10 +203,8 @@ class OursDaphne(Ours):
         proc = self._spawn("broker", [python(), "manage.py", "runbroker", "--host", HOST,
                                       "--worker-port", str(wport), "--requester-port", str(rport),
                                       "--http-port", str(hport), "--no-migrate"], self.db_env)
-        self.worker_url = f"ws://{HOST}:{wport}"
-        self.requester_url = f"ws://{HOST}:{rport}"
-        self.health_url = f"http://{HOST}:{hport}/healthz"
-        self._wait_healthy(self.health_url, proc)
+        self._serve(proc, f"ws://{HOST}:{wport}", f"ws://{HOST}:{rport}",
+                    f"http://{HOST}:{hport}/healthz")
         return proc
 
 
@@ -240,10 +241,8 @@ class OursAsgi(Ours):
                     "--no-access-log", "brokersite.asgi:application"]
         proc = self._spawn("broker", args, {**self._db_env(),
                                             "PYTHONWARNINGS": "ignore::DeprecationWarning"})
-        self.worker_url = f"ws://{HOST}:{port}/ws/worker/"
-        self.requester_url = f"ws://{HOST}:{port}/ws/requester/"
-        self.health_url = f"http://{HOST}:{port}/healthz"
-        self._wait_healthy(self.health_url, proc)
+        self._serve(proc, f"ws://{HOST}:{port}/ws/worker/", f"ws://{HOST}:{port}/ws/requester/",
+                    f"http://{HOST}:{port}/healthz")
 
 
 class OursRedis2P(Ours):
