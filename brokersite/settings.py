@@ -39,11 +39,15 @@ def database_from_url(url: str) -> dict:
     raise ValueError(f"DATABASE_URL: unsupported scheme '{parts.scheme}'")
 
 
-SECRET_KEY = os.environ.get(
-    "DJANGO_SECRET_KEY", "insecure-dev-key-set-DJANGO_SECRET_KEY-in-production"
-)
+#: Good enough on one machine; runbroker refuses it when DEBUG is off and the broker
+#: listens beyond loopback (sessions and CSRF tokens of the admin depend on it).
+DEVELOPMENT_SECRET_KEY = "insecure-dev-key-set-DJANGO_SECRET_KEY-in-production"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", DEVELOPMENT_SECRET_KEY)
 DEBUG = env_bool("DJANGO_DEBUG")
-ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "*").split(",")
+# Host names the HTTP port answers to. Loopback names unless set: a page whose own name
+# is made to resolve to 127.0.0.1 (DNS rebinding) must not reach the admin or the API.
+ALLOWED_HOSTS = [h.strip() for h in os.environ.get(
+    "DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()]
 
 INSTALLED_APPS = [
     "daphne",
@@ -135,7 +139,9 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"redact": {"()": "dispatch.logsafe.RedactTokens"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
+                             "filters": ["redact"]}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "dispatch": {"level": os.environ.get("BROKER_LOG_LEVEL", "INFO").upper()},

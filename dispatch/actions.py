@@ -51,9 +51,21 @@ async def get_time() -> str:
 
 @server_action()
 async def get_client_info() -> dict[str, Any]:
-    """The online workers and their load."""
-    workers = [w.to_dict() for w in await get_registry().all()]
+    """The online workers and their load; not where they are (``CLIENT_INFO_ADDRESSES``).
+
+    Any worker may ask, so it is told what balancing needs (ids, names, commands,
+    load), not other machines' addresses or which broker process holds them.
+    """
+    fields = CLIENT_INFO_FIELDS + (("address", "process") if conf.get("CLIENT_INFO_ADDRESSES")
+                                   else ())
+    workers = [{k: v for k, v in w.to_dict().items() if k in fields}
+               for w in await get_registry().all()]
     return {"count": len(workers), "workers": workers}
+
+
+#: What get_client_info tells about each worker.
+CLIENT_INFO_FIELDS = ("worker_id", "name", "commands", "weight", "max_concurrency",
+                      "in_flight", "draining")
 
 
 @server_action()

@@ -81,6 +81,11 @@ class CredentialAdmin(admin.ModelAdmin):
     readonly_fields = ("key_id", "created_at")
     fields = ("name", "kind", "commands", "max_connections", "active", "key_id", "created_at")
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Revoke (untick "active") instead: deleting every credential would return the
+        # broker to protected mode, which `manage.py token delete` does only when asked.
+        return False
+
     def save_model(self, request: HttpRequest, obj: Credential, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)

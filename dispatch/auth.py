@@ -6,9 +6,16 @@ Tokens are checked against digests held in memory; the :class:`Guard` reloads th
 from the database every few seconds, off the request path, and closes the live
 connections of a credential that was revoked meanwhile.
 
-While no credential exists at all, the broker is in *protected mode* (as Redis
-is): loopback peers need nothing and remote peers are refused with a reason that
-says how to create a token. Once one exists, every peer needs a valid one.
+*Protected mode* is for one developer on one machine: while no credential has
+ever been created (and no ``API_TOKEN`` is set), loopback peers need nothing and
+every other peer is refused with a reason that says how to create a token. The
+first credential ends it for good: connections admitted without one are closed,
+and revoking every credential does not reopen the broker (only deleting them all
+with ``manage.py token delete`` does).
+
+A peer's address is the socket's, unless that socket is one of
+``TRUSTED_PROXIES``: then ``X-Forwarded-For`` names it. A loopback peer that
+carries forwarding headers from a proxy we do not trust is not taken for local.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ import logging
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable, Protocol
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
+
+from workers.protocol import CloseCode
 
 from . import conf
 from .loops import PerLoop
@@ -33,10 +43,12 @@ from .loops import PerLoop
 log = logging.getLogger("dispatch.auth")
 
 PREFIXES = {"worker": "wrk", "requester": "req", "admin": "adm"}
+#: Headers a proxy adds; from a peer that is not a trusted proxy they mean "not local".
+FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+#: The credential id of connections admitted in protected mode.
+ANONYMOUS_ID = 0
 
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_TOO_MANY = 4429
+Headers = Iterable[tuple[bytes, bytes]]
 
 
 def digest(token: str) -> str:
@@ -63,21 +75,34 @@ def create_credential(name: str, kind: str, commands: Iterable[str] = (),
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a valid credential allows."""
+    """What an admitted connection may do: a credential's rights, or protected mode's."""
 
-    credential_id: int
+    credential_id: int  # ANONYMOUS_ID in protected mode
     name: str
     kind: str
     commands: frozenset[str] | None  # None: every command
     max_connections: int
 
+    @classmethod
+    def anonymous(cls, kind: str) -> Grant:
+        return cls(ANONYMOUS_ID, "anonymous (protected mode)", kind, None, 0)
+
+    @property
+    def owner(self) -> str:
+        """Who a worker id registered with this grant belongs to."""
+        return f"credential:{self.credential_id}" if self.credential_id else "anonymous"
+
     def allows(self, command: str) -> bool:
         return self.commands is None or command in self.commands
+
+    def refused_commands(self, commands: Iterable[str]) -> list[str]:
+        """Those of ``commands`` this grant does not allow, sorted."""
+        return sorted(c for c in set(commands) if not self.allows(c))
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    code: int
+    code: CloseCode
     reason: str
 
 
@@ -85,39 +110,96 @@ class Revocable(Protocol):
     async def revoke(self, reason: str) -> None: ...
 
 
+# --------------------------------------------------------------------------- peers
+
+
+def header(headers: Headers, name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def presented_token(scope: dict[str, Any]) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+    value = header(scope.get("headers", ()), b"authorization") or ""
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
     return values[0] if values else None
 
 
-def is_loopback(scope: dict[str, Any]) -> bool:
-    return is_loopback_host((scope.get("client") or ("", 0))[0])
+@lru_cache(maxsize=8)
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in text.split(",") if part.strip())
 
 
-def is_loopback_host(host: str | None) -> bool:
+def _ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(host or "").is_loopback
+        return ipaddress.ip_address((host or "").strip().strip("[]"))
     except ValueError:
-        return False
+        return None
 
 
-def origin_allowed(scope: dict[str, Any]) -> bool:
-    """Browsers send Origin; only listed origins may use the requester socket.
+def is_trusted_proxy(host: str | None) -> bool:
+    address = _ip(host)
+    return address is not None and any(address in n for n in
+                                       _networks(conf.get("TRUSTED_PROXIES")))
 
-    This stops another site's page from using a visitor's network position or
-    cookies to talk to the broker (cross-site WebSocket hijacking). Programs that
-    send no Origin are not browsers and are judged by their token alone.
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Where a connection comes from, as far as the broker can tell."""
+
+    host: str
+    port: int
+    #: It came through a proxy we do not trust (forwarding headers from an untrusted hop).
+    proxied: bool = False
+
+    @property
+    def local(self) -> bool:
+        """Loopback, and not a proxy's forward: what protected mode admits."""
+        address = _ip(self.host)
+        return address is not None and address.is_loopback and not self.proxied
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def peer_of(client: Any, headers: Headers) -> Peer:
+    """The peer of a socket at ``client`` (host, port) whose request carried ``headers``.
+
+    ``X-Forwarded-For`` is read from the right, one hop per trusted proxy: the first
+    address that is not a trusted proxy is the client. Without trusted proxies it
+    is ignored, and its presence on a loopback socket marks the peer as proxied.
     """
-    for name, value in scope.get("headers", ()):
-        if name == b"origin":
-            allowed = {o.strip() for o in conf.get("ALLOWED_ORIGINS").split(",") if o.strip()}
-            return "*" in allowed or value.decode("latin-1") in allowed
-    return True
+    headers = list(headers)
+    host, port = (client or ("?", 0))[0], (client or ("?", 0))[1]
+    forwarded = header(headers, b"x-forwarded-for")
+    if forwarded and is_trusted_proxy(host):
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        while hops and is_trusted_proxy(host):
+            host, port = hops.pop(), 0
+        return Peer(host, port, proxied=False)
+    proxied = any(header(headers, name) for name in FORWARDING_HEADERS)
+    return Peer(str(host), int(port or 0), proxied=proxied)
+
+
+def origin_listed(origin: str | None) -> bool:
+    """No Origin (not a browser), or one listed in ``ALLOWED_ORIGINS``.
+
+    Browsers send Origin on every WebSocket handshake; refusing unlisted ones stops
+    another site's page from using a visitor's network position (or a DNS
+    rebinding of its own name to 127.0.0.1) to talk to the broker.
+    """
+    if origin is None:
+        return True
+    allowed = {o.strip() for o in conf.get("ALLOWED_ORIGINS").split(",") if o.strip()}
+    return "*" in allowed or origin in allowed
+
+
+# --------------------------------------------------------------------------- guard
 
 
 class Guard:
@@ -125,6 +207,7 @@ class Guard:
 
     def __init__(self) -> None:
         self._keys: dict[str, tuple[str, Grant]] = {}  # key_id -> (digest, grant)
+        self._any_credential = False  # ever created (revoked ones count)
         self._connections: dict[int, set[Revocable]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
@@ -138,34 +221,44 @@ class Guard:
 
     @property
     def protected_mode(self) -> bool:
-        return not self._keys
+        return not self._any_credential and not conf.get("API_TOKEN")
 
-    def admit(self, scope: dict[str, Any], kind: str) -> Grant | Refusal | None:
-        """A grant, a refusal, or None for a loopback peer in protected mode."""
-        token = presented_token(scope)
+    def admit(self, scope: dict[str, Any], kind: str) -> Grant | Refusal:
+        """The grant of a new connection to the ``kind`` socket, or why it is refused."""
+        headers = scope.get("headers", ())
+        if not origin_listed(header(headers, b"origin")):
+            return Refusal(CloseCode.FORBIDDEN,
+                           "Origin not allowed: add it to BROKER_ALLOWED_ORIGINS")
         if self.protected_mode:
-            if is_loopback(scope):
-                return None
-            return Refusal(CLOSE_FORBIDDEN, (
-                "This broker has no credentials yet and accepts local connections only. "
-                f"Create a token on the broker: python manage.py token create {kind} NAME"))
+            peer = peer_of(scope.get("client"), headers)
+            if peer.local:
+                return Grant.anonymous(kind)
+            return Refusal(CloseCode.FORBIDDEN, (
+                "This broker has no credentials yet and accepts direct local connections "
+                "only" + (" (this one came through a proxy)" if peer.proxied else "") +
+                f". Create a token on the broker: python manage.py token create {kind} NAME"))
+        token = presented_token(scope)
         if token is None:
-            return Refusal(CLOSE_UNAUTHORIZED, "Missing credentials: send 'Authorization: "
-                                               "Bearer <token>' or add ?token=<token>")
+            return Refusal(CloseCode.UNAUTHORIZED, "Missing credentials: send 'Authorization: "
+                                                   "Bearer <token>' or add ?token=<token>")
         grant = self._lookup(token)
         if grant is None:
-            return Refusal(CLOSE_UNAUTHORIZED, "Invalid or revoked token")
+            return Refusal(CloseCode.UNAUTHORIZED, "Invalid or revoked token")
         if grant.kind != kind:
-            return Refusal(CLOSE_FORBIDDEN,
+            return Refusal(CloseCode.FORBIDDEN,
                            f"A {grant.kind} credential cannot be used on the {kind} socket")
         if grant.max_connections and \
                 len(self._connections[grant.credential_id]) >= grant.max_connections:
-            return Refusal(CLOSE_TOO_MANY, f"Too many connections for '{grant.name}' "
-                                           f"(limit {grant.max_connections} per process)")
+            return Refusal(CloseCode.TOO_MANY_CONNECTIONS,
+                           f"Too many connections for '{grant.name}' "
+                           f"(limit {grant.max_connections} per process)")
         return grant
 
     def check_api_token(self, token: str) -> bool:
-        """Whether ``token`` is an active admin key (for the control API)."""
+        """Whether ``token`` is ``API_TOKEN`` or an active admin key (for the control API)."""
+        static = conf.get("API_TOKEN")
+        if static and hmac.compare_digest(token.encode(), static.encode()):
+            return True
         grant = self._lookup(token)
         return grant is not None and grant.kind == "admin"
 
@@ -177,35 +270,38 @@ class Guard:
             return None
         return entry[1]
 
-    def attach(self, grant: Grant | None, conn: Revocable) -> None:
-        if grant is not None:
-            self._connections[grant.credential_id].add(conn)
+    def attach(self, grant: Grant, conn: Revocable) -> None:
+        self._connections[grant.credential_id].add(conn)
 
-    def detach(self, grant: Grant | None, conn: Revocable) -> None:
-        if grant is not None:
-            held = self._connections.get(grant.credential_id)
-            if held is not None:
-                held.discard(conn)
-                if not held:
-                    del self._connections[grant.credential_id]
+    def detach(self, grant: Grant, conn: Revocable) -> None:
+        held = self._connections.get(grant.credential_id)
+        if held is not None:
+            held.discard(conn)
+            if not held:
+                del self._connections[grant.credential_id]
 
     async def refresh(self) -> None:
-        """Reload credentials; close connections whose credential is gone or revoked."""
+        """Reload credentials; close connections whose credential no longer admits them."""
         try:
-            rows = await database_sync_to_async(_active_credentials)()
+            rows = await database_sync_to_async(_credentials)()
         except DatabaseError as exc:
             log.warning("could not reload credentials (keeping the last ones): %s", exc)
             return
+        self._any_credential = bool(rows)
         self._keys = {
             row["key_id"]: (row["digest"], Grant(
                 row["id"], row["name"], row["kind"],
                 frozenset(row["commands"]) if row["commands"] else None,
                 row["max_connections"]))
-            for row in rows}
+            for row in rows if row["active"]}
         live = {grant.credential_id for _, grant in self._keys.values()}
+        if self.protected_mode:
+            live.add(ANONYMOUS_ID)
         for credential_id in [c for c in self._connections if c not in live]:
+            reason = ("Credentials are required now: reconnect with a token"
+                      if credential_id == ANONYMOUS_ID else "Credential revoked")
             for conn in list(self._connections.pop(credential_id)):
-                await conn.revoke("Credential revoked")
+                await conn.revoke(reason)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -213,11 +309,11 @@ class Guard:
             await self.refresh()
 
 
-def _active_credentials() -> list[dict[str, Any]]:
+def _credentials() -> list[dict[str, Any]]:
     from .models import Credential
 
-    return list(Credential.objects.filter(active=True).values(
-        "id", "name", "kind", "key_id", "digest", "commands", "max_connections"))
+    return list(Credential.objects.values(
+        "id", "name", "kind", "key_id", "digest", "commands", "max_connections", "active"))
 
 
 _guards: PerLoop[Guard] = PerLoop(Guard)

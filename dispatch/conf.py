@@ -31,15 +31,30 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "REGISTER_TIMEOUT": (10.0, "seconds a new worker socket has to send its connect frame"),
     "MAX_MESSAGE_BYTES": (1_048_576, "largest frame accepted; larger ones get an error"),
     "MAX_IN_FLIGHT": (1000, "requests one requester connection may have in flight"),
+    "MAX_IN_FLIGHT_BYTES": (8 * 1_048_576, "bytes of requests one requester connection may "
+                                           "have in flight; beyond, new ones are refused"),
+    "MAX_UNSENT_BYTES": (4 * 1_048_576, "bytes sent to one connection that it has not read "
+                                        "yet, at most; beyond, it is closed with 4008"),
+    "MAX_WORKER_WEIGHT": (100.0, "highest weight a worker may register; more is capped"),
+    "MAX_WORKER_CONCURRENCY": (1000, "highest max_concurrency a worker may register; more "
+                                     "is capped"),
+    "WORKER_ID_CLAIM_SECONDS": (3600.0, "seconds a worker id stays with its credential "
+                                        "after the worker left"),
+    "CLIENT_INFO_ADDRESSES": (False, "get_client_info tells workers each other's "
+                                     "addresses"),
     "RATE_LIMIT": (20_000, "frames per second one connection may send (bursts of twice "
-                           "that); beyond, it is closed with 1008. 0: no limit"),
+                           "that); beyond, it is closed with 4008. 0: no limit"),
     "SHUTDOWN_GRACE": (10.0, "seconds SIGTERM waits for requests in flight to finish"),
     "HISTORY": (True, "record request history in the database (batched)"),
     "HISTORY_FLUSH_SECONDS": (1.0, "how often buffered history is written"),
     "HISTORY_BUFFER": (50_000, "history records kept in memory at most; older are dropped"),
+    "HISTORY_BUFFER_BYTES": (64 * 1_048_576, "bytes of history kept in memory at most; "
+                                             "older records are dropped"),
     "API_TOKEN": ("", "static bearer token for the HTTP control API (admin keys work too)"),
-    "ALLOWED_ORIGINS": ("", "browser origins allowed on the requester socket (comma-separated; "
-                            "* for any)"),
+    "ALLOWED_ORIGINS": ("", "browser origins allowed on the worker and requester sockets "
+                            "and the control API (comma-separated; * for any)"),
+    "TRUSTED_PROXIES": ("", "proxy addresses (or networks) whose X-Forwarded-For is "
+                            "believed, comma-separated"),
     "AUTH_REFRESH_SECONDS": (2.0, "how often credentials are reloaded (revocation delay)"),
     "ACTION_MODULES": ("", "comma-separated modules that register server actions"),
     "REDIS_PREFIX": ("dispatch", "prefix of every Redis key (registry and channel layer)"),

@@ -9,8 +9,10 @@ their own). The real work is in :mod:`dispatch.forwarding` and the registry.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,35 +22,44 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from workers import protocol
 from workers.handlers import run_safely
-from workers.protocol import (ApiRequest, ApiResponse, Message, MessageType, ProtocolError,
-                              Registration, RequestBody, ResponseBody)
+from workers.protocol import (ApiRequest, ApiResponse, CloseCode, Message, MessageType,
+                              ProtocolError, Registration, RequestBody, ResponseBody, quote)
 
-from . import auth, conf, events
-from .auth import Grant, Refusal, get_guard
+from . import conf, events
 from .actions import actions, message_handlers
+from .auth import Grant, get_guard, peer_of
 from .forwarding import Dispatcher, get_dispatcher
 from .history import get_recorder
-from .registry import RegistryUnavailable, WorkerEntry
+from .logsafe import LogBudget
+from .registry import RegistryUnavailable, WorkerEntry, WorkerIdTaken
+from .sendbuffer import Probe, probe_for
 
 log = logging.getLogger("dispatch.consumers")
 
-#: Close codes the broker uses (4000-4999 is the application's range).
-CLOSE_REPLACED = 4001
-CLOSE_BAD_REGISTRATION = 4002
-CLOSE_HEARTBEAT_TIMEOUT = 4003
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_GOING_AWAY = 1001
+
+class SocketState(enum.Enum):
+    """Where a connection is in its life. Only an OPEN one is listened to."""
+
+    CONNECTING = "connecting"  # handshake done, not yet admitted
+    OPEN = "open"  # admitted: its frames are read
+    CLOSING = "closing"  # refused, revoked, cut off or closed: whatever it sends is dropped
 
 
 class LeanWebsocketConsumer(AsyncWebsocketConsumer):
-    """A websocket consumer without a database hop per message, and without a channel.
+    """A websocket consumer with a hard admission gate, a bounded outbox, and no channel.
+
+    Admission: the socket is accepted, then judged (:meth:`admit`); a refused peer is
+    told why and closed, and nothing it sends after that, during the close handshake
+    or ever, is read: :meth:`receive` drops every frame unless the state is OPEN.
+
+    Sending: :meth:`send_text` never waits for the peer; what the server cannot take
+    at once waits in an outbox, and a peer that leaves more than ``max_unsent`` bytes
+    unread is cut off (:attr:`CloseCode.TOO_SLOW`).
 
     Channels' ``dispatch`` closes stale database connections around every message
-    (and again on disconnect), through a thread (``aclose_old_connections``). These
-    sockets never touch the database, so that hop would only cost throughput.
-
-    Nor do they listen on the channel layer: the process's dispatcher does, once for
+    (and again on disconnect), through a thread (``aclose_old_connections``); these
+    sockets never touch the database, so that hop would only cost throughput. Nor
+    do they listen on the channel layer: the process's dispatcher does, once for
     all of them, and calls them. A layer receiver per socket would cost a task and,
     with Redis, a share of one receive lock per process; cancelled at every
     disconnect, such a receiver can lose the message it was popping for the others.
@@ -56,11 +67,12 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
 
     #: Which credential kind this socket takes: "worker" or "requester".
     kind = ""
-    grant: Grant | None = None
+    state = SocketState.CONNECTING
+    grant: Grant
     # Token bucket of the frame rate limit: frames this connection may send now.
     _allowance: float | None = None
     _checked = 0.0
-    _throttled = False
+    _writer: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Channels' consumer loop, leaner: one source, so no task and no
@@ -68,6 +80,12 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         self.scope = scope
         self.base_send = send
         self.channel_layer = None
+        self.peer = peer_of(scope.get("client"), scope.get("headers", ()))
+        self.logs = LogBudget()
+        self.probe: Probe = probe_for(send)
+        self.outbox: deque[str] = deque()
+        self.outbox_bytes = 0
+        self.max_unsent = conf.get("MAX_UNSENT_BYTES")
         try:
             while True:
                 await self.dispatch(await receive())
@@ -81,8 +99,22 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         await handler(message)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.state = SocketState.CLOSING
+        if self._writer is not None:
+            self._writer.cancel()
         await self.disconnect(message["code"])
         raise StopConsumer()
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        """Close after what is already queued, and stop listening at once: the peer's
+        next frames are dropped."""
+        if self.state is SocketState.CLOSING:
+            return
+        self.state = SocketState.CLOSING
+        message: dict[str, Any] = {"type": "websocket.close"}
+        if code is not None and code is not True:
+            message["code"] = int(code)
+        await self._emit(message)
 
     async def admit(self) -> bool:
         """Accept the socket, then check who it is; a refused peer is told why, then closed.
@@ -90,35 +122,29 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         Accepting first is what lets the reason reach the peer: daphne turns a refusal
         during the handshake into a bare HTTP 403.
         """
-        self.guard = await get_guard()
+        guard = await get_guard()
         await self.accept()
-        if self.kind == "requester" and not auth.origin_allowed(self.scope):
-            verdict: Grant | Refusal | None = Refusal(
-                auth.CLOSE_FORBIDDEN, "Origin not allowed: add it to BROKER_ALLOWED_ORIGINS")
-        else:
-            verdict = self.guard.admit(self.scope, self.kind)
-        if isinstance(verdict, Refusal):
-            log.info("refused a %s from %s: %s", self.kind, self.peer, verdict.reason)
+        verdict = guard.admit(self.scope, self.kind)
+        if not isinstance(verdict, Grant):
+            self.logs.log(log, logging.INFO, "refused a %s from %s: %s", self.kind, self.peer,
+                          verdict.reason)
             await self.refuse(verdict.reason)
             await self.close(verdict.code)
             return False
         self.grant = verdict
-        self.guard.attach(verdict, self)
+        self.guard = guard
+        guard.attach(verdict, self)
+        self.state = SocketState.OPEN
         return True
 
     async def revoke(self, reason: str) -> None:
-        """The credential of this connection was revoked: say so and close."""
+        """The credential of this connection no longer admits it: say so and close."""
         await self.refuse(reason)
-        await self.close(auth.CLOSE_UNAUTHORIZED)
+        await self.close(CloseCode.UNAUTHORIZED)
 
     def forget_grant(self) -> None:
         if hasattr(self, "guard"):
             self.guard.detach(self.grant, self)
-
-    @property
-    def peer(self) -> str:
-        client = self.scope.get("client") or ("?", 0)
-        return f"{client[0]}:{client[1]}"
 
     def within_rate(self) -> bool:
         """Token bucket: RATE_LIMIT frames a second on average, bursts of twice that."""
@@ -138,13 +164,13 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None
                       ) -> None:
+        if self.state is not SocketState.OPEN:
+            return  # refused, revoked or closing: nothing it sends is read
         if not self.within_rate():
-            if not self._throttled:  # say it once; what else is queued is dropped
-                self._throttled = True
-                log.warning("%s sends faster than %s frames/s: closing it", self.peer,
-                            conf.get("RATE_LIMIT"))
-                await self.refuse(f"Rate limit exceeded ({conf.get('RATE_LIMIT')} frames/s)")
-                await self.close(CLOSE_POLICY_VIOLATION)
+            log.warning("%s sends faster than %s frames/s: closing it", self.peer,
+                        conf.get("RATE_LIMIT"))
+            await self.refuse(f"Rate limit exceeded ({conf.get('RATE_LIMIT')} frames/s)")
+            await self.close(CloseCode.RATE_LIMITED)
             return
         if text_data is None:
             await self.refuse("Binary frames are not supported: send JSON as text")
@@ -163,6 +189,56 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
     async def refuse(self, error: str, request_id: str | None = None) -> None:
         """Tell the peer that one frame was refused; the connection stays up."""
         raise NotImplementedError
+
+    # -------------------------------------------------------------- sending
+
+    async def send_text(self, text: str) -> None:
+        """Send one frame without ever waiting for the peer to read.
+
+        Past ``max_unsent`` bytes unread (in the server's buffer and our outbox), the
+        peer is cut off.
+        """
+        if self.state is SocketState.CLOSING:
+            return
+        await self._emit({"type": "websocket.send", "text": text})
+        if self.probe.unsent() + self.outbox_bytes > self.max_unsent:
+            await self.too_slow()
+
+    async def _emit(self, message: dict[str, Any]) -> None:
+        """Straight to the server when it can take it now; else into the outbox, in order."""
+        if not self.outbox and not self.probe.would_wait():
+            await self.base_send(message)
+            return
+        self.outbox.append(message)
+        self.outbox_bytes += len(message.get("text") or "")
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self.outbox:
+                message = self.outbox.popleft()
+                self.outbox_bytes -= len(message.get("text") or "")
+                await self.base_send(message)
+        finally:
+            self._writer = None
+
+    async def too_slow(self) -> None:
+        """The peer does not read what it is sent: cut it off before it costs memory."""
+        unsent = self.probe.unsent() + self.outbox_bytes
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        log.warning("%s %s left %d bytes unread (limit %d): cutting it off", self.kind,
+                    self.peer, unsent, self.max_unsent)
+        await self.cut_off()
+        if self.probe.would_wait():  # a close frame would wait behind the rest: drop it
+            self.state = SocketState.CLOSING
+            self.probe.abort()
+        else:
+            await self.close(CloseCode.TOO_SLOW)
+
+    async def cut_off(self) -> None:
+        """Let go of what the connection holds (its requests) before it is closed."""
 
 
 # ---------------------------------------------------------------------------- workers
@@ -209,11 +285,12 @@ class WorkerConsumer(LeanWebsocketConsumer):
 
     async def revoke(self, reason: str) -> None:
         await self.refuse(reason)
-        await self._close_and_teardown(auth.CLOSE_UNAUTHORIZED, reason)
+        await self._close_and_teardown(CloseCode.UNAUTHORIZED, reason)
+
+    async def cut_off(self) -> None:
+        await self._teardown("too slow to read")
 
     async def receive_text(self, text: str) -> None:
-        if self.closed:
-            return  # sent before the broker dropped this worker: it must not bring it back
         self.last_frame = time.monotonic()
         try:
             msg = Message.from_json(text)
@@ -230,7 +307,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
             elif msg.type in message_handlers:
                 await message_handlers[msg.type](self, msg)
             else:
-                await self.refuse(f"Unknown message type '{msg.type}'", msg.msg_id)
+                await self.refuse(f"Unknown message type '{quote(msg.type)}'", msg.msg_id)
         except ProtocolError as exc:
             await self.refuse(str(exc), msg.msg_id)
         except RegistryUnavailable as exc:
@@ -238,60 +315,90 @@ class WorkerConsumer(LeanWebsocketConsumer):
             await self.refuse(f"{protocol.BROKER_UNAVAILABLE}: {exc}", msg.msg_id)
 
     async def refuse(self, error: str, request_id: str | None = None) -> None:
-        log.info("worker %s: refused a frame: %s", self.worker_label, error)
+        self.logs.log(log, logging.INFO, "worker %s: refused a frame: %s", self.worker_label,
+                      quote(error, 300))
         await self.send_frame(Message.error(error, reply_to=request_id))
 
     # -------------------------------------------------------------- frame helpers
 
     @property
     def worker_label(self) -> str:
-        return self.entry.worker_id if self.entry else f"(unregistered {self.peer})"
+        return quote(self.entry.worker_id) if self.entry else f"(unregistered {self.peer})"
 
     async def send_frame(self, msg: Message) -> None:
         if not self.closed:
-            await self.send(text_data=msg.to_json())
+            await self.send_text(msg.to_json())
 
     async def on_connect(self, msg: Message) -> None:
         if self.entry is not None:
             raise ProtocolError("Already registered on this connection")
         try:
             reg = Registration.from_data(msg.data)
+            refused = self.grant.refused_commands([*reg.commands, *reg.no_retry])
+            if refused:
+                raise ProtocolError(
+                    "Commands not allowed for this worker token: "
+                    + ", ".join(f"'{quote(c, 60)}'" for c in refused[:20])
+                    + (f" and {len(refused) - 20} more" if len(refused) > 20 else ""))
         except ProtocolError as exc:
             await self.refuse(f"Bad registration: {exc}", msg.msg_id)
-            await self.close(CLOSE_BAD_REGISTRATION)
+            await self.close(CloseCode.BAD_REGISTRATION)
             return
+        weight = min(reg.weight, conf.get("MAX_WORKER_WEIGHT"))
+        max_concurrency = min(reg.max_concurrency, conf.get("MAX_WORKER_CONCURRENCY"))
+        if (weight, max_concurrency) != (reg.weight, reg.max_concurrency):
+            log.warning("worker %s asked for weight %s and max_concurrency %s; capped to %s "
+                        "and %s (BROKER_MAX_WORKER_WEIGHT, BROKER_MAX_WORKER_CONCURRENCY)",
+                        quote(reg.worker_id), reg.weight, reg.max_concurrency, weight,
+                        max_concurrency)
         entry = WorkerEntry(
             worker_id=reg.worker_id, name=reg.name, channel=self.channel_name,
-            commands=frozenset(reg.commands), weight=reg.weight,
-            max_concurrency=reg.max_concurrency, process=self.dispatcher.process,
-            address=self.peer, session_id=self.session_id, no_retry=frozenset(reg.no_retry),
-            inbox=self.dispatcher.channel)
+            commands=frozenset(reg.commands), weight=weight,
+            max_concurrency=max_concurrency, process=self.dispatcher.process,
+            address=str(self.peer), session_id=self.session_id,
+            no_retry=frozenset(reg.no_retry), inbox=self.dispatcher.channel,
+            owner=self.grant.owner)
         try:
             replaced = await self.dispatcher.registry.add(entry)
+        except WorkerIdTaken:
+            self.logs.log(log, logging.WARNING, "%s tried to register worker id %s, which "
+                          "belongs to another credential: refused", self.peer,
+                          quote(reg.worker_id))
+            await self.refuse(f"Worker id '{quote(reg.worker_id)}' belongs to another "
+                              "credential: choose another id", msg.msg_id)
+            await self.close(CloseCode.WORKER_ID_TAKEN)
+            return
         except RegistryUnavailable as exc:  # the worker retries with backoff
             await self.refuse(f"{protocol.BROKER_UNAVAILABLE}: {exc}", msg.msg_id)
-            await self.close(CLOSE_TRY_AGAIN_LATER)
+            await self.close(CloseCode.TRY_AGAIN_LATER)
             return
         self.entry = entry
+        # A worker may rightly have max_concurrency requests of the largest size on
+        # their way to it; one that does not read at all is caught by its pings.
+        self.max_unsent = max(self.max_unsent,
+                              max_concurrency * conf.get("MAX_MESSAGE_BYTES"))
         if replaced is not None and replaced.channel != self.channel_name:
-            log.warning("worker %s reconnected; closing its previous connection", reg.worker_id)
+            log.warning("worker %s reconnected; closing its previous connection",
+                        quote(reg.worker_id))
             await self.dispatcher.deliver(replaced.inbox, events.kick(
                 replaced.channel, "Replaced by a newer connection with the same worker_id",
-                CLOSE_REPLACED))
+                CloseCode.REPLACED))
         self.dispatcher.local_workers[self.channel_name] = self
         await self.send_frame(Message(MessageType.CONNECT.value, {
             "worker_id": reg.worker_id,
             "heartbeat_interval": conf.get("HEARTBEAT_INTERVAL"),
             "process": self.dispatcher.process,
+            "weight": weight,
+            "max_concurrency": max_concurrency,
         }))
         self.recorder.worker_connected(
             session_id=self.session_id, worker_id=reg.worker_id, name=reg.name,
-            address=self.peer, process=self.dispatcher.process, commands=reg.commands,
-            weight=reg.weight, max_concurrency=reg.max_concurrency,
+            address=str(self.peer), process=self.dispatcher.process, commands=reg.commands,
+            weight=weight, max_concurrency=max_concurrency,
             connected_at=self.entry.connected_at)
         self.dispatcher.kick()
-        log.info("worker %s (%s) registered from %s: %s", reg.worker_id, reg.name, self.peer,
-                 ", ".join(reg.commands))
+        log.info("worker %s (%s) registered from %s: %s", quote(reg.worker_id),
+                 quote(reg.name), self.peer, quote(", ".join(reg.commands), 300))
 
     async def on_heartbeat(self, msg: Message) -> None:
         entry = self.entry
@@ -307,19 +414,25 @@ class WorkerConsumer(LeanWebsocketConsumer):
     async def _register_again(self, entry: WorkerEntry) -> None:
         """Put a live worker back after the shared state lost it (Redis restarted empty)."""
         log.warning("worker %s was missing from the registry; registering it again",
-                    entry.worker_id)
+                    quote(entry.worker_id))
         entry.in_flight = len(self.assignments)
-        await self.dispatcher.registry.add(entry)
+        try:
+            await self.dispatcher.registry.add(entry)
+        except WorkerIdTaken:  # another credential took the id meanwhile: it is theirs now
+            await self.refuse(f"Worker id '{quote(entry.worker_id)}' belongs to another "
+                              "credential now")
+            await self._close_and_teardown(CloseCode.WORKER_ID_TAKEN, "worker id taken")
 
     async def on_response(self, msg: Message) -> None:
         body = ResponseBody.from_message(msg)
         assignment = self.assignments.pop(body.request_id, None)
         if assignment is None:
             self.dispatcher.stats["late"] += 1
-            log.warning("worker %s answered request %s, which it does not hold (late or "
-                        "unknown): dropped", self.worker_label, body.request_id)
-            await self.refuse(f"Not holding request '{body.request_id}' (answered already, "
-                              "timed out, or never sent): answer dropped", msg.msg_id)
+            self.logs.log(log, logging.WARNING, "worker %s answered request %s, which it does "
+                          "not hold (late or unknown): dropped", self.worker_label,
+                          quote(body.request_id))
+            await self.refuse(f"Not holding request '{quote(body.request_id)}' (answered "
+                              "already, timed out, or never sent): answer dropped", msg.msg_id)
             return
         latency_ms = (time.monotonic() - assignment.started) * 1000
         try:
@@ -343,10 +456,12 @@ class WorkerConsumer(LeanWebsocketConsumer):
         await self.dispatcher.registry.set_draining(self.entry.worker_id, True)  # type: ignore
 
     async def on_notification(self, msg: Message) -> None:
-        log.info("worker %s says: %s", self.worker_label, msg.data.get("message"))
+        self.logs.log(log, logging.INFO, "worker %s says: %s", self.worker_label,
+                      quote(msg.data.get("message"), 300))
 
     async def on_error(self, msg: Message) -> None:
-        log.warning("worker %s reported an error: %s", self.worker_label, msg.data.get("error"))
+        self.logs.log(log, logging.WARNING, "worker %s reported an error: %s",
+                      self.worker_label, quote(msg.data.get("error"), 300))
 
     FRAME_HANDLERS = {
         MessageType.CONNECT.value: on_connect,
@@ -387,7 +502,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
     async def leave(self, reason: str) -> None:
         """The broker is going away: tell the worker, then close."""
         await self.send_frame(Message(MessageType.DISCONNECT.value, {"reason": reason}))
-        await self._close_and_teardown(CLOSE_GOING_AWAY, reason)
+        await self._close_and_teardown(CloseCode.SHUTTING_DOWN, reason)
 
     async def _watch(self) -> None:
         """Ping, drop the silent, release slots of requests past their deadline."""
@@ -403,19 +518,20 @@ class WorkerConsumer(LeanWebsocketConsumer):
             now = time.monotonic()
             if self.entry is None and now - self.opened > conf.get("REGISTER_TIMEOUT"):
                 await self.refuse("No 'connect' frame in time; closing")
-                await self._close_and_teardown(CLOSE_BAD_REGISTRATION, "did not register")
+                await self._close_and_teardown(CloseCode.BAD_REGISTRATION, "did not register")
                 return
             if now - self.last_frame > silence_limit:
                 log.warning("worker %s silent for %.1fs: dropping it", self.worker_label,
                             now - self.last_frame)
-                await self._close_and_teardown(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                await self._close_and_teardown(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
                 return
             if self.entry is not None and now - self.last_ack > silence_limit + interval:
                 # It talks but does not answer our pings: it is not reading its socket,
                 # and what we send it would pile up in memory.
                 log.warning("worker %s has not answered a ping for %.1fs: dropping it",
                             self.worker_label, now - self.last_ack)
-                await self._close_and_teardown(CLOSE_HEARTBEAT_TIMEOUT, "not answering pings")
+                await self._close_and_teardown(CloseCode.HEARTBEAT_TIMEOUT,
+                                               "not answering pings")
                 return
             if now >= next_ping and self.entry is not None:
                 next_ping = now + 2 * interval
@@ -453,7 +569,7 @@ class WorkerConsumer(LeanWebsocketConsumer):
                                           events.lost(key, self.entry.worker_id, reason))
         self.recorder.worker_disconnected(self.session_id, time.time(),
                                           self.entry.completed + self.entry.errors)
-        log.info("worker %s left (%s); %d request(s) handed back", self.entry.worker_id,
+        log.info("worker %s left (%s); %d request(s) handed back", self.worker_label,
                  reason, len(assignments))
 
     # -------------------------------------------------------------- from the dispatcher
@@ -484,13 +600,19 @@ class RequesterConsumer(LeanWebsocketConsumer):
 
     async def connect(self) -> None:
         self.dispatcher = await get_dispatcher()
-        self.in_flight: dict[str, str] = {}  # request_id -> dispatcher key
+        self.in_flight: dict[str, tuple[str, int]] = {}  # request_id -> (key, frame size)
+        self.in_flight_bytes = 0
         await self.admit()
 
     async def disconnect(self, code: int) -> None:
         self.forget_grant()
-        self.dispatcher.abandon(list(self.in_flight.values()))
+        await self.cut_off()
+
+    async def cut_off(self) -> None:
+        """Its requests are abandoned: their answers, when they come, are dropped."""
+        self.dispatcher.abandon([key for key, _ in self.in_flight.values()])
         self.in_flight.clear()
+        self.in_flight_bytes = 0
 
     async def receive_text(self, text: str) -> None:
         try:
@@ -498,27 +620,36 @@ class RequesterConsumer(LeanWebsocketConsumer):
         except ProtocolError as exc:
             await self.refuse(str(exc), exc.request_id)
             return
-        if self.grant is not None and not self.grant.allows(request.command):
-            await self.refuse(f"Command '{request.command}' is not allowed for this API key",
-                              request.request_id)
+        if not self.grant.allows(request.command):
+            await self.refuse(f"Command '{quote(request.command)}' is not allowed for this "
+                              "API key", request.request_id)
             return
         if len(self.in_flight) >= conf.get("MAX_IN_FLIGHT"):
             await self.refuse(f"Too many requests in flight on this connection (limit "
                               f"{conf.get('MAX_IN_FLIGHT')})", request.request_id)
             return
-        if request.request_id in self.in_flight:
-            await self.refuse(f"Duplicate request_id '{request.request_id}': a request with "
-                              "this id is still in flight", request.request_id)
+        if self.in_flight_bytes + len(text) > conf.get("MAX_IN_FLIGHT_BYTES"):
+            await self.refuse(f"Too much data in flight on this connection (limit "
+                              f"{conf.get('MAX_IN_FLIGHT_BYTES')} bytes of requests): wait "
+                              "for answers first", request.request_id)
             return
-        key = self.in_flight[request.request_id] = protocol.new_id()
+        if request.request_id in self.in_flight:
+            await self.refuse(f"Duplicate request_id '{quote(request.request_id)}': a request "
+                              "with this id is still in flight", request.request_id)
+            return
+        key = protocol.new_id()
+        self.in_flight[request.request_id] = (key, len(text))
+        self.in_flight_bytes += len(text)
         await self.dispatcher.submit(
             request.command, request.data, self.respond, request_id=request.request_id,
-            requester=self.peer, timeout=request.timeout, key=key)
+            requester=str(self.peer), timeout=request.timeout, key=key)
 
     async def refuse(self, error: str, request_id: str | None = None) -> None:
-        await self.send(text_data=ApiResponse.failure(request_id, error).to_json())
+        await self.send_text(ApiResponse.failure(request_id, error).to_json())
 
     async def respond(self, response: ApiResponse) -> None:
         """Called by the dispatcher, once per request."""
-        self.in_flight.pop(response.request_id, None)  # type: ignore[arg-type]
-        await self.send(text_data=response.to_json())
+        held = self.in_flight.pop(response.request_id, None)  # type: ignore[arg-type]
+        if held is not None:
+            self.in_flight_bytes -= held[1]
+            await self.send_text(response.to_json())

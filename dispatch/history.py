@@ -51,39 +51,59 @@ _SMALLINT_MAX = 2**15 - 1
 # --------------------------------------------------------------------------- batch
 
 
+#: Characters of an error text kept in a history row.
+ERROR_CHARS = 1000
+#: Bytes a request record costs beside its strings (the dict, floats, ints): an estimate.
+RECORD_OVERHEAD = 600
+
+
 @dataclass
 class Batch:
     """Everything recorded since the last successful flush.
 
-    Connects are keyed by session so a ``seen`` or ``disconnected`` for a session
-    still in the batch is folded into its row instead of needing one to exist.
+    Request records are bounded by count and by bytes (``capacity``, ``byte_limit``):
+    the oldest go first. Connects are keyed by session so a ``seen`` or
+    ``disconnected`` for a session still in the batch is folded into its row instead
+    of needing one to exist.
     """
 
-    requests: deque[dict[str, Any]]
+    capacity: int
+    byte_limit: int
+    requests: deque[dict[str, Any]] = field(default_factory=deque)
+    request_bytes: int = 0
     connects: dict[str, dict[str, Any]] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)
     disconnects: dict[str, tuple[float, int]] = field(default_factory=dict)
 
-    @classmethod
-    def empty(cls, capacity: int) -> Batch:
-        return cls(requests=deque(maxlen=capacity))
-
     def __len__(self) -> int:
         return len(self.requests) + len(self.connects) + len(self.seen) + len(self.disconnects)
+
+    def add_request(self, record: dict[str, Any]) -> int:
+        """Append one record (its ``size`` set); returns how many old ones fell off."""
+        self.requests.append(record)
+        self.request_bytes += record["size"]
+        return self._trim()
+
+    def _trim(self) -> int:
+        dropped = 0
+        while self.requests and (len(self.requests) > self.capacity
+                                 or self.request_bytes > self.byte_limit):
+            self.request_bytes -= self.requests.popleft()["size"]
+            dropped += 1
+        return dropped
 
     def absorb_newer(self, newer: Batch) -> int:
         """Append what was recorded while this (failed) batch was being written.
 
         Returns how many old request records fell off the front to stay bounded.
         """
-        capacity = self.requests.maxlen or 0
-        overflow = max(0, len(self.requests) + len(newer.requests) - capacity)
         self.requests.extend(newer.requests)
+        self.request_bytes += newer.request_bytes
         self.connects.update(newer.connects)
         for session_id, when in newer.seen.items():
             self.seen[session_id] = max(when, self.seen.get(session_id, when))
         self.disconnects.update(newer.disconnects)
-        return overflow
+        return self._trim()
 
 
 # --------------------------------------------------------------------------- recorder
@@ -101,10 +121,11 @@ class HistoryRecorder:
                  flush_seconds: float | None = None) -> None:
         self.process = process or conf.process_name()
         self.capacity = capacity if capacity is not None else conf.get("HISTORY_BUFFER")
+        self.byte_limit = conf.get("HISTORY_BUFFER_BYTES")
         self.flush_seconds = (
             flush_seconds if flush_seconds is not None else conf.get("HISTORY_FLUSH_SECONDS")
         )
-        self._batch = Batch.empty(self.capacity)
+        self._batch = self._new_batch()
         self._retry: Batch | None = None  # a batch the database refused, kept for retry
         self._refused = 0  # flushes in a row that failed with a non-connection error
         self._failures = 0  # flushes in a row that failed for any reason
@@ -118,20 +139,32 @@ class HistoryRecorder:
 
     # ----------------------------------------------------------- hot path, no await
 
+    def _new_batch(self) -> Batch:
+        return Batch(self.capacity, self.byte_limit)
+
     def record_request(self, *, request_id: str, command: str, worker_id: str | None,
                        success: bool, error: str | None, latency_ms: float | None,
                        attempts: int, requester: str, started_at: float,
                        finished_at: float) -> None:
-        """Remember one answered request; the oldest record goes if the buffer is full."""
-        requests = self._batch.requests
-        if len(requests) == requests.maxlen:
-            self._count_drop(1)
-        requests.append({
-            "request_id": request_id, "command": command, "worker_id": worker_id or "",
-            "success": success, "error": error or "", "latency_ms": latency_ms,
-            "attempts": attempts, "requester": requester, "started_at": started_at,
-            "finished_at": finished_at,
-        })
+        """Remember one answered request; the oldest records go if the buffer is full.
+
+        Strings are cut to their column's length here, not when written, so what a
+        peer sent costs the buffer no more than the row will hold.
+        """
+        limit = _REQUEST_LIMITS
+        record = {
+            "request_id": request_id[:limit["request_id"]],
+            "command": command[:limit["command"]],
+            "worker_id": (worker_id or "")[:limit["worker_id"]], "success": success,
+            "error": (error or "")[:ERROR_CHARS], "latency_ms": latency_ms,
+            "attempts": attempts, "requester": requester[:limit["requester"]],
+            "started_at": started_at, "finished_at": finished_at,
+        }
+        record["size"] = RECORD_OVERHEAD + len(record["request_id"]) + len(record["command"]) \
+            + len(record["worker_id"]) + len(record["error"]) + len(record["requester"])
+        dropped = self._batch.add_request(record)
+        if dropped:
+            self._count_drop(dropped)
 
     def worker_connected(self, *, session_id: str, worker_id: str, name: str, address: str,
                          process: str, commands: Iterable[str], weight: float,
@@ -219,7 +252,7 @@ class HistoryRecorder:
 
     def _take(self) -> Batch:
         """Swap in a fresh buffer and return what was gathered, retry batch first."""
-        batch, self._batch = self._batch, Batch.empty(self.capacity)
+        batch, self._batch = self._batch, self._new_batch()
         if self._retry is not None:
             retry, self._retry = self._retry, None
             self._count_drop(retry.absorb_newer(batch))
@@ -243,8 +276,8 @@ class HistoryRecorder:
 
     def _report_drops(self) -> None:
         if self._dropped_unreported:
-            logger.warning("history: buffer full (%d records); dropped %d of the oldest",
-                           self.capacity, self._dropped_unreported)
+            logger.warning("history: buffer full (%d records or %d bytes); dropped %d of the "
+                           "oldest", self.capacity, self.byte_limit, self._dropped_unreported)
             self._dropped_unreported = 0
 
 
@@ -434,15 +467,14 @@ def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
     the event loop. One statement per few dozen rows keeps that to a handful.
     """
     ops = connection.ops
-    limit = dict(_char_limits(RequestRecord)).get  # None: no limit ("x"[:None] == "x")
-    rid, cmd, wid, req = (limit(f) for f in ("request_id", "command", "worker_id", "requester"))
-    proc = process[:limit("process")]
+    proc = process[:_REQUEST_LIMITS["process"]]
     moment = _db_datetime()
     # One pass, no helper calls per field: this runs for every request, beside the loop.
+    # (Strings were cut to their columns when recorded.)
     rows = [(
-        r["request_id"][:rid], r["command"][:cmd], r["worker_id"][:wid], r["success"],
-        r["error"], r["latency_ms"], min(r["attempts"], _SMALLINT_MAX), r["requester"][:req],
-        proc, moment(r["started_at"]), moment(r["finished_at"]),
+        r["request_id"], r["command"], r["worker_id"], r["success"], r["error"],
+        r["latency_ms"], min(r["attempts"], _SMALLINT_MAX), r["requester"], proc,
+        moment(r["started_at"]), moment(r["finished_at"]),
     ) for r in requests]
     meta = RequestRecord._meta
     columns = ", ".join(ops.quote_name(meta.get_field(f).column) for f in _REQUEST_FIELDS)
@@ -506,3 +538,7 @@ def _clip(row: Model) -> Model:
 def _char_limits(model: type[Model]) -> tuple[tuple[str, int], ...]:
     return tuple((f.attname, f.max_length) for f in model._meta.concrete_fields
                  if isinstance(f, CharField) and f.max_length)
+
+
+#: Column lengths of the request history's strings.
+_REQUEST_LIMITS = dict(_char_limits(RequestRecord))

@@ -97,7 +97,8 @@ class Credential(models.Model):
                               help_text="public part of the token, used to find it")
     digest = models.CharField(max_length=64, editable=False)
     commands = models.JSONField(default=list, blank=True,
-                                help_text="requester keys: commands allowed (empty: all)")
+                                help_text="commands a requester key may send or a worker "
+                                          "token may register (empty: all)")
     max_connections = models.IntegerField(default=0,
                                           help_text="per broker process; 0: no limit")
     active = models.BooleanField(default=True,

@@ -13,6 +13,8 @@ Key layout, all under ``<prefix>:``::
     heartbeats        zset    worker id -> time of its last heartbeat
     round-robin       string  global sequence number of choices (INCR)
     processes         zset    broker process name -> time until which it is alive
+    claim:<id>        string  the owner (credential) of a worker id, kept a while after
+                              it leaves (WORKER_ID_CLAIM_SECONDS)
 
 Every key also gets a Redis TTL of twice the worker ttl, refreshed by heartbeats: a
 safety net so nothing outlives a cluster that stopped for good.
@@ -52,7 +54,8 @@ from redis.backoff import NoBackoff
 
 from . import conf
 from .balancing import get_strategy
-from .registry import EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry
+from .registry import (EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry,
+                       WorkerIdTaken)
 
 #: Times a reservation fetches candidates (again, after losing the race for a slot).
 RESERVE_ATTEMPTS = 5
@@ -88,6 +91,7 @@ local beats, prefix, cutoff = KEYS[1], ARGV[1], ARGV[2]
 
 local function worker_key(id) return prefix .. 'worker:' .. id end
 local function command_key(command) return prefix .. 'command:' .. command end
+local function claim_key(id) return prefix .. 'claim:' .. id end
 
 -- Take a worker out of every structure; returns its old hash (flat list, maybe empty).
 local function drop(id)
@@ -115,13 +119,18 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', '(' .. cutoff)) d
 end
 """
 
-# add: replace any entry with the same id. KEYS[2] the worker hash; ARGV[3] id,
-# ARGV[4] heartbeat time, ARGV[5] key TTL (ms), ARGV[6] commands (JSON), ARGV[7..]
-# the entry as field/value pairs. Returns the replaced hash (empty if none).
+# add: replace any entry with the same id, unless the id belongs to another owner.
+# KEYS[2] the worker hash; ARGV[3] id, ARGV[4] heartbeat time, ARGV[5] key TTL (ms),
+# ARGV[6] commands (JSON), ARGV[7] owner, ARGV[8] claim TTL (ms), ARGV[9..] the entry as
+# field/value pairs. Returns the replaced hash (empty if none), or 0 if the id is taken.
 _ADD = _PRELUDE + """
-local id, now, key_ttl = ARGV[3], ARGV[4], ARGV[5]
+local id, now, key_ttl, owner = ARGV[3], ARGV[4], ARGV[5], ARGV[7]
+local held = redis.call('GET', claim_key(id))
+if alive(id) then held = redis.call('HGET', worker_key(id), 'owner') end
+if held and held ~= '' and held ~= owner then return 0 end
+redis.call('SET', claim_key(id), owner, 'PX', ARGV[8])
 local old = drop(id)
-redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('HSET', KEYS[2], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[2], key_ttl)
 for _, command in ipairs(cjson.decode(ARGV[6])) do
   redis.call('SADD', command_key(command), id)
@@ -133,14 +142,16 @@ return old
 """
 
 # remove: only if ARGV[4] is still the worker's channel (a takeover keeps the entry).
-# ARGV[3] id. Returns the removed hash (empty if nothing was removed).
+# ARGV[3] id, ARGV[5] claim TTL (ms): the owner keeps the id that long. Returns the
+# removed hash (empty if nothing was removed).
 _REMOVE = _PRELUDE + """
 if redis.call('HGET', worker_key(ARGV[3]), 'channel') ~= ARGV[4] then return {} end
+redis.call('PEXPIRE', claim_key(ARGV[3]), ARGV[5])
 return drop(ARGV[3])
 """
 
-# touch: a heartbeat. ARGV[3] id, ARGV[4] heartbeat time, ARGV[5] key TTL (ms).
-# Refreshes the score and every key's TTL. Returns 1, or 0 if the worker is not live:
+# touch: a heartbeat. ARGV[3] id, ARGV[4] heartbeat time, ARGV[5] key TTL (ms), ARGV[6]
+# claim TTL (ms). Refreshes the score and every key's TTL. Returns 1, or 0 if the worker is not live:
 # once dead (pruned or not), it stays dead until added again.
 _TOUCH = _PRELUDE + """
 local id, now, key_ttl = ARGV[3], ARGV[4], ARGV[5]
@@ -153,6 +164,7 @@ redis.call('ZADD', beats, now, id)
 redis.call('HSET', key, 'last_heartbeat', now)
 redis.call('PEXPIRE', key, key_ttl)
 redis.call('PEXPIRE', beats, key_ttl)
+redis.call('PEXPIRE', claim_key(id), ARGV[6])
 for _, command in ipairs(cjson.decode(redis.call('HGET', key, 'commands'))) do
   redis.call('PEXPIRE', command_key(command), key_ttl)
 end
@@ -462,16 +474,21 @@ class RedisRegistry(Registry):
         pairs = [text for item in data.items() for text in item]
         old = await self._run(ADD, [self._worker_key(entry.worker_id)],
                               [entry.worker_id, now, self._key_ttl_ms(), data["commands"],
-                               *pairs])
+                               entry.owner, self._claim_ms(), *pairs])
+        if old == 0:
+            raise WorkerIdTaken(entry.worker_id)
         return _decode(old) if old else None
 
     async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
-        old = await self._run(REMOVE, [], [worker_id, channel])
+        old = await self._run(REMOVE, [], [worker_id, channel, self._claim_ms()])
         return _decode(old) if old else None
 
     async def touch(self, worker_id: str, when: float | None = None) -> bool:
         return bool(await self._run(TOUCH, [], [worker_id, repr(when or time.time()),
-                                                self._key_ttl_ms()]))
+                                                self._key_ttl_ms(), self._claim_ms()]))
+
+    def _claim_ms(self) -> int:
+        return max(self._key_ttl_ms(), int(conf.get("WORKER_ID_CLAIM_SECONDS") * 1000))
 
     async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
         """Two round trips: fetch candidates, then take a slot of the chosen one (see the

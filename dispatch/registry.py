@@ -45,6 +45,7 @@ class WorkerEntry:
     draining: bool = False
     no_retry: frozenset[str] = frozenset()  # commands never re-sent elsewhere
     inbox: str = ""  # channel of the dispatcher of the process that holds its socket
+    owner: str = ""  # the credential that registered this id (auth.Grant.owner)
 
     def has_room(self) -> bool:
         return self.in_flight < self.max_concurrency and not self.draining
@@ -54,7 +55,7 @@ class WorkerEntry:
         data = asdict(self)
         data["commands"] = sorted(self.commands)
         data["no_retry"] = sorted(self.no_retry)
-        del data["channel"], data["inbox"]
+        del data["channel"], data["inbox"], data["owner"]
         return data
 
 
@@ -74,6 +75,15 @@ class RegistryUnavailable(ConnectionError):
     """The shared registry cannot be reached (Redis down): requests get an error answer."""
 
 
+class WorkerIdTaken(Exception):
+    """The worker id is registered, or was lately, by another credential.
+
+    An id stays with its owner while it is registered and for
+    ``WORKER_ID_CLAIM_SECONDS`` after it leaves, so that another credential cannot
+    slip in while the worker reconnects.
+    """
+
+
 class Registry(abc.ABC):
     """What forwarding needs to know and change about workers."""
 
@@ -82,7 +92,10 @@ class Registry(abc.ABC):
 
     @abc.abstractmethod
     async def add(self, entry: WorkerEntry) -> WorkerEntry | None:
-        """Register a worker; returns the entry it replaced (same id), if any."""
+        """Register a worker; returns the entry it replaced (same id), if any.
+
+        Raises :class:`WorkerIdTaken` if the id belongs to another ``owner``.
+        """
 
     @abc.abstractmethod
     async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
@@ -147,13 +160,23 @@ class MemoryRegistry(Registry):
 
     local = True
 
+    #: Claims of ids that left, kept at most (oldest first out beyond it).
+    MAX_CLAIMS = 100_000
+
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._workers: dict[str, WorkerEntry] = {}
         self._by_command: dict[str, dict[str, WorkerEntry]] = {}
+        self._claims: dict[str, tuple[str, float]] = {}  # id that left -> (owner, until)
         self._seq = 0
         self._rng = rng or random.Random()
 
     async def add(self, entry: WorkerEntry) -> WorkerEntry | None:
+        live = self._workers.get(entry.worker_id)
+        owner, until = (live.owner, float("inf")) if live is not None else \
+            self._claims.get(entry.worker_id, ("", 0.0))
+        if owner and owner != entry.owner and until > time.time():
+            raise WorkerIdTaken(entry.worker_id)
+        self._claims.pop(entry.worker_id, None)
         old = self._drop(entry.worker_id)
         self._workers[entry.worker_id] = entry
         for command in entry.commands:
@@ -164,7 +187,18 @@ class MemoryRegistry(Registry):
         entry = self._workers.get(worker_id)
         if entry is None or entry.channel != channel:
             return None
+        self._claim(entry)
         return self._drop(worker_id)
+
+    def _claim(self, entry: WorkerEntry) -> None:
+        """Keep a leaving worker's id for its owner a while."""
+        now = time.time()
+        if len(self._claims) >= self.MAX_CLAIMS:
+            self._claims = {k: v for k, v in self._claims.items() if v[1] > now}
+            while len(self._claims) >= self.MAX_CLAIMS:
+                del self._claims[next(iter(self._claims))]
+        self._claims[entry.worker_id] = (entry.owner,
+                                         now + conf.get("WORKER_ID_CLAIM_SECONDS"))
 
     def _drop(self, worker_id: str) -> WorkerEntry | None:
         entry = self._workers.pop(worker_id, None)

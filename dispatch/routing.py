@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from workers.protocol import CloseCode, quote
+
 from . import conf
 from .consumers import RequesterConsumer, WorkerConsumer
 from .echo import EchoConsumer
@@ -53,8 +55,8 @@ class SocketRouter:
         app = self.choose(scope)
         if app is None:
             log.info("refused a websocket on %s%s: no such endpoint", scope.get("server"),
-                     scope.get("path"))
+                     quote(scope.get("path")))
             await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 4404})
+            await send({"type": "websocket.close", "code": CloseCode.NO_SUCH_ENDPOINT})
             return
         await app(scope, receive, send)

@@ -1,57 +1,88 @@
 """HTTP edge: health check and the control API that management commands use.
 
-The API needs a staff session or ``Authorization: Bearer <admin key>``; in protected
-mode (no credentials yet) loopback peers need nothing, so the embedded default
-works on one machine with no set-up.
+The API needs ``Authorization: Bearer <admin key>`` (or ``API_TOKEN``), or a staff
+session with Django's CSRF token; in protected mode (no credentials yet) direct
+loopback peers need nothing, so the embedded default works on one machine with
+no set-up. Whatever the credential, a browser page of another origin is refused
+(its ``Origin`` is not the broker's own nor listed in ``ALLOWED_ORIGINS``), and a
+POST must be ``application/json``: a form or ``text/plain`` body, which a page of
+any site can send without asking, is never read.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 from typing import Any, Awaitable, Callable
 
 from django.http import HttpRequest, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from . import conf, services
-from .auth import get_guard, is_loopback_host
+from . import services
+from .auth import get_guard, origin_listed, peer_of
 from .forwarding import get_dispatcher
 from .registry import get_registry
 
 View = Callable[..., Awaitable[JsonResponse]]
+FORBIDDEN = ("Forbidden: the control API needs a staff login or 'Authorization: Bearer "
+             "<admin key>' (python manage.py token create admin NAME)")
 
 
 class BadRequest(ValueError):
     """The body of an API call is not what the endpoint takes."""
 
 
-async def _allowed(request: HttpRequest) -> bool:
-    """A staff session, an admin key or ``API_TOKEN``; or loopback in protected mode."""
+def _same_origin(request: HttpRequest, origin: str) -> bool:
+    """The page is the broker's own (its host already passed ALLOWED_HOSTS)."""
+    return origin == f"{request.scheme}://{request.get_host()}"
+
+
+def _csrf_refused(request: HttpRequest) -> bool:
+    """Django's CSRF check, for requests authenticated by a session cookie."""
+    return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is not None
+
+
+async def _refusal(request: HttpRequest) -> JsonResponse | None:
+    """Why this request may not use the API, or None if it may."""
+    origin = request.headers.get("Origin")
+    if origin is not None and not (_same_origin(request, origin) or origin_listed(origin)):
+        return JsonResponse({"error": "Origin not allowed: add it to BROKER_ALLOWED_ORIGINS"},
+                            status=403)
+    if request.method == "POST" and request.content_type != "application/json":
+        return JsonResponse({"error": "The control API takes JSON only: send "
+                                      "'Content-Type: application/json'"}, status=415)
     guard = await get_guard()
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:
-        static = conf.get("API_TOKEN")
-        if (static and hmac.compare_digest(token.encode(), static.encode())) or \
-                guard.check_api_token(token):
-            return True
+        return None if guard.check_api_token(token) else JsonResponse({"error": FORBIDDEN},
+                                                                     status=403)
     user = await request.auser()
     if user.is_active and user.is_staff:
-        return True
-    return guard.protected_mode and is_loopback_host(request.META.get("REMOTE_ADDR"))
+        if request.method == "POST" and _csrf_refused(request):
+            return JsonResponse({"error": "CSRF check failed: send the csrftoken cookie's "
+                                          "value as X-CSRFToken"}, status=403)
+        return None
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+               for k, v in request.headers.items()]
+    if guard.protected_mode and peer_of((request.META.get("REMOTE_ADDR"), 0), headers).local:
+        return None
+    return JsonResponse({"error": FORBIDDEN}, status=403)
 
 
 def api(view: View) -> View:
-    """Guard an API view: access check, JSON body, errors as ``{"error": ...}``."""
+    """Guard an API view: access check, JSON body, errors as ``{"error": ...}``.
+
+    ``csrf_exempt`` because the check depends on how the caller authenticated:
+    a bearer token is no ambient credential, a session cookie is (see _refusal).
+    """
 
     @functools.wraps(view)
     async def wrapper(request: HttpRequest) -> JsonResponse:
-        if not await _allowed(request):
-            return JsonResponse({"error": "Forbidden: the control API needs a staff login or "
-                                          "'Authorization: Bearer <admin key>' (python manage.py "
-                                          "token create admin NAME)"}, status=403)
+        refusal = await _refusal(request)
+        if refusal is not None:
+            return refusal
         try:
             return await view(request)
         except BadRequest as exc:

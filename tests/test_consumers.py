@@ -361,7 +361,7 @@ async def test_a_flooding_connection_is_closed_and_others_are_unaffected() -> No
             if out["type"] == "websocket.close":
                 break
             replies.append(json.loads(out["text"])["error"])
-        assert out["code"] == 1008 and replies[-1] == "Rate limit exceeded (50 frames/s)"
+        assert out["code"] == 4008 and replies[-1] == "Rate limit exceeded (50 frames/s)"
         assert 100 <= len(replies) - 1 < 110  # the burst was answered one by one
         await ask(calm, "echo")
         await answer(w, "calm")

@@ -81,7 +81,9 @@ async def test_frozen_worker_detected_by_heartbeat(broker: Broker, spawn_worker,
 
 
 async def test_worker_that_stops_reading_is_cut_off(broker_factory, record_property) -> None:
-    broker = broker_factory(env={"BROKER_MAX_MESSAGE_BYTES": str(2 ** 20)})
+    # One requester sends all 100 MB: let it (its own limit is tested in test_trust.py).
+    broker = broker_factory(env={"BROKER_MAX_MESSAGE_BYTES": str(2 ** 20),
+                                 "BROKER_MAX_IN_FLIGHT_BYTES": str(200 * 2 ** 20)})
     rss = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
     before = rss.memory_info().rss
     async with websockets.connect(broker.worker_url, max_queue=1) as deaf:

@@ -229,7 +229,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
                      commands=st.lists(nonempty_text, min_size=1, max_size=4),
                      weight=st.floats(min_value=1e-9, max_value=1e9),
                      max_concurrency=st.integers(1, 2**63 - 1),
-                     no_retry=st.lists(wire_text, max_size=3)))
+                     no_retry=st.lists(nonempty_text, max_size=3)))
 def test_what_is_serialized_parses_back_to_the_same_object(
         m: Message, req: ApiRequest, resp: ApiResponse, reg: Registration) -> None:
     check_message(m)
@@ -493,7 +493,7 @@ def worker_frames() -> st.SearchStrategy[tuple[str | bytes, str, str | None]]:
         lambda s: on_the_wire(s) and len(s.encode()) <= LIMIT and envelope_error(s) is not None)
     unknown_type = st.tuples(wire_text.filter(lambda t: t and not known_type(t)), msg_ids).map(
         lambda t: (dumps({"type": t[0], "msg_id": t[1], "data": {}}),
-                   f"Unknown message type '{t[0]}'", t[1]))
+                   f"Unknown message type '{protocol.quote(t[0])}'", t[1]))
     bad_response = st.tuples(bad_response_data, msg_ids).map(
         lambda t: (dumps({"type": "response", "msg_id": t[1], "data": t[0]}),
                    body_error(ResponseBody.from_message, t[0]), t[1]))

@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 import pytest
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, OperationalError
+from django.test import override_settings
 
 from dispatch import history
 from dispatch.history import HistoryRecorder, NullRecorder, get_recorder, mark_process_offline
@@ -106,6 +107,22 @@ def test_full_buffer_drops_oldest() -> None:
         record(rec, i)
     assert rec.dropped == 15
     assert [r["request_id"] for r in rec._batch.requests] == [f"req-{i}" for i in range(15, 25)]
+
+
+def test_huge_fields_are_cut_when_recorded_and_the_buffer_is_bounded_in_bytes() -> None:
+    """300 requests with 1 MB command names and errors once held 290 MB of history."""
+    with override_settings(BROKER={"HISTORY_BUFFER_BYTES": 200_000}):
+        rec = HistoryRecorder(process="p", capacity=50_000, flush_seconds=1)
+    huge = "x" * 1_000_000
+    for i in range(300):
+        rec.record_request(request_id=huge, command=huge, worker_id=huge, success=False,
+                           error=huge, latency_ms=1.0, attempts=1, requester=huge,
+                           started_at=T0, finished_at=T0)
+    kept = rec._batch.requests
+    held = sum(len(v) for r in kept for v in r.values() if isinstance(v, str))
+    assert kept and held <= 200_000 and rec.dropped == 300 - len(kept)
+    assert {len(kept[0]["command"]), len(kept[0]["request_id"]), len(kept[0]["error"])} == \
+        {200, 128, 1000}
 
 
 # --------------------------------------------------------------------------- flushing

@@ -93,8 +93,12 @@ def test_the_uvicorn_command_serves_workers_and_requesters(tmp_path) -> None:
                 return json.load(r)["workers"] == 1
 
         wait_for(registered, 30, "uvicorn up with one worker")
-        with SyncRequester(f"ws://127.0.0.1:{port}/ws/requester/") as broker:
+        with SyncRequester(f"ws://127.0.0.1:{port}/ws/requester/?token=secret-in-the-url"
+                           ) as broker:
             assert broker.call("echo", message="hi") == "Echo: hi"
+        text = (tmp_path / "uvicorn.log").read_text(errors="replace")
+        assert "/ws/requester/?token=[redacted]" in text  # uvicorn logs the path...
+        assert "secret-in-the-url" not in text  # ...but not the token
     finally:
         for proc in (worker, server):
             proc.terminate()

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--handlers", action="append", default=[], metavar="MODULE",
                         help="module (dotted name, or path to a .py file) whose @command() "
                              "functions this worker also serves; repeatable")
+    parser.add_argument("--commands", metavar="NAME,...",
+                        help="serve only these commands (comma-separated), e.g. when the "
+                             "worker token allows only some; default: all it has")
     parser.add_argument("--token", default=default_token(),
                         help="worker token, when the broker has credentials "
                              "(default $BROKER_TOKEN)")
@@ -120,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                         max_concurrency=args.max_concurrency, token=args.token)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.commands:
+        wanted = {c.strip() for c in args.commands.split(",") if c.strip()}
+        unknown = sorted(wanted - set(worker.registry.names()))
+        if unknown:
+            parser.error(f"--commands names commands this worker does not have: "
+                         f"{', '.join(unknown)}")
+        worker.registry = worker.registry.only(wanted)
     logger.info("Worker %s serving %s", worker.name, ", ".join(worker.registry.names()))
     try:
         asyncio.run(serve(worker))

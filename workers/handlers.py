@@ -76,6 +76,12 @@ class CommandRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
+    def only(self, names: set[str]) -> CommandRegistry:
+        """A registry with just these of its commands."""
+        other = CommandRegistry()
+        other._entries = {n: e for n, e in self._entries.items() if n in names}
+        return other
+
     def copy(self) -> CommandRegistry:
         """A registry that starts with these commands and can be changed on its own."""
         other = CommandRegistry()

@@ -22,7 +22,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -68,6 +68,58 @@ ALL_BUSY = "All workers busy"
 BROKER_OVERLOADED = "Broker overloaded"
 SHUTTING_DOWN = "Broker shutting down"
 BROKER_UNAVAILABLE = "Broker unavailable"
+
+
+#: Longest command/action name, request id and worker id or name a peer may send:
+#: they end up in logs, history rows and error texts, so they are kept short.
+MAX_NAME_CHARS = 200
+MAX_ID_CHARS = 128
+#: Most commands one worker may register.
+MAX_COMMANDS = 1000
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the broker sends.
+
+    All in 4000-4999, the application's range: daphne's WebSocket library lets a
+    server send only 1000 and 3000-4999 (it raises for 1001, 1008, 1013). Where a
+    standard code means the same, the last digits echo it (4008 ~ 1008, 4013 ~
+    1013); the 44xx codes echo the HTTP status of the same meaning.
+    """
+
+    SHUTTING_DOWN = 4000  # the broker is going away: reconnect later
+    REPLACED = 4001  # a newer connection registered the same worker id
+    BAD_REGISTRATION = 4002  # the connect frame was refused, or never came
+    HEARTBEAT_TIMEOUT = 4003  # silent, or not answering pings
+    RATE_LIMITED = 4008  # faster than RATE_LIMIT frames per second
+    TOO_SLOW = 4009  # what waits for this peer to read passed MAX_UNSENT_BYTES
+    TRY_AGAIN_LATER = 4013  # the shared registry is unreachable: retry with backoff
+    UNAUTHORIZED = 4401  # no token, a bad one, or a revoked one
+    FORBIDDEN = 4403  # wrong kind of credential, origin not allowed, remote in protected mode
+    NO_SUCH_ENDPOINT = 4404  # no socket at this path and port
+    WORKER_ID_TAKEN = 4409  # the worker id belongs to another credential
+    TOO_MANY_CONNECTIONS = 4429  # the credential's connection limit
+
+
+#: C0 and C1 control characters, DEL and the Unicode line separators: what could
+#: forge a log line or hide text in a terminal.
+_UNSAFE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_UNSAFE.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028",
+                0x2029: "\\u2029"})
+
+
+def quote(value: Any, limit: int = 100) -> str:
+    """A peer-supplied value made safe to put in a log line or an error text.
+
+    Control characters are escaped (no forged lines) and the text is cut to about
+    ``limit`` characters, saying how much was left out (no log floods).
+    """
+    text = value if isinstance(value, str) else repr(value)
+    cut = len(text) - limit
+    if cut > 0:
+        text = text[:limit]
+    text = text.translate(_UNSAFE)
+    return f"{text}...(+{cut} chars)" if cut > 0 else text
 
 
 class MessageType(str, Enum):
@@ -150,6 +202,31 @@ def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     return value
 
 
+def _text(obj: dict[str, Any], name: str, limit: int, default: Any = ...,
+          request_id: str | None = None) -> Any:
+    """A string field of at most ``limit`` characters (names and ids)."""
+    value = _field(obj, name, str, default, request_id)
+    if isinstance(value, str) and len(value) > limit:
+        raise ProtocolError(f"Field '{name}' is too long ({len(value)} characters, limit "
+                            f"{limit})", request_id=request_id)
+    return value
+
+
+def _names(obj: dict[str, Any], name: str, default: Any = ...) -> list[str]:
+    """A list of command names: non-empty strings of at most MAX_NAME_CHARS, MAX_COMMANDS."""
+    value = _field(obj, name, list, default)
+    if not all(isinstance(c, str) and c for c in value):
+        raise ProtocolError(f"Field '{name}' must be a list of non-empty strings")
+    if len(value) > MAX_COMMANDS:
+        raise ProtocolError(f"Field '{name}' lists {len(value)} commands (limit "
+                            f"{MAX_COMMANDS})")
+    long = next((c for c in value if len(c) > MAX_NAME_CHARS), None)
+    if long is not None:
+        raise ProtocolError(f"Field '{name}' has a name of {len(long)} characters (limit "
+                            f"{MAX_NAME_CHARS}): '{quote(long, 40)}'")
+    return value
+
+
 def _seconds_or_weight(obj: dict[str, Any], name: str, default: float) -> float:
     """A number field as float; an integer too large for a float is refused, not raised."""
     try:
@@ -185,13 +262,13 @@ class Message:
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Message:
-        kind = _field(obj, "type", str)
+        kind = _text(obj, "type", MAX_NAME_CHARS)
         if not kind:
             raise ProtocolError("Field 'type' must not be empty")
         return cls(
             type=kind,
             data=_field(obj, "data", dict, {}),
-            msg_id=_field(obj, "msg_id", str, None) or new_id(),
+            msg_id=_text(obj, "msg_id", MAX_ID_CHARS, None) or new_id(),
             timestamp=_seconds_or_weight(obj, "timestamp", time.time()),
         )
 
@@ -240,7 +317,7 @@ class RequestBody:
 
     @classmethod
     def from_message(cls, msg: Message) -> RequestBody:
-        action = _field(msg.data, "action", str, request_id=msg.msg_id)
+        action = _text(msg.data, "action", MAX_NAME_CHARS, request_id=msg.msg_id)
         if not action:
             raise ProtocolError("Field 'action' must not be empty", request_id=msg.msg_id)
         return cls(action, _field(msg.data, "params", dict, {}, request_id=msg.msg_id))
@@ -259,7 +336,7 @@ class ResponseBody:
     def from_message(cls, msg: Message) -> ResponseBody:
         d = msg.data
         return cls(
-            request_id=_field(d, "request_id", str),
+            request_id=_text(d, "request_id", MAX_ID_CHARS),
             success=_field(d, "success", bool),
             data=d.get("data"),
             error=_field(d, "error", str, None),
@@ -285,20 +362,16 @@ class Registration:
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Registration:
-        commands = _field(data, "commands", list)
-        if not all(isinstance(c, str) and c for c in commands):
-            raise ProtocolError("Field 'commands' must be a list of non-empty strings")
+        commands = _names(data, "commands")
         weight = _seconds_or_weight(data, "weight", 1.0)
         if not weight > 0:
             raise ProtocolError("Field 'weight' must be greater than 0")
         max_concurrency = _field(data, "max_concurrency", int, 16)
         if max_concurrency < 1:
             raise ProtocolError("Field 'max_concurrency' must be at least 1")
-        no_retry = _field(data, "no_retry", list, [])
-        if not all(isinstance(c, str) for c in no_retry):
-            raise ProtocolError("Field 'no_retry' must be a list of strings")
-        worker_id = _field(data, "worker_id", str, None) or random_id()
-        return cls(worker_id=worker_id, name=_field(data, "name", str, None) or worker_id,
+        no_retry = _names(data, "no_retry", [])
+        worker_id = _text(data, "worker_id", MAX_ID_CHARS, None) or random_id()
+        return cls(worker_id=worker_id, name=_text(data, "name", MAX_NAME_CHARS, None) or worker_id,
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
                    no_retry=no_retry)
 
@@ -326,11 +399,8 @@ class ApiRequest:
     def from_json(cls, text: str | bytes) -> ApiRequest:
         """Parse a request; a request without ``request_id`` is given one."""
         obj = loads_object(text)
-        rid = obj.get("request_id")
-        if rid is not None and not isinstance(rid, str):
-            raise ProtocolError("Field 'request_id' must be str")
-        rid = rid or str(uuid.uuid4())
-        command = _field(obj, "command", str, request_id=rid)
+        rid = _text(obj, "request_id", MAX_ID_CHARS, None) or str(uuid.uuid4())
+        command = _text(obj, "command", MAX_NAME_CHARS, request_id=rid)
         if not command:
             raise ProtocolError("Field 'command' must not be empty", request_id=rid)
         timeout = _field(obj, "timeout", (int, float), None, request_id=rid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import subprocess
@@ -59,6 +60,7 @@ class Command(BaseCommand):
         ports = [conf.get("WORKER_PORT"), conf.get("REQUESTER_PORT"), conf.get("HTTP_PORT")]
         if len(set(ports)) != 3:
             raise CommandError(f"The three ports must differ, got {ports}")
+        check_secret_key(conf.get("HOST"))
         processes = options["processes"]
         if processes < 1:
             raise CommandError("--processes must be at least 1")
@@ -83,6 +85,20 @@ class Command(BaseCommand):
              "--requester-port", str(ports[1] + i * step),
              "--http-port", str(ports[2] + i * step)]
             for i in range(processes)], self.stdout.write))
+
+
+def check_secret_key(host: str) -> None:
+    """Refuse the development SECRET_KEY on a broker others can reach (DEBUG off)."""
+    try:
+        local = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if not local and not settings.DEBUG and \
+            settings.SECRET_KEY == settings.DEVELOPMENT_SECRET_KEY:
+        raise CommandError(
+            f"Refusing to listen on {host} with the development SECRET_KEY: set "
+            "DJANGO_SECRET_KEY to a long random value (python -c 'import secrets; "
+            "print(secrets.token_urlsafe(50))'), or listen on 127.0.0.1")
 
 
 def supervise(commands: list[list[str]], say: Any) -> int:
@@ -147,16 +163,47 @@ def serve(host: str, ports: list[int], say: object) -> None:
         verbosity=0,
         signal_handlers=False,  # ours, below: finish requests in flight first
     ).run()
+    finish_loop()
     log.info("broker stopped")
+
+
+def finish_loop(wait: float = 2.0) -> None:
+    """Close daphne's event loop the way ``asyncio.run`` does: no task outlives it.
+
+    daphne (4.2.3) cancels the application instances at shutdown but stops at the
+    first connection that has none yet (``KeyError: 'application_instance'`` in
+    ``kill_all_applications``: the HTTP half of a websocket handshake of the last
+    second), so it waits for none of them, and the reactor stops with some pending.
+    A coroutine still pending at interpreter exit is closed by the garbage collector
+    after asyncio's C module is gone: on Python 3.11 before 3.11.8 that is a
+    segmentation fault (exit 139; CPython gh-113566, a Future's repr called through
+    a freed pointer while ``Queue.get`` cleans up). Found with gdb: the frames were
+    ``_PyGen_Finalize`` -> ``asyncio/queues.py`` ``get`` -> ``deque_remove``.
+    """
+    from daphne.server import twisted_loop as loop
+
+    left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if left:
+        log.debug("cancelling %d task(s) left at shutdown: %s", len(left),
+                  ", ".join(t.get_name() for t in left))
+        for task in left:
+            task.cancel()
+        _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=wait))
+        for task in stuck:
+            log.warning("task %s did not stop when cancelled", task.get_name())
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
 
 
 def graceful_stop_on_signals(grace: float) -> None:
     """SIGTERM/SIGINT: drain (up to ``grace`` seconds), then stop; a second one stops now."""
+    from daphne.server import twisted_loop as loop
     from twisted.internet import reactor
 
+    from dispatch.auth import stop_guard
     from dispatch.forwarding import get_dispatcher, stop_dispatcher
 
-    loop = reactor._asyncioEventloop  # type: ignore[attr-defined]
     stopping: list[asyncio.Task[None]] = []
 
     async def drain_and_stop() -> None:
@@ -164,6 +211,9 @@ def graceful_stop_on_signals(grace: float) -> None:
             log.warning("stopping: finishing requests in flight (up to %.0fs)", grace)
             await (await get_dispatcher()).drain(grace)
             await stop_dispatcher()  # answers what is left, flushes history
+            await stop_guard()
+        except Exception:
+            log.exception("graceful stop failed; stopping now")
         finally:
             reactor.stop()
 

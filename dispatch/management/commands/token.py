@@ -23,13 +23,20 @@ class Command(BaseCommand):
                             help="worker token, requester API key, or admin key (control API)")
         create.add_argument("name", help="a unique name, e.g. gpu-fleet or billing-service")
         create.add_argument("--commands", default="",
-                            help="requester keys: comma-separated commands it may send "
-                                 "(default: all)")
+                            help="comma-separated commands: those a requester key may send, "
+                                 "or a worker token may register (default: all)")
         create.add_argument("--max-connections", type=int, default=0,
                             help="connections per broker process at most (default 0: no limit)")
         actions.add_parser("list", help="list credentials (never their tokens)")
         revoke = actions.add_parser("revoke", help="revoke a credential by name")
         revoke.add_argument("name", help="the credential's name")
+        delete = actions.add_parser(
+            "delete", help="delete a revoked credential; deleting the last one returns the "
+                           "broker to protected mode, which needs --reopen-protected-mode")
+        delete.add_argument("name", help="the credential's name (revoke it first)")
+        delete.add_argument("--reopen-protected-mode", action="store_true",
+                            help="allow deleting the last credential: local peers then need "
+                                 "no token, remote ones are refused")
 
     def handle(self, *args: Any, **options: Any) -> None:
         getattr(self, f"handle_{options['action']}")(**options)
@@ -37,8 +44,8 @@ class Command(BaseCommand):
     def handle_create(self, kind: str, name: str, commands: str, max_connections: int,
                       **_: Any) -> None:
         allowed = [c.strip() for c in commands.split(",") if c.strip()]
-        if allowed and kind != "requester":
-            raise CommandError("--commands applies to requester keys only")
+        if allowed and kind == "admin":
+            raise CommandError("--commands applies to requester keys and worker tokens")
         try:
             _, token = create_credential(name, kind, allowed, max_connections)
         except IntegrityError:
@@ -58,3 +65,18 @@ class Command(BaseCommand):
         if not Credential.objects.filter(name=name).update(active=False):
             raise CommandError(f"No credential named '{name}'")
         self.stdout.write(f"Revoked '{name}': its connections close within seconds.")
+
+    def handle_delete(self, name: str, reopen_protected_mode: bool, **_: Any) -> None:
+        credential = Credential.objects.filter(name=name).first()
+        if credential is None:
+            raise CommandError(f"No credential named '{name}'")
+        if credential.active:
+            raise CommandError(f"'{name}' is active: revoke it first (token revoke {name})")
+        if Credential.objects.count() == 1 and not reopen_protected_mode:
+            raise CommandError(f"'{name}' is the last credential: deleting it returns the "
+                               "broker to protected mode (local peers need no token). Add "
+                               "--reopen-protected-mode if that is what you want")
+        credential.delete()
+        left = Credential.objects.count()
+        self.stdout.write(f"Deleted '{name}'." + ("" if left else
+                          " No credential is left: the broker is in protected mode again."))
