@@ -8,7 +8,12 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "brokersite.settings")
     from django.core.management import execute_from_command_line
 
-    execute_from_command_line(sys.argv)
+    from dispatch.conf import BadSetting
+
+    try:
+        execute_from_command_line(sys.argv)
+    except BadSetting as exc:  # a setting, not a bug: no traceback
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

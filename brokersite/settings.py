@@ -1,15 +1,21 @@
 """Settings for the broker, read from the environment.
 
 Unset, everything is the embedded default: one process, the in-memory channel
-layer and SQLite. ``REDIS_URL`` switches the channel layer (and the worker
-registry) to Redis; ``DATABASE_URL`` replaces SQLite (``postgres://...``).
+layer and SQLite. ``REDIS_URL`` (or ``REDIS_SENTINELS``, see dispatch/redisconn.py)
+switches the channel layer and the worker registry to Redis; ``DATABASE_URL``
+replaces SQLite (``postgres://user:pw@host:5432/db?sslmode=require``, parsed by
+dj-database-url). The broker's own ``BROKER_*`` settings are validated by
+dispatch/conf.py when the app starts.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+
+import dj_database_url
+
+from dispatch.redisconn import RedisTarget
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -20,23 +26,16 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 
 def database_from_url(url: str) -> dict:
-    """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``postgres://user:pw@host:port/db``."""
-    parts = urlsplit(url)
-    if parts.scheme == "sqlite":
-        # WAL: the history writer's commits skip most fsyncs, and the admin can read
-        # while it writes.
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": parts.path[1:] or ":memory:",
-                "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}}
-    if parts.scheme in {"postgres", "postgresql", "pgsql"}:
-        return {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": unquote(parts.path.lstrip("/")),
-            "USER": unquote(parts.username or ""),
-            "PASSWORD": unquote(parts.password or ""),
-            "HOST": parts.hostname or "",
-            "PORT": str(parts.port or ""),
-        }
-    raise ValueError(f"DATABASE_URL: unsupported scheme '{parts.scheme}'")
+    """Django's database settings for ``url``; SQLite in WAL mode.
+
+    WAL: the history writer's commits skip most fsyncs, and the admin can read
+    while it writes.
+    """
+    config = dj_database_url.parse(url)
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        config.setdefault("OPTIONS", {})["init_command"] = (
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+    return config
 
 
 #: Good enough on one machine; runbroker refuses it when DEBUG is off and the broker
@@ -96,18 +95,27 @@ DATABASES = {
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-REDIS_URL = os.environ.get("REDIS_URL", "")
-if REDIS_URL:
+#: Where Redis is (REDIS_URL, or REDIS_SENTINELS and REDIS_SENTINEL_MASTER); falsy: none.
+REDIS = RedisTarget.from_env(os.environ)
+_PREFIX = os.environ.get("BROKER_REDIS_PREFIX", "dispatch")
+try:
+    _HEARTBEAT = float(os.environ.get("BROKER_HEARTBEAT_INTERVAL", "5"))
+except ValueError:
+    _HEARTBEAT = 5.0  # dispatch/conf.py refuses the value itself, saying why
+if REDIS:
     CHANNEL_LAYERS = {
         "default": {
             # channels-redis's layer, in fewer round trips per message.
             "BACKEND": "dispatch.redis_layer.RedisChannelLayer",
             # channels-redis waits up to 5 s for a message; redis-py 8 gives up reading
             # after 5 s by default, which would turn every quiet wait into an "outage".
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30,
-                                  "socket_connect_timeout": 5}],
+            "CONFIG": {"hosts": [REDIS.layer_host(socket_timeout=30, socket_connect_timeout=5)],
                        "capacity": 10_000, "expiry": 60,
-                       "prefix": os.environ.get("BROKER_REDIS_PREFIX", "dispatch") + ":asgi"},
+                       # Each dispatcher re-joins the broadcast group every heartbeat
+                       # interval: a dead process's inbox leaves it within minutes, not
+                       # channels-redis's default of a day.
+                       "group_expiry": int(max(5, 10 * _HEARTBEAT)),
+                       "prefix": _PREFIX + ":asgi"},
         }
     }
 else:

@@ -1,89 +1,170 @@
-"""The broker's settings, their defaults, and where they come from.
+"""The broker's settings: one typed, validated model, read from one place.
 
-Each can be set in ``settings.BROKER`` (a dict) or as an environment variable
-``BROKER_<NAME>``; ``runbroker`` flags override both. Values are read lazily, so a
-flag applied at start-up is seen everywhere.
+Each setting comes from ``settings.BROKER`` (a dict), which ``brokersite/settings.py``
+fills from the ``BROKER_<NAME>`` environment variables; ``runbroker`` flags override
+it (:func:`override`). The dict is validated as a whole by :class:`BrokerSettings`
+(pydantic) when the app starts, so a bad value (``BROKER_MAX_RETRIES=2.5``) stops
+the start with a message naming it, instead of failing at the first request. The
+validated values are cached: :func:`get` is on the hot path.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-#: name -> (default, what it is). The README's configuration table mirrors this.
-DEFAULTS: dict[str, tuple[Any, str]] = {
-    "HOST": ("127.0.0.1", "interface the three sockets listen on"),
-    "WORKER_PORT": (8765, "worker socket port"),
-    "REQUESTER_PORT": (8766, "requester socket port"),
-    "HTTP_PORT": (8000, "HTTP port: admin, /healthz, control API"),
-    "STRATEGY": ("least_loaded",
-                 "load balancing: least_loaded, round_robin, random, weighted_random"),
-    "TIMEOUT": (30.0, "seconds a request may take before 'Worker response timeout'"),
-    "MAX_RETRIES": (2, "times a request is re-sent after its worker was lost"),
-    "QUEUE_LIMIT": (1000, "requests per process that may wait for a free worker slot"),
-    "HEARTBEAT_INTERVAL": (5.0, "seconds between heartbeats, told to workers on connect"),
-    "HEARTBEAT_MISSES": (3, "heartbeat intervals of silence before a worker is dropped"),
-    "REGISTER_TIMEOUT": (10.0, "seconds a new worker socket has to send its connect frame"),
-    "MAX_MESSAGE_BYTES": (1_048_576, "largest frame accepted; larger ones get an error"),
-    "MAX_IN_FLIGHT": (1000, "requests one requester connection may have in flight"),
-    "MAX_IN_FLIGHT_BYTES": (8 * 1_048_576, "bytes of requests one requester connection may "
-                                           "have in flight; beyond, new ones are refused"),
-    "MAX_UNSENT_BYTES": (4 * 1_048_576, "bytes sent to one connection that it has not read "
-                                        "yet, at most; beyond, it is closed with 4008"),
-    "MAX_WORKER_WEIGHT": (100.0, "highest weight a worker may register; more is capped"),
-    "MAX_WORKER_CONCURRENCY": (1000, "highest max_concurrency a worker may register; more "
-                                     "is capped"),
-    "WORKER_ID_CLAIM_SECONDS": (3600.0, "seconds a worker id stays with its credential "
-                                        "after the worker left"),
-    "CLIENT_INFO_ADDRESSES": (False, "get_client_info tells workers each other's "
-                                     "addresses"),
-    "RATE_LIMIT": (20_000, "frames per second one connection may send (bursts of twice "
-                           "that); beyond, it is closed with 4008. 0: no limit"),
-    "SHUTDOWN_GRACE": (10.0, "seconds SIGTERM waits for requests in flight to finish"),
-    "HISTORY": (True, "record request history in the database (batched)"),
-    "HISTORY_FLUSH_SECONDS": (1.0, "how often buffered history is written"),
-    "HISTORY_BUFFER": (50_000, "history records kept in memory at most; older are dropped"),
-    "HISTORY_BUFFER_BYTES": (64 * 1_048_576, "bytes of history kept in memory at most; "
-                                             "older records are dropped"),
-    "API_TOKEN": ("", "static bearer token for the HTTP control API (admin keys work too)"),
-    "ALLOWED_ORIGINS": ("", "browser origins allowed on the worker and requester sockets "
-                            "and the control API (comma-separated; * for any)"),
-    "TRUSTED_PROXIES": ("", "proxy addresses (or networks) whose X-Forwarded-For is "
-                            "believed, comma-separated"),
-    "AUTH_REFRESH_SECONDS": (2.0, "how often credentials are reloaded (revocation delay)"),
-    "ACTION_MODULES": ("", "comma-separated modules that register server actions"),
-    "REDIS_PREFIX": ("dispatch", "prefix of every Redis key (registry and channel layer)"),
-    "ECHO_ROUTE": (False, "tests only: serve /ws/echo/, which sends every frame back "
-                          "unchanged (for the Autobahn protocol suite); never in production"),
-}
+log = logging.getLogger("dispatch.conf")
+
+#: ``BROKER_*`` environment variables that are not broker settings but the clients'
+#: (``BROKER_URL`` for management commands, ``BROKER_TOKEN`` for workers).
+NOT_SETTINGS = frozenset({"URL", "TOKEN"})
+
+MiB = 1_048_576
+
+
+class BadSetting(ImproperlyConfigured):
+    """A setting that cannot be used; its message names it and says why."""
+
+
+
+def _doc(default: Any, description: str, **constraints: Any) -> Any:
+    return Field(default, description=description, **constraints)
+
+
+class BrokerSettings(BaseModel):
+    """Every broker setting, its default, its bounds and what it is.
+
+    The README's configuration table lists each of them (a test checks).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True)
+
+    HOST: str = _doc("127.0.0.1", "interface the three sockets listen on")
+    WORKER_PORT: int = _doc(8765, "worker socket port", ge=1, le=65535)
+    REQUESTER_PORT: int = _doc(8766, "requester socket port", ge=1, le=65535)
+    HTTP_PORT: int = _doc(8000, "HTTP port: admin, /healthz, control API", ge=1, le=65535)
+    STRATEGY: Literal["least_loaded", "round_robin", "random", "weighted_random"] = _doc(
+        "least_loaded", "load balancing: least_loaded, round_robin, random, weighted_random")
+    TIMEOUT: float = _doc(30.0, "seconds a request may take before 'Worker response timeout'",
+                          gt=0, le=86400)
+    MAX_RETRIES: int = _doc(2, "times a request is re-sent after its worker was lost", ge=0)
+    QUEUE_LIMIT: int = _doc(1000, "requests per process that may wait for a free worker slot",
+                            ge=0)
+    HEARTBEAT_INTERVAL: float = _doc(5.0, "seconds between heartbeats, told to workers on "
+                                          "connect", gt=0)
+    HEARTBEAT_MISSES: int = _doc(3, "heartbeat intervals of silence before a worker is "
+                                    "dropped", ge=1)
+    REGISTER_TIMEOUT: float = _doc(10.0, "seconds a new worker socket has to send its "
+                                         "connect frame", gt=0)
+    MAX_MESSAGE_BYTES: int = _doc(MiB, "largest frame accepted; larger ones get an error",
+                                  ge=1024)
+    MAX_IN_FLIGHT: int = _doc(1000, "requests one requester connection may have in flight",
+                              ge=1)
+    MAX_IN_FLIGHT_BYTES: int = _doc(8 * MiB, "bytes of requests one requester connection may "
+                                             "have in flight; beyond, new ones are refused",
+                                    ge=1024)
+    MAX_UNSENT_BYTES: int = _doc(4 * MiB, "bytes sent to one connection that it has not read "
+                                          "yet, at most; beyond, it is closed with 4009",
+                                 ge=65536)
+    MAX_WORKER_WEIGHT: float = _doc(100.0, "highest weight a worker may register; more is "
+                                           "capped", gt=0)
+    MAX_WORKER_CONCURRENCY: int = _doc(1000, "highest max_concurrency a worker may register; "
+                                             "more is capped", ge=1)
+    WORKER_ID_CLAIM_SECONDS: float = _doc(3600.0, "seconds a worker id stays with its "
+                                                  "credential after the worker left", ge=0)
+    CLIENT_INFO_ADDRESSES: bool = _doc(False, "get_client_info tells workers each other's "
+                                              "addresses")
+    RATE_LIMIT: int = _doc(20_000, "frames per second one connection may send (bursts of "
+                                   "twice that); beyond, it is closed with 4008. 0: no limit",
+                           ge=0)
+    SHUTDOWN_GRACE: float = _doc(10.0, "seconds SIGTERM waits for requests in flight to "
+                                       "finish", ge=0)
+    HISTORY: bool = _doc(True, "record request history in the database (batched)")
+    HISTORY_FLUSH_SECONDS: float = _doc(1.0, "how often buffered history is written", gt=0)
+    HISTORY_BUFFER: int = _doc(50_000, "history records kept in memory at most; older are "
+                                       "dropped", ge=0)
+    HISTORY_BUFFER_BYTES: int = _doc(64 * MiB, "bytes of history kept in memory at most; "
+                                               "older records are dropped", ge=0)
+    API_TOKEN: str = _doc("", "static bearer token for the HTTP control API (admin keys work "
+                              "too); setting it ends protected mode")
+    ALLOWED_ORIGINS: str = _doc("", "browser origins allowed on the worker and requester "
+                                    "sockets and the control API (comma-separated; * for any)")
+    TRUSTED_PROXIES: str = _doc("", "proxy addresses (or networks) whose X-Forwarded-For is "
+                                    "believed, comma-separated")
+    AUTH_REFRESH_SECONDS: float = _doc(2.0, "how often credentials are reloaded (revocation "
+                                            "delay)", gt=0)
+    ACTION_MODULES: str = _doc("", "comma-separated modules that register server actions")
+    REDIS_PREFIX: str = _doc("dispatch", "prefix of every Redis key (registry and channel "
+                                         "layer)", min_length=1)
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = _doc(
+        "INFO", "broker log level")
+    ECHO_ROUTE: bool = _doc(False, "tests only: serve /ws/echo/, which sends every frame back "
+                                   "unchanged (for the Autobahn protocol suite); never in "
+                                   "production")
+
+
+#: Setting names, in the order the model declares them.
+NAMES: tuple[str, ...] = tuple(BrokerSettings.model_fields)
+
+_current: BrokerSettings | None = None
+
+
+def load(values: dict[str, Any]) -> BrokerSettings:
+    """Validate ``values`` (names without the ``BROKER_`` prefix); raise a readable error."""
+    unknown = sorted(set(values) - set(NAMES) - NOT_SETTINGS)
+    if unknown:
+        log.warning("unknown broker setting(s) ignored: %s",
+                    ", ".join(f"BROKER_{name}" for name in unknown))
+    try:
+        return BrokerSettings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"BROKER_{'.'.join(str(p) for p in error['loc'])}={error.get('input')!r}: "
+            f"{error['msg']}" for error in exc.errors())
+        raise BadSetting(f"Bad broker setting: {problems}") from None
+
+
+def current() -> BrokerSettings:
+    """The validated settings (validated once, again after a change)."""
+    global _current
+    if _current is None:
+        _current = load(settings.BROKER)
+    return _current
 
 
 def get(name: str) -> Any:
-    """The current value of one broker setting, converted to its default's type."""
-    default, _ = DEFAULTS[name]
-    value = settings.BROKER.get(name, default)
-    return _coerce(value, default)
+    """The current value of one broker setting."""
+    return getattr(_current or current(), name)
 
 
 def override(**values: Any) -> None:
-    """Set broker settings at run time (``runbroker`` flags use this)."""
-    for name, value in values.items():
-        if name not in DEFAULTS:
-            raise KeyError(f"unknown broker setting {name}")
-        settings.BROKER[name] = value
+    """Set broker settings at run time (``runbroker`` flags use this); validated at once."""
+    global _current
+    unknown = set(values) - set(NAMES)
+    if unknown:
+        raise KeyError(f"unknown broker setting(s) {', '.join(sorted(unknown))}")
+    merged = {**settings.BROKER, **values}
+    _current = load(merged)
+    settings.BROKER.update(values)
 
 
-def _coerce(value: Any, default: Any) -> Any:
-    if isinstance(value, str) and not isinstance(default, str):
-        if isinstance(default, bool):
-            return value.strip().lower() in {"1", "true", "yes", "on"}
-        return type(default)(value)
-    return value
+def _forget(*, setting: str, **_: Any) -> None:
+    """``override_settings(BROKER=...)`` (tests): validate the new dict on next use."""
+    global _current
+    if setting == "BROKER":
+        _current = None
+
+
+setting_changed.connect(_forget)
 
 
 @cache

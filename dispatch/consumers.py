@@ -178,13 +178,20 @@ class LeanWebsocketConsumer(AsyncWebsocketConsumer):
         limit = conf.get("MAX_MESSAGE_BYTES")
         if len(text_data) > limit or (len(text_data) * 4 > limit
                                       and len(text_data.encode()) > limit):
-            await self.refuse(f"Message too large: {len(text_data.encode())} bytes "
-                              f"(limit {limit})")
+            await self.too_large(text_data, len(text_data.encode()), limit)
             return
         await self.receive_text(text_data)
 
     async def receive_text(self, text: str) -> None:
         raise NotImplementedError
+
+    async def too_large(self, text: str, size: int, limit: int) -> None:
+        """A frame over MAX_MESSAGE_BYTES (daphne passes up to 4x that): refused.
+
+        Subclasses read it anyway, only to say which request it was about, so that
+        request is answered at once instead of waiting for its timeout.
+        """
+        await self.refuse(f"Message too large: {size} bytes (limit {limit})")
 
     async def refuse(self, error: str, request_id: str | None = None) -> None:
         """Tell the peer that one frame was refused; the connection stays up."""
@@ -318,6 +325,26 @@ class WorkerConsumer(LeanWebsocketConsumer):
         self.logs.log(log, logging.INFO, "worker %s: refused a frame: %s", self.worker_label,
                       quote(error, 300))
         await self.send_frame(Message.error(error, reply_to=request_id))
+
+    async def too_large(self, text: str, size: int, limit: int) -> None:
+        """An answer too large to pass on fails its request now, and frees the slot."""
+        try:
+            msg = Message.from_json(text)
+            body = ResponseBody.from_message(msg) if msg.type == "response" else None
+        except ProtocolError:
+            msg = body = None
+        assignment = self.assignments.pop(body.request_id, None) if body else None
+        if assignment is None or self.entry is None:
+            await self.refuse(f"Message too large: {size} bytes (limit {limit})",
+                              msg.msg_id if msg else None)
+            return
+        error = f"{protocol.ANSWER_TOO_LARGE}: {size} bytes > limit {limit}"
+        await self.dispatcher.release(self.entry.worker_id, latency_ms=None, ok=False)
+        await self.dispatcher.deliver(assignment.reply_to, events.reply(
+            body.request_id, self.entry.worker_id, False, None, error,  # type: ignore[union-attr]
+            (time.monotonic() - assignment.started) * 1000))
+        await self.refuse(f"{error}: request {quote(body.request_id)} failed; "  # type: ignore
+                          "send smaller answers", msg.msg_id)  # type: ignore[union-attr]
 
     # -------------------------------------------------------------- frame helpers
 
@@ -646,6 +673,16 @@ class RequesterConsumer(LeanWebsocketConsumer):
 
     async def refuse(self, error: str, request_id: str | None = None) -> None:
         await self.send_text(ApiResponse.failure(request_id, error).to_json())
+
+    async def too_large(self, text: str, size: int, limit: int) -> None:
+        """Refused, with its request_id when it can be read, so the caller can match it."""
+        try:
+            request_id = protocol.loads_object(text).get("request_id")
+        except ProtocolError:
+            request_id = None
+        await self.refuse(f"Message too large: {size} bytes (limit {limit})",
+                          request_id if isinstance(request_id, str)
+                          and len(request_id) <= protocol.MAX_ID_CHARS else None)
 
     async def respond(self, response: ApiResponse) -> None:
         """Called by the dispatcher, once per request."""

@@ -30,6 +30,7 @@ from workers.protocol import ApiResponse
 
 from . import conf, events, layer
 from .history import HistoryRecorder, get_recorder
+from .liveness import Liveness
 from .loops import Batcher, PerLoop
 from .registry import Registry, RegistryUnavailable, Reservation, WorkerEntry, get_registry
 
@@ -99,6 +100,7 @@ class Dispatcher:
         self._intake: Batcher[Pending] = Batcher(self._assign, "dispatch-reserve")
         self._releases: Batcher[tuple[str, float | None, bool]] = Batcher(
             self._release_many, "dispatch-release")
+        self.liveness = Liveness(registry, self.process)
         self.stats: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -116,6 +118,7 @@ class Dispatcher:
                        asyncio.create_task(self._sweep_loop(), name="dispatch-sweep")]
         await self._join_broadcasts()
         await self.recorder.start()
+        await self.liveness.start()
         log.debug("dispatcher %s listening on %s", self.process, self.channel)
 
     async def drain(self, grace: float) -> None:
@@ -154,6 +157,7 @@ class Dispatcher:
             await self.layer.group_discard(events.INBOXES_GROUP, self.channel)
         except Exception as exc:  # noqa: BLE001 - layer down: membership expires
             log.warning("could not leave the broadcast group: %s", exc)
+        await self.liveness.stop()
         await self.recorder.stop()
 
     async def _join_broadcasts(self) -> None:

@@ -351,29 +351,35 @@ def reset_recorders() -> None:
     _loopless = None
 
 
-async def mark_process_offline(process: str) -> int:
-    """Set rows this process name left "online" (a crashed earlier run) to offline.
+async def mark_processes_offline(*, keep: Iterable[str], older_than: float = 0.0) -> int:
+    """Set rows that processes other than ``keep`` left "online" to offline.
 
-    Their end time is unknown; ``last_seen`` is the best estimate. Called by the
-    broker at start, before its own workers connect. A database problem is logged,
-    not raised: the broker must start even if history cannot be tidied.
+    Those processes are gone (killed, crashed, a previous run): nobody is left to
+    write their disconnects. Their end time is unknown; ``last_seen`` is the best
+    estimate. Rows connected in the last ``older_than`` seconds are left alone: they
+    may belong to a process that started a moment ago and is not yet known to be
+    alive. A database problem is logged, not raised: the broker must keep running
+    even if history cannot be tidied.
     """
     if not conf.get("HISTORY"):
         return 0
+    kept = sorted(set(keep))
     try:
-        count = await database_sync_to_async(_mark_offline)(process)
+        count = await database_sync_to_async(_mark_offline)(kept, time.time() - older_than)
     except DatabaseError as exc:
-        logger.warning("history: could not mark stale sessions of %s offline: %s", process, exc)
+        logger.warning("history: could not mark stale worker sessions offline: %s", exc)
         return 0
     if count:
-        logger.info("history: marked %d stale worker sessions of %s offline", count, process)
+        logger.info("history: marked %d worker session(s) of stopped broker processes "
+                    "offline", count)
     return count
 
 
-def _mark_offline(process: str) -> int:
+def _mark_offline(keep: list[str], connected_before: float) -> int:
     return WorkerSession.objects.filter(
-        process=process, status=WorkerSession.Status.ONLINE
-    ).update(status=WorkerSession.Status.OFFLINE, disconnected_at=F("last_seen"))
+        status=WorkerSession.Status.ONLINE, connected_at__lt=_dt(connected_before)
+    ).exclude(process__in=keep).update(
+        status=WorkerSession.Status.OFFLINE, disconnected_at=F("last_seen"))
 
 
 # --------------------------------------------------------------------------- writing (sync)

@@ -62,7 +62,7 @@ return members
 
 
 class RedisChannelLayer(core.RedisChannelLayer):
-    """The Redis channel layer of a broker cluster (settings pick it when REDIS_URL is set)."""
+    """The Redis channel layer of a broker cluster (settings pick it when Redis is configured)."""
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         assert isinstance(message, dict), "message is not a dict"

@@ -54,6 +54,7 @@ from redis.backoff import NoBackoff
 
 from . import conf
 from .balancing import get_strategy
+from .redisconn import Connection, RedisTarget
 from .registry import (EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry,
                        WorkerIdTaken)
 
@@ -413,12 +414,13 @@ class RedisRegistry(Registry):
     works again, without any help, once it can.
     """
 
-    def __init__(self, url: str, *, prefix: str = "dispatch", ttl: float | None = None,
-                 rng: random.Random | None = None) -> None:
-        """``ttl``: seconds of silence after which a worker is dead; by default read from
-        the settings at each use: HEARTBEAT_INTERVAL x (HEARTBEAT_MISSES + 1), one interval
-        more than the owning process itself waits, so that it notices first if it lives."""
-        self.url = url
+    def __init__(self, target: RedisTarget | str, *, prefix: str = "dispatch",
+                 ttl: float | None = None, rng: random.Random | None = None) -> None:
+        """``target``: a URL, or a :class:`RedisTarget` (Sentinel). ``ttl``: seconds of
+        silence after which a worker is dead; by default read from the settings at each
+        use: HEARTBEAT_INTERVAL x (HEARTBEAT_MISSES + 1), one interval more than the
+        owning process itself waits, so that it notices first if it lives."""
+        self.target = RedisTarget(url=target) if isinstance(target, str) else target
         self.prefix = prefix
         self._ttl = ttl
         self._rng = rng or random.Random()
@@ -428,7 +430,7 @@ class RedisRegistry(Registry):
         self._processes = f"{prefix}:processes"
         # One client (and connection pool) per event loop: a connection belongs to the
         # loop that opened it, and tests, daphne and async_to_sync each run their own.
-        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, Connection] = {}
 
     @property
     def ttl(self) -> float:
@@ -442,19 +444,18 @@ class RedisRegistry(Registry):
 
     def _client(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
+        connection = self._clients.get(loop)
+        if connection is None:
             for old in [old for old in self._clients if old.is_closed()]:
                 del self._clients[old]  # no loop left to close its sockets: the GC will
-            client = self._clients[loop] = aioredis.Redis.from_url(self.url,
-                                                                   **CLIENT_OPTIONS)
-        return client
+            connection = self._clients[loop] = self.target.connect(**CLIENT_OPTIONS)
+        return connection.client
 
     async def close(self) -> None:
         """Close this event loop's connections (at shutdown; at the end of a test)."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        connection = self._clients.pop(asyncio.get_running_loop(), None)
+        if connection is not None:
+            await connection.close()
 
     async def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         """Run a prelude script: KEYS[1] = heartbeats, ARGV[1] = prefix, ARGV[2] = cutoff."""
@@ -605,9 +606,8 @@ class RedisRegistry(Registry):
     async def process_alive(self, process: str, ttl: float | None = None) -> None:
         """Declare ``process`` alive for ``ttl`` more seconds (default: the worker ttl).
 
-        Call it every heartbeat interval; :meth:`live_processes` then tells which broker
-        processes of the cluster are running, e.g. to re-dispatch the requests held by
-        one that stopped saying so.
+        Called every heartbeat interval (:mod:`dispatch.liveness`); :meth:`live_processes`
+        then tells which broker processes of the cluster are running.
         """
         ttl = self.ttl if ttl is None else ttl
         with _unavailable_on_error():

@@ -141,6 +141,20 @@ class Registry(abc.ABC):
     async def count(self) -> int:
         return len(await self.all())
 
+    # Broker processes, for a registry shared by several (not ``local``):
+
+    async def process_alive(self, process: str, ttl: float) -> None:
+        """Declare ``process`` alive for ``ttl`` more seconds."""
+        raise NotImplementedError
+
+    async def process_gone(self, process: str) -> None:
+        """Say goodbye at a clean shutdown, so that others need not wait for the ttl."""
+        raise NotImplementedError
+
+    async def live_processes(self) -> set[str]:
+        """Names of the processes whose last :meth:`process_alive` has not run out."""
+        raise NotImplementedError
+
     async def channels(self, worker_ids: Iterable[str]) -> dict[str, str]:
         """Channel of each of these workers that is still live; the dead are left out."""
         found = {}
@@ -277,10 +291,10 @@ def get_registry() -> Registry:
     if _registry is None:
         from django.conf import settings
 
-        if settings.REDIS_URL:
+        if settings.REDIS:
             from .redis_registry import RedisRegistry
 
-            _registry = RedisRegistry(settings.REDIS_URL, prefix=conf.get("REDIS_PREFIX"))
+            _registry = RedisRegistry(settings.REDIS, prefix=conf.get("REDIS_PREFIX"))
         else:
             _registry = MemoryRegistry()
     return _registry

@@ -3,8 +3,8 @@
 set -eu
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    echo "error: Python 3.10 or newer is needed (tried '$PYTHON'; set PYTHON=...)" >&2
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: Python 3.11 or newer is needed (tried '$PYTHON'; set PYTHON=...)" >&2
     exit 1
 fi
 if [ ! -x .venv/bin/python ]; then

@@ -37,17 +37,18 @@ def broker(broker_factory: Callable[..., Broker]) -> Broker:
 
 
 @pytest.fixture
-def spawn_worker(broker: Broker) -> Iterator[Callable[..., WorkerProc]]:
-    """Start ``python -m workers`` processes against ``broker``; ``wait=True`` waits until
-    the broker lists them."""
+def spawn_worker(request: pytest.FixtureRequest) -> Iterator[Callable[..., WorkerProc]]:
+    """Start ``python -m workers`` processes against ``target`` (default: the ``broker``
+    fixture, started only then); ``wait=True`` waits until the broker lists them."""
     started: list[WorkerProc] = []
 
     def spawn(name: str, *args: str, wait: bool = True, target: Broker | None = None,
               env: dict[str, str] | None = None) -> WorkerProc:
-        worker = WorkerProc(target or broker, name, list(args), env or {}).start()
+        broker = target or request.getfixturevalue("broker")
+        worker = WorkerProc(broker, name, list(args), env or {}).start()
         started.append(worker)
         if wait:
-            wait_for(lambda: any(w["name"] == name for w in (target or broker).workers()),
+            wait_for(lambda: any(w["name"] == name for w in broker.workers()),
                      15, f"worker {name} to register\n{worker.log()}")
         return worker
 

@@ -32,6 +32,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_rows(count: int, step: int, rows: int) -> list[int]:
+    """``count`` ports p such that p, p + step, ... (``rows`` of them) are all free now.
+
+    For ``runbroker --processes``, whose process i listens on each port + i x step: a
+    port the OS said was free says nothing about the one ``step`` above it.
+    """
+    for _ in range(200):
+        bases = [free_port() for _ in range(count)]
+        wanted = [b + i * step for b in bases for i in range(rows)]
+        if len(set(wanted)) < len(wanted) or max(wanted) > 65535:
+            continue
+        held = []
+        try:
+            for port in wanted:
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return bases
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no {count} free rows of {rows} ports {step} apart")
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
              interval: float = 0.05) -> Any:
     """Poll until ``predicate()`` is truthy; fail with ``what`` after ``timeout``."""

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.procs import ROOT, Broker, WorkerProc, free_port, until, wait_for
+from tests.procs import ROOT, Broker, WorkerProc, free_port_rows, until, wait_for
 from workers.requester import Requester, SyncRequester
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -156,9 +156,10 @@ async def test_redis_restart_while_brokers_run(cluster, workers_started, redis_s
     assert "unavailable" in (a.log() + b.log()).lower()
 
 
-def test_runbroker_processes_flag(tmp_path: Path, redis_url: str) -> None:
-    ports = [free_port() for _ in range(3)]
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_runbroker_processes_flag(tmp_path: Path, redis_url: str, stop_signal: int) -> None:
     step = 7
+    ports = free_port_rows(3, step, 2)
     env = {**os.environ, "REDIS_URL": redis_url,
            "BROKER_REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
@@ -166,16 +167,25 @@ def test_runbroker_processes_flag(tmp_path: Path, redis_url: str) -> None:
     cmd = [sys.executable, "manage.py", "runbroker", "--processes", "2", "--port-step",
            str(step), "--worker-port", str(ports[0]), "--requester-port", str(ports[1]),
            "--http-port", str(ports[2])]
-    log = (tmp_path / "cluster.log").open("wb")
-    parent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = tmp_path / "cluster.log"
+    parent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"),
+                              stderr=subprocess.STDOUT)
     first = Broker(tmp_path, worker_port=ports[0], requester_port=ports[1],
                    http_port=ports[2])
     second = Broker(tmp_path, worker_port=ports[0] + step, requester_port=ports[1] + step,
                     http_port=ports[2] + step)
+
+    def up(broker: Broker) -> bool:
+        if parent.poll() is not None:
+            raise RuntimeError(f"runbroker exited with {parent.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')}")
+        return broker.get("/healthz")["status"] == "ok"
+
     worker = None
     try:
         for broker in (first, second):
-            wait_for(lambda: broker.get("/healthz")["status"] == "ok", 30, "both processes")
+            # Two processes importing Django at once on a loaded machine: give them time.
+            wait_for(lambda: up(broker), 60, f"process on port {broker.http_port}")
         assert first.get("/healthz")["process"] != second.get("/healthz")["process"]
         worker = WorkerProc(first, "w").start()
         wait_for(lambda: len(second.workers()) == 1, 15, "worker seen by the second")
@@ -184,8 +194,10 @@ def test_runbroker_processes_flag(tmp_path: Path, redis_url: str) -> None:
     finally:
         if worker:
             worker.stop(signal.SIGKILL)
-        parent.send_signal(signal.SIGTERM)
-        assert parent.wait(20) == 0
+        parent.send_signal(stop_signal)
+        assert parent.wait(30) == 0, log_path.read_text(errors="replace")
+    text = log_path.read_text(errors="replace")
+    assert "Traceback" not in text and text.count("broker stopped") == 2, text
 
 
 @pytest.fixture
@@ -272,3 +284,57 @@ async def test_redis_stopped_5s_under_load(cluster, workers_started, redis_serve
     record_property("redis_outage", json.dumps({**outcomes, "recovered_s": round(recovered, 1)}))
     logging.getLogger("tests.cluster").warning("figures: %s recovered in %.1fs", dict(outcomes),
                                                recovered)
+
+
+def session_rows(broker: Broker) -> list[tuple[str, str, str]]:
+    """(name, process, status) of every worker registration row in the brokers' database."""
+    import sqlite3
+
+    with sqlite3.connect(broker.workdir / "broker.sqlite3") as db:
+        return db.execute("SELECT name, process, status FROM dispatch_workersession "
+                          "ORDER BY connected_at").fetchall()
+
+
+def test_a_killed_process_leaves_nothing_online(cluster, workers_started, redis_url,
+                                               record_property) -> None:
+    """Its workers' rows go offline, and its inbox leaves the broadcast group, soon."""
+    import redis
+
+    a, b = cluster(2)
+    start_worker(workers_started, a, "on-a")
+    start_worker(workers_started, b, "on-b")
+    process_a = a.get("/healthz")["process"]
+    wait_for(lambda: ("on-a", process_a, "online") in session_rows(a), 10, "a's row written")
+    prefix = b.env["BROKER_REDIS_PREFIX"]
+    group = f"{prefix}:asgi:group:dispatch.inboxes"
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.zcard(group) == 2
+        a.stop(signal.SIGKILL)
+        started = time.monotonic()
+        # FAST_ENV: heartbeat 0.5 s, 3 misses: a process is dead 2 s after its last word.
+        wait_for(lambda: ("on-a", process_a, "offline") in session_rows(b), 20,
+                 f"a's row offline\n{b.log()}")
+        offline_after = time.monotonic() - started
+
+        def group_members_alive() -> int:
+            cutoff = time.time() - 5  # group_expiry at this heartbeat interval
+            return sum(1 for _, score in client.zrange(group, 0, -1, withscores=True)
+                       if score >= cutoff)
+
+        wait_for(lambda: group_members_alive() == 1, 20, "a's inbox to expire from the group")
+        expired_after = time.monotonic() - started
+    assert ("on-b", b.get("/healthz")["process"], "online") in session_rows(b)
+    record_property("row_offline_after_s", round(offline_after, 1))
+    record_property("inbox_expired_after_s", round(expired_after, 1))
+    assert offline_after < 15
+
+
+def test_an_embedded_broker_tidies_the_rows_its_killed_predecessor_left(broker_factory,
+                                                                       spawn_worker) -> None:
+    first = broker_factory()
+    spawn_worker("orphan", target=first)
+    process = first.get("/healthz")["process"]
+    wait_for(lambda: ("orphan", process, "online") in session_rows(first), 10, "the row")
+    first.stop(signal.SIGKILL)
+    second = broker_factory()  # same database
+    assert ("orphan", process, "offline") in session_rows(second)

@@ -324,7 +324,7 @@ def test_default_url_is_the_local_http_port(monkeypatch: pytest.MonkeyPatch,
                                             settings: Any) -> None:
     from dispatch.control import default_base_url
 
-    monkeypatch.setitem(settings.BROKER, "HTTP_PORT", "8123")
+    settings.BROKER = {**settings.BROKER, "HTTP_PORT": "8123"}
     assert default_base_url() == "http://127.0.0.1:8123"
     monkeypatch.setenv("BROKER_URL", "http://broker.example:9000")
     assert default_base_url() == "http://broker.example:9000"

@@ -13,7 +13,8 @@ from django.db import IntegrityError, OperationalError
 from django.test import override_settings
 
 from dispatch import history
-from dispatch.history import HistoryRecorder, NullRecorder, get_recorder, mark_process_offline
+from dispatch.history import (HistoryRecorder, NullRecorder, get_recorder,
+                              mark_processes_offline)
 from dispatch.models import RequestRecord, WorkerSession
 from tests.conftest import close_thread_connections
 
@@ -315,7 +316,7 @@ async def test_get_recorder_is_one_per_loop() -> None:
 @db
 async def test_disabled_history_records_nothing(settings: Any,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(settings.BROKER, "HISTORY", False)
+    settings.BROKER = {**settings.BROKER, "HISTORY": False}
     rec = get_recorder()
     assert isinstance(rec, NullRecorder)
     await rec.start()
@@ -326,11 +327,11 @@ async def test_disabled_history_records_nothing(settings: Any,
     assert await rec.flush() == 0
     await rec.stop()
     assert await requests_in_db() == []
-    assert await mark_process_offline("test-proc") == 0
+    assert await mark_processes_offline(keep=["test-proc"]) == 0
 
 
 @db
-async def test_mark_process_offline(recorder: HistoryRecorder) -> None:
+async def test_rows_of_stopped_processes_go_offline(recorder: HistoryRecorder) -> None:
     connect(recorder, "s1", process="crashed")
     connect(recorder, "s2", process="crashed")
     connect(recorder, "s3", process="other")
@@ -338,7 +339,8 @@ async def test_mark_process_offline(recorder: HistoryRecorder) -> None:
     recorder.worker_disconnected("s2", T0 + 5, 1)
     await recorder.flush()
 
-    assert await mark_process_offline("crashed") == 1
+    assert await mark_processes_offline(keep=["other"], older_than=time.time() - T0 + 60) == 0
+    assert await mark_processes_offline(keep=["other"]) == 1
     row = await session("s1")
     assert row.status == WorkerSession.Status.OFFLINE
     assert row.disconnected_at == row.last_seen

@@ -201,7 +201,7 @@ async def test_raw_socket_request_without_id_and_bad_frames(broker: Broker,
         await ws.send(json.dumps({"request_id": "big", "command": "echo",
                                   "data": {"message": "x" * 1_100_000}}))
         big = json.loads(await ws.recv())
-        assert big["request_id"] is None and "Message too large" in big["error"]
+        assert big["request_id"] == "big" and "Message too large" in big["error"]
         await ws.send(b"\x00binary")
         assert "Binary frames" in json.loads(await ws.recv())["error"]
         await ws.send(json.dumps({"request_id": "ok", "command": "echo", "data": {}}))

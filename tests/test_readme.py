@@ -50,7 +50,7 @@ def test_management_commands_in_the_table_exist() -> None:
 
 
 def test_configuration_table_lists_every_setting() -> None:
-    for name in conf.DEFAULTS:
+    for name in conf.NAMES:
         assert f"`BROKER_{name}`" in README, f"BROKER_{name} missing from the README"
 
 

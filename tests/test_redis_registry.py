@@ -12,7 +12,6 @@ from typing import Any, AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
-from django.conf import settings
 
 from dispatch.redis_registry import RedisRegistry
 from dispatch.registry import MemoryRegistry, RegistryUnavailable, WorkerEntry
@@ -167,8 +166,8 @@ def test_one_registry_serves_several_event_loops(
 
 
 async def test_round_robin_cycles_over_all_workers_globally(
-        make_registry: Callable[..., RedisRegistry], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(settings.BROKER, "STRATEGY", "round_robin")
+        make_registry: Callable[..., RedisRegistry], settings: Any) -> None:
+    settings.BROKER = {**settings.BROKER, "STRATEGY": "round_robin"}
     first, second = make_registry(), make_registry()
     for name in ("w1", "w2", "w3"):
         await first.add(entry(name))

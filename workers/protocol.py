@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import secrets
 import time
 import uuid
@@ -45,10 +46,24 @@ try:  # orjson is several times faster; the worker side must not require it.
         except orjson.JSONEncodeError:
             return _encoder.encode(obj)
 
+    #: An integer outside [-2**63, 2**64 - 1] (20 digits, or 19 after a minus) would come
+    #: out of orjson as a float (2**64 + 1 -> 1.8446744073709552e+19); the stdlib parser
+    #: keeps it exact. Digits in strings match too: that costs only speed.
+    _LONG_DIGITS = re.compile(r"-[0-9]{19}|[0-9]{20}")
+    _LONG_DIGITS_BYTES = re.compile(rb"-[0-9]{19}|[0-9]{20}")
+
+    def _no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")  # as orjson refuses NaN and Infinity
+
     def _loads(text: str | bytes) -> Any:
+        """orjson, unless the text may hold an integer it cannot keep exact."""
+        digits = _LONG_DIGITS if isinstance(text, str) else _LONG_DIGITS_BYTES
+        if digits.search(text):  # type: ignore[arg-type]
+            return json.loads(text, parse_constant=_no_constants)
         return orjson.loads(text)
 
-    _DecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
+    _DecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError,
+                                                 *STDLIB_DECODE_ERRORS)
 except ImportError:  # pragma: no cover - exercised on worker machines
     def dumps(obj: Any) -> str:
         """Serialize to compact JSON text."""
@@ -68,6 +83,7 @@ ALL_BUSY = "All workers busy"
 BROKER_OVERLOADED = "Broker overloaded"
 SHUTTING_DOWN = "Broker shutting down"
 BROKER_UNAVAILABLE = "Broker unavailable"
+ANSWER_TOO_LARGE = "Worker answer too large"
 
 
 #: Longest command/action name, request id and worker id or name a peer may send:

@@ -64,9 +64,9 @@ class Command(BaseCommand):
         processes = options["processes"]
         if processes < 1:
             raise CommandError("--processes must be at least 1")
-        if processes > 1 and not settings.REDIS_URL:
+        if processes > 1 and not settings.REDIS:
             raise CommandError("Several processes share their workers through Redis: "
-                               "set REDIS_URL (e.g. redis://127.0.0.1:6379/0)")
+                               "set REDIS_URL (e.g. redis://127.0.0.1:6379/0) or REDIS_SENTINELS")
         if not options["no_migrate"]:
             call_command("migrate", interactive=False, verbosity=0)
         if processes == 1:

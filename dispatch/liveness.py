@@ -1,0 +1,71 @@
+"""Which broker processes are alive, so that the rows of dead ones go offline.
+
+A broker process killed with ``kill -9`` writes no disconnects: its workers'
+registration rows would stay "online" in the admin forever. So every process says
+it is alive in the shared registry (a sorted set in Redis, with a deadline), and
+every ``ttl`` seconds marks offline the rows of processes that stopped saying so.
+A dead process's rows go offline within about three ``ttl`` (20 s each with the
+default heartbeat settings). On the embedded default there is one process: rows an
+earlier run left online go offline when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import conf
+from .history import mark_processes_offline
+from .registry import Registry, RegistryUnavailable
+
+log = logging.getLogger("dispatch.liveness")
+
+
+class Liveness:
+    """This process's part: say it is alive, and tidy up after the dead."""
+
+    def __init__(self, registry: Registry, process: str) -> None:
+        self.registry = registry
+        self.process = process
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ttl(self) -> float:
+        return conf.get("HEARTBEAT_INTERVAL") * (conf.get("HEARTBEAT_MISSES") + 1)
+
+    async def start(self) -> None:
+        if self.registry.local:  # the only process: whatever else is online is stale
+            await mark_processes_offline(keep=[self.process])
+            return
+        try:
+            await self.registry.process_alive(self.process, self.ttl)
+        except RegistryUnavailable as exc:
+            log.warning("could not say this process is alive: %s", exc)
+        self._task = asyncio.create_task(self._run(), name="dispatch-liveness")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self.registry.process_gone(self.process)
+        except RegistryUnavailable as exc:  # its deadline passes by itself
+            log.warning("could not say this process is leaving: %s", exc)
+
+    async def _run(self) -> None:
+        interval = conf.get("HEARTBEAT_INTERVAL")
+        every = max(1, round(self.ttl / interval))  # reap every ttl: a database update
+        beats = 0
+        while True:
+            await asyncio.sleep(interval)
+            beats += 1
+            try:
+                await self.registry.process_alive(self.process, self.ttl)
+                if beats % every == 0:
+                    live = await self.registry.live_processes()
+                    # A process that started a moment ago may not be listed yet: its
+                    # rows are younger than two ttl, and left alone.
+                    await mark_processes_offline(keep=live | {self.process},
+                                                 older_than=2 * self.ttl)
+            except RegistryUnavailable as exc:
+                log.warning("process liveness: %s", exc)
