@@ -430,13 +430,18 @@ class WorkerConsumer(LeanWebsocketConsumer):
     async def on_heartbeat(self, msg: Message) -> None:
         entry = self.entry
         assert entry is not None
-        if not await self.dispatcher.registry.touch(entry.worker_id):
-            await self._register_again(entry)
-        self.recorder.worker_seen(self.session_id, time.time())
+        # The socket is alive whatever the registry says: ack first.
         if "ack" in msg.data:
             self.last_ack = time.monotonic()
         else:
             await self.send_frame(Message.heartbeat(ack=msg.msg_id))
+        self.recorder.worker_seen(self.session_id, time.time())
+        try:
+            if not await self.dispatcher.registry.touch(entry.worker_id):
+                await self._register_again(entry)
+        except RegistryUnavailable as exc:  # touched again at the next beat
+            self.logs.log(log, logging.WARNING, "worker %s: heartbeat not recorded: %s",
+                          self.worker_label, exc)
 
     async def _register_again(self, entry: WorkerEntry) -> None:
         """Put a live worker back after the shared state lost it (Redis restarted empty)."""

@@ -19,6 +19,7 @@ using channels-redis's own can share a Redis.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ from channels.exceptions import ChannelFull
 from channels_redis import core
 
 from .redis_registry import LuaScript
+
+log = logging.getLogger("dispatch.redis_layer")
 
 # KEYS[1] the channel's sorted set; ARGV[1] expired-before (s), ARGV[2] capacity,
 # ARGV[3] the message, ARGV[4] its score (now), ARGV[5] the key's expiry (s).
@@ -112,6 +115,10 @@ class RedisChannelLayer(core.RedisChannelLayer):
         def cleaned(task: asyncio.Future[Any]) -> None:
             self.receive_cleaners.remove(task)
             self.receive_clean_locks.release(key)
+            if not task.cancelled() and task.exception() is not None:
+                # Redis went away between the pop and this: the backup key expires by
+                # itself, and the outage is reported by whoever receives next.
+                log.debug("could not delete %s: %s", backup, task.exception())
 
         cleaner.add_done_callback(cleaned)
         # The caller buffers the message returned after these: the newest, so that each

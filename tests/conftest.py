@@ -13,7 +13,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from tests.procs import Broker, WorkerProc, wait_for
 
-pytest_plugins = ["tests.redis_fixture"]
+pytest_plugins = ["tests.redis_fixture", "tests.sentinel_fixture"]
 
 
 @pytest.fixture
