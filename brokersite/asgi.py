@@ -10,7 +10,7 @@ django_asgi_app = get_asgi_application()  # sets Django up before consumers are 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from dispatch.routing import SocketRouter  # noqa: E402
+from dispatch.transport.routing import SocketRouter  # noqa: E402
 
 application = ProtocolTypeRouter({
     "http": ASGIStaticFilesHandler(django_asgi_app),

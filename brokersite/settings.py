@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from dispatch.redisconn import RedisTarget
+from dispatch.redis.connection import RedisTarget
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ if REDIS:
     CHANNEL_LAYERS = {
         "default": {
             # channels-redis's layer, in fewer round trips per message.
-            "BACKEND": "dispatch.redis_layer.RedisChannelLayer",
+            "BACKEND": "dispatch.redis.layer.RedisChannelLayer",
             # channels-redis waits up to 5 s for a message; redis-py 8 gives up reading
             # after 5 s by default, which would turn every quiet wait into an "outage".
             "CONFIG": {"hosts": [REDIS.layer_host(socket_timeout=30, socket_connect_timeout=5)],

@@ -13,8 +13,8 @@ from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.http import HttpRequest
 
-from . import services
 from .auth import digest, new_token
+from .control import services
 from .models import Credential, RequestRecord, WorkerSession
 
 

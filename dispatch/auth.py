@@ -35,10 +35,10 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
-from workers.protocol import CloseCode
+from workers.protocol import CloseCode, ErrorCode
 
 from . import conf
-from .loops import PerLoop
+from .core.loops import PerLoop
 
 log = logging.getLogger("dispatch.auth")
 
@@ -105,6 +105,15 @@ class Refusal:
     code: CloseCode
     reason: str
 
+    @property
+    def error(self) -> ErrorCode:
+        """The error code the refusal frame carries."""
+        if self.code is CloseCode.UNAUTHORIZED:
+            return ErrorCode.UNAUTHORIZED
+        if self.code is CloseCode.TOO_MANY_CONNECTIONS:
+            return ErrorCode.LIMIT_EXCEEDED
+        return ErrorCode.NOT_ALLOWED
+
 
 class Revocable(Protocol):
     async def revoke(self, reason: str) -> None: ...
@@ -136,10 +145,14 @@ def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
 
 
 def _ip(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``host``; an IPv4 address mapped into IPv6 (a dual-stack
+    listener's ``::ffff:127.0.0.1``) as the IPv4 address it is."""
     try:
-        return ipaddress.ip_address((host or "").strip().strip("[]"))
+        address = ipaddress.ip_address((host or "").strip().strip("[]"))
     except ValueError:
         return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
 
 
 def is_trusted_proxy(host: str | None) -> bool:

@@ -51,6 +51,8 @@ _SMALLINT_MAX = 2**15 - 1
 # --------------------------------------------------------------------------- batch
 
 
+#: Commands of a registration kept in its row.
+COMMANDS_KEPT = 100
 #: Characters of an error text kept in a history row.
 ERROR_CHARS = 1000
 #: Bytes a request record costs beside its strings (the dict, floats, ints): an estimate.
@@ -168,14 +170,40 @@ class HistoryRecorder:
 
     def worker_connected(self, *, session_id: str, worker_id: str, name: str, address: str,
                          process: str, commands: Iterable[str], weight: float,
-                         max_concurrency: int, connected_at: float) -> None:
-        """Remember a new worker connection; written as a new online row."""
+                         max_concurrency: int, connected_at: float, owner: str = "") -> None:
+        """Remember a new worker connection; written as a new online row.
+
+        At most COMMANDS_KEPT commands are kept in the row (a registration may list a
+        thousand: a row per connection of that size would fill the disk).
+        """
+        listed = sorted(commands)
+        if len(listed) > COMMANDS_KEPT:
+            listed = listed[:COMMANDS_KEPT] + [f"... and {len(listed) - COMMANDS_KEPT} more"]
         self._batch.connects[session_id] = {
             "session_id": session_id, "worker_id": worker_id, "name": name,
-            "address": address, "process": process, "commands": sorted(commands),
+            "address": address, "process": process, "commands": listed,
             "weight": weight, "max_concurrency": max_concurrency,
-            "connected_at": connected_at,
+            "connected_at": connected_at, "owner": owner,
         }
+
+    async def recent_owner_other_than(self, worker_id: str, owner: str) -> bool:
+        """Whether ``worker_id`` was last registered, within ``WORKER_ID_CLAIM_SECONDS``,
+        by another owner than ``owner``.
+
+        The registry keeps claims while it lives; this is what keeps them across a
+        broker (or Redis) restart: the last registration row of the id.
+        """
+        for connect in reversed(list(self._batch.connects.values())):
+            if connect["worker_id"] == worker_id:
+                return connect["owner"] not in ("", owner)
+        since = time.time() - conf.get("WORKER_ID_CLAIM_SECONDS")
+        try:
+            last = await database_sync_to_async(_last_owner)(worker_id, since)
+        except DatabaseError as exc:
+            logger.warning("history: could not check who registered %s last: %s",
+                           worker_id, exc)
+            return False
+        return last not in (None, "", owner)
 
     def worker_seen(self, session_id: str, when: float) -> None:
         """Note a sign of life; at most one per SEEN_EVERY seconds reaches the database."""
@@ -299,6 +327,9 @@ class NullRecorder(HistoryRecorder):
     def worker_disconnected(self, session_id: str, when: float, requests_served: int) -> None:
         pass
 
+    async def recent_owner_other_than(self, worker_id: str, owner: str) -> bool:
+        return False
+
     async def start(self) -> None:
         pass
 
@@ -375,6 +406,11 @@ async def mark_processes_offline(*, keep: Iterable[str], older_than: float = 0.0
     return count
 
 
+def _last_owner(worker_id: str, since: float) -> str | None:
+    return WorkerSession.objects.filter(worker_id=worker_id, last_seen__gte=_dt(since)).order_by(
+        "-connected_at").values_list("owner", flat=True).first()
+
+
 def _mark_offline(keep: list[str], connected_before: float) -> int:
     return WorkerSession.objects.filter(
         status=WorkerSession.Status.ONLINE, connected_at__lt=_dt(connected_before)
@@ -421,7 +457,7 @@ def _session_row(c: dict[str, Any], seen: float | None,
         session_id=c["session_id"], worker_id=c["worker_id"], name=c["name"],
         address=c["address"], process=c["process"], commands=c["commands"],
         weight=c["weight"], max_concurrency=_clamp(c["max_concurrency"], _INT_MAX),
-        connected_at=_dt(c["connected_at"]), last_seen=_dt(last_seen),
+        connected_at=_dt(c["connected_at"]), last_seen=_dt(last_seen), owner=c["owner"],
     )
     if disconnect:
         row.status = WorkerSession.Status.OFFLINE

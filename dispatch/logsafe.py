@@ -24,12 +24,14 @@ REFILL_SECONDS = 10.0
 
 
 class LogBudget:
-    """A token bucket of log lines for one connection."""
+    """A token bucket of log lines: for one connection, or for a kind of line."""
 
-    __slots__ = ("_tokens", "_stamp", "_suppressed")
+    __slots__ = ("_burst", "_refill", "_tokens", "_stamp", "_suppressed")
 
-    def __init__(self) -> None:
-        self._tokens = float(BURST)
+    def __init__(self, burst: int = BURST, refill_seconds: float = REFILL_SECONDS) -> None:
+        self._burst = float(burst)
+        self._refill = refill_seconds
+        self._tokens = float(burst)
         self._stamp = time.monotonic()
         self._suppressed = 0
 
@@ -38,14 +40,14 @@ class LogBudget:
         if not logger.isEnabledFor(level):
             return
         now = time.monotonic()
-        self._tokens = min(float(BURST), self._tokens + (now - self._stamp) / REFILL_SECONDS)
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) / self._refill)
         self._stamp = now
         if self._tokens < 1:
             self._suppressed += 1
             return
         self._tokens -= 1
         if self._suppressed:
-            msg += " (%d similar line(s) from this connection left out)"
+            msg += " (%d similar line(s) left out)"
             args = (*args, self._suppressed)
             self._suppressed = 0
         logger.log(level, msg, *args)

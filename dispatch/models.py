@@ -33,6 +33,10 @@ class WorkerSession(models.Model):
     process = models.CharField(
         max_length=200, blank=True, help_text="broker process that held the connection"
     )
+    owner = models.CharField(
+        max_length=40, blank=True,
+        help_text="the credential that registered it (credential:<id>, or anonymous)"
+    )
     commands = models.JSONField(default=list, blank=True)
     weight = models.FloatField(default=1.0)
     max_concurrency = models.IntegerField(default=1)

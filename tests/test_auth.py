@@ -19,9 +19,9 @@ from django.test import override_settings
 
 from dispatch import registry as registry_module
 from dispatch.auth import create_credential, digest, get_guard, stop_guard
-from dispatch.forwarding import stop_dispatcher
+from dispatch.core.dispatcher import stop_dispatcher
 from dispatch.models import Credential
-from dispatch.routing import SocketRouter
+from dispatch.transport.routing import SocketRouter
 from tests.procs import ROOT, WorkerProc, wait_for
 from workers.protocol import Message, Registration
 from workers.requester import Requester

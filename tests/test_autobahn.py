@@ -25,7 +25,7 @@ import pytest
 import websockets
 from django.test import override_settings
 
-from dispatch.routing import SocketRouter
+from dispatch.transport.routing import SocketRouter
 from tests.procs import Broker
 
 pytest.importorskip("kosoku")

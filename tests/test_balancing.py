@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from dispatch.balancing import STRATEGIES, get_strategy, least_loaded, load_score
+from dispatch.core.balancing import STRATEGIES, get_strategy, least_loaded, load_score
 
 
 @dataclass

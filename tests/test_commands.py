@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 from django.core.management import CommandError, call_command
 
-from dispatch.control import BrokerClient, BrokerError, BrokerUnreachable
+from dispatch.control.client import BrokerClient, BrokerError, BrokerUnreachable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -322,7 +322,7 @@ def test_wrong_token_shows_the_servers_error(stub: tuple[str, StubState]) -> Non
 
 def test_default_url_is_the_local_http_port(monkeypatch: pytest.MonkeyPatch,
                                             settings: Any) -> None:
-    from dispatch.control import default_base_url
+    from dispatch.control.client import default_base_url
 
     settings.BROKER = {**settings.BROKER, "HTTP_PORT": "8123"}
     assert default_base_url() == "http://127.0.0.1:8123"

@@ -16,8 +16,8 @@ from django.test import override_settings
 
 from dispatch import registry as registry_module
 from dispatch.auth import stop_guard
-from dispatch.forwarding import get_dispatcher, stop_dispatcher
-from dispatch.routing import SocketRouter
+from dispatch.core.dispatcher import get_dispatcher, stop_dispatcher
+from dispatch.transport.routing import SocketRouter
 from workers.protocol import Message, Registration
 
 TIMEOUT = 3
@@ -121,7 +121,7 @@ async def test_a_batch_from_another_process_reaches_its_workers_and_answers_come
     layer message. One worker left meanwhile: its request comes back as lost."""
     from channels.layers import get_channel_layer
 
-    from dispatch import events
+    from dispatch.core import events
 
     w = await worker("w1")
     dispatcher, layer = await get_dispatcher(), get_channel_layer()
@@ -317,7 +317,7 @@ async def test_worker_calls_server_actions() -> None:
 
 
 async def test_broadcast_reaches_every_worker() -> None:
-    from dispatch import services
+    from dispatch.control import services
 
     w1, w2 = await worker("w1"), await worker("w2")
     assert await services.broadcast("maintenance at noon") == 2
@@ -327,7 +327,7 @@ async def test_broadcast_reaches_every_worker() -> None:
 
 
 async def test_send_to_a_chosen_worker() -> None:
-    from dispatch import services
+    from dispatch.control import services
 
     w1, w2 = await worker("w1"), await worker("w2")
     task = asyncio.create_task(services.request("get_time", {}, worker_id="w2"))

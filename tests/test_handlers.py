@@ -11,6 +11,7 @@ import pytest
 
 from workers import builtin, handlers
 from workers.handlers import CommandError, CommandRegistry, run_safely
+from workers.protocol import ErrorCode
 
 
 @pytest.fixture
@@ -71,7 +72,8 @@ async def test_bad_parameters_are_the_callers_fault(reg: CommandRegistry, params
 
 
 async def test_unknown_command(reg: CommandRegistry) -> None:
-    assert await run_safely(reg, "nope", {}) == (False, None, "Unknown command 'nope'")
+    assert await run_safely(reg, "nope", {}) == (False, None, "Unknown command 'nope'",
+                                                ErrorCode.UNKNOWN_COMMAND)
 
 
 async def test_run_safely_folds_every_failure_into_an_answer(reg: CommandRegistry) -> None:
@@ -87,9 +89,12 @@ async def test_run_safely_folds_every_failure_into_an_answer(reg: CommandRegistr
     def leave() -> None:
         sys.exit(3)
 
-    assert await run_safely(reg, "fail", {}) == (False, None, "RuntimeError: disk on fire")
-    assert await run_safely(reg, "refuse", {}) == (False, None, "not today")
-    assert await run_safely(reg, "leave", {}) == (False, None, "SystemExit: 3")
+    assert await run_safely(reg, "fail", {}) == (False, None, "RuntimeError: disk on fire",
+                                                ErrorCode.HANDLER_FAILED)
+    assert await run_safely(reg, "refuse", {}) == (False, None, "not today",
+                                                  ErrorCode.COMMAND_ERROR)
+    assert await run_safely(reg, "leave", {}) == (False, None, "SystemExit: 3",
+                                                 ErrorCode.HANDLER_FAILED)
 
 
 async def test_copy_is_independent(reg: CommandRegistry) -> None:
@@ -111,9 +116,9 @@ def test_builtins_are_in_the_default_registry() -> None:
 async def test_seed_examples() -> None:
     reg = handlers.registry
     assert await run_safely(reg, "echo", {"message": "Hello World"}) == (
-        True, "Echo: Hello World", None)
-    assert await run_safely(reg, "calculate", {"a": 10, "b": 20, "op": "+"}) == (True, 30, None)
-    ok, now, _ = await run_safely(reg, "get_time", {})
+        True, "Echo: Hello World", None, None)
+    assert await run_safely(reg, "calculate", {"a": 10, "b": 20, "op": "+"}) == (True, 30, None, None)
+    ok, now, *_ = await run_safely(reg, "get_time", {})
     assert ok and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", now)
 
 
@@ -124,7 +129,8 @@ async def test_seed_examples() -> None:
     ({"a": 1.5, "b": 2}, 3.5),
 ])
 async def test_calculate(params: dict, result: float) -> None:
-    assert await run_safely(handlers.registry, "calculate", params) == (True, result, None)
+    assert await run_safely(handlers.registry, "calculate", params) == (True, result, None,
+                                                                        None)
 
 
 @pytest.mark.parametrize("params, error", [
@@ -135,7 +141,8 @@ async def test_calculate(params: dict, result: float) -> None:
     ({"a": 1}, "'b' must be a number"),
 ])
 async def test_calculate_refuses_nonsense(params: dict, error: str) -> None:
-    assert await run_safely(handlers.registry, "calculate", params) == (False, None, error)
+    assert await run_safely(handlers.registry, "calculate", params) == (
+        False, None, error, ErrorCode.COMMAND_ERROR)
 
 
 async def test_system_info_and_execute_command_run_nothing() -> None:

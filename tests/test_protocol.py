@@ -160,9 +160,25 @@ def test_api_response_round_trip_and_failure() -> None:
                                           "data": "2025-10-20 15:30:45", "error": None,
                                           "processed_by": "abc123"}
     assert ApiResponse.from_json(resp.to_json()) == resp
-    fail = ApiResponse.failure(None, protocol.NO_WORKERS)
-    assert ApiResponse.from_json(fail.to_json()) == ApiResponse(None, False, None,
-                                                                "No available workers", None)
+    fail = ApiResponse.failure(None, protocol.NO_WORKERS, protocol.ErrorCode.NO_WORKERS)
+    assert json.loads(fail.to_json()) == {  # the seed's five fields, and the code beside
+        "request_id": None, "success": False, "data": None, "error": "No available workers",
+        "processed_by": None, "code": "no_workers"}
+    assert ApiResponse.from_json(fail.to_json()) == ApiResponse(
+        None, False, None, "No available workers", None, "no_workers")
+
+
+def test_every_error_code_has_its_exception_class() -> None:
+    from workers import errors
+
+    for code in protocol.ErrorCode:
+        raised = errors.RequestFailed.from_answer("x", code.value)
+        assert type(raised) is not errors.RequestFailed, code
+        assert raised.code == code.value and raised.error == "x"
+    assert type(errors.RequestFailed.from_answer("x", None)) is errors.RequestFailed
+    assert type(errors.RequestFailed.from_answer("x", "from-the-future")) is \
+        errors.RequestFailed
+    assert isinstance(errors.RequestFailed.from_answer("x", "no_workers"), errors.NoWorkers)
 
 
 def test_seed_error_texts() -> None:

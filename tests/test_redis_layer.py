@@ -1,4 +1,4 @@
-"""dispatch.redis_layer: channels-redis's layer in fewer round trips, on a real Redis."""
+"""dispatch.redis.layer: channels-redis's layer in fewer round trips, on a real Redis."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import redis
 from channels.exceptions import ChannelFull
 from channels_redis.core import RedisChannelLayer as PlainLayer
 
-from dispatch.redis_layer import RedisChannelLayer
+from dispatch.redis.layer import RedisChannelLayer
 
 
 @pytest.fixture
@@ -85,9 +85,9 @@ async def test_nothing_is_left_behind_in_redis(make_layer, redis_url: str,
 
 
 async def test_a_listener_stops_with_its_owner_even_if_its_cancel_is_lost(make_layer) -> None:
-    """dispatch.layer.listen checks ``wanted`` around each receive, so a listener whose
+    """dispatch.core.inbox.listen checks ``wanted`` around each receive, so a listener whose
     cancellation got lost in a blocking read still ends at its next message."""
-    from dispatch.layer import listen
+    from dispatch.core.inbox import listen
 
     layer = make_layer()
     channel = await layer.new_channel()

@@ -13,8 +13,9 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from dispatch.redis_registry import RedisRegistry
-from dispatch.registry import MemoryRegistry, RegistryUnavailable, WorkerEntry
+from dispatch.registry.redis import RedisRegistry
+from dispatch.registry import RegistryUnavailable, WorkerEntry
+from dispatch.registry.memory import MemoryRegistry
 from tests.redis_fixture import RedisServer
 from tests.test_registry import entry
 

@@ -6,8 +6,9 @@ from typing import AsyncIterator
 
 import pytest
 
-from dispatch.redis_registry import RedisRegistry
-from dispatch.registry import MemoryRegistry, Registry, WorkerEntry
+from dispatch.registry.redis import RedisRegistry
+from dispatch.registry import Registry, WorkerEntry
+from dispatch.registry.memory import MemoryRegistry
 
 
 def entry(worker_id: str, *commands: str, max_concurrency: int = 2, channel: str = "",

@@ -13,7 +13,7 @@ from django.test import override_settings
 from brokersite.settings import database_from_url
 from dispatch import conf
 from dispatch.conf import BadSetting
-from dispatch.redisconn import RedisTarget
+from dispatch.redis.connection import RedisTarget
 from tests.procs import ROOT
 
 

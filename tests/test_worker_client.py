@@ -336,7 +336,7 @@ async def test_custom_message_handlers(broker: FakeBroker, start_worker: StartWo
     await conn.send(job)
     error = await conn.recv("error")
     assert error.data == {"error": "Handler for 'resize' failed: RuntimeError: no such image",
-                          "reply_to": job.msg_id}
+                          "reply_to": job.msg_id, "code": "handler_failed"}
     assert threads and threads[0] != threading.current_thread().name
 
 
@@ -347,7 +347,8 @@ async def test_unknown_and_unreadable_frames_get_error_frames(
     odd = Message("bogus", {})
     await conn.send(odd)
     error = await conn.recv("error")
-    assert error.data == {"error": "Unknown message type 'bogus'", "reply_to": odd.msg_id}
+    assert error.data == {"error": "Unknown message type 'bogus'", "reply_to": odd.msg_id,
+                          "code": "bad_request"}
     await conn.send("this is not json")
     error = await conn.recv("error")
     assert error.data["error"].startswith("Unreadable frame: Malformed JSON")

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .client import Worker
-from .requester import broker_url, default_token, is_url
+from .address import broker_url, default_token, is_url
 
 logger = logging.getLogger("workers.client")
 

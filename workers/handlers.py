@@ -19,13 +19,29 @@ from __future__ import annotations
 import asyncio
 import inspect
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
+
+from .protocol import ErrorCode
 
 Handler = Callable[..., Any]
 
 
 class CommandError(Exception):
-    """Raise this from a handler to answer with exactly this message as the error."""
+    """Raise this from a handler to answer with exactly this message as the error.
+
+    It is the caller's mistake or the command's own refusal, not the worker's ill
+    health: the broker does not count it against the worker.
+    """
+
+    code = ErrorCode.COMMAND_ERROR
+
+
+class UnknownCommand(CommandError):
+    code = ErrorCode.UNKNOWN_COMMAND
+
+
+class BadParams(CommandError):
+    code = ErrorCode.BAD_PARAMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +108,11 @@ class CommandRegistry:
         """Run one command; raises :class:`CommandError` for anything the caller did wrong."""
         entry = self._entries.get(name)
         if entry is None:
-            raise CommandError(f"Unknown command '{name}'")
+            raise UnknownCommand(f"Unknown command '{name}'")
         try:
             entry.signature.bind(**params)
         except TypeError as exc:
-            raise CommandError(f"Bad parameters for '{name}': {exc}") from None
+            raise BadParams(f"Bad parameters for '{name}': {exc}") from None
         if entry.is_async:
             return await entry.func(**params)
         result = await asyncio.to_thread(entry.func, **params)
@@ -112,17 +128,25 @@ registry = CommandRegistry()
 command = registry.command
 
 
-async def run_safely(reg: CommandRegistry, name: str, params: dict[str, Any]
-                     ) -> tuple[bool, Any, str | None]:
-    """Run a command and fold any failure into ``(success, data, error)``."""
+class Outcome(NamedTuple):
+    """What running a command came to: the fields of a ``response`` frame."""
+
+    ok: bool
+    data: Any = None
+    error: str | None = None
+    code: ErrorCode | None = None
+
+
+async def run_safely(reg: CommandRegistry, name: str, params: dict[str, Any]) -> Outcome:
+    """Run a command and fold any failure into an :class:`Outcome`, with its code."""
     try:
-        return True, await reg.run(name, params), None
+        return Outcome(True, await reg.run(name, params))
     except CommandError as exc:
-        return False, None, str(exc)
+        return Outcome(False, None, str(exc), exc.code)
     # A handler bug must never kill its worker; sys.exit() in a handler is one too.
     except (Exception, SystemExit) as exc:
-        return False, None, f"{type(exc).__name__}: {exc}"
+        return Outcome(False, None, f"{type(exc).__name__}: {exc}", ErrorCode.HANDLER_FAILED)
 
 
-__all__ = ["CommandError", "CommandRegistry", "Handler", "command", "registry", "run_safely",
-           "Awaitable"]
+__all__ = ["BadParams", "CommandError", "CommandRegistry", "Handler", "Outcome",
+           "UnknownCommand", "command", "registry", "run_safely", "Awaitable"]

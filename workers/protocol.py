@@ -75,6 +75,49 @@ except ImportError:  # pragma: no cover - exercised on worker machines
     _DecodeError = STDLIB_DECODE_ERRORS
 
 
+class ErrorCode(str, Enum):
+    """Why a request failed: the ``code`` beside the ``error`` text of a failed answer.
+
+    The text is for people and may carry details; the code is for programs (clients
+    raise one exception class per code; metrics count by it). A worker's error frame
+    carries one too. Seed clients ignore the field.
+    """
+
+    # The broker could not get it done.
+    NO_WORKERS = "no_workers"  # no online worker offers the command
+    ALL_BUSY = "all_busy"  # every capable worker is full and the wait queue too
+    TIMEOUT = "timeout"  # no answer within the request's timeout
+    WORKER_LOST = "worker_lost"  # its worker went away and it could not be re-sent
+    BROKER_UNAVAILABLE = "broker_unavailable"  # Redis (registry or layer) unreachable
+    OVERLOADED = "overloaded"  # an inbox between broker processes is full
+    SHUTTING_DOWN = "shutting_down"  # the broker is stopping
+    # The request (or frame) was refused.
+    BAD_REQUEST = "bad_request"  # malformed JSON, missing or wrong-typed fields
+    TOO_LARGE = "too_large"  # over MAX_MESSAGE_BYTES (the request, or the worker's answer)
+    UNAUTHORIZED = "unauthorized"  # no valid credential for this socket
+    NOT_ALLOWED = "not_allowed"  # the credential does not allow this command
+    LIMIT_EXCEEDED = "limit_exceeded"  # too many (or too large) requests in flight, rate
+    DUPLICATE = "duplicate"  # a request with this request_id is still in flight
+    UNKNOWN_WORKER = "unknown_worker"  # ``send`` to a worker id nobody registered
+    NOT_HOLDING = "not_holding"  # (worker socket) an answer to a request it does not hold
+    # The worker ran it, and it failed.
+    COMMAND_ERROR = "command_error"  # the handler raised CommandError: the text is its own
+    BAD_PARAMS = "bad_params"  # the data does not fit the handler's parameters
+    UNKNOWN_COMMAND = "unknown_command"  # the worker has no such command
+    HANDLER_FAILED = "handler_failed"  # the handler raised something unexpected
+    NOT_SERIALIZABLE = "not_serializable"  # the result cannot be sent as JSON
+    WORKER_STOPPING = "worker_stopping"  # the worker stopped before it finished
+    WORKER_ERROR = "worker_error"  # a failure from a worker that gives no code
+
+    @classmethod
+    def of(cls, value: Any, default: ErrorCode) -> ErrorCode:
+        """The code named by a peer's ``code`` field; ``default`` for one we do not know."""
+        try:
+            return cls(value)
+        except ValueError:
+            return default
+
+
 # Error texts a requester sees; the first two are the seed's own wording.
 NO_WORKERS = "No available workers"
 TIMEOUT = "Worker response timeout"
@@ -300,15 +343,21 @@ class Message:
 
     @classmethod
     def response(cls, request_id: str, success: bool, data: Any = None,
-                 error: str | None = None) -> Message:
+                 error: str | None = None, code: ErrorCode | None = None) -> Message:
         """Answer to the ``request`` whose ``msg_id`` was ``request_id``."""
-        return cls(MessageType.RESPONSE.value,
-                   {"request_id": request_id, "success": success, "data": data, "error": error})
+        body = {"request_id": request_id, "success": success, "data": data, "error": error}
+        if code is not None:
+            body["code"] = code.value
+        return cls(MessageType.RESPONSE.value, body)
 
     @classmethod
-    def error(cls, text: str, reply_to: str | None = None) -> Message:
+    def error(cls, text: str, reply_to: str | None = None,
+              code: ErrorCode | None = None) -> Message:
         """Tell the peer that one of its frames was refused, and why."""
-        return cls(MessageType.ERROR.value, {"error": text, "reply_to": reply_to})
+        body = {"error": text, "reply_to": reply_to}
+        if code is not None:
+            body["code"] = code.value
+        return cls(MessageType.ERROR.value, body)
 
     @classmethod
     def heartbeat(cls, ack: str | None = None, **stats: Any) -> Message:
@@ -341,12 +390,13 @@ class RequestBody:
 
 @dataclass(slots=True)
 class ResponseBody:
-    """The ``data`` of a ``response`` envelope."""
+    """The ``data`` of a ``response`` envelope; ``code`` is optional (an ErrorCode)."""
 
     request_id: str
     success: bool
     data: Any = None
     error: str | None = None
+    code: str | None = None
 
     @classmethod
     def from_message(cls, msg: Message) -> ResponseBody:
@@ -356,6 +406,7 @@ class ResponseBody:
             success=_field(d, "success", bool),
             data=d.get("data"),
             error=_field(d, "error", str, None),
+            code=_field(d, "code", str, None),
         )
 
 
@@ -429,24 +480,30 @@ class ApiRequest:
 
 @dataclass(slots=True)
 class ApiResponse:
-    """``{"request_id", "success", "data", "error", "processed_by"}``."""
+    """``{"request_id", "success", "data", "error", "processed_by"}``, and on failure
+    ``"code"`` (an :class:`ErrorCode`)."""
 
     request_id: str | None
     success: bool
     data: Any = None
     error: str | None = None
     processed_by: str | None = None
+    code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "success": self.success, "data": self.data,
-                "error": self.error, "processed_by": self.processed_by}
+        out = {"request_id": self.request_id, "success": self.success, "data": self.data,
+               "error": self.error, "processed_by": self.processed_by}
+        if self.code is not None:
+            out["code"] = self.code
+        return out
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
 
     @classmethod
-    def failure(cls, request_id: str | None, error: str) -> ApiResponse:
-        return cls(request_id, False, None, error, None)
+    def failure(cls, request_id: str | None, error: str, code: ErrorCode,
+                processed_by: str | None = None) -> ApiResponse:
+        return cls(request_id, False, None, error, processed_by, code.value)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ApiResponse:
@@ -457,4 +514,5 @@ class ApiResponse:
             data=obj.get("data"),
             error=_field(obj, "error", str, None),
             processed_by=_field(obj, "processed_by", str, None),
+            code=_field(obj, "code", str, None),
         )

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import logging
 import sys
 import threading
@@ -37,7 +36,13 @@ from typing import Any, TextIO, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from .address import auth_headers, broker_url, default_token, is_url
+from .errors import (AllBusy, BrokerUnavailable, CommandFailed, ConnectionLost, NoWorkers,
+                     Refused, RequestFailed, Timeout, WorkerLost, describe)
 from .protocol import ApiRequest, ApiResponse, ProtocolError
+
+__all__ = ["AllBusy", "BrokerUnavailable", "CommandFailed", "ConnectionLost", "NoWorkers",
+           "Refused", "RequestFailed", "Requester", "SyncRequester", "Timeout", "WorkerLost"]
 
 logger = logging.getLogger("workers.requester")
 
@@ -51,52 +56,6 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MARGIN = 5.0
 #: Frames we accept; the broker enforces its own (smaller) limit on what it sends.
 MAX_FRAME_BYTES = 16 * 2**20
-
-
-class RequestFailed(Exception):
-    """A request was answered, and the answer says it failed.
-
-    ``error`` is the text the broker or worker gave; ``response`` is the whole
-    answer (an :class:`~workers.protocol.ApiResponse` here, a
-    :class:`~workers.protocol.ResponseBody` when raised by ``Worker.request``).
-    """
-
-    def __init__(self, error: str, response: Any = None) -> None:
-        super().__init__(error)
-        self.error = error
-        self.response = response
-
-
-class ConnectionLost(ConnectionError):
-    """The connection to the broker is gone, so an answer can no longer arrive."""
-
-
-def auth_headers(token: str | None) -> dict[str, str] | None:
-    """The handshake header that carries a worker token or API key, if there is one."""
-    return {"Authorization": f"Bearer {token}"} if token else None
-
-
-def default_token() -> str | None:
-    """``$BROKER_TOKEN``: lets scripts keep the token out of the command line."""
-    return os.environ.get("BROKER_TOKEN") or None
-
-
-def broker_url(host: str, port: int, path: str = "/") -> str:
-    """``ws://host:port/``, with brackets around an IPv6 address."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"ws://{host}:{port}{path}"
-
-
-def is_url(text: str) -> bool:
-    """Whether a command-line argument is a full WebSocket URL rather than a host name."""
-    return text.startswith(("ws://", "wss://"))
-
-
-def describe(exc: BaseException) -> str:
-    """One line naming an exception, for logs and error messages."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- async client
@@ -181,12 +140,14 @@ class Requester:
     async def call(self, command: str, /, *, timeout: float | None = None, **data: Any) -> Any:
         """Send one command with ``data`` as keyword arguments; return the answer's data.
 
-        Raises :class:`RequestFailed` when the answer is a failure (use
-        :meth:`request` to pass a parameter that is itself called ``timeout``).
+        Raises a :class:`RequestFailed` when the answer is a failure: the subclass
+        for its code (:class:`NoWorkers`, :class:`Timeout`, :class:`WorkerLost`,
+        :class:`CommandFailed`...). Use :meth:`request` to pass a parameter that is
+        itself called ``timeout``.
         """
         response = await self.request(command, data, timeout=timeout)
         if not response.success:
-            raise RequestFailed(response.error or "Request failed", response)
+            raise RequestFailed.from_answer(response.error, response.code, response)
         return response.data
 
     # -- internals

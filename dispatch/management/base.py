@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ..control import BrokerClient, ControlError, default_base_url, default_token
+from ..control.client import BrokerClient, ControlError, default_base_url, default_token
 
 
 class BrokerCommand(BaseCommand):

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import CommandParser
 
-from ...control import BrokerClient
+from ...control.client import BrokerClient
 from ..base import BrokerCommand, parse_message
 
 

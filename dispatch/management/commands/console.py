@@ -11,7 +11,7 @@ from typing import Any, Callable, TextIO
 
 from django.core.management.base import CommandError
 
-from ...control import BrokerClient, BrokerUnreachable, ControlError
+from ...control.client import BrokerClient, BrokerUnreachable, ControlError
 from ..base import BrokerCommand, dumps, format_workers, parse_json, parse_message
 
 HELP = """\

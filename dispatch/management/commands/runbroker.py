@@ -16,7 +16,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dispatch import conf
-from dispatch.balancing import STRATEGIES
+from dispatch.core.balancing import STRATEGIES
 
 log = logging.getLogger("dispatch.runbroker")
 
@@ -134,7 +134,7 @@ def serve(host: str, ports: list[int], say: object) -> None:
     from daphne.server import Server
 
     from brokersite.asgi import application
-    from dispatch.actions import load_action_modules
+    from dispatch.control.actions import load_action_modules
 
     load_action_modules()
     worker_port, requester_port, http_port = ports
@@ -202,7 +202,7 @@ def graceful_stop_on_signals(grace: float) -> None:
     from twisted.internet import reactor
 
     from dispatch.auth import stop_guard
-    from dispatch.forwarding import get_dispatcher, stop_dispatcher
+    from dispatch.core.dispatcher import get_dispatcher, stop_dispatcher
 
     stopping: list[asyncio.Task[None]] = []
 

@@ -9,10 +9,10 @@ Never turn it on in production.
 
 from __future__ import annotations
 
-from .consumers import LeanWebsocketConsumer
+from .sockets import BaseSocket
 
 
-class EchoConsumer(LeanWebsocketConsumer):
+class EchoConsumer(BaseSocket):
     """Text comes back as text, bytes as bytes, byte for byte."""
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None

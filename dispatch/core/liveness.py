@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import conf
-from .history import mark_processes_offline
-from .registry import Registry, RegistryUnavailable
+from .. import conf
+from ..history import mark_processes_offline
+from ..registry import Registry, RegistryUnavailable
 
 log = logging.getLogger("dispatch.liveness")
 

@@ -4,7 +4,7 @@ Workers may send ``request`` frames to the broker (the seed's server side:
 ``get_time``, ``get_client_info``, ``calculate``). More actions are one decorated
 function in a module named by the ``ACTION_MODULES`` setting::
 
-    from dispatch.actions import server_action
+    from dispatch.control.actions import server_action
 
     @server_action()
     async def ping() -> str:
@@ -23,8 +23,8 @@ from workers.builtin import calculate_value, now_text
 from workers.handlers import CommandRegistry
 from workers.protocol import Message
 
-from . import conf
-from .registry import get_registry
+from .. import conf
+from ..registry import get_registry
 
 actions = CommandRegistry()
 server_action = actions.command

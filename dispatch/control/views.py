@@ -20,10 +20,10 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from ..auth import get_guard, origin_listed, peer_of
+from ..core.dispatcher import get_dispatcher
+from ..registry import get_registry
 from . import services
-from .auth import get_guard, origin_listed, peer_of
-from .forwarding import get_dispatcher
-from .registry import get_registry
 
 View = Callable[..., Awaitable[JsonResponse]]
 FORBIDDEN = ("Forbidden: the control API needs a staff login or 'Authorization: Bearer "
@@ -129,8 +129,8 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     """200 once the broker can take work, with the number of online workers."""
     dispatcher = await get_dispatcher()
     return JsonResponse({"status": "ok", "workers": await get_registry().count(),
-                         "process": dispatcher.process, "pending": len(dispatcher.pending),
-                         "waiting": len(dispatcher.waiting)})
+                         "process": dispatcher.process, "pending": dispatcher.pending,
+                         "waiting": dispatcher.waiting})
 
 
 @require_GET

@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from .conf import BadSetting
+from ..conf import BadSetting
 
 #: Timeouts for talking to a sentinel: a dead one must cost a fraction of a second per
 #: lookup, not redis-py's default 5 s times its retries.

@@ -13,9 +13,9 @@ from channels.layers import get_channel_layer
 
 from workers.protocol import ApiResponse, new_id
 
-from . import events
-from .forwarding import get_dispatcher
-from .registry import get_registry
+from ..core import events
+from ..core.dispatcher import get_dispatcher
+from ..registry import get_registry
 
 
 async def workers_list() -> list[dict[str, Any]]:

@@ -16,8 +16,9 @@ from typing import Any
 
 from workers.protocol import CloseCode, quote
 
-from . import conf
-from .consumers import RequesterConsumer, WorkerConsumer
+from .. import conf
+from .requesters import RequesterConsumer
+from .workers import WorkerConsumer
 from .echo import EchoConsumer
 
 log = logging.getLogger("dispatch.routing")

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import random
 import time
@@ -51,12 +50,14 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
-from . import conf
-from .balancing import get_strategy
-from .redisconn import Connection, RedisTarget
-from .registry import (EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry,
-                       WorkerIdTaken)
+from .. import conf
+from ..core.balancing import get_strategy
+from ..redis import scripts
+from ..redis.connection import Connection, RedisTarget
+from .base import (EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry,
+                   WorkerIdTaken, has_room)
 
 #: Times a reservation fetches candidates (again, after losing the race for a slot).
 RESERVE_ATTEMPTS = 5
@@ -82,266 +83,12 @@ else:
     CLIENT_OPTIONS["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
 
 # ---------------------------------------------------------------------------- Lua
-# Every script but RELEASE starts with this prelude. Convention: KEYS[1] is the
-# heartbeats zset, ARGV[1] the key prefix ("dispatch:"), ARGV[2] the cutoff time (a
-# heartbeat older than it is dead); a script's own arguments start at ARGV[3]. Keys
-# derived from the prefix are not declared in KEYS: fine on one Redis server (and
-# with Sentinel), not on Redis Cluster.
-_PRELUDE = """
-local beats, prefix, cutoff = KEYS[1], ARGV[1], ARGV[2]
-
-local function worker_key(id) return prefix .. 'worker:' .. id end
-local function command_key(command) return prefix .. 'command:' .. command end
-local function claim_key(id) return prefix .. 'claim:' .. id end
-
--- Take a worker out of every structure; returns its old hash (flat list, maybe empty).
-local function drop(id)
-  local key = worker_key(id)
-  local old = redis.call('HGETALL', key)
-  for i = 1, #old, 2 do
-    if old[i] == 'commands' then
-      for _, command in ipairs(cjson.decode(old[i + 1])) do
-        redis.call('SREM', command_key(command), id)
-      end
-    end
-  end
-  redis.call('DEL', key)
-  redis.call('ZREM', beats, id)
-  return old
-end
-
--- Registered and heard from within the ttl (the dead are pruned just below).
-local function alive(id)
-  return redis.call('ZSCORE', beats, id) and redis.call('EXISTS', worker_key(id)) == 1
-end
-
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', '(' .. cutoff)) do
-  drop(id)
-end
-"""
-
-# add: replace any entry with the same id, unless the id belongs to another owner.
-# KEYS[2] the worker hash; ARGV[3] id, ARGV[4] heartbeat time, ARGV[5] key TTL (ms),
-# ARGV[6] commands (JSON), ARGV[7] owner, ARGV[8] claim TTL (ms), ARGV[9..] the entry as
-# field/value pairs. Returns the replaced hash (empty if none), or 0 if the id is taken.
-_ADD = _PRELUDE + """
-local id, now, key_ttl, owner = ARGV[3], ARGV[4], ARGV[5], ARGV[7]
-local held = redis.call('GET', claim_key(id))
-if alive(id) then held = redis.call('HGET', worker_key(id), 'owner') end
-if held and held ~= '' and held ~= owner then return 0 end
-redis.call('SET', claim_key(id), owner, 'PX', ARGV[8])
-local old = drop(id)
-redis.call('HSET', KEYS[2], unpack(ARGV, 9))
-redis.call('PEXPIRE', KEYS[2], key_ttl)
-for _, command in ipairs(cjson.decode(ARGV[6])) do
-  redis.call('SADD', command_key(command), id)
-  redis.call('PEXPIRE', command_key(command), key_ttl)
-end
-redis.call('ZADD', beats, now, id)
-redis.call('PEXPIRE', beats, key_ttl)
-return old
-"""
-
-# remove: only if ARGV[4] is still the worker's channel (a takeover keeps the entry).
-# ARGV[3] id, ARGV[5] claim TTL (ms): the owner keeps the id that long. Returns the
-# removed hash (empty if nothing was removed).
-_REMOVE = _PRELUDE + """
-if redis.call('HGET', worker_key(ARGV[3]), 'channel') ~= ARGV[4] then return {} end
-redis.call('PEXPIRE', claim_key(ARGV[3]), ARGV[5])
-return drop(ARGV[3])
-"""
-
-# touch: a heartbeat. ARGV[3] id, ARGV[4] heartbeat time, ARGV[5] key TTL (ms), ARGV[6]
-# claim TTL (ms). Refreshes the score and every key's TTL. Returns 1, or 0 if the worker is not live:
-# once dead (pruned or not), it stays dead until added again.
-_TOUCH = _PRELUDE + """
-local id, now, key_ttl = ARGV[3], ARGV[4], ARGV[5]
-if not alive(id) then
-  drop(id)
-  return 0
-end
-local key = worker_key(id)
-redis.call('ZADD', beats, now, id)
-redis.call('HSET', key, 'last_heartbeat', now)
-redis.call('PEXPIRE', key, key_ttl)
-redis.call('PEXPIRE', beats, key_ttl)
-redis.call('PEXPIRE', claim_key(id), ARGV[6])
-for _, command in ipairs(cjson.decode(redis.call('HGET', key, 'commands'))) do
-  redis.call('PEXPIRE', command_key(command), key_ttl)
-end
-return 1
-"""
-
-# candidates: the first half of reserve, for one or more commands at once. KEYS[2] the
-# round-robin counter; ARGV[3] key TTL (ms), ARGV[4] how many choices will be made,
-# ARGV[5..] the commands. Returns {seq, {{capable, rows}, ...}} with one pair per
-# command: capable is 1 if a live worker offers it; rows are those with a free slot,
-# as {id, weight, in_flight, max_concurrency, latency_ms, error_rate}. seq is the
-# global sequence number of the last of the choices (INCRBY their number), drawn only
-# when there is a choice to make (as MemoryRegistry counts).
-_CANDIDATES = _PRELUDE + """
-local found, any = {}, false
-for i = 5, #ARGV do
-  local set = command_key(ARGV[i])
-  local capable, rows = 0, {}
-  for _, id in ipairs(redis.call('SMEMBERS', set)) do
-    if not alive(id) then
-      redis.call('SREM', set, id)  -- left behind by a hash that expired
-    else
-      capable = 1
-      local f = redis.call('HMGET', worker_key(id), 'weight', 'in_flight', 'max_concurrency',
-                           'latency_ms', 'error_rate', 'draining')
-      if f[6] ~= '1' and tonumber(f[2]) < tonumber(f[3]) then
-        rows[#rows + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
-      end
-    end
-  end
-  any = any or #rows > 0
-  found[#found + 1] = {capable, rows}
-end
-local seq = 0
-if any then
-  seq = redis.call('INCRBY', KEYS[2], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-return {seq, found}
-"""
-
-# The compare-and-increment half, as a function: take a slot of worker `id` if it is
-# live, offers `command` ('' = don't check), is not draining and has room. Returns
-# 2 if taken, 1 if it is full, 0 if it is not live or does not offer the command.
-_TAKE = """
-local function take(id, command)
-  if not alive(id) then return 0 end
-  if command ~= '' and redis.call('SISMEMBER', command_key(command), id) == 0 then
-    return 0
-  end
-  local key = worker_key(id)
-  local f = redis.call('HMGET', key, 'in_flight', 'max_concurrency', 'draining')
-  if f[3] == '1' or tonumber(f[1]) >= tonumber(f[2]) then return 1 end
-  redis.call('HINCRBY', key, 'in_flight', 1)
-  return 2
-end
-"""
-
-# reserve: one slot of worker ARGV[3] for command ARGV[4]. Returns the updated hash,
-# or take()'s 0 or 1.
-_RESERVE = _PRELUDE + _TAKE + """
-local got = take(ARGV[3], ARGV[4])
-if got ~= 2 then return got end
-return redis.call('HGETALL', worker_key(ARGV[3]))
-"""
-
-# reserve_many: ARGV[3..] pairs of worker id and command. Returns {statuses, hashes}:
-# take()'s answer for each pair, and {id, hash, ...} once for each worker taken.
-_RESERVE_MANY = _PRELUDE + _TAKE + """
-local statuses, hashes, seen = {}, {}, {}
-for i = 3, #ARGV, 2 do
-  local got = take(ARGV[i], ARGV[i + 1])
-  statuses[#statuses + 1] = got
-  if got == 2 and not seen[ARGV[i]] then
-    seen[ARGV[i]] = true
-    hashes[#hashes + 1] = ARGV[i]
-    hashes[#hashes + 1] = redis.call('HGETALL', worker_key(ARGV[i]))
-  end
-end
-return {statuses, hashes}
-"""
-
-# release: give back slots and fold the outcomes into the statistics, with the same
-# arithmetic as MemoryRegistry.release (Lua numbers are doubles too; %.17g writes
-# them back without loss). No prelude: KEYS are worker hashes (one may come more
-# than once); ARGV[1] the EWMA weight, then for each key its latency in ms ('' = none)
-# and '1' if ok.
-_RELEASE = """
-local alpha = tonumber(ARGV[1])
-for k, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    local f = redis.call('HMGET', key, 'in_flight', 'completed', 'errors', 'latency_ms',
-                         'error_rate')
-    local ok, sample = ARGV[2 * k + 1] == '1', ARGV[2 * k]
-    local completed, errors = tonumber(f[2]), tonumber(f[3])
-    if ok then completed = completed + 1 else errors = errors + 1 end
-    local error_rate = tonumber(f[5])
-    error_rate = error_rate + alpha * ((ok and 0.0 or 1.0) - error_rate)
-    local latency = tonumber(f[4])
-    if sample ~= '' then
-      if completed + errors == 1 then
-        latency = tonumber(sample)
-      else
-        latency = latency + alpha * (tonumber(sample) - latency)
-      end
-    end
-    redis.call('HSET', key,
-      'in_flight', string.format('%d', math.max(0, tonumber(f[1]) - 1)),
-      'completed', string.format('%d', completed),
-      'errors', string.format('%d', errors),
-      'latency_ms', string.format('%.17g', latency),
-      'error_rate', string.format('%.17g', error_rate))
-  end
-end
-return 1
-"""
-
-# set_draining: ARGV[3] id, ARGV[4] '1' or '0'. Returns 0 if the worker is not live.
-_SET_DRAINING = _PRELUDE + """
-if not alive(ARGV[3]) then return 0 end
-redis.call('HSET', worker_key(ARGV[3]), 'draining', ARGV[4])
-return 1
-"""
-
-# get: ARGV[3] id. Returns its hash, empty if it is not live.
-_GET = _PRELUDE + """
-if not alive(ARGV[3]) then return {} end
-return redis.call('HGETALL', worker_key(ARGV[3]))
-"""
-
-# all: the hash of every live worker.
-_ALL = _PRELUDE + """
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', beats, 0, -1)) do
-  local h = redis.call('HGETALL', worker_key(id))
-  if #h == 0 then drop(id) else out[#out + 1] = h end
-end
-return out
-"""
-
-# count: how many workers are live (a fresh heartbeat implies a hash: its TTL is longer).
-_COUNT = _PRELUDE + """
-return redis.call('ZCARD', beats)
-"""
-
-# channels: ARGV[3..] worker ids. Returns {id, channel, ...} for the live ones.
-_CHANNELS = _PRELUDE + """
-local out = {}
-for i = 3, #ARGV do
-  if alive(ARGV[i]) then
-    out[#out + 1] = ARGV[i]
-    out[#out + 1] = redis.call('HGET', worker_key(ARGV[i]), 'channel')
-  end
-end
-return out
-"""
-
-
-class LuaScript:
-    """A script run by its hash; its text is sent only when Redis lacks it (after a restart)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
-
-
-(ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RESERVE_MANY, RELEASE, SET_DRAINING, GET, ALL,
- COUNT, CHANNELS) = (
-    LuaScript(s) for s in (_ADD, _REMOVE, _TOUCH, _CANDIDATES, _RESERVE, _RESERVE_MANY, _RELEASE,
-                      _SET_DRAINING, _GET, _ALL, _COUNT, _CHANNELS))
+# The scripts are dispatch/redis/lua/*.lua; each says what its KEYS and ARGV are.
+(ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RESERVE_MANY, SET_DRAINING, GET, ALL, COUNT,
+ CHANNELS) = (scripts.load("prelude", name) for name in (
+    "add", "remove", "touch", "candidates", "reserve", "reserve_many", "set_draining", "get",
+    "all", "count", "channels"))
+RELEASE = scripts.load("release")  # no prelude: it touches only the hashes it is given
 
 # ---------------------------------------------------------------------------- encoding
 
@@ -457,11 +204,12 @@ class RedisRegistry(Registry):
         if connection is not None:
             await connection.close()
 
-    async def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Run a prelude script: KEYS[1] = heartbeats, ARGV[1] = prefix, ARGV[2] = cutoff."""
         with _unavailable_on_error():
-            return await script(self._client(), [self._beats, *keys],
-                                [self._p, repr(time.time() - self.ttl), *args])
+            return await script(keys=[self._beats, *keys],
+                                args=[self._p, repr(time.time() - self.ttl), *args],
+                                client=self._client())
 
     def _worker_key(self, worker_id: str) -> str:
         return f"{self._p}worker:{worker_id}"
@@ -534,8 +282,9 @@ class RedisRegistry(Registry):
         picks: list[tuple[int, str, str]] = []  # (index, worker id, command)
         for i, command in enumerate(commands):
             capable, rows = pools[command]
+            # CANDIDATES returned those with room; count the choices made since.
             room = [c._replace(in_flight=c.in_flight + taken[c.worker_id]) for c in rows
-                    if c.in_flight + taken[c.worker_id] < c.max_concurrency]
+                    if has_room(c.in_flight + taken[c.worker_id], c.max_concurrency)]
             if not room:
                 out[i] = Reservation(None, bool(capable))
                 continue
@@ -579,7 +328,8 @@ class RedisRegistry(Registry):
         for _, latency_ms, ok in outcomes:
             args += ["" if latency_ms is None else repr(float(latency_ms)), "1" if ok else "0"]
         with _unavailable_on_error():
-            await RELEASE(self._client(), [self._worker_key(w) for w, _, _ in outcomes], args)
+            await RELEASE(keys=[self._worker_key(w) for w, _, _ in outcomes], args=args,
+                          client=self._client())
 
     async def set_draining(self, worker_id: str, draining: bool) -> bool:
         return bool(await self._run(SET_DRAINING, [], [worker_id, "1" if draining else "0"]))

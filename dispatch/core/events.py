@@ -1,8 +1,10 @@
-"""Channel-layer messages between broker parts, as plain dicts.
+"""Channel-layer messages between broker processes, as plain dicts.
 
-Channels routes a layer message to the consumer method named by its ``type``
-(``broker.forward`` -> ``broker_forward``). Keeping their shapes here means the
-sender and the receiver of each one are written against one definition.
+Every one goes to a process's inbox (its dispatcher's channel) and is handled by
+:meth:`Dispatcher.handle <dispatch.core.dispatcher.Dispatcher.handle>`, which
+passes it on to a socket of its process where it is for one. Keeping their shapes
+here means the sender and the receiver of each one are written against one
+definition.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def forward(key: str, action: str, params: dict[str, Any], reply_to: str,
 
 
 def reply(key: str, worker_id: str, success: bool, data: Any, error: str | None,
-          latency_ms: float) -> dict[str, Any]:
+          latency_ms: float, code: str | None = None) -> dict[str, Any]:
+    """``code``: the ErrorCode of a failure (the worker's, or the broker's about it)."""
     return {"type": REPLY, "key": key, "worker_id": worker_id, "success": success,
-            "data": data, "error": error, "latency_ms": latency_ms}
+            "data": data, "error": error, "latency_ms": latency_ms, "code": code}
 
 
 def lost(key: str, worker_id: str, reason: str) -> dict[str, Any]:

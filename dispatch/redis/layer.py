@@ -26,42 +26,16 @@ from typing import Any
 from channels.exceptions import ChannelFull
 from channels_redis import core
 
-from .redis_registry import LuaScript
+from . import scripts
 
 log = logging.getLogger("dispatch.redis_layer")
 
-# KEYS[1] the channel's sorted set; ARGV[1] expired-before (s), ARGV[2] capacity,
-# ARGV[3] the message, ARGV[4] its score (now), ARGV[5] the key's expiry (s).
-# Returns 0 when the channel is full, as channels-redis raises ChannelFull.
-_SEND = LuaScript("""
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
-if redis.call('ZCOUNT', KEYS[1], '-inf', '+inf') >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
-""")
+_SEND = scripts.load("send")
 
 #: Most messages one receive takes off a process's channel at once.
 RECEIVE_BATCH = 256
 
-# KEYS[1] the channel, KEYS[2] its backup; ARGV[1] most messages to take. Puts back
-# what a cancelled receive left in the backup (as channels-redis's cleanup script
-# does), then pops the oldest messages without blocking and backs them up. Returns
-# them, oldest first (none if the channel is empty).
-_POP = LuaScript("""
-local backed_up = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-for i = #backed_up, 1, -2 do
-  redis.call('ZADD', KEYS[1], backed_up[i], backed_up[i - 1])
-end
-redis.call('DEL', KEYS[2])
-local got = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
-local members = {}
-for i = 1, #got, 2 do
-  redis.call('ZADD', KEYS[2], got[i + 1], got[i])
-  members[#members + 1] = got[i]
-end
-return members
-""")
+_POP = scripts.load("pop")
 
 
 class RedisChannelLayer(core.RedisChannelLayer):
@@ -79,7 +53,7 @@ class RedisChannelLayer(core.RedisChannelLayer):
             key = self.prefix + channel
             index = next(self._send_index_generator)
         now = time.time()
-        added = await _SEND(self.connection(index), [key], [
+        added = await _SEND(client=self.connection(index), keys=[key], args=[
             int(now) - int(self.expiry), self.get_capacity(channel), self.serialize(message),
             now, int(self.expiry)])
         if not added:
@@ -102,7 +76,8 @@ class RedisChannelLayer(core.RedisChannelLayer):
         try:
             members: list[bytes] = []
             while not members:
-                members = await _POP(self.connection(index), [key, backup], [RECEIVE_BATCH])
+                members = await _POP(client=self.connection(index), keys=[key, backup],
+                                     args=[RECEIVE_BATCH])
                 if not members:  # nothing waiting: block as channels-redis does
                     member = await self._brpop_with_clean(index, key, self.brpop_timeout)
                     members = [] if member is None else [member]

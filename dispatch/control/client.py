@@ -49,7 +49,7 @@ def default_base_url() -> str:
     url = os.environ.get("BROKER_URL")
     if url:
         return url
-    from . import conf  # here, not at import: the client must work without settings
+    from .. import conf  # here, not at import: the client must work without settings
 
     return f"http://127.0.0.1:{conf.get('HTTP_PORT')}"
 

@@ -1,0 +1,430 @@
+"""The driver of the request table: the I/O around choosing, forwarding and answering.
+
+One :class:`Dispatcher` per broker process. Every rule about a request's life is in
+:class:`~dispatch.core.requests.RequestTable`; this class does what the table asks
+for (reserve slots in the registry, hand frames to worker sockets, send layer
+messages, run timers, answer requesters, record history) and feeds it what
+happened. One code path for both registries: with a shared (Redis) registry,
+reservations and releases are batched, with the in-process one they run at once.
+
+The dispatcher has its own channel on the layer, its inbox, so any number of broker
+processes can share one fleet: a request for a worker held by another process goes
+to that process's inbox, and the worker's answer comes back to this one's. What
+gathers for one inbox while the previous layer send is under way goes as one layer
+message. Within one process nothing is sent over the layer: calls are direct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Iterable, Protocol
+
+from channels.exceptions import ChannelFull
+from channels.layers import BaseChannelLayer, get_channel_layer
+
+from workers import protocol
+from workers.protocol import ErrorCode
+
+from .. import conf
+from ..history import HistoryRecorder, get_recorder
+from ..registry import Registry, RegistryUnavailable, get_registry
+from . import events, inbox, links
+from .links import WorkerLink
+from .liveness import Liveness
+from .loops import Batcher, PerLoop
+from .requests import (Action, Answer, Arm, Drop, Forward, GiveBack, Request, RequestTable,
+                       Reserve, Respond)
+
+log = logging.getLogger("dispatch.dispatcher")
+
+#: How often requests waiting for a free slot are retried when nothing wakes them.
+QUEUE_POLL_SECONDS = 0.05
+#: How long stop() waits for its background tasks to end once cancelled.
+STOP_WAIT_SECONDS = 2.0
+
+
+class LocalWorker(Protocol):
+    """A worker socket in this process: it has no channel of its own, the dispatcher
+    hands it whatever the layer brings for it."""
+
+    @property
+    def busy(self) -> int: ...
+
+    async def assign(self, message: dict[str, Any]) -> None: ...
+
+    async def notify(self, message: dict[str, Any]) -> None: ...
+
+    async def kick(self, reason: str, code: int) -> None: ...
+
+    async def stop_taking_work(self) -> None: ...
+
+    async def leave(self, reason: str) -> None: ...
+
+
+class Dispatcher:
+    """The requests of one broker process, from arrival to answer: the table's I/O."""
+
+    def __init__(self, layer: BaseChannelLayer, registry: Registry,
+                 recorder: HistoryRecorder) -> None:
+        self.layer = layer
+        self.registry = registry
+        self.recorder = recorder
+        self.process = conf.process_name()
+        self.channel = ""
+        self.table = RequestTable()
+        self.local_workers: dict[str, LocalWorker] = {}  # registered, by connection name
+        self.links: set[WorkerLink] = set()  # every worker connection, registered or not
+        self._outbox: Batcher[tuple[str, dict[str, Any]]] = Batcher(self._send, "dispatch-send")
+        self._intake: Batcher[Request] = Batcher(self._reserve, "dispatch-reserve")
+        self._releases: Batcher[tuple[str, float | None, bool]] = Batcher(
+            self._release_many, "dispatch-release")
+        self.liveness = Liveness(registry, self.process)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stopped = False
+
+    @property
+    def stats(self) -> Any:
+        return self.table.stats
+
+    @property
+    def pending(self) -> int:
+        """Requests this process has yet to answer."""
+        return len(self.table)
+
+    @property
+    def waiting(self) -> int:
+        """Of those, the ones waiting for a free slot."""
+        return len(self.table.waiting)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        self.channel = await self.layer.new_channel()
+        self._tasks = [asyncio.create_task(inbox.listen(self.layer, self.channel, self.handle,
+                                                        "dispatcher", lambda: not self.stopped),
+                                           name="dispatch-inbox"),
+                       asyncio.create_task(self._queue_loop(), name="dispatch-queue"),
+                       asyncio.create_task(self._sweep_loop(), name="dispatch-sweep"),
+                       asyncio.create_task(links.watch(self.links), name="dispatch-watch")]
+        await self._join_broadcasts()
+        await self.recorder.start()
+        await self.liveness.start()
+        log.debug("dispatcher %s listening on %s", self.process, self.channel)
+
+    async def drain(self, grace: float) -> None:
+        """Graceful shutdown: take no new requests, let those in flight finish.
+
+        Waits up to ``grace`` seconds for this process's requests and for the work its
+        workers hold for other processes, then tells those workers to go (they
+        reconnect elsewhere, or when the broker is back).
+        """
+        self.table.accepting = False
+        for worker in list(self.local_workers.values()):
+            await worker.stop_taking_work()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and (
+                len(self.table) or any(w.busy for w in self.local_workers.values())):
+            await asyncio.sleep(0.05)
+        for worker in list(self.local_workers.values()):
+            await worker.leave(protocol.SHUTTING_DOWN)
+
+    async def stop(self) -> None:
+        """Answer whatever is still pending, stop the loops, flush history."""
+        await self._perform(self.table.stop())
+        self.stopped = True
+        for task in self._tasks:
+            task.cancel()
+        # Bounded: a receive cancelled inside redis-py's blocking read now and then
+        # keeps waiting for its answer (seen with channels-redis), and shutdown must
+        # not wait for it.
+        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_WAIT_SECONDS)
+        for task in stuck:
+            log.warning("task %s did not stop when cancelled; leaving it", task.get_name())
+        try:
+            await self.layer.group_discard(events.INBOXES_GROUP, self.channel)
+        except Exception as exc:  # noqa: BLE001 - layer down: membership expires
+            log.warning("could not leave the broadcast group: %s", exc)
+        await self.liveness.stop()
+        await self.recorder.stop()
+
+    async def _join_broadcasts(self) -> None:
+        """(Re)join the group every process's inbox is in: once at start, then every
+        sweep, so that membership survives a Redis restart."""
+        try:
+            await self.layer.group_add(events.INBOXES_GROUP, self.channel)
+        except Exception as exc:  # noqa: BLE001 - layer down: the next sweep retries
+            log.warning("could not join the broadcast group: %s", exc)
+
+    # ------------------------------------------------------------------ entry points
+
+    async def submit(self, command: str, data: dict[str, Any], respond: Respond, *,
+                     request_id: str, requester: str, timeout: float | None = None,
+                     worker_id: str | None = None, key: str | None = None) -> str:
+        """Start a request; ``respond`` is called exactly once with its answer.
+
+        ``key`` (default: a new id) names the request inside the broker; the caller
+        may pass it to :meth:`abandon`. It is chosen before the call because the
+        answer can arrive before ``submit`` returns (no worker, say).
+        """
+        key = key or protocol.new_id()
+        deadline = asyncio.get_running_loop().time() + (timeout or conf.get("TIMEOUT"))
+        await self._perform(self.table.submit(Request(
+            key, command, data, respond, request_id, requester, deadline, time.time(),
+            target=worker_id)))
+        return key
+
+    def abandon(self, keys: Iterable[str]) -> None:
+        """Forget requests whose requester left; their late answers will be dropped."""
+        for action in self.table.abandon(keys):
+            self._disarm(action.request)
+
+    def add_link(self, link: WorkerLink) -> None:
+        """A new worker connection of this process, checked by the watch from now on."""
+        self.links.add(link)
+
+    def forget_link(self, link: WorkerLink) -> None:
+        self.links.discard(link)
+        self.local_workers.pop(link.channel, None)
+
+    def kick(self) -> None:
+        """A worker slot may have freed: retry the waiting queue now."""
+        if self.table.waiting:
+            self._wake.set()
+
+    async def deliver(self, channel: str, message: dict[str, Any]) -> None:
+        """Send to a dispatcher's inbox: this one's directly, another's in a batch."""
+        if channel == self.channel:
+            await self.handle(message)
+        else:
+            self._outbox.add((channel, message))
+
+    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+        """Give back a worker's slot: at once in-process, in a batch on a shared registry.
+
+        Raises :class:`RegistryUnavailable` only in the first case; a batch that
+        cannot be given back is logged (the slots come back with the worker's entry).
+        """
+        if self.registry.local:
+            await self.registry.release(worker_id, latency_ms=latency_ms, ok=ok)
+        else:
+            self._releases.add((worker_id, latency_ms, ok))
+
+    async def handle(self, message: dict[str, Any]) -> None:
+        """A layer message addressed to this dispatcher (or delivered in-process)."""
+        kind = message.get("type")
+        if kind == events.REPLY:
+            await self._perform(self.table.replied(
+                message["key"], message["worker_id"], message["success"], message["data"],
+                message["error"], message.get("code")))
+            self.kick()
+        elif kind == events.LOST:
+            await self._perform(self.table.lost(message["key"], message["worker_id"],
+                                                message["reason"]))
+        elif kind == events.FORWARD:
+            await self._on_forward(message)
+        elif kind == events.NOTIFY:
+            for worker in list(self.local_workers.values()):
+                await worker.notify(message)
+        elif kind == events.KICK:
+            target = self.local_workers.get(message["worker"])
+            if target is not None:
+                await target.kick(message["reason"], message["code"])
+        elif kind == events.BATCH:
+            for inner in message["messages"]:
+                try:
+                    await self.handle(inner)
+                except Exception:  # one bad message must not lose the rest
+                    log.exception("dispatcher failed to handle a %s message", inner.get("type"))
+        else:
+            log.warning("dispatcher ignored a layer message of type %r", kind)
+
+    # ------------------------------------------------------------------ actions
+
+    async def _perform(self, actions: list[Action]) -> None:
+        """Do what the table asked for, in order."""
+        for action in actions:
+            if isinstance(action, Forward):
+                await self._forward(action)
+            elif isinstance(action, Answer):
+                await self._answer(action)
+            elif isinstance(action, Arm):
+                request = action.request
+                request.timer = asyncio.get_running_loop().call_at(
+                    request.deadline, self._expire, request.key)
+            elif isinstance(action, Reserve):
+                if self.registry.local:
+                    await self._reserve(action.requests)
+                else:  # with the others of this moment, in two round trips for all
+                    for request in action.requests:
+                        self._intake.add(request)
+            elif isinstance(action, GiveBack):
+                await self._give_back(action.worker_id)
+            elif isinstance(action, Drop):
+                self._disarm(action.request)
+
+    async def _reserve(self, batch: list[Request]) -> None:
+        """Reserve a slot for each, in one registry call; then tell the table."""
+        try:
+            reservations = await self.registry.reserve_many(
+                [(r.command, r.target) for r in batch])
+        except Exception as exc:  # noqa: BLE001 - each of them gets an answer
+            if not isinstance(exc, RegistryUnavailable):
+                log.exception("could not reserve workers for %d request(s)", len(batch))
+            await self._perform(self.table.reservation_failed(batch, str(exc)))
+            return
+        now = asyncio.get_running_loop().time()
+        for request, reservation in zip(batch, reservations):
+            actions = self.table.reserved(request, reservation, now)
+            if not actions and self.table.waiting:
+                self._wake.set()
+            await self._perform(actions)
+
+    async def _forward(self, action: Forward) -> None:
+        request, worker = action.request, action.worker
+        message = events.forward(request.key, request.command, request.data, self.channel,
+                                 action.timeout, worker.worker_id, worker.channel)
+        local = self.local_workers.get(worker.channel)
+        if local is None:
+            await self.deliver(worker.inbox, message)
+            return
+        try:
+            await local.assign(message)
+        except Exception as exc:  # noqa: BLE001 - answer, never hang
+            log.warning("could not forward request %s to %s: %s", request.request_id,
+                        worker.worker_id, exc)
+            await self._perform(self.table.failed_on(
+                request.key, worker.worker_id, f"{protocol.BROKER_UNAVAILABLE}: {exc}",
+                ErrorCode.BROKER_UNAVAILABLE))
+
+    async def _answer(self, action: Answer) -> None:
+        """The request's one answer: stop its timer, record it, tell the requester."""
+        request, response = action.request, action.response
+        self._disarm(request)
+        now = time.time()
+        self.recorder.record_request(
+            request_id=request.request_id, command=request.command,
+            worker_id=response.processed_by, success=response.success, error=response.error,
+            latency_ms=(now - request.started) * 1000, attempts=request.attempts,
+            requester=request.requester, started_at=request.started, finished_at=now)
+        try:
+            await request.respond(response)
+        except Exception:  # the requester is gone; nobody is left to tell
+            log.debug("could not deliver the answer to %s", request.requester, exc_info=True)
+
+    @staticmethod
+    def _disarm(request: Request) -> None:
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
+
+    def _expire(self, key: str) -> None:
+        actions = self.table.expired(key)
+        if actions:
+            asyncio.ensure_future(self._perform(actions))
+
+    async def _on_forward(self, message: dict[str, Any]) -> None:
+        """Another process chose a worker of this one."""
+        worker = self.local_workers.get(message["worker"])
+        if worker is not None:
+            await worker.assign(message)
+        else:  # it left after it was chosen: the requester's process tries another
+            await self.deliver(message["reply_to"], events.lost(
+                message["key"], message["worker_id"], "connection closed"))
+
+    async def _send(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """One layer message per destination inbox (the outbox's batch)."""
+        by_inbox: dict[str, list[dict[str, Any]]] = {}
+        for channel, message in items:
+            by_inbox.setdefault(channel, []).append(message)
+        await asyncio.gather(*(self._send_one(channel, messages)
+                               for channel, messages in by_inbox.items()))
+
+    async def _send_one(self, channel: str, messages: list[dict[str, Any]]) -> None:
+        try:
+            await self.layer.send(channel, messages[0] if len(messages) == 1
+                                  else events.batch(messages))
+        except Exception as exc:  # noqa: BLE001 - full, or the backend is down
+            full = isinstance(exc, ChannelFull)
+            self.stats["channel_full"] += full
+            log.warning("could not pass %d message(s) on to %s: %s", len(messages), channel,
+                        "channel full" if full else exc)
+            error, code = ((protocol.BROKER_OVERLOADED, ErrorCode.OVERLOADED) if full else
+                           (f"{protocol.BROKER_UNAVAILABLE}: {exc}",
+                            ErrorCode.BROKER_UNAVAILABLE))
+            for message in messages:
+                # A forward that never left is answered now; an answer for another
+                # process that could not be sent is lost: that process answers its
+                # request when it times out.
+                if message["type"] == events.FORWARD:
+                    await self._perform(self.table.failed_on(
+                        message["key"], message["worker_id"], error, code))
+
+    async def _give_back(self, worker_id: str) -> None:
+        """Release a slot taken for a request that never reached its worker."""
+        try:
+            await self.release(worker_id, latency_ms=None, ok=True)
+        except RegistryUnavailable:
+            pass  # the slot's entry expires with its heartbeat
+
+    async def _release_many(self, outcomes: list[tuple[str, float | None, bool]]) -> None:
+        try:
+            await self.registry.release_many(outcomes)
+        except RegistryUnavailable as exc:
+            log.warning("could not give back %d worker slot(s): %s", len(outcomes), exc)
+        self.kick()
+
+    async def _queue_loop(self) -> None:
+        """Retry queued requests when a slot frees (or every poll, across processes)."""
+        while True:
+            if self.table.waiting:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), QUEUE_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await self._wake.wait()
+            batch = self.table.take_waiting()
+            if batch:
+                await self._reserve(batch)  # may queue some again
+            # Cleared after the pass, so that re-queueing above does not spin the loop;
+            # a wake-up lost here costs at most one poll interval.
+            self._wake.clear()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(conf.get("HEARTBEAT_INTERVAL"))
+            await self._join_broadcasts()
+            try:
+                await self.sweep()
+            except Exception as exc:  # noqa: BLE001 - Redis down: try again next round
+                log.warning("could not check the workers of pending requests: %s", exc)
+
+    async def sweep(self) -> None:
+        """Hand back requests whose worker vanished without a word.
+
+        A worker socket reports the requests it held when it closes; but if its whole
+        broker process dies, nobody does. Its workers then drop out of the shared
+        registry when their heartbeats expire, and this notices.
+        """
+        placed = self.table.placed()
+        if not placed:
+            return
+        live = await self.registry.channels(r.worker_id for r in placed)  # type: ignore[misc]
+        for request in placed:
+            if request.worker_id is not None and \
+                    live.get(request.worker_id) != request.worker_channel:
+                await self._perform(self.table.lost(request.key, request.worker_id,
+                                                    "worker vanished"))
+
+
+_dispatchers: PerLoop[Dispatcher] = PerLoop(
+    lambda: Dispatcher(get_channel_layer(), get_registry(), get_recorder()))
+
+#: The dispatcher of this process (of this event loop), started on first use.
+get_dispatcher = _dispatchers.get
+#: Stop this loop's dispatcher, if one was started (shutdown, tests).
+stop_dispatcher = _dispatchers.stop

@@ -1,0 +1,57 @@
+-- The worker registry's shared part: every registry script but release.lua starts
+-- with this file (dispatch/redis/scripts.py joins them). Convention: KEYS[1] is the
+-- heartbeats zset, ARGV[1] the key prefix ("dispatch:"), ARGV[2] the cutoff time (a
+-- heartbeat older than it is dead); a script's own arguments start at ARGV[3]. Keys
+-- derived from the prefix are not declared in KEYS: fine on one Redis server (and
+-- with Sentinel), not on Redis Cluster.
+local beats, prefix, cutoff = KEYS[1], ARGV[1], ARGV[2]
+
+local function worker_key(id) return prefix .. 'worker:' .. id end
+local function command_key(command) return prefix .. 'command:' .. command end
+local function claim_key(id) return prefix .. 'claim:' .. id end
+
+-- Take a worker out of every structure; returns its old hash (flat list, maybe empty).
+local function drop(id)
+  local key = worker_key(id)
+  local old = redis.call('HGETALL', key)
+  for i = 1, #old, 2 do
+    if old[i] == 'commands' then
+      for _, command in ipairs(cjson.decode(old[i + 1])) do
+        redis.call('SREM', command_key(command), id)
+      end
+    end
+  end
+  redis.call('DEL', key)
+  redis.call('ZREM', beats, id)
+  return old
+end
+
+-- The one rule for a free slot (WorkerEntry.has_room in Python): not draining, not full.
+local function has_room(in_flight, max_concurrency, draining)
+  return draining ~= '1' and tonumber(in_flight) < tonumber(max_concurrency)
+end
+
+-- Registered and heard from within the ttl (the dead are pruned just below).
+local function alive(id)
+  return redis.call('ZSCORE', beats, id) and redis.call('EXISTS', worker_key(id)) == 1
+end
+
+-- The compare-and-increment half of a reservation: take a slot of worker `id` if it is
+-- live, offers `command` ('' = don't check), is not draining and has room. Returns
+-- 2 if taken, 1 if it is full, 0 if it is not live or does not offer the command.
+local function take(id, command)
+  if not alive(id) then return 0 end
+  if command ~= '' and redis.call('SISMEMBER', command_key(command), id) == 0 then
+    return 0
+  end
+  local key = worker_key(id)
+  local f = redis.call('HMGET', key, 'in_flight', 'max_concurrency', 'draining')
+  if not has_room(f[1], f[2], f[3]) then return 1 end
+  redis.call('HINCRBY', key, 'in_flight', 1)
+  return 2
+end
+
+-- The dead are pruned before each script's own work.
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', beats, '-inf', '(' .. cutoff)) do
+  drop(id)
+end

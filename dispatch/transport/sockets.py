@@ -1,0 +1,250 @@
+"""What both sockets share: the admission gate, the frame checks, a bounded outbox.
+
+The sockets are thin edges: frames in, frames out, admission. What a frame means
+for the broker is decided in :mod:`dispatch.core` (the request table, the worker
+links); :mod:`.workers` and :mod:`.requesters` only parse and pass on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from workers.protocol import CloseCode, ErrorCode
+
+from .. import conf
+from ..auth import Grant, get_guard, peer_of
+from ..logsafe import LogBudget
+from .sendbuffer import Probe, probe_for
+
+log = logging.getLogger("dispatch.sockets")
+
+#: Refused connections of the whole process: a few lines at once, then one a second
+#: (with how many were left out), however many peers knock.
+REFUSAL_LOG = LogBudget(burst=20, refill_seconds=1.0)
+
+
+class SocketState(enum.Enum):
+    """Where a connection is in its life. Only an OPEN one is listened to."""
+
+    CONNECTING = "connecting"  # handshake done, not yet admitted
+    OPEN = "open"  # admitted: its frames are read
+    CLOSING = "closing"  # refused, revoked, cut off or closed: whatever it sends is dropped
+
+
+class BaseSocket(AsyncWebsocketConsumer):
+    """A websocket consumer with a hard admission gate, a bounded outbox, and no channel.
+
+    Admission: the socket is accepted, then judged (:meth:`admit`); a refused peer is
+    told why and closed, and nothing it sends after that, during the close handshake
+    or ever, is read: :meth:`receive` drops every frame unless the state is OPEN.
+
+    Sending: :meth:`send_text` never waits for the peer; what the server cannot take
+    at once waits in an outbox, and a peer that leaves more than
+    :meth:`unsent_allowance` bytes unread is cut off (:attr:`CloseCode.TOO_SLOW`).
+
+    Channels' ``dispatch`` closes stale database connections around every message
+    (and again on disconnect), through a thread (``aclose_old_connections``); these
+    sockets never touch the database, so that hop would only cost throughput. Nor
+    do they listen on the channel layer: the process's dispatcher does, once for
+    all of them, and calls them. A layer receiver per socket would cost a task and,
+    with Redis, a share of one receive lock per process; cancelled at every
+    disconnect, such a receiver can lose the message it was popping for the others.
+    """
+
+    #: Which credential kind this socket takes: "worker" or "requester".
+    kind = ""
+    state = SocketState.CONNECTING
+    grant: Grant
+    # Token bucket of the frame rate limit: frames this connection may send now.
+    _allowance: float | None = None
+    _checked = 0.0
+    _writer: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Channels' consumer loop, leaner: one source, so no task and no
+        ``asyncio.wait`` per frame (Channels' ``await_many_dispatch``: ~10% under load)."""
+        self.scope = scope
+        self.base_send = send
+        self.channel_layer = None
+        self.peer = peer_of(scope.get("client"), scope.get("headers", ()))
+        self.logs = LogBudget()
+        self.probe: Probe = probe_for(send)
+        self.outbox: deque[dict[str, Any]] = deque()
+        self.outbox_bytes = 0
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.state = SocketState.CLOSING
+        if self._writer is not None:
+            self._writer.cancel()
+        await self.disconnect(message["code"])
+        raise StopConsumer()
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        """Close after what is already queued, and stop listening at once: the peer's
+        next frames are dropped."""
+        if self.state is SocketState.CLOSING:
+            return
+        self.state = SocketState.CLOSING
+        message: dict[str, Any] = {"type": "websocket.close"}
+        if code is not None and code is not True:
+            message["code"] = int(code)
+        await self._emit(message)
+
+    async def admit(self) -> bool:
+        """Accept the socket, then check who it is; a refused peer is told why, then closed.
+
+        Accepting first is what lets the reason reach the peer: daphne turns a refusal
+        during the handshake into a bare HTTP 403.
+        """
+        guard = await get_guard()
+        await self.accept()
+        verdict = guard.admit(self.scope, self.kind)
+        if not isinstance(verdict, Grant):
+            REFUSAL_LOG.log(log, logging.INFO, "refused a %s from %s: %s", self.kind, self.peer,
+                            verdict.reason)
+            await self.refuse(verdict.reason, None, verdict.error)
+            await self.close(verdict.code)
+            return False
+        self.grant = verdict
+        self.guard = guard
+        guard.attach(verdict, self)
+        self.state = SocketState.OPEN
+        return True
+
+    async def revoke(self, reason: str) -> None:
+        """The credential of this connection no longer admits it: say so and close."""
+        await self.refuse(reason, None, ErrorCode.UNAUTHORIZED)
+        await self.close(CloseCode.UNAUTHORIZED)
+
+    def forget_grant(self) -> None:
+        if hasattr(self, "guard"):
+            self.guard.detach(self.grant, self)
+
+    def within_rate(self) -> bool:
+        """Token bucket: RATE_LIMIT frames a second on average, bursts of twice that."""
+        rate = conf.get("RATE_LIMIT")
+        if not rate:
+            return True
+        now = time.monotonic()
+        if self._allowance is None:
+            self._allowance = 2.0 * rate
+        else:
+            self._allowance = min(2.0 * rate, self._allowance + (now - self._checked) * rate)
+        self._checked = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None
+                      ) -> None:
+        if self.state is not SocketState.OPEN:
+            return  # refused, revoked or closing: nothing it sends is read
+        if not self.within_rate():
+            log.warning("%s sends faster than %s frames/s: closing it", self.peer,
+                        conf.get("RATE_LIMIT"))
+            await self.refuse(f"Rate limit exceeded ({conf.get('RATE_LIMIT')} frames/s)", None,
+                              ErrorCode.LIMIT_EXCEEDED)
+            await self.close(CloseCode.RATE_LIMITED)
+            return
+        if text_data is None:
+            await self.refuse("Binary frames are not supported: send JSON as text", None,
+                              ErrorCode.BAD_REQUEST)
+            return
+        limit = conf.get("MAX_MESSAGE_BYTES")
+        if len(text_data) > limit or (len(text_data) * 4 > limit
+                                      and len(text_data.encode()) > limit):
+            await self.too_large(text_data, len(text_data.encode()), limit)
+            return
+        await self.receive_text(text_data)
+
+    async def receive_text(self, text: str) -> None:
+        raise NotImplementedError
+
+    async def too_large(self, text: str, size: int, limit: int) -> None:
+        """A frame over MAX_MESSAGE_BYTES (daphne passes up to 4x that): refused.
+
+        Subclasses read it anyway, only to say which request it was about, so that
+        request is answered at once instead of waiting for its timeout.
+        """
+        await self.refuse(f"Message too large: {size} bytes (limit {limit})", None,
+                          ErrorCode.TOO_LARGE)
+
+    async def refuse(self, error: str, request_id: str | None = None,
+                     code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        """Tell the peer that one frame was refused; the connection stays up."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- sending
+
+    async def send_text(self, text: str) -> None:
+        """Send one frame without ever waiting for the peer to read.
+
+        Past :meth:`unsent_allowance` bytes unread (in the server's buffer and our
+        outbox), the peer is cut off.
+        """
+        if self.state is SocketState.CLOSING:
+            return
+        await self._emit({"type": "websocket.send", "text": text})
+        if self.probe.unsent() + self.outbox_bytes > self.unsent_allowance():
+            await self.too_slow()
+
+    def unsent_allowance(self) -> int:
+        """Bytes this peer may leave unread before it is cut off."""
+        return conf.get("MAX_UNSENT_BYTES")
+
+    async def _emit(self, message: dict[str, Any]) -> None:
+        """Straight to the server when it can take it now; else into the outbox, in order."""
+        if not self.outbox and not self.probe.would_wait():
+            await self.base_send(message)
+            return
+        self.outbox.append(message)
+        self.outbox_bytes += len(message.get("text") or "")
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self.outbox:
+                message = self.outbox.popleft()
+                self.outbox_bytes -= len(message.get("text") or "")
+                await self.base_send(message)
+        finally:
+            self._writer = None
+
+    async def too_slow(self) -> None:
+        """The peer does not read what it is sent: cut it off before it costs memory."""
+        unsent = self.probe.unsent() + self.outbox_bytes
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        log.warning("%s %s left %d bytes unread (limit %d): cutting it off", self.kind,
+                    self.peer, unsent, self.unsent_allowance())
+        await self.cut_off()
+        if self.probe.would_wait():  # a close frame would wait behind the rest: drop it
+            self.state = SocketState.CLOSING
+            self.probe.abort()
+        else:
+            await self.close(CloseCode.TOO_SLOW)
+
+    async def cut_off(self) -> None:
+        """Let go of what the connection holds (its requests) before it is closed."""

@@ -1,0 +1,157 @@
+"""The worker socket: frames in, frames out. The broker's decisions are in its link.
+
+Each frame is parsed (:mod:`workers.protocol`) and handed to the connection's
+:class:`~dispatch.core.links.WorkerLink` (registration, heartbeats, answers) or to
+the broker's server actions; what goes back is sent through the bounded outbox of
+:class:`~.sockets.BaseSocket`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from workers.handlers import run_safely
+from workers.protocol import (ErrorCode, Message, MessageType, ProtocolError, Registration,
+                              RequestBody, ResponseBody, quote)
+
+from workers import protocol
+
+from .. import conf
+from ..control.actions import actions, message_handlers
+from ..core.dispatcher import get_dispatcher
+from ..core.links import WorkerLink
+from ..history import get_recorder
+from ..registry import RegistryUnavailable
+from .sockets import BaseSocket
+
+log = logging.getLogger("dispatch.sockets")
+
+
+class WorkerConsumer(BaseSocket):
+    """One worker's socket."""
+
+    kind = "worker"
+    link: WorkerLink | None = None
+
+    async def connect(self) -> None:
+        dispatcher = await get_dispatcher()
+        if await self.admit():
+            self.link = WorkerLink(self, dispatcher, self.grant, get_recorder())
+            dispatcher.add_link(self.link)
+
+    async def disconnect(self, code: int) -> None:
+        self.forget_grant()
+        if self.link is not None:
+            await self.link.teardown(f"disconnected ({code})")
+
+    async def revoke(self, reason: str) -> None:
+        await self.refuse(reason, None, ErrorCode.UNAUTHORIZED)
+        if self.link is not None:
+            await self.link.close(protocol.CloseCode.UNAUTHORIZED, reason)
+
+    async def cut_off(self) -> None:
+        if self.link is not None:
+            await self.link.teardown("too slow to read")
+
+    def unsent_allowance(self) -> int:
+        """What the worker was sent to run may wait for it, and a few MB beside."""
+        assigned = self.link.assigned_chars if self.link is not None else 0
+        return conf.get("MAX_UNSENT_BYTES") + assigned
+
+    async def receive_text(self, text: str) -> None:
+        link = self.link
+        assert link is not None
+        link.heard()
+        try:
+            msg = Message.from_json(text)
+        except ProtocolError as exc:
+            await self.refuse(str(exc))
+            return
+        if msg.type != MessageType.CONNECT.value and link.entry is None:
+            await self.refuse("Register first: send a 'connect' frame", msg.msg_id)
+            return
+        try:
+            handler = self.FRAME_HANDLERS.get(msg.type)
+            if handler is not None:
+                await handler(self, link, msg)
+            elif msg.type in message_handlers:
+                await message_handlers[msg.type](self, msg)
+            else:
+                await self.refuse(f"Unknown message type '{quote(msg.type)}'", msg.msg_id)
+        except ProtocolError as exc:
+            await self.refuse(str(exc), msg.msg_id)
+        except RegistryUnavailable as exc:
+            log.warning("worker %s: %s", link.label, exc)
+            await self.refuse(f"{protocol.BROKER_UNAVAILABLE}: {exc}", msg.msg_id,
+                              ErrorCode.BROKER_UNAVAILABLE)
+
+    async def refuse(self, error: str, request_id: str | None = None,
+                     code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        label = self.link.label if self.link is not None else f"(refused {self.peer})"
+        self.logs.log(log, logging.INFO, "worker %s: refused a frame: %s", label,
+                      quote(error, 300))
+        await self.send_frame(Message.error(error, reply_to=request_id, code=code))
+
+    async def too_large(self, text: str, size: int, limit: int) -> None:
+        """An answer too large to pass on fails its request at once (see the link)."""
+        msg: Message | None = None
+        try:
+            msg = Message.from_json(text)
+            if msg.type == MessageType.RESPONSE.value and self.link is not None and \
+                    await self.link.answer_too_large(ResponseBody.from_message(msg),
+                                                     msg.msg_id, size, limit):
+                return
+        except ProtocolError:
+            pass
+        await self.refuse(f"Message too large: {size} bytes (limit {limit})",
+                          msg.msg_id if msg else None, ErrorCode.TOO_LARGE)
+
+    async def send_frame(self, msg: Message) -> None:
+        await self.send_text(msg.to_json())
+
+    # ------------------------------------------------------------------ frames
+
+    async def on_connect(self, link: WorkerLink, msg: Message) -> None:
+        if link.entry is not None:
+            raise ProtocolError("Already registered on this connection")
+        try:
+            reg = Registration.from_data(msg.data)
+        except ProtocolError as exc:
+            await self.refuse(f"Bad registration: {exc}", msg.msg_id)
+            await self.close(protocol.CloseCode.BAD_REGISTRATION)
+            return
+        await link.register(reg, msg.msg_id)
+
+    async def on_heartbeat(self, link: WorkerLink, msg: Message) -> None:
+        await link.heartbeat(msg)
+
+    async def on_response(self, link: WorkerLink, msg: Message) -> None:
+        await link.answer(ResponseBody.from_message(msg), msg.msg_id)
+
+    async def on_request(self, link: WorkerLink, msg: Message) -> None:
+        """A worker asks the broker itself (server actions)."""
+        body = RequestBody.from_message(msg)
+        outcome = await run_safely(actions, body.action, body.params)
+        await self.send_frame(Message.response(msg.msg_id, outcome.ok, outcome.data,
+                                               outcome.error, outcome.code))
+
+    async def on_disconnect(self, link: WorkerLink, msg: Message) -> None:
+        await link.draining()
+
+    async def on_notification(self, link: WorkerLink, msg: Message) -> None:
+        self.logs.log(log, logging.INFO, "worker %s says: %s", link.label,
+                      quote(msg.data.get("message"), 300))
+
+    async def on_error(self, link: WorkerLink, msg: Message) -> None:
+        self.logs.log(log, logging.WARNING, "worker %s reported an error: %s", link.label,
+                      quote(msg.data.get("error"), 300))
+
+    FRAME_HANDLERS = {
+        MessageType.CONNECT.value: on_connect,
+        MessageType.HEARTBEAT.value: on_heartbeat,
+        MessageType.RESPONSE.value: on_response,
+        MessageType.REQUEST.value: on_request,
+        MessageType.DISCONNECT.value: on_disconnect,
+        MessageType.NOTIFICATION.value: on_notification,
+        MessageType.ERROR.value: on_error,
+    }
