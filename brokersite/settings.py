@@ -147,12 +147,19 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"},
     },
-    "filters": {"redact": {"()": "dispatch.logsafe.RedactTokens"}},
+    "filters": {"redact": {"()": "dispatch.logsafe.RedactTokens"},
+                "throttle": {"()": "dispatch.logsafe.Throttle"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
-                             "filters": ["redact"]}},
+                             "filters": ["redact"]},
+                 # What any HTTP peer can make Django log (bad Host headers, 4xx):
+                 # a few lines a second, short, no tracebacks.
+                 "peer_driven": {"class": "logging.StreamHandler", "formatter": "plain",
+                                 "filters": ["redact", "throttle"]}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "dispatch": {"level": os.environ.get("BROKER_LOG_LEVEL", "INFO").upper()},
         "django.channels.server": {"level": "WARNING"},
+        "django.security": {"handlers": ["peer_driven"], "propagate": False},
+        "django.request": {"handlers": ["peer_driven"], "propagate": False},
     },
 }

@@ -16,7 +16,7 @@ from typing import Any
 
 from workers.protocol import quote
 
-__all__ = ["LogBudget", "RedactTokens", "quote"]
+__all__ = ["LogBudget", "RedactTokens", "Throttle", "quote"]
 
 #: Lines one connection may log at once, and one more every REFILL_SECONDS.
 BURST = 5
@@ -35,21 +35,28 @@ class LogBudget:
         self._stamp = time.monotonic()
         self._suppressed = 0
 
-    def log(self, logger: logging.Logger, level: int, msg: str, *args: Any) -> None:
-        """``logger.log(level, msg, *args)``, unless this connection has used its budget."""
-        if not logger.isEnabledFor(level):
-            return
+    def allow(self) -> int | None:
+        """None if this line must be left out; else how many were left out before it."""
         now = time.monotonic()
         self._tokens = min(self._burst, self._tokens + (now - self._stamp) / self._refill)
         self._stamp = now
         if self._tokens < 1:
             self._suppressed += 1
-            return
+            return None
         self._tokens -= 1
-        if self._suppressed:
+        left_out, self._suppressed = self._suppressed, 0
+        return left_out
+
+    def log(self, logger: logging.Logger, level: int, msg: str, *args: Any) -> None:
+        """``logger.log(level, msg, *args)``, unless the budget is spent."""
+        if not logger.isEnabledFor(level):
+            return
+        left_out = self.allow()
+        if left_out is None:
+            return
+        if left_out:
             msg += " (%d similar line(s) left out)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
+            args = (*args, left_out)
         logger.log(level, msg, *args)
 
 
@@ -67,4 +74,28 @@ class RedactTokens(logging.Filter):
         message = record.getMessage()
         if "token=" in message.lower():
             record.msg, record.args = self._pattern.sub(r"\1[redacted]", message), ()
+        return True
+
+
+class Throttle(logging.Filter):
+    """For loggers any peer can drive (Django's ``django.security``, ``django.request``):
+    a few lines a second, each cut to a few hundred characters, without a traceback.
+
+    A request with a Host header we do not serve makes Django log a whole traceback
+    that repeats the header: one connection could fill the disk that way.
+    """
+
+    def __init__(self, burst: int = 10, refill_seconds: float = 1.0) -> None:
+        super().__init__()
+        self._budget = LogBudget(burst, refill_seconds)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        left_out = self._budget.allow()
+        if left_out is None:
+            return False
+        text = quote(record.getMessage(), 300)
+        if left_out:
+            text += f" ({left_out} similar line(s) left out)"
+        record.msg, record.args = text, ()
+        record.exc_info = record.exc_text = record.stack_info = None
         return True

@@ -64,6 +64,7 @@ class FakeBroker:
         self.heartbeat_interval = heartbeat_interval
         self.assign_id = assign_id
         self.refuse: str | None = None
+        self.refuse_code = 1000  # the close code that follows a refusal
         self.mute = False
         self.silent = False
         self.port = 0
@@ -108,7 +109,7 @@ class FakeBroker:
             return
         if self.refuse is not None:
             await ws.send(Message.error(self.refuse, reply_to=hello.msg_id).to_json())
-            await ws.close()
+            await ws.close(self.refuse_code)
             return
         conn = FakeConnection(ws, hello, self.silent)
         await ws.send(Message("connect", {

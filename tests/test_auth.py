@@ -188,3 +188,17 @@ def test_real_broker_with_credentials(broker_factory, tmp_path: Path) -> None:
     finally:
         anonymous.stop(signal.SIGKILL)
         worker.stop(signal.SIGKILL)
+
+
+def test_who_counts_as_a_local_peer() -> None:
+    from dispatch.auth import peer_of
+
+    assert peer_of(("127.0.0.1", 1), []).local and peer_of(("::1", 1), []).local
+    assert peer_of(("::ffff:127.0.0.1", 1), []).local  # a dual-stack listener's IPv4 peer
+    assert not peer_of((REMOTE, 1), []).local
+    assert not peer_of(("127.0.0.1", 1), [(b"x-forwarded-for", b"198.51.100.1")]).local
+    assert not peer_of(("127.0.0.1", 1), [(b"forwarded", b"for=198.51.100.1")]).local
+    with override_settings(BROKER={"TRUSTED_PROXIES": "127.0.0.0/8"}):
+        behind = peer_of(("127.0.0.1", 1), [(b"x-forwarded-for", b"198.51.100.1, 127.0.0.2")])
+        assert (behind.host, behind.local) == ("198.51.100.1", False)
+        assert peer_of(("127.0.0.1", 1), [(b"x-forwarded-for", b"127.0.0.1")]).local

@@ -203,3 +203,10 @@ def test_worker_side_imports_no_django() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("worker_id", ["w1\u200b", "w 1", "\uff11abc", "w1\x00", "ü"])
+def test_worker_ids_that_could_pass_for_others_are_refused(worker_id: str) -> None:
+    with pytest.raises(ProtocolError, match="may hold only letters, digits"):
+        Registration.from_data({"worker_id": worker_id, "commands": ["echo"]})
+    assert Registration.from_data({"worker_id": "gpu-1.eu:a@b_c", "commands": ["x"]})

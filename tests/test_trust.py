@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 import urllib.error
@@ -542,3 +543,104 @@ def test_a_flooding_peer_is_closed_by_the_rate_limit(broker_factory) -> None:
     assert frames[-1].opcode == CLOSE and frames[-1].close_code == 4008
     assert "Rate limit exceeded" in frames[-2].text
     assert broker.get("/healthz")["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- found by attacking
+
+
+def test_a_worker_id_stays_with_its_credential_across_a_broker_restart(broker_factory,
+                                                                     spawn_worker) -> None:
+    """The claim must not live only in the registry that a restart empties."""
+    first = broker_factory(env=FAST_AUTH)
+    mine, theirs = make_token(first, "worker", "fleet-a"), make_token(first, "worker", "fleet-b")
+    admin = make_token(first, "admin", "ops")
+    time.sleep(1.0)
+    victim = spawn_worker("victim", "--token", mine, wait=False, target=first)
+    worker_id = wait_for(lambda: first.workers_as(admin), 15,
+                         "the victim")[0]["worker_id"]
+    time.sleep(1.0)  # its registration row is written (history flushes every 0.2 s)
+    victim.stop(signal.SIGKILL)
+    first.stop()
+    second = broker_factory(env=FAST_AUTH)  # same database, empty registry
+
+    async def impostor() -> tuple[Message, int | None]:
+        ws, answer = await register(second, theirs, Registration(worker_id, "victim",
+                                                                 ["echo"]))
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        return answer, ws.close_code
+
+    answer, code = asyncio.run(impostor())
+    assert answer.type == "error" and "belongs to another credential" in answer.data["error"]
+    assert code == 4409 and second.workers_as(admin) == []
+
+
+def test_get_client_info_is_no_amplifier(broker_factory, record_property) -> None:
+    """Fat registrations and a reader that never reads must not blow the broker up."""
+    broker = broker_factory(env=FAST_AUTH)
+    tokens = [make_token(broker, "worker", name) for name in ("fat", "greedy")]
+    time.sleep(1.0)
+    commands = [f"{i:03d}" + "c" * 196 for i in range(1000)]
+    rss = PeakRss(broker.proc.pid)  # type: ignore[union-attr]
+
+    async def scenario() -> dict[str, Any]:
+        fat = [await register(broker, tokens[0], Registration(f"fat-{i}", "fat", commands))
+               for i in range(20)]
+        greedy, answer = await register(broker, tokens[1], Registration(
+            "greedy", "greedy", ["echo"], max_concurrency=10**9))
+        assert answer.type == "connect"
+        await greedy.send(Message.request("get_client_info").to_json())
+        info = Message.from_json(await asyncio.wait_for(greedy.recv(), 5)).data["data"]
+        for ws, _ in fat:
+            await ws.close()
+        await greedy.close()
+        return info
+
+    info = asyncio.run(scenario())
+    assert info == {"count": 1, "others": 20, "workers": [
+        {"worker_id": "greedy", "name": "greedy", "weight": 1.0, "max_concurrency": 1000,
+         "in_flight": 0, "draining": False}]}
+    # The same with 20 fat workers online and a raw client that never reads its answers.
+    frames = []
+
+    async def fatten() -> list[Any]:
+        return [await register(broker, tokens[0], Registration(f"fat-{i}", "fat", commands))
+                for i in range(20)]
+
+    loop = asyncio.new_event_loop()
+    fat = loop.run_until_complete(fatten())
+    with RawClient(broker.host, broker.worker_port, "/",
+                   {"Authorization": f"Bearer {tokens[1]}"}, rcvbuf=4096) as deaf:
+        deaf.send_text(Message("connect", Registration("deaf", "deaf", ["echo"],
+                                                       max_concurrency=10**9).to_data()
+                               ).to_json())
+        for i in range(300):
+            if not deaf.send_text(Message.request("get_client_info").to_json()):
+                break
+            frames.append(i)
+        time.sleep(1.0)
+    for ws, _ in fat:
+        loop.run_until_complete(ws.close())
+    loop.close()
+    growth = rss.stop()
+    report(record_property, client_info_requests=len(frames), rss_growth_mb=round(growth, 1))
+    assert growth < 100, f"broker RSS grew {growth:.0f} MB"
+    assert broker.get("/healthz")["status"] == "ok"
+
+
+def test_bad_host_headers_cannot_flood_the_log(broker_factory, record_property) -> None:
+    broker = broker_factory()
+    before = broker.log_path.stat().st_size
+    import http.client
+
+    conn = http.client.HTTPConnection(broker.host, broker.http_port, timeout=10)
+    for _ in range(300):
+        conn.request("GET", "/healthz", headers={"Host": "evil-" + "x" * 16000 + ".example"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 400
+    conn.close()
+    time.sleep(0.3)
+    grown = broker.log_path.stat().st_size - before
+    report(record_property, bad_host_requests=300, log_bytes=grown)
+    assert grown < 20_000, f"log grew {grown} bytes"
+    assert "Traceback" not in broker.log()[before:]

@@ -138,6 +138,68 @@ async def test_refused_registration_is_logged_and_retried(
                if r.levelno == logging.INFO)
 
 
+async def test_a_worker_whose_id_is_taken_registers_under_a_new_one(
+        broker: FakeBroker, start_worker: StartWorker) -> None:
+    """4409: the id belongs to another credential; retrying it would never succeed."""
+    broker.refuse, broker.refuse_code = "Worker id 'x' belongs to another credential", 4409
+    worker = await start_worker(broker.url)
+    async with asyncio.timeout(WAIT):
+        while len(broker.hellos) < 1:
+            await asyncio.sleep(0.01)
+    first_id = broker.hellos[0].data["worker_id"]
+    broker.refuse = None
+    conn = await broker.next_connection()
+    assert conn.hello.data["worker_id"] != first_id == broker.hellos[0].data["worker_id"]
+    assert worker.worker_id == conn.hello.data["worker_id"]
+
+
+async def test_an_ordinary_refusal_keeps_the_worker_id(
+        broker: FakeBroker, start_worker: StartWorker) -> None:
+    broker.refuse, broker.refuse_code = "Bad registration: something", 4002
+    await start_worker(broker.url)
+    async with asyncio.timeout(WAIT):
+        while len(broker.hellos) < 2:
+            await asyncio.sleep(0.01)
+    assert broker.hellos[0].data["worker_id"] == broker.hellos[1].data["worker_id"]
+
+
+# --------------------------------------------------------------------------- frame -> reaction
+
+
+def test_what_each_frame_from_the_broker_asks_for() -> None:
+    from workers.protocol import ErrorCode, RequestBody, ResponseBody
+    from workers.session import Handle, Ignore, Leave, Reply, Resolve, Run, react
+
+    def of(msg: Message, stopping: bool = False, handled: set[str] | None = None) -> object:
+        return react(msg, stopping=stopping, handled=handled or set(), in_flight=2)
+
+    ping = Message.heartbeat()
+    reply = of(ping)
+    assert isinstance(reply, Reply) and reply.message.data == {"ack": ping.msg_id,
+                                                               "in_flight": 2}
+    assert isinstance(of(Message.heartbeat(ack="x")), Ignore)
+    job = Message.request("echo", {"message": "hi"})
+    assert of(job) == Run(job.msg_id, RequestBody("echo", {"message": "hi"}))
+    refused = of(job, stopping=True)
+    assert isinstance(refused, Reply)
+    assert (refused.message.data["error"], refused.message.data["code"]) == (
+        SHUTTING_DOWN, ErrorCode.WORKER_STOPPING.value)
+    bad = of(Message("request", {"params": {}}))
+    assert isinstance(bad, Reply) and bad.message.data["code"] == "bad_request"
+    answer = Message.response("mine", True, 42)
+    assert of(answer) == Resolve("mine", ResponseBody("mine", True, 42, None, None))
+    about = of(Message.error("no", reply_to="mine", code=ErrorCode.BAD_REQUEST))
+    assert about == Resolve("mine", ResponseBody("mine", False, None, "no", "bad_request"))
+    assert isinstance(of(Message.error("no")), Handle)
+    assert isinstance(of(Message.notification("hello")), Handle)
+    assert of(Message("disconnect", {"reason": "bye"})) == Leave("bye")
+    assert isinstance(of(Message("connect", {})), Ignore)
+    custom = Message("custom", {"x": 1})
+    assert of(custom, handled={"custom"}) == Handle(custom, reply_on_error=True)
+    unknown = of(custom)
+    assert isinstance(unknown, Reply) and unknown.message.type == "error"
+
+
 # --------------------------------------------------------------------------- heartbeats
 
 

@@ -9,7 +9,9 @@ Adding a command to a worker is one function::
         ...
 
 Parameters arrive as keyword arguments taken from the request's ``params`` (the
-requester's ``data``). A plain ``def`` runs in a thread so that a slow or blocking
+requester's ``data``). A handler that declares a keyword-only ``ctx`` parameter also
+gets the context of the call (who asked, and later its job); ``ctx`` can never come
+from the request itself. A plain ``def`` runs in a thread so that a slow or blocking
 handler never stalls the worker's heartbeats or its other requests. Whatever a
 handler raises becomes an error answer; the worker itself stays up.
 """
@@ -44,12 +46,21 @@ class BadParams(CommandError):
     code = ErrorCode.BAD_PARAMS
 
 
+#: The parameter name through which a handler receives the context of its call.
+CONTEXT = "ctx"
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     func: Handler
     signature: inspect.Signature
     is_async: bool
     idempotent: bool
+
+    @property
+    def wants_context(self) -> bool:
+        param = self.signature.parameters.get(CONTEXT)
+        return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
 
 
 class CommandRegistry:
@@ -104,11 +115,19 @@ class CommandRegistry:
         other._entries = dict(self._entries)
         return other
 
-    async def run(self, name: str, params: dict[str, Any]) -> Any:
-        """Run one command; raises :class:`CommandError` for anything the caller did wrong."""
+    async def run(self, name: str, params: dict[str, Any], ctx: Any = None) -> Any:
+        """Run one command; raises :class:`CommandError` for anything the caller did wrong.
+
+        ``ctx`` goes to a handler that declares a keyword-only ``ctx`` parameter.
+        """
         entry = self._entries.get(name)
         if entry is None:
             raise UnknownCommand(f"Unknown command '{name}'")
+        if CONTEXT in params:
+            raise BadParams(f"Bad parameters for '{name}': '{CONTEXT}' is not a parameter "
+                            "a request may set")
+        if entry.wants_context:
+            params = {**params, CONTEXT: ctx}
         try:
             entry.signature.bind(**params)
         except TypeError as exc:
@@ -137,10 +156,11 @@ class Outcome(NamedTuple):
     code: ErrorCode | None = None
 
 
-async def run_safely(reg: CommandRegistry, name: str, params: dict[str, Any]) -> Outcome:
+async def run_safely(reg: CommandRegistry, name: str, params: dict[str, Any],
+                     ctx: Any = None) -> Outcome:
     """Run a command and fold any failure into an :class:`Outcome`, with its code."""
     try:
-        return Outcome(True, await reg.run(name, params))
+        return Outcome(True, await reg.run(name, params, ctx))
     except CommandError as exc:
         return Outcome(False, None, str(exc), exc.code)
     # A handler bug must never kill its worker; sys.exit() in a handler is one too.

@@ -135,6 +135,10 @@ MAX_NAME_CHARS = 200
 MAX_ID_CHARS = 128
 #: Most commands one worker may register.
 MAX_COMMANDS = 1000
+#: What a worker id may be made of: printable ASCII without spaces, so that no id can
+#: pass for another in a log line or an admin page (a trailing zero-width space,
+#: a full-width digit).
+WORKER_ID = re.compile(r"[A-Za-z0-9._:@-]+")
 
 
 class CloseCode(IntEnum):
@@ -438,6 +442,9 @@ class Registration:
             raise ProtocolError("Field 'max_concurrency' must be at least 1")
         no_retry = _names(data, "no_retry", [])
         worker_id = _text(data, "worker_id", MAX_ID_CHARS, None) or random_id()
+        if not WORKER_ID.fullmatch(worker_id):
+            raise ProtocolError("Field 'worker_id' may hold only letters, digits and . _ : @ -"
+                                f", got '{quote(worker_id, 40)}'")
         return cls(worker_id=worker_id, name=_text(data, "name", MAX_NAME_CHARS, None) or worker_id,
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
                    no_retry=no_retry)

@@ -17,6 +17,7 @@ called with the worker consumer and the parsed :class:`~workers.protocol.Message
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from workers.builtin import calculate_value, now_text
@@ -50,22 +51,33 @@ async def get_time() -> str:
 
 
 @server_action()
-async def get_client_info() -> dict[str, Any]:
-    """The online workers and their load; not where they are (``CLIENT_INFO_ADDRESSES``).
+async def get_client_info(*, ctx: Caller) -> dict[str, Any]:
+    """The online workers of the asking worker's credential, and their load.
 
-    Any worker may ask, so it is told what balancing needs (ids, names, commands,
-    load), not other machines' addresses or which broker process holds them.
+    Any worker may ask, so it is told about its own fleet only (ids, names, load;
+    the others are counted), and not where they are (``CLIENT_INFO_ADDRESSES``).
     """
     fields = CLIENT_INFO_FIELDS + (("address", "process") if conf.get("CLIENT_INFO_ADDRESSES")
                                    else ())
+    everyone = await get_registry().all()
+    own = [w for w in everyone if w.owner == ctx.owner]
     workers = [{k: v for k, v in w.to_dict().items() if k in fields}
-               for w in await get_registry().all()]
-    return {"count": len(workers), "workers": workers}
+               for w in own[:CLIENT_INFO_MAX]]
+    return {"count": len(own), "workers": workers, "others": len(everyone) - len(own)}
 
 
-#: What get_client_info tells about each worker.
-CLIENT_INFO_FIELDS = ("worker_id", "name", "commands", "weight", "max_concurrency",
-                      "in_flight", "draining")
+#: What get_client_info tells about each worker, and about how many at most.
+CLIENT_INFO_FIELDS = ("worker_id", "name", "weight", "max_concurrency", "in_flight",
+                      "draining")
+CLIENT_INFO_MAX = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks a server action: passed to an action that takes ``ctx``."""
+
+    owner: str  # auth.Grant.owner of the asking worker's connection
+    worker_id: str
 
 
 @server_action()

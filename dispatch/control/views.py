@@ -126,8 +126,11 @@ def _timeout(body: dict[str, Any]) -> float | None:
 
 @require_GET
 async def healthz(request: HttpRequest) -> JsonResponse:
-    """200 once the broker can take work, with the number of online workers."""
+    """200 once the broker can take work; to callers the API admits, also how many
+    workers are online and which process answered (its host name and pid)."""
     dispatcher = await get_dispatcher()
+    if await _refusal(request) is not None:
+        return JsonResponse({"status": "ok"})
     return JsonResponse({"status": "ok", "workers": await get_registry().count(),
                          "process": dispatcher.process, "pending": dispatcher.pending,
                          "waiting": dispatcher.waiting})

@@ -17,7 +17,7 @@ from workers.protocol import (ErrorCode, Message, MessageType, ProtocolError, Re
 from workers import protocol
 
 from .. import conf
-from ..control.actions import actions, message_handlers
+from ..control.actions import Caller, actions, message_handlers
 from ..core.dispatcher import get_dispatcher
 from ..core.links import WorkerLink
 from ..history import get_recorder
@@ -129,11 +129,17 @@ class WorkerConsumer(BaseSocket):
         await link.answer(ResponseBody.from_message(msg), msg.msg_id)
 
     async def on_request(self, link: WorkerLink, msg: Message) -> None:
-        """A worker asks the broker itself (server actions)."""
+        """A worker asks the broker itself (server actions); answers are bounded too."""
         body = RequestBody.from_message(msg)
-        outcome = await run_safely(actions, body.action, body.params)
-        await self.send_frame(Message.response(msg.msg_id, outcome.ok, outcome.data,
-                                               outcome.error, outcome.code))
+        caller = Caller(self.grant.owner, link.entry.worker_id)  # type: ignore[union-attr]
+        outcome = await run_safely(actions, body.action, body.params, caller)
+        text = Message.response(msg.msg_id, outcome.ok, outcome.data, outcome.error,
+                                outcome.code).to_json()
+        limit = conf.get("MAX_MESSAGE_BYTES")
+        if len(text) > limit:
+            text = Message.response(msg.msg_id, False, None, f"Answer too large: {len(text)} "
+                                    f"bytes (limit {limit})", ErrorCode.TOO_LARGE).to_json()
+        await self.send_text(text)
 
     async def on_disconnect(self, link: WorkerLink, msg: Message) -> None:
         await link.draining()
