@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import re
 import signal
@@ -396,3 +397,23 @@ async def test_worker_calls_the_broker_and_custom_messages(broker: Broker) -> No
 async def _until(predicate: Callable[[], object]) -> None:
     while not predicate():
         await asyncio.sleep(0.02)
+
+
+def test_the_worker_console_asks_the_broker_itself(broker: Broker) -> None:
+    """The seed's ``client.start(enable_console=True)``: ``python -m workers --console``."""
+    script = ('request get_time\nrequest calculate {"a": 10, "b": 20, "op": "+"}\n'
+              'request calculate {"a": 1, "b": 0, "op": "/"}\nrequest calculate {oops\n'
+              'help\nquit\n')
+    out = subprocess.run([sys.executable, "-m", "workers", broker.host,
+                          str(broker.worker_port), "--name", "consoled", "--console"],
+                         cwd=ROOT, input=script, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert re.fullmatch(r'\{"success": true, "data": "\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"\}',
+                        lines[0]), lines
+    assert lines[1] == '{"success": true, "data": 30}'
+    assert json.loads(lines[2]) == {"success": False, "error": "Division by zero",
+                                    "code": "command_error"}
+    assert lines[3].startswith("Not sent: bad JSON data")
+    assert "request COMMAND [JSON]" in out.stdout  # the help

@@ -12,14 +12,19 @@ import argparse
 import asyncio
 import importlib
 import importlib.util
+import json
 import logging
 import signal
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TextIO
 
-from .client import Worker
 from .address import broker_url, default_token, is_url
+from .client import Worker
+from .console import HELP as CONSOLE_HELP
+from .console import parse as parse_line
+from .errors import ConnectionLost, RequestFailed
 
 logger = logging.getLogger("workers.client")
 
@@ -56,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=default_token(),
                         help="worker token, when the broker has credentials "
                              "(default $BROKER_TOKEN)")
+    parser.add_argument("--console", action="store_true",
+                        help="also read console commands from standard input, as the "
+                             "seed's client.start(enable_console=True): 'request get_time', "
+                             "'request calculate {\"a\": 10, \"b\": 20, \"op\": \"+\"}' "
+                             "(the broker's own actions), 'help', 'quit'")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on standard error (default INFO)")
@@ -88,7 +98,41 @@ def load_handlers(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-async def serve(worker: Worker) -> None:
+async def console(worker: Worker, stdin: TextIO, out: TextIO) -> None:
+    """The seed's worker console: requests go to the broker's server actions.
+
+    Standard input is read in a thread, so the worker keeps serving meanwhile; end of
+    input or ``quit`` stops the worker gracefully.
+    """
+    interactive = stdin.isatty()
+    if interactive:
+        print("Worker console. Type 'help' for commands.", file=out, flush=True)
+    while True:
+        if interactive:
+            print("> ", end="", file=out, flush=True)
+        raw = await asyncio.to_thread(stdin.readline)
+        line = parse_line(raw) if raw else None
+        if line is None or line.verb == "quit":
+            await worker.stop()
+            return
+        if line.verb == "help":
+            print(CONSOLE_HELP, file=out)
+        elif line.problem:
+            print(line.problem, file=out)
+        elif line.verb == "request":
+            try:
+                data = await worker.request(line.command, line.data or {})
+                print(json.dumps({"success": True, "data": data}, ensure_ascii=False),
+                      file=out)
+            except RequestFailed as exc:
+                print(json.dumps({"success": False, "error": exc.error, "code": exc.code},
+                                 ensure_ascii=False), file=out)
+            except (TimeoutError, ConnectionLost) as exc:
+                print(f"Not answered: {exc}", file=out)
+        out.flush()
+
+
+async def serve(worker: Worker, with_console: bool = False) -> None:
     """Run the worker; the first signal stops it gracefully, a second one at once."""
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -104,7 +148,12 @@ async def serve(worker: Worker) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    await worker.run()
+    reader = loop.create_task(console(worker, sys.stdin, sys.stdout)) if with_console else None
+    try:
+        await worker.run()
+    finally:
+        if reader is not None:
+            reader.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.registry = worker.registry.only(wanted)
     logger.info("Worker %s serving %s", worker.name, ", ".join(worker.registry.names()))
     try:
-        asyncio.run(serve(worker))
+        asyncio.run(serve(worker, args.console))
     except asyncio.CancelledError:
         return 1
     return 0

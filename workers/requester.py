@@ -37,6 +37,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from .address import auth_headers, broker_url, default_token, is_url
+from .console import HELP as CONSOLE_HELP
+from .console import parse as parse_line
+from .console import parse_data
 from .errors import (AllBusy, BrokerUnavailable, CommandFailed, ConnectionLost, NoWorkers,
                      Refused, RequestFailed, Timeout, WorkerLost, describe)
 from .protocol import ApiRequest, ApiResponse, ProtocolError
@@ -290,13 +293,6 @@ class SyncRequester:
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 
-CONSOLE_HELP = """\
-Commands:
-  request COMMAND [JSON]   send COMMAND with JSON object data, e.g.
-                           request calculate {"a": 10, "b": 20, "op": "+"}
-  help                     show this text
-  quit                     leave (also: exit, end of input)"""
-
 CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, InvalidURI)
 
 
@@ -353,17 +349,6 @@ def parse_target(parser: argparse.ArgumentParser, args: argparse.Namespace
     return url, command, data
 
 
-def parse_data(text: str) -> dict[str, Any]:
-    """JSON text that must be an object; ``ValueError`` with a readable reason otherwise."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"bad JSON data: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"JSON data must be an object, got {type(value).__name__}")
-    return value
-
-
 def format_response(response: ApiResponse) -> str:
     return json.dumps(response.to_dict(), indent=2, ensure_ascii=False)
 
@@ -396,44 +381,26 @@ def console(requester: SyncRequester, timeout: float | None, stdin: TextIO,
     while True:
         if interactive:
             print("> ", end="", file=out, flush=True)
-        line = stdin.readline()
-        if not line:
+        raw = stdin.readline()
+        if not raw:
             return EXIT_OK
-        verb, _, rest = line.strip().partition(" ")
-        if not verb:
-            continue
-        if verb in ("quit", "exit"):
+        line = parse_line(raw)
+        if line.verb == "quit":
             return EXIT_OK
-        if verb == "help":
+        if line.verb == "help":
             print(CONSOLE_HELP, file=out)
-        elif verb == "request":
-            if console_request(requester, rest.strip(), timeout, out) is False:
+        elif line.problem:
+            print(line.problem, file=out)
+        elif line.verb == "request":
+            try:
+                print(format_response(requester.request(line.command, line.data,
+                                                        timeout=timeout)), file=out)
+            except TimeoutError as exc:
+                print(str(exc), file=out)
+            except ConnectionLost as exc:
+                print(str(exc), file=sys.stderr)
                 return EXIT_UNREACHABLE
-        else:
-            print(f"Unknown console command '{verb}'; type 'help'.", file=out)
         out.flush()
-
-
-def console_request(requester: SyncRequester, text: str, timeout: float | None,
-                    out: TextIO) -> bool | None:
-    """Handle ``request COMMAND [JSON]``; returns False once the connection is gone."""
-    command, _, payload = text.partition(" ")
-    if not command:
-        print("Usage: request COMMAND [JSON]", file=out)
-        return None
-    try:
-        data = parse_data(payload) if payload.strip() else {}
-    except ValueError as exc:
-        print(f"Not sent: {exc}", file=out)
-        return None
-    try:
-        print(format_response(requester.request(command, data, timeout=timeout)), file=out)
-    except TimeoutError as exc:
-        print(str(exc), file=out)
-    except ConnectionLost as exc:
-        print(str(exc), file=sys.stderr)
-        return False
-    return None
 
 
 def setup_logging(level: str) -> None:

@@ -64,6 +64,38 @@ class BrokerCommand(BaseCommand):
             raise CommandError(f"{what} failed: {response.get('error') or 'unknown error'}")
 
 
+class RequestCommand(BrokerCommand):
+    """A command that sends one request through the broker and prints its answer.
+
+    Subclasses add their leading arguments in :meth:`add_target` and send in
+    :meth:`send`; the JSON object argument (``data_name``) and ``--timeout`` are here.
+    """
+
+    data_name = "data"
+    data_help = 'Its data as a JSON object, e.g. \'{"message": "Hello World"}\'.'
+
+    def add_target(self, parser: CommandParser) -> None:
+        raise NotImplementedError
+
+    def send(self, client: BrokerClient, data: dict[str, Any], options: dict[str, Any]
+             ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        self.add_target(parser)
+        parser.add_argument(self.data_name, nargs="?", help=self.data_help)
+        parser.add_argument(
+            "--timeout", type=seconds, metavar="SECONDS",
+            help="Seconds to wait for an answer (default: the broker's TIMEOUT).",
+        )
+        super().add_arguments(parser)
+
+    def handle_broker(self, client: BrokerClient, **options: Any) -> None:
+        data = parse_json(options[self.data_name], self.data_name.upper())
+        response = self.send(client, data, options)
+        self.write_response(response, options.get("command") or options["action"])
+
+
 # --------------------------------------------------------------------------- parsing
 
 

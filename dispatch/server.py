@@ -1,0 +1,150 @@
+"""Running the broker: daphne on three ports, signals, and several processes.
+
+``manage.py runbroker`` parses its flags and calls :func:`serve` (one process) or
+:func:`supervise` (``--processes N``). What is here is the part of running that
+no ASGI server does for us: the graceful drain on SIGTERM, closing daphne's loop
+so that nothing outlives it, and a small supervisor for trying a cluster out on
+one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+from typing import Any, Callable
+
+from django.conf import settings
+
+from . import conf
+
+log = logging.getLogger("dispatch.server")
+
+
+def supervise(commands: list[list[str]], say: Callable[[str], Any]) -> int:
+    """Run one broker process per command until SIGINT/SIGTERM, passing signals on.
+
+    A process manager (systemd, supervisord) does this better in production: this
+    is for one machine and for trying a cluster out. A child that dies is logged,
+    not restarted; the others keep serving.
+    """
+    children = [subprocess.Popen(cmd, cwd=settings.BASE_DIR) for cmd in commands]
+    say(f"Started {len(children)} broker processes: pids "
+        f"{', '.join(str(c.pid) for c in children)}")
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = []
+    for child in children:
+        codes.append(child.wait())
+        if codes[-1] not in (0, -signal.SIGTERM, -signal.SIGINT):
+            log.error("broker process %d exited with %d", child.pid, codes[-1])
+    return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
+
+
+def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
+    """Run daphne until SIGINT/SIGTERM; ``say`` prints the ready line."""
+    # daphne installs Twisted's asyncio reactor when imported: import it first.
+    from daphne.endpoints import build_endpoint_description_strings
+    from daphne.server import Server
+
+    from brokersite.asgi import application
+
+    from .control.actions import load_action_modules
+
+    load_action_modules()
+    worker_port, requester_port, http_port = ports
+    endpoints = [e for port in ports
+                 for e in build_endpoint_description_strings(host=host, port=port)]
+    limit = conf.get("MAX_MESSAGE_BYTES")
+
+    def ready() -> None:
+        graceful_stop_on_signals(conf.get("SHUTDOWN_GRACE"))
+        say(f"Broker ready: workers ws://{host}:{worker_port}  "
+            f"requesters ws://{host}:{requester_port}  http://{host}:{http_port}  "
+            f"(strategy {conf.get('STRATEGY')}, timeout {conf.get('TIMEOUT')}s, "
+            f"process {conf.process_name()})")
+
+    Server(
+        application=application,
+        endpoints=endpoints,
+        # Frames a little over our own limit still arrive, so the sender gets a clear
+        # error; far larger ones are cut off by daphne with close code 1009.
+        websocket_max_message_size=4 * limit + 65536,
+        websocket_max_frame_size=4 * limit + 65536,
+        # Workers stay connected for days: daphne's default closes every socket
+        # after 24 hours.
+        websocket_timeout=-1,
+        ready_callable=ready,
+        verbosity=0,
+        signal_handlers=False,  # ours, below: finish requests in flight first
+    ).run()
+    finish_loop()
+    log.info("broker stopped")
+
+
+def finish_loop(wait: float = 2.0) -> None:
+    """Close daphne's event loop the way ``asyncio.run`` does: no task outlives it.
+
+    daphne (4.2.3) cancels the application instances at shutdown but stops at the
+    first connection that has none yet (``KeyError: 'application_instance'`` in
+    ``kill_all_applications``: the HTTP half of a websocket handshake of the last
+    second), so it waits for none of them, and the reactor stops with some pending.
+    A coroutine still pending at interpreter exit is closed by the garbage collector
+    after asyncio's C module is gone: on Python 3.11 before 3.11.8 that is a
+    segmentation fault (exit 139; CPython gh-113566, a Future's repr called through
+    a freed pointer while ``Queue.get`` cleans up). Found with gdb: the frames were
+    ``_PyGen_Finalize`` -> ``asyncio/queues.py`` ``get`` -> ``deque_remove``.
+    """
+    from daphne.server import twisted_loop as loop
+
+    left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if left:
+        log.debug("cancelling %d task(s) left at shutdown: %s", len(left),
+                  ", ".join(t.get_name() for t in left))
+        for task in left:
+            task.cancel()
+        _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=wait))
+        for task in stuck:
+            log.warning("task %s did not stop when cancelled", task.get_name())
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
+
+
+def graceful_stop_on_signals(grace: float) -> None:
+    """SIGTERM/SIGINT: drain (up to ``grace`` seconds), then stop; a second one stops now."""
+    from daphne.server import twisted_loop as loop
+    from twisted.internet import reactor
+
+    from .auth import stop_guard
+    from .core.dispatcher import get_dispatcher, stop_dispatcher
+
+    stopping: list[asyncio.Task[None]] = []
+
+    async def drain_and_stop() -> None:
+        try:
+            log.warning("stopping: finishing requests in flight (up to %.0fs)", grace)
+            await (await get_dispatcher()).drain(grace)
+            await stop_dispatcher()  # answers what is left, flushes history
+            await stop_guard()
+        except Exception:
+            log.exception("graceful stop failed; stopping now")
+        finally:
+            reactor.stop()
+
+    def on_signal() -> None:
+        if stopping:
+            log.warning("stopping now")
+            reactor.stop()
+        else:
+            stopping.append(loop.create_task(drain_and_stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
