@@ -18,12 +18,11 @@ import signal
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import TextIO
+from typing import Any, TextIO
 
 from .address import broker_url, default_token, is_url
 from .client import Worker
-from .console import HELP as CONSOLE_HELP
-from .console import parse as parse_line
+from .console import serve as console_lines
 from .errors import ConnectionLost, RequestFailed
 
 logger = logging.getLogger("workers.client")
@@ -101,35 +100,20 @@ def load_handlers(name: str) -> ModuleType:
 async def console(worker: Worker, stdin: TextIO, out: TextIO) -> None:
     """The seed's worker console: requests go to the broker's server actions.
 
-    Standard input is read in a thread, so the worker keeps serving meanwhile; end of
-    input or ``quit`` stops the worker gracefully.
+    End of input or ``quit`` stops the worker gracefully.
     """
-    interactive = stdin.isatty()
-    if interactive:
-        print("Worker console. Type 'help' for commands.", file=out, flush=True)
-    while True:
-        if interactive:
-            print("> ", end="", file=out, flush=True)
-        raw = await asyncio.to_thread(stdin.readline)
-        line = parse_line(raw) if raw else None
-        if line is None or line.verb == "quit":
-            await worker.stop()
-            return
-        if line.verb == "help":
-            print(CONSOLE_HELP, file=out)
-        elif line.problem:
-            print(line.problem, file=out)
-        elif line.verb == "request":
-            try:
-                data = await worker.request(line.command, line.data or {})
-                print(json.dumps({"success": True, "data": data}, ensure_ascii=False),
-                      file=out)
-            except RequestFailed as exc:
-                print(json.dumps({"success": False, "error": exc.error, "code": exc.code},
-                                 ensure_ascii=False), file=out)
-            except (TimeoutError, ConnectionLost) as exc:
-                print(f"Not answered: {exc}", file=out)
-        out.flush()
+
+    async def ask(command: str, data: dict[str, Any]) -> str:
+        try:
+            answer = {"success": True, "data": await worker.request(command, data)}
+        except RequestFailed as exc:
+            answer = {"success": False, "error": exc.error, "code": exc.code}
+        except (TimeoutError, ConnectionLost) as exc:
+            return f"Not answered: {exc}"
+        return json.dumps(answer, ensure_ascii=False)
+
+    await console_lines(ask, stdin, out, "Worker console. Type 'help' for commands.")
+    await worker.stop()
 
 
 async def serve(worker: Worker, with_console: bool = False) -> None:

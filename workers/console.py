@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 HELP = """\
 Commands:
@@ -53,3 +55,33 @@ def parse(text: str) -> Line:
         return Line("request", command, parse_data(payload) if payload.strip() else {})
     except ValueError as exc:
         return Line("request", command, problem=f"Not sent: {exc}")
+
+
+#: ``ask(command, data)``: the text to print for one request's answer.
+Ask = Callable[[str, dict[str, Any]], Awaitable[str]]
+
+
+async def serve(ask: Ask, stdin: TextIO, out: TextIO, greeting: str) -> None:
+    """Read lines until ``quit`` or the end of input; answer each.
+
+    Standard input is read in a thread, so whatever else runs on the loop (a
+    worker serving) goes on meanwhile. ``ask`` may raise to end the console (the
+    connection is gone).
+    """
+    interactive = stdin.isatty()
+    if interactive:
+        print(greeting, file=out, flush=True)
+    while True:
+        if interactive:
+            print("> ", end="", file=out, flush=True)
+        raw = await asyncio.to_thread(stdin.readline)
+        line = parse(raw) if raw else Line("quit")
+        if line.verb == "quit":
+            return
+        if line.verb == "help":
+            print(HELP, file=out)
+        elif line.problem:
+            print(line.problem, file=out)
+        elif line.verb == "request":
+            print(await ask(line.command, line.data or {}), file=out)
+        out.flush()

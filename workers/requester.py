@@ -37,9 +37,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from .address import auth_headers, broker_url, default_token, is_url
-from .console import HELP as CONSOLE_HELP
-from .console import parse as parse_line
 from .console import parse_data
+from .console import serve as console_lines
 from .errors import (AllBusy, BrokerUnavailable, CommandFailed, ConnectionLost, NoWorkers,
                      Refused, RequestFailed, Timeout, WorkerLost, describe)
 from .protocol import ApiRequest, ApiResponse, ProtocolError
@@ -353,13 +352,20 @@ def format_response(response: ApiResponse) -> str:
     return json.dumps(response.to_dict(), indent=2, ensure_ascii=False)
 
 
+async def open_or_say_why(url: str, token: str | None) -> Requester | None:
+    """A connected requester, or None after saying on stderr why there is none."""
+    try:
+        return await Requester(url, token=token).connect()
+    except CONNECT_ERRORS as exc:
+        print(f"Cannot reach the broker at {url}: {describe(exc)}", file=sys.stderr)
+        return None
+
+
 async def one_shot(url: str, command: str, data: dict[str, Any], timeout: float | None,
                    out: TextIO, token: str | None = None) -> int:
     """Send a single request and print its answer."""
-    try:
-        requester = await Requester(url, token=token).connect()
-    except CONNECT_ERRORS as exc:
-        print(f"Cannot reach the broker at {url}: {describe(exc)}", file=sys.stderr)
+    requester = await open_or_say_why(url, token)
+    if requester is None:
         return EXIT_UNREACHABLE
     try:
         response = await requester.request(command, data, timeout=timeout)
@@ -372,35 +378,32 @@ async def one_shot(url: str, command: str, data: dict[str, Any], timeout: float 
     return EXIT_OK if response.success else EXIT_FAILED
 
 
-def console(requester: SyncRequester, timeout: float | None, stdin: TextIO,
-            out: TextIO) -> int:
+async def console(requester: Requester, timeout: float | None, stdin: TextIO,
+                  out: TextIO) -> int:
     """The seed's interactive console, one line at a time (works on a pipe too)."""
-    interactive = stdin.isatty()
-    if interactive:
-        print("Connected. Type 'help' for commands.", file=out)
-    while True:
-        if interactive:
-            print("> ", end="", file=out, flush=True)
-        raw = stdin.readline()
-        if not raw:
-            return EXIT_OK
-        line = parse_line(raw)
-        if line.verb == "quit":
-            return EXIT_OK
-        if line.verb == "help":
-            print(CONSOLE_HELP, file=out)
-        elif line.problem:
-            print(line.problem, file=out)
-        elif line.verb == "request":
-            try:
-                print(format_response(requester.request(line.command, line.data,
-                                                        timeout=timeout)), file=out)
-            except TimeoutError as exc:
-                print(str(exc), file=out)
-            except ConnectionLost as exc:
-                print(str(exc), file=sys.stderr)
-                return EXIT_UNREACHABLE
-        out.flush()
+
+    async def ask(command: str, data: dict[str, Any]) -> str:
+        try:
+            return format_response(await requester.request(command, data, timeout=timeout))
+        except TimeoutError as exc:
+            return str(exc)
+
+    try:
+        await console_lines(ask, stdin, out, "Connected. Type 'help' for commands.")
+    except ConnectionLost as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_UNREACHABLE
+    return EXIT_OK
+
+
+async def interactive(url: str, token: str | None, timeout: float | None) -> int:
+    requester = await open_or_say_why(url, token)
+    if requester is None:
+        return EXIT_UNREACHABLE
+    try:
+        return await console(requester, timeout, sys.stdin, sys.stdout)
+    finally:
+        await requester.close()
 
 
 def setup_logging(level: str) -> None:
@@ -415,13 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     url, command, data = parse_target(parser, args)
     if command is not None:
         return asyncio.run(one_shot(url, command, data, args.timeout, sys.stdout, args.token))
-    try:
-        requester = SyncRequester(url, token=args.token)
-    except CONNECT_ERRORS as exc:
-        print(f"Cannot reach the broker at {url}: {describe(exc)}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    with requester:
-        return console(requester, args.timeout, sys.stdin, sys.stdout)
+    return asyncio.run(interactive(url, args.token, args.timeout))
 
 
 if __name__ == "__main__":
