@@ -1,1 +1,2 @@
-"""The broker: Channels consumers, forwarding, load balancing, registry and history."""
+"""The broker, a Django app: sockets (transport), the request core, the worker registry,
+control (HTTP API, server actions), credentials, history and settings."""

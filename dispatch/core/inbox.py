@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from channels.layers import BaseChannelLayer
 
-log = logging.getLogger("dispatch.layer")
+log = logging.getLogger("dispatch.inbox")
 
 MAX_PAUSE = 2.0
 

@@ -28,7 +28,7 @@ from channels_redis import core
 
 from . import scripts
 
-log = logging.getLogger("dispatch.redis_layer")
+log = logging.getLogger("dispatch.redis.layer")
 
 _SEND = scripts.load("send")
 

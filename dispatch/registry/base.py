@@ -27,7 +27,7 @@ class WorkerEntry:
 
     worker_id: str
     name: str
-    channel: str  # channel-layer name of its WorkerConsumer
+    channel: str  # the name of its connection (worker.<session>), not a layer channel
     commands: frozenset[str]
     weight: float = 1.0
     max_concurrency: int = 16
@@ -84,7 +84,7 @@ class WorkerIdTaken(Exception):
 
 
 class Registry(abc.ABC):
-    """What forwarding needs to know and change about workers."""
+    """What the dispatcher needs to know and change about workers."""
 
     #: True when no call waits on I/O (one process): callers then need not batch.
     local = False

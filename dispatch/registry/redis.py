@@ -1,6 +1,6 @@
 """The registry shared by several broker processes, kept in Redis.
 
-Same semantics as :class:`~dispatch.registry.MemoryRegistry`, plus one thing a
+Same semantics as :class:`~dispatch.registry.memory.MemoryRegistry`, plus one thing a
 single process never needs: a worker whose broker process died leaves no one to
 remove it, so every worker carries a heartbeat time, and a worker silent for longer
 than ``ttl`` is dead. The dead are pruned on read, inside the same Lua script as the
@@ -19,8 +19,8 @@ Key layout, all under ``<prefix>:``::
 Every key also gets a Redis TTL of twice the worker ttl, refreshed by heartbeats: a
 safety net so nothing outlives a cluster that stopped for good.
 
-Choosing and reserving (:meth:`RedisRegistry.reserve`) is split in two round trips
-rather than done in one Lua script: the first script prunes and returns the stats of
+Choosing and reserving (:meth:`RedisRegistry.reserve_many`, which ``reserve`` calls
+too) takes two scripts rather than one: the first prunes and returns the stats of
 the candidates (and the next global sequence number); the strategy, the same Python
 function the in-process registry uses, chooses; the second script takes a slot only
 if the worker is still live and not full, so ``max_concurrency`` holds across
@@ -28,8 +28,8 @@ processes. If another process took the last slot in between, we fetch again, a
 bounded number of times. This keeps the strategies in one place, in Python, at the
 price of one extra round trip; the stats a choice is based on may be a moment old,
 which only matters to balancing, never to correctness. Under load the dispatcher
-reserves for many requests at once (:meth:`RedisRegistry.reserve_many`): still two
-round trips, for the whole batch.
+reserves for many requests at once: still two round trips, for the whole batch. A
+request for one named worker (``send``) takes one.
 
 Times are this host's clock (``time.time()``), passed to the scripts: broker hosts
 are expected to be NTP-synchronised to well within the ttl.
