@@ -57,13 +57,30 @@ class WorkerSessionAdmin(ReadOnlyAdmin):
                                    f"{', '.join(done) or 'no online worker selected'}")
 
 
+class TookDownWorkers(admin.SimpleListFilter):
+    """Poison requests: those whose workers died (or hung) under them."""
+
+    title = "workers lost under it"
+    parameter_name = "lost"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("0", "none"), ("1", "one or more"), ("2", "two or more (poison?)")]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        if self.value() == "0":
+            return queryset.filter(workers_lost=0)
+        if self.value() in ("1", "2"):
+            return queryset.filter(workers_lost__gte=int(self.value()))
+        return queryset
+
+
 @admin.register(RequestRecord)
 class RequestRecordAdmin(ReadOnlyAdmin):
     list_display = (
-        "request_id", "command", "success", "worker_id", "latency_ms", "attempts",
-        "requester", "process", "finished_at",
+        "request_id", "command", "success", "code", "worker_id", "latency_ms", "attempts",
+        "workers_lost", "requester", "process", "finished_at",
     )
-    list_filter = ("success", "command", "process", "finished_at")
+    list_filter = ("success", "code", TookDownWorkers, "command", "process", "finished_at")
     search_fields = ("request_id", "command", "worker_id", "requester", "error")
     date_hierarchy = "finished_at"
     ordering = ("-finished_at",)

@@ -275,6 +275,14 @@ class Guard:
         grant = self._lookup(token)
         return grant is not None and grant.kind == "admin"
 
+    def requester_grant(self, token: str | None, peer: Peer) -> Grant | None:
+        """The grant of a requester key presented over HTTP (or, in protected mode, a
+        direct local peer's): who may see a request's answer there."""
+        if token is None:
+            return Grant.anonymous("requester") if self.protected_mode and peer.local else None
+        grant = self._lookup(token)
+        return grant if grant is not None and grant.kind == "requester" else None
+
     def _lookup(self, token: str) -> Grant | None:
         """The grant of a valid token: found by its key id, compared in constant time."""
         parts = token.split("_", 2)  # prefix, key id, secret (which may contain "_")

@@ -55,7 +55,15 @@ class BrokerSettings(BaseModel):
     STRATEGY: Literal["least_loaded", "round_robin", "random", "weighted_random"] = _doc(
         "least_loaded", "load balancing: least_loaded, round_robin, random, weighted_random")
     TIMEOUT: float = _doc(30.0, "seconds a request may take before 'Worker response timeout'",
-                          gt=0, le=86400)
+                          gt=0, le=30 * 86400)
+    MAX_TIMEOUT: float = _doc(86400.0, "longest timeout a request may ask for (seconds); "
+                                       "long jobs may take hours", gt=0, le=30 * 86400)
+    CANCEL_GRACE: float = _doc(10.0, "seconds a worker has to confirm a cancel before its "
+                                     "slot is given back anyway", gt=0)
+    RESULT_TTL: float = _doc(300.0, "seconds a request's final answer is kept for re-attach; "
+                                    "0: not kept", ge=0)
+    RESULT_STORE_BYTES: int = _doc(64 * MiB, "bytes of final answers kept in memory for "
+                                             "re-attach at most (oldest go first)", ge=0)
     MAX_RETRIES: int = _doc(2, "times a request is re-sent after its worker was lost", ge=0)
     QUEUE_LIMIT: int = _doc(1000, "requests per process that may wait for a free worker slot",
                             ge=0)

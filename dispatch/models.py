@@ -66,6 +66,11 @@ class RequestRecord(models.Model):
     error = models.TextField(blank=True)
     latency_ms = models.FloatField(null=True, blank=True)
     attempts = models.SmallIntegerField(default=1)
+    workers_lost = models.SmallIntegerField(
+        default=0, help_text="workers that went away (or hung) under it: a poison request "
+                             "takes several down")
+    code = models.CharField(max_length=32, blank=True,
+                            help_text="why it failed (an ErrorCode), empty when it succeeded")
     requester = models.CharField(
         max_length=100, blank=True, help_text='peer address, or "api" for the HTTP API'
     )

@@ -109,6 +109,8 @@ async def test_request_is_forwarded_and_answered_with_processed_by() -> None:
     w, r = await worker("w1"), await requester()
     await ask(r, "echo", data={"message": "hi"})
     request = await answer(w, "Echo: hi")
+    # The seed's two fields, and the time left, which a seed worker ignores.
+    assert request.data.pop("time_left") == pytest.approx(30, abs=1)
     assert request.data == {"action": "echo", "params": {"message": "hi"}}
     assert await r.receive_json_from(TIMEOUT) == {
         "request_id": "r1", "success": True, "data": "Echo: hi", "error": None,

@@ -58,7 +58,7 @@ def requester_frame(i: int) -> Frame:
         lambda: (json.dumps({"request_id": f"r{i}", "command": "echo", "timeout": "5"}),
                  "Field 'timeout' must be int or float, got str"),
         lambda: (json.dumps({"request_id": f"r{i}", "command": "echo", "timeout": -i}),
-                 "Field 'timeout' must be between 0 and 86400 seconds"),
+                 "Field 'timeout' must be between 0 and 2592000 seconds"),
         lambda: (json.dumps({"request_id": f"r{i}"}), "Missing field 'command'"),
         lambda: (json.dumps({"request_id": f"r{i}", "command": ""}),
                  "Field 'command' must not be empty"),

@@ -7,22 +7,30 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from dispatch.core.requests import (Answer, Arm, Drop, Forward, GiveBack, Request,
-                                    RequestTable, Reserve, State)
+from dispatch.core.requests import (Answer, Arm, CancelOnWorker, Forward, GiveBack, Notify,
+                                    Request, RequestTable, Reserve, State, Wake, Watcher)
 from dispatch.registry import Reservation, WorkerEntry
 from workers.protocol import ApiResponse, ErrorCode
 
 NOW = 1000.0
 
 
-async def nobody(response: ApiResponse) -> None:  # never awaited by the table itself
-    raise AssertionError("the table must not answer by itself")
+class Nobody:
+    """A sink the table must never call itself (the driver does)."""
+
+    async def answer(self, response: ApiResponse, text: str) -> None:
+        raise AssertionError("the table must not answer by itself")
+
+    async def event(self, request_id: str, text: str, **kwargs: Any) -> None:
+        raise AssertionError("the table must not send events by itself")
 
 
 def request(key: str = "k1", command: str = "echo", *, target: str | None = None,
-            timeout: float = 30.0) -> Request:
-    return Request(key, command, {"message": "hi"}, nobody, f"rid-{key}", "127.0.0.1:1",
-                   NOW + timeout, 0.0, target=target)
+            timeout: float = 30.0, owner: str = "a", priority: int = 0,
+            stream: bool = False) -> Request:
+    return Request(key, command, {"message": "hi"}, [Watcher(Nobody(), stream)],
+                   f"rid-{key}", "127.0.0.1:1", NOW + timeout, 0.0, target=target,
+                   owner=owner, priority=priority)
 
 
 def worker(worker_id: str = "w1", *, no_retry: frozenset[str] = frozenset()) -> WorkerEntry:
@@ -109,8 +117,8 @@ def test_all_busy_waits_in_a_bounded_queue() -> None:
         first, second = request("a"), request("b")
         for req in (first, second):
             table.submit(req)
-        assert table.reserved(first, Reservation(None, True), NOW) == []
-        assert first.state is State.WAITING and list(table.waiting) == [first]
+        assert table.reserved(first, Reservation(None, True), NOW) == [Wake()]
+        assert first.state is State.WAITING and len(table.waiting) == 1
         response = answer_of(table.reserved(second, Reservation(None, True), NOW))
         assert response.code == "all_busy" and table.stats["queue_full"] == 1
     assert table.take_waiting() == [first] and first.state is State.RESERVING
@@ -194,12 +202,15 @@ def test_registry_down_answers_everything_it_was_reserving() -> None:
     assert responses[0].error == "Broker unavailable: Redis unavailable"
 
 
-def test_abandoned_requests_are_forgotten_and_their_answers_dropped() -> None:
+def test_a_request_whose_requester_left_goes_on_without_it() -> None:
     table = RequestTable()
     req = request()
     placed(table, req, worker())
-    assert table.abandon(["k1", "never-was"]) == [Drop(req)]
-    assert table.replied("k1", "w1", True, "late", None, None) == []
+    sink = req.watchers[0].sink
+    table.unwatch(["k1", "never-was"], sink)
+    assert req.watchers == [] and len(table) == 1
+    [answer] = table.replied("k1", "w1", True, "done", None, None)
+    assert answer.response.success  # answered (and kept for a re-attach), to nobody
 
 
 def test_stop_answers_the_rest_and_refuses_new_requests() -> None:
@@ -216,3 +227,89 @@ def test_placed_lists_what_is_with_workers() -> None:
     placed(table, request("a"), worker())
     table.submit(request("b"))
     assert [r.key for r in table.placed()] == ["a"]
+
+
+# --------------------------------------------------------------------------- long jobs
+
+
+def test_cancel_while_waiting_never_reaches_a_worker() -> None:
+    table = RequestTable()
+    req = request()
+    table.submit(req)
+    table.reserved(req, Reservation(None, True), NOW)
+    response = answer_of(table.cancel("k1", "cancelled by the requester"))
+    assert (response.code, response.error) == ("cancelled",
+                                               "Cancelled: cancelled by the requester")
+    assert table.take_waiting() == [] and table.stats["cancelled"] == 1
+
+
+def test_cancel_on_a_worker_tells_it_to_stop_and_answers_now() -> None:
+    table = RequestTable()
+    req = request()
+    placed(table, req, worker())
+    actions = table.cancel("k1", "enough")
+    assert actions[0] == CancelOnWorker(req, "enough") and answer_of(actions).code == \
+        "cancelled"
+    assert table.replied("k1", "w1", True, "too late", None, None) == []
+    assert table.cancel("k1", "again") == []
+
+
+def test_cancel_and_attach_find_requests_by_owner_and_id() -> None:
+    table = RequestTable()
+    mine, theirs = request("k1", owner="a"), request("k2", owner="b")
+    mine.request_id = theirs.request_id = "same-id"
+    for req in (mine, theirs):
+        table.submit(req)
+    assert table.find("a", "same-id") == [mine] and table.find("c", "same-id") == []
+    assert sorted(r.key for r in table.find(None, "same-id")) == ["k1", "k2"]
+    table.cancel("k1", "x")
+    assert table.find("a", "same-id") == [] and table.find("b", "same-id") == [theirs]
+
+
+def test_progress_and_chunks_go_to_watchers_that_asked() -> None:
+    table = RequestTable()
+    quiet = request("q")
+    placed(table, quiet, worker())
+    assert table.progress("q", "w1", 0.5, "half") == []
+    [chunk] = table.chunk("q", "w1", 0, "part", ack="ack")  # acked, though nobody streams
+    assert isinstance(chunk, Notify) and chunk.ack == "ack"
+    loud = request("l", stream=True)
+    placed(table, loud, worker())
+    [note] = table.progress("l", "w1", 0.5, "half")
+    assert note.mergeable and '"event":"progress"' in note.text and '"progress":0.5' in note.text
+    assert table.progress("l", "w-other", 0.9, None) == []  # not its worker
+
+
+def test_a_lease_that_ran_out_retries_then_says_lease_expired() -> None:
+    from workers.protocol import ErrorCode
+
+    table = RequestTable()
+    req = request()
+    with override_settings(BROKER={"MAX_RETRIES": 0}):
+        placed(table, req, worker())
+        response = answer_of(table.lost("k1", "w1", "no sign of life for 61s",
+                                        ErrorCode.LEASE_EXPIRED))
+    assert response.code == "lease_expired" and response.error.startswith("Lease expired")
+    assert req.workers_lost == 1
+
+
+def test_the_queue_serves_priority_first_then_owners_in_turn() -> None:
+    table = RequestTable()
+    burst = [request(f"a{i}", owner="a") for i in range(5)]
+    other, urgent = request("b0", owner="b"), request("u", owner="c", priority=9)
+    for req in [*burst, other, urgent]:
+        table.submit(req)
+        table.reserved(req, Reservation(None, True), NOW)
+    order = [r.key for r in table.take_waiting()]
+    assert order[0] == "u" and order.index("b0") <= 2, order
+    assert [k for k in order if k.startswith("a")] == [f"a{i}" for i in range(5)]
+
+
+def test_a_new_request_does_not_jump_the_queue() -> None:
+    table = RequestTable()
+    first = request("a")
+    table.submit(first)
+    table.reserved(first, Reservation(None, True), NOW)
+    actions = table.submit(request("b"))
+    assert [type(a) for a in actions] == [Arm, Wake]  # queued behind, not reserved now
+    assert [r.key for r in table.take_waiting()] == ["a", "b"]

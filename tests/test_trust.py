@@ -423,8 +423,9 @@ def test_hostile_text_cannot_flood_or_forge_the_log(broker_factory, record_prope
     huge = "y" * (1_000_000 - 200)
 
     async def scenario() -> int:
-        ws, answer = await register(broker, None, Registration("noisy\nWARNING forged", "n\r\n",
-                                                              ["echo"]))
+        # Worker ids are plain ASCII now; a name is free text, and escaped.
+        ws, answer = await register(broker, None, Registration(
+            "noisy", "n\r\nWARNING forged", ["echo"]))
         assert answer.type == "connect"
         frames = 0
         for i in range(10):

@@ -304,7 +304,8 @@ class Worker:
 
     def _registration(self) -> Registration:
         return Registration(self._worker_id, self.name, self.registry.names(), self.weight,
-                            self.max_concurrency, self.registry.not_idempotent())
+                            self.max_concurrency, self.registry.not_idempotent(),
+                            self.registry.leases())
 
     def _adopt(self, data: dict[str, Any]) -> None:
         """The broker's answer to ``connect``: its id for us, and its heartbeat interval."""

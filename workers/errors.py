@@ -72,9 +72,17 @@ class Timeout(RequestFailed):
 
 
 class WorkerLost(RequestFailed):
-    """Its worker went away, and the request could not be sent to another."""
+    """Its worker went away (or hung past its lease), and the request could not be sent
+    to another."""
 
-    codes = frozenset({ErrorCode.WORKER_LOST})
+    codes = frozenset({ErrorCode.WORKER_LOST, ErrorCode.LEASE_EXPIRED})
+
+
+class Cancelled(RequestFailed):
+    """The request was cancelled (by this client, another connection of its
+    credential, or an operator)."""
+
+    codes = frozenset({ErrorCode.CANCELLED})
 
 
 class BrokerUnavailable(RequestFailed):
@@ -91,7 +99,8 @@ class Refused(RequestFailed):
 
     codes = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.UNAUTHORIZED,
                        ErrorCode.NOT_ALLOWED, ErrorCode.LIMIT_EXCEEDED,
-                       ErrorCode.DUPLICATE, ErrorCode.NOT_HOLDING})
+                       ErrorCode.DUPLICATE, ErrorCode.NOT_HOLDING,
+                       ErrorCode.UNKNOWN_REQUEST})
 
 
 class CommandFailed(RequestFailed):
@@ -105,8 +114,9 @@ class CommandFailed(RequestFailed):
 
 
 _BY_CODE: dict[str, type[RequestFailed]] = {
-    code.value: kind for kind in (NoWorkers, AllBusy, Timeout, WorkerLost, BrokerUnavailable,
-                                  Refused, CommandFailed) for code in kind.codes}
+    code.value: kind for kind in (NoWorkers, AllBusy, Timeout, WorkerLost, Cancelled,
+                                  BrokerUnavailable, Refused, CommandFailed)
+    for code in kind.codes}
 
 
 class ConnectionLost(ConnectionError):
@@ -125,6 +135,6 @@ class RegistrationFailed(Exception):
         self.close_code = close_code
 
 
-__all__ = ["AllBusy", "BrokerUnavailable", "CommandFailed", "ConnectionLost", "NoWorkers",
+__all__ = ["AllBusy", "BrokerUnavailable", "Cancelled", "CommandFailed", "ConnectionLost", "NoWorkers",
            "Refused", "RegistrationFailed", "RequestFailed", "Timeout", "WorkerLost",
            "describe"]

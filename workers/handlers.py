@@ -56,6 +56,8 @@ class _Entry:
     signature: inspect.Signature
     is_async: bool
     idempotent: bool
+    lease: float | None = None
+    streams: bool = False  # a generator: each item is one chunk
 
     @property
     def wants_context(self) -> bool:
@@ -69,25 +71,47 @@ class CommandRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
 
-    def command(self, name: str | None = None, *, idempotent: bool = True
-                ) -> Callable[[Handler], Handler]:
+    def command(self, name: str | None = None, *, idempotent: bool = True,
+                lease: float | None = None) -> Callable[[Handler], Handler]:
         """Decorator registering ``func`` under ``name`` (default: its own name).
 
         ``idempotent=False`` marks a command that must not run twice (it charges a
         card, sends a mail): if its worker is lost mid-request, the broker answers
-        with an error instead of sending it to another worker.
+        with an error instead of sending it to another worker. ``lease`` (seconds):
+        the job must show life (``ctx.progress``, ``ctx.heartbeat``) at least that
+        often, or the broker takes it for hung and cancels it.
         """
 
         def register(func: Handler) -> Handler:
-            self.add(name or func.__name__, func, idempotent=idempotent)
+            self.add(name or func.__name__, func, idempotent=idempotent, lease=lease)
             return func
 
         return register
 
-    def add(self, name: str, func: Handler, *, idempotent: bool = True) -> None:
+    def add(self, name: str, func: Handler, *, idempotent: bool = True,
+            lease: float | None = None) -> None:
         """Register (or replace) the handler for ``name``."""
+        if lease is not None and not lease > 0:
+            raise ValueError("lease must be a number of seconds above 0")
+        streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
         self._entries[name] = _Entry(func, inspect.signature(func),
-                                     inspect.iscoroutinefunction(func), idempotent)
+                                     inspect.iscoroutinefunction(func)
+                                     or inspect.isasyncgenfunction(func), idempotent,
+                                     lease, streams)
+
+    def leases(self) -> dict[str, float]:
+        """The commands with a lease, as a worker announces them when it registers."""
+        return {name: e.lease for name, e in sorted(self._entries.items())
+                if e.lease is not None}
+
+    def lease_of(self, name: str) -> float | None:
+        entry = self._entries.get(name)
+        return entry.lease if entry is not None else None
+
+    def runs_on_loop(self, name: str) -> bool:
+        """Whether the handler is async (cancelling its task stops it at its next await)."""
+        entry = self._entries.get(name)
+        return entry is not None and entry.is_async
 
     def not_idempotent(self) -> list[str]:
         """Commands that must never be retried on another worker, sorted."""
@@ -132,6 +156,8 @@ class CommandRegistry:
             entry.signature.bind(**params)
         except TypeError as exc:
             raise BadParams(f"Bad parameters for '{name}': {exc}") from None
+        if entry.streams:
+            return await _stream(entry, params, ctx)
         if entry.is_async:
             return await entry.func(**params)
         result = await asyncio.to_thread(entry.func, **params)
@@ -145,6 +171,29 @@ registry = CommandRegistry()
 
 #: Shorthand: ``@command()`` registers into :data:`registry`.
 command = registry.command
+
+
+async def _stream(entry: _Entry, params: dict[str, Any], ctx: Any) -> Any:
+    """Run a generator handler: each item goes as a chunk to a requester that asked
+    (the answer's data is then None), or is collected into the answer's data."""
+    streaming = getattr(ctx, "stream", False)
+    collected: list[Any] = []
+
+    async def emit(item: Any) -> None:
+        if streaming:
+            await ctx.send_chunk(item)
+        else:
+            collected.append(item)
+
+    if entry.is_async:
+        async for item in entry.func(**params):
+            await emit(item)
+    else:  # a plain generator runs in a thread; each item is handed to the loop
+        generator = entry.func(**params)
+        end = object()
+        while (item := await asyncio.to_thread(next, generator, end)) is not end:
+            await emit(item)
+    return None if streaming else collected
 
 
 class Outcome(NamedTuple):

@@ -91,6 +91,8 @@ class ErrorCode(str, Enum):
     BROKER_UNAVAILABLE = "broker_unavailable"  # Redis (registry or layer) unreachable
     OVERLOADED = "overloaded"  # an inbox between broker processes is full
     SHUTTING_DOWN = "shutting_down"  # the broker is stopping
+    CANCELLED = "cancelled"  # the requester (or an operator) cancelled it
+    LEASE_EXPIRED = "lease_expired"  # a leased job showed no life for its lease period
     # The request (or frame) was refused.
     BAD_REQUEST = "bad_request"  # malformed JSON, missing or wrong-typed fields
     TOO_LARGE = "too_large"  # over MAX_MESSAGE_BYTES (the request, or the worker's answer)
@@ -100,6 +102,7 @@ class ErrorCode(str, Enum):
     DUPLICATE = "duplicate"  # a request with this request_id is still in flight
     UNKNOWN_WORKER = "unknown_worker"  # ``send`` to a worker id nobody registered
     NOT_HOLDING = "not_holding"  # (worker socket) an answer to a request it does not hold
+    UNKNOWN_REQUEST = "unknown_request"  # cancel or attach of a request nobody holds
     # The worker ran it, and it failed.
     COMMAND_ERROR = "command_error"  # the handler raised CommandError: the text is its own
     BAD_PARAMS = "bad_params"  # the data does not fit the handler's parameters
@@ -118,6 +121,11 @@ class ErrorCode(str, Enum):
             return default
 
 
+#: Priorities a request may carry; higher is served first, 0 when it names none.
+PRIORITIES = range(0, 10)
+#: The longest timeout the protocol takes; the broker's MAX_TIMEOUT may be shorter.
+MAX_PROTOCOL_TIMEOUT = 30 * 86400
+
 # Error texts a requester sees; the first two are the seed's own wording.
 NO_WORKERS = "No available workers"
 TIMEOUT = "Worker response timeout"
@@ -125,6 +133,8 @@ WORKER_LOST = "Worker lost"
 ALL_BUSY = "All workers busy"
 BROKER_OVERLOADED = "Broker overloaded"
 SHUTTING_DOWN = "Broker shutting down"
+CANCELLED = "Cancelled"
+LEASE_EXPIRED = "Lease expired"
 BROKER_UNAVAILABLE = "Broker unavailable"
 ANSWER_TOO_LARGE = "Worker answer too large"
 
@@ -196,6 +206,11 @@ class MessageType(str, Enum):
     RESPONSE = "response"
     NOTIFICATION = "notification"
     CUSTOM = "custom"
+    # Long jobs (opt-in: a worker written from the seed never sees or sends them).
+    CANCEL = "cancel"  # broker -> worker: stop this request
+    PROGRESS = "progress"  # worker -> broker: how far a request got (also: it lives)
+    CHUNK = "chunk"  # worker -> broker: one partial result of a request
+    CHUNK_ACK = "chunk_ack"  # broker -> worker: a chunk was passed on; send more
 
 
 class ProtocolError(ValueError):
@@ -340,10 +355,15 @@ class Message:
 
     @classmethod
     def request(cls, action: str, params: dict[str, Any] | None = None,
-                msg_id: str | None = None) -> Message:
+                msg_id: str | None = None, *, time_left: float | None = None,
+                stream: bool = False) -> Message:
         """Ask the other side to run ``action``; answered by a ``response``."""
-        return cls(MessageType.REQUEST.value, {"action": action, "params": params or {}},
-                   msg_id=msg_id or new_id())
+        data: dict[str, Any] = {"action": action, "params": params or {}}
+        if time_left is not None:
+            data["time_left"] = round(time_left, 3)
+        if stream:
+            data["stream"] = True
+        return cls(MessageType.REQUEST.value, data, msg_id=msg_id or new_id())
 
     @classmethod
     def response(cls, request_id: str, success: bool, data: Any = None,
@@ -376,20 +396,54 @@ class Message:
         """One-way news, such as a broadcast; never answered."""
         return cls(MessageType.NOTIFICATION.value, {"message": message, **extra})
 
+    @classmethod
+    def cancel(cls, request_id: str, reason: str) -> Message:
+        """(broker -> worker) Stop the request ``request_id``; answer it when stopped."""
+        return cls(MessageType.CANCEL.value, {"request_id": request_id, "reason": reason})
+
+    @classmethod
+    def progress(cls, request_id: str, progress: float | None = None,
+                 message: str | None = None) -> Message:
+        """(worker -> broker) How far ``request_id`` got; with neither field, only that
+        it still lives (a job heartbeat, for leases)."""
+        data: dict[str, Any] = {"request_id": request_id}
+        if progress is not None:
+            data["progress"] = progress
+        if message is not None:
+            data["message"] = message
+        return cls(MessageType.PROGRESS.value, data)
+
+    @classmethod
+    def chunk(cls, request_id: str, seq: int, data: Any) -> Message:
+        """(worker -> broker) Partial result number ``seq`` (from 0) of ``request_id``."""
+        return cls(MessageType.CHUNK.value, {"request_id": request_id, "seq": seq, "data": data})
+
+    @classmethod
+    def chunk_ack(cls, request_id: str, seq: int) -> Message:
+        """(broker -> worker) Chunk ``seq`` of ``request_id`` was passed on."""
+        return cls(MessageType.CHUNK_ACK.value, {"request_id": request_id, "seq": seq})
+
 
 @dataclass(slots=True)
 class RequestBody:
-    """The ``data`` of a ``request`` envelope: ``{"action", "params"}``."""
+    """The ``data`` of a ``request`` envelope: ``{"action", "params"}``, and from the
+    broker ``time_left`` (seconds until the request's deadline) and ``stream`` (the
+    requester wants progress and chunks); a worker of the seed's ignores them."""
 
     action: str
     params: dict[str, Any]
+    time_left: float | None = None
+    stream: bool = False
 
     @classmethod
     def from_message(cls, msg: Message) -> RequestBody:
         action = _text(msg.data, "action", MAX_NAME_CHARS, request_id=msg.msg_id)
         if not action:
             raise ProtocolError("Field 'action' must not be empty", request_id=msg.msg_id)
-        return cls(action, _field(msg.data, "params", dict, {}, request_id=msg.msg_id))
+        time_left = _field(msg.data, "time_left", (int, float), None, request_id=msg.msg_id)
+        return cls(action, _field(msg.data, "params", dict, {}, request_id=msg.msg_id),
+                   None if time_left is None else float(time_left),
+                   _field(msg.data, "stream", bool, False, request_id=msg.msg_id))
 
 
 @dataclass(slots=True)
@@ -414,6 +468,45 @@ class ResponseBody:
         )
 
 
+#: Characters of a progress message passed on.
+MAX_PROGRESS_MESSAGE = 1000
+
+
+@dataclass(slots=True)
+class ProgressBody:
+    """The ``data`` of a ``progress`` frame."""
+
+    request_id: str
+    progress: float | None = None
+    message: str | None = None
+
+    @classmethod
+    def from_message(cls, msg: Message) -> ProgressBody:
+        d = msg.data
+        progress = _field(d, "progress", (int, float), None)
+        if progress is not None and not 0 <= progress <= 1:
+            raise ProtocolError("Field 'progress' must be from 0 to 1")
+        return cls(_text(d, "request_id", MAX_ID_CHARS), None if progress is None
+                   else float(progress),
+                   _text(d, "message", MAX_PROGRESS_MESSAGE, None))
+
+
+@dataclass(slots=True)
+class ChunkBody:
+    """The ``data`` of a ``chunk`` or ``chunk_ack`` frame (the latter without data)."""
+
+    request_id: str
+    seq: int
+    data: Any = None
+
+    @classmethod
+    def from_message(cls, msg: Message) -> ChunkBody:
+        seq = _field(msg.data, "seq", int)
+        if seq < 0:
+            raise ProtocolError("Field 'seq' must be 0 or more")
+        return cls(_text(msg.data, "request_id", MAX_ID_CHARS), seq, msg.data.get("data"))
+
+
 @dataclass(slots=True)
 class Registration:
     """What a worker says about itself in its ``connect`` frame."""
@@ -425,11 +518,16 @@ class Registration:
     max_concurrency: int = 16
     #: Commands never to be re-sent to another worker if this one is lost mid-request.
     no_retry: list[str] = field(default_factory=list)
+    #: Commands that must show life (progress, a job heartbeat) every so many seconds.
+    leases: dict[str, float] = field(default_factory=dict)
 
     def to_data(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "name": self.name, "commands": self.commands,
+        data = {"worker_id": self.worker_id, "name": self.name, "commands": self.commands,
                 "weight": self.weight, "max_concurrency": self.max_concurrency,
                 "no_retry": self.no_retry}
+        if self.leases:
+            data["leases"] = self.leases
+        return data
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Registration:
@@ -441,13 +539,19 @@ class Registration:
         if max_concurrency < 1:
             raise ProtocolError("Field 'max_concurrency' must be at least 1")
         no_retry = _names(data, "no_retry", [])
+        leases = _field(data, "leases", dict, {})
+        if len(leases) > MAX_COMMANDS or not all(
+                isinstance(k, str) and k in commands and isinstance(v, (int, float))
+                and not isinstance(v, bool) and 0 < v <= MAX_PROTOCOL_TIMEOUT
+                for k, v in leases.items()):
+            raise ProtocolError("Field 'leases' must map commands of this worker to seconds")
         worker_id = _text(data, "worker_id", MAX_ID_CHARS, None) or random_id()
         if not WORKER_ID.fullmatch(worker_id):
             raise ProtocolError("Field 'worker_id' may hold only letters, digits and . _ : @ -"
                                 f", got '{quote(worker_id, 40)}'")
         return cls(worker_id=worker_id, name=_text(data, "name", MAX_NAME_CHARS, None) or worker_id,
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
-                   no_retry=no_retry)
+                   no_retry=no_retry, leases={k: float(v) for k, v in leases.items()})
 
 
 # --------------------------------------------------------------------------- requester API
@@ -455,34 +559,88 @@ class Registration:
 
 @dataclass(slots=True)
 class ApiRequest:
-    """``{"request_id", "command", "data"}``, plus an optional ``timeout`` in seconds."""
+    """``{"request_id", "command", "data"}``, plus optional ``timeout`` (seconds),
+    ``stream`` (send progress and chunk events before the answer) and ``priority``
+    (0-9, higher first)."""
 
     command: str
     data: dict[str, Any] = field(default_factory=dict)
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     timeout: float | None = None
+    stream: bool = False
+    priority: int = 0
 
     def to_json(self) -> str:
         obj: dict[str, Any] = {"request_id": self.request_id, "command": self.command,
                                "data": self.data}
         if self.timeout is not None:
             obj["timeout"] = self.timeout
+        if self.stream:
+            obj["stream"] = True
+        if self.priority:
+            obj["priority"] = self.priority
         return dumps(obj)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ApiRequest:
         """Parse a request; a request without ``request_id`` is given one."""
-        obj = loads_object(text)
+        return cls.from_dict(loads_object(text))
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> ApiRequest:
         rid = _text(obj, "request_id", MAX_ID_CHARS, None) or str(uuid.uuid4())
         command = _text(obj, "command", MAX_NAME_CHARS, request_id=rid)
         if not command:
             raise ProtocolError("Field 'command' must not be empty", request_id=rid)
         timeout = _field(obj, "timeout", (int, float), None, request_id=rid)
-        if timeout is not None and not 0 < timeout <= 86400:
-            raise ProtocolError("Field 'timeout' must be between 0 and 86400 seconds",
-                                request_id=rid)
+        if timeout is not None and not 0 < timeout <= MAX_PROTOCOL_TIMEOUT:
+            raise ProtocolError(f"Field 'timeout' must be between 0 and "
+                                f"{MAX_PROTOCOL_TIMEOUT} seconds", request_id=rid)
+        priority = _field(obj, "priority", int, 0, request_id=rid)
+        if priority not in PRIORITIES:
+            raise ProtocolError(f"Field 'priority' must be from {PRIORITIES.start} to "
+                                f"{PRIORITIES.stop - 1}", request_id=rid)
         return cls(command=command, data=_field(obj, "data", dict, {}, request_id=rid),
-                   request_id=rid, timeout=None if timeout is None else float(timeout))
+                   request_id=rid, timeout=None if timeout is None else float(timeout),
+                   stream=_field(obj, "stream", bool, False, request_id=rid),
+                   priority=priority)
+
+
+@dataclass(slots=True)
+class Cancel:
+    """``{"cancel": "<request_id>"}``: stop a request of this connection's credential."""
+
+    request_id: str
+
+
+@dataclass(slots=True)
+class Attach:
+    """``{"attach": "<request_id>", "stream": bool}``: get a request's answer (and, with
+    ``stream``, its remaining progress), whichever connection of the credential sent it."""
+
+    request_id: str
+    stream: bool = False
+
+
+def requester_frame(text: str | bytes) -> ApiRequest | Cancel | Attach:
+    """Any frame of the requester socket: a request, or a cancel or attach of one."""
+    obj = loads_object(text)
+    for name, kind in (("cancel", Cancel), ("attach", Attach)):
+        if name in obj:
+            rid = _text(obj, name, MAX_ID_CHARS)
+            if not rid:
+                raise ProtocolError(f"Field '{name}' must name a request_id")
+            if kind is Attach:
+                return Attach(rid, _field(obj, "stream", bool, False, request_id=rid))
+            return Cancel(rid)
+    return ApiRequest.from_dict(obj)
+
+
+def event(request_id: str, kind: str, **fields: Any) -> str:
+    """A progress or chunk event for a request that asked for ``stream``:
+    ``{"request_id", "event": "progress"|"chunk", ...}``; never mistaken for the answer
+    (it has no ``success``)."""
+    return dumps({"request_id": request_id, "event": kind, **fields})
 
 
 @dataclass(slots=True)

@@ -23,8 +23,9 @@ from websockets.exceptions import ConnectionClosed
 
 from .errors import ConnectionLost, RegistrationFailed, describe
 from .handlers import CommandRegistry, run_safely
-from .protocol import (ErrorCode, Message, MessageType, ProtocolError, Registration,
-                       RequestBody, ResponseBody)
+from .jobs import JobContext
+from .protocol import (CANCELLED, ChunkBody, ErrorCode, Message, MessageType, ProtocolError,
+                       Registration, RequestBody, ResponseBody)
 
 logger = logging.getLogger("workers.client")
 
@@ -87,13 +88,29 @@ class Handle:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelJob:
+    """Stop the request ``request_id`` (the requester cancelled it, or its lease ran out)."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """A chunk of ``request_id`` was passed on: it may send another."""
+
+    request_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ignore:
     """Nothing to do (logged where it is interesting)."""
 
     why: str
 
 
-Reaction = Reply | Run | Resolve | Leave | Handle | Ignore
+Reaction = Reply | Run | Resolve | Leave | Handle | CancelJob | Acked | Ignore
 
 
 def react(msg: Message, *, stopping: bool, handled: Collection[str],
@@ -133,6 +150,17 @@ def react(msg: Message, *, stopping: bool, handled: Collection[str],
         return Leave(str(msg.data.get("reason") or "no reason"))
     if kind == MessageType.CONNECT.value:
         return Ignore("extra 'connect' answer")
+    if kind == MessageType.CANCEL.value:
+        request_id = msg.data.get("request_id")
+        if not isinstance(request_id, str):
+            return Ignore("cancel without a request_id")
+        return CancelJob(request_id, str(msg.data.get("reason") or "cancelled"))
+    if kind == MessageType.CHUNK_ACK.value:
+        try:
+            body = ChunkBody.from_message(msg)
+        except ProtocolError as exc:
+            return Ignore(f"unreadable chunk_ack: {exc}")
+        return Acked(body.request_id, body.seq)
     if kind in handled:
         return Handle(msg, reply_on_error=True)
     return Reply(Message.error(f"Unknown message type '{kind}'", reply_to=msg.msg_id,
@@ -157,6 +185,9 @@ class Session:
         self.stopping = stopping
         self.interval = interval
         self.in_flight = 0
+        #: request id -> its context, its task, and whether cancelling the task stops it
+        #: (an async handler; a thread cannot be interrupted)
+        self.jobs: dict[str, tuple[JobContext, asyncio.Task[Any], bool]] = {}
         self.pending: dict[str, asyncio.Future[ResponseBody]] = {}
         self.last_ping: tuple[str, float] | None = None
 
@@ -277,7 +308,13 @@ class Session:
             await self.send(reaction.message.to_json())
         elif isinstance(reaction, Run):
             self.in_flight += 1
-            self.spawn(self._run(reaction.request_id, reaction.body))
+            self._start(reaction.request_id, reaction.body)
+        elif isinstance(reaction, CancelJob):
+            self._cancel(reaction.request_id, reaction.reason)
+        elif isinstance(reaction, Acked):
+            job = self.jobs.get(reaction.request_id)
+            if job is not None:
+                job[0].acked(reaction.seq)
         elif isinstance(reaction, Resolve):
             self._resolve(reaction)
         elif isinstance(reaction, Handle):
@@ -301,18 +338,45 @@ class Session:
 
     # ------------------------------------------------------------------ requests
 
-    async def _run(self, request_id: str, body: RequestBody) -> None:
+    def _start(self, request_id: str, body: RequestBody) -> None:
+        ctx = JobContext(request_id, time_left=body.time_left, stream=body.stream,
+                         lease=self.registry.lease_of(body.action), send=self._send_frame,
+                         loop=asyncio.get_running_loop())
+        task = self.spawn(self._run(request_id, body, ctx))
+        self.jobs[request_id] = (ctx, task, self.registry.runs_on_loop(body.action))
+
+    def _cancel(self, request_id: str, reason: str) -> None:
+        """Stop a job: an async handler gets CancelledError now; a thread sees
+        ``ctx.cancelled`` (it cannot be interrupted)."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return
+        ctx, task, on_loop = job
+        logger.info("Cancelling request %s: %s", request_id, reason)
+        ctx.cancel(reason)
+        if on_loop:
+            task.cancel()
+
+    async def _send_frame(self, msg: Message) -> bool:
+        return await self.send(msg.to_json())
+
+    async def _run(self, request_id: str, body: RequestBody, ctx: JobContext) -> None:
         """Run one command in its own task and answer it, whatever happens."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             async with self.slots:
-                outcome = await run_safely(self.registry, body.action, body.params)
+                outcome = await run_safely(self.registry, body.action, body.params, ctx)
         except asyncio.CancelledError:
+            if ctx.cancelled:  # the broker asked: confirm, and stay up
+                await self.answer(request_id, False, None,
+                                  f"{CANCELLED}: {ctx.cancel_reason}", ErrorCode.CANCELLED)
+                return
             await self.answer(request_id, False, None, STOPPED, ErrorCode.WORKER_STOPPING)
             raise
         finally:
             self.in_flight -= 1
+            self.jobs.pop(request_id, None)
         logger.debug("%s %s in %.1f ms%s", body.action, "done" if outcome.ok else "failed",
                      (loop.time() - started) * 1000, "" if outcome.ok else f": {outcome.error}")
         await self.answer(request_id, outcome.ok, outcome.data, outcome.error, outcome.code)
@@ -392,10 +456,11 @@ class Session:
             return False
         return True
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)

@@ -89,6 +89,11 @@ class BrokerClient:
         return self._request("POST", "/api/send", _with_timeout(body, timeout),
                              wait=timeout)
 
+    def cancel(self, request_id: str) -> int:
+        """Cancel a running request by its id, whoever sent it; how many were found."""
+        return int(self._request("POST", "/api/cancel", {"request_id": request_id})
+                   ["cancelled"])
+
     def call(self, command: str, data: dict[str, Any] | None = None,
              timeout: float | None = None) -> dict[str, Any]:
         """Run ``command`` on whichever worker the broker picks, as a requester would."""

@@ -36,16 +36,38 @@ async def drain(worker_id: str, draining: bool = True) -> bool:
     return await get_registry().set_draining(worker_id, draining)
 
 
+class _Reply:
+    """The control API's sink: a future for the one answer."""
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[ApiResponse] = asyncio.get_running_loop().create_future()
+
+    async def answer(self, response: ApiResponse, text: str) -> None:
+        if not self.future.done():
+            self.future.set_result(response)
+
+    async def event(self, request_id: str, text: str, *, ack: Any = None,
+                    mergeable: bool = False) -> None:
+        if ack is not None:
+            await ack()
+
+
 async def request(command: str, data: dict[str, Any], *, timeout: float | None = None,
                   worker_id: str | None = None, requester: str = "api") -> ApiResponse:
     """Run one command on the best worker (or on ``worker_id``) and wait for its answer."""
     dispatcher = await get_dispatcher()
-    answered: asyncio.Future[ApiResponse] = asyncio.get_running_loop().create_future()
+    reply = _Reply()
+    await dispatcher.submit(command, data, reply, request_id=new_id(), requester=requester,
+                            timeout=timeout, worker_id=worker_id, owner="operator")
+    return await reply.future
 
-    async def respond(response: ApiResponse) -> None:
-        if not answered.done():
-            answered.set_result(response)
 
-    await dispatcher.submit(command, data, respond, request_id=new_id(), requester=requester,
-                            timeout=timeout, worker_id=worker_id)
-    return await answered
+async def cancel(request_id: str) -> int:
+    """Cancel every running request with this id, whoever sent it; how many were found."""
+    dispatcher = await get_dispatcher()
+    return await dispatcher.cancel(None, request_id, "cancelled by an operator")
+
+
+async def status(owner: str, request_id: str) -> str | None:
+    """A request of ``owner``: "running", its kept answer (JSON), or None if unknown."""
+    return await (await get_dispatcher()).status(owner, request_id)

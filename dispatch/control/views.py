@@ -20,7 +20,7 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from ..auth import get_guard, origin_listed, peer_of
+from ..auth import Peer, get_guard, origin_listed, peer_of
 from ..core.dispatcher import get_dispatcher
 from ..registry import get_registry
 from . import services
@@ -64,11 +64,15 @@ async def _refusal(request: HttpRequest) -> JsonResponse | None:
             return JsonResponse({"error": "CSRF check failed: send the csrftoken cookie's "
                                           "value as X-CSRFToken"}, status=403)
         return None
-    headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-               for k, v in request.headers.items()]
-    if guard.protected_mode and peer_of((request.META.get("REMOTE_ADDR"), 0), headers).local:
+    if guard.protected_mode and _peer(request).local:
         return None
     return JsonResponse({"error": FORBIDDEN}, status=403)
+
+
+def _peer(request: HttpRequest) -> Peer:
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+               for k, v in request.headers.items()]
+    return peer_of((request.META.get("REMOTE_ADDR"), 0), headers)
 
 
 def api(view: View) -> View:
@@ -171,6 +175,45 @@ async def send(request: HttpRequest) -> JsonResponse:
     response = await services.request(_text(body, "action"), _object(body, "params"),
                                       timeout=_timeout(body), worker_id=_text(body, "worker_id"))
     return JsonResponse(response.to_dict())
+
+
+@require_POST
+@api
+async def cancel(request: HttpRequest) -> JsonResponse:
+    """Cancel a running request by its id, whoever sent it (an operator's cancel)."""
+    body = _body(request)
+    request_id = _text(body, "request_id")
+    found = await services.cancel(request_id)
+    if not found:
+        return JsonResponse({"error": f"No request '{request_id}' is running"}, status=404)
+    return JsonResponse({"request_id": request_id, "cancelled": found})
+
+
+@require_GET
+async def request_status(request: HttpRequest, request_id: str) -> JsonResponse:
+    """A request of the calling requester key: still running, or its kept answer.
+
+    Needs ``Authorization: Bearer <requester API key>`` (another credential's request
+    is not found), or a direct local peer in protected mode.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None and not (_same_origin(request, origin) or origin_listed(origin)):
+        return JsonResponse({"error": "Origin not allowed"}, status=403)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    guard = await get_guard()
+    grant = guard.requester_grant(token if scheme.lower() == "bearer" and token else None,
+                                  _peer(request))
+    if grant is None:
+        return JsonResponse({"error": "Forbidden: send 'Authorization: Bearer <requester "
+                                      "API key>'"}, status=403)
+    found = await services.status(grant.owner, request_id)
+    if found is None:
+        return JsonResponse({"error": f"No request '{request_id}' of yours is running or "
+                                      "finished lately", "code": "unknown_request"},
+                            status=404)
+    if found == "running":
+        return JsonResponse({"request_id": request_id, "state": "running"})
+    return JsonResponse({"state": "finished", **json.loads(found)})
 
 
 @require_POST

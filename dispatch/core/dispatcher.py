@@ -34,8 +34,9 @@ from . import events, inbox, links
 from .links import WorkerLink
 from .liveness import Liveness
 from .loops import Batcher, PerLoop
-from .requests import (Action, Answer, Arm, Drop, Forward, GiveBack, Request, RequestTable,
-                       Reserve, Respond)
+from .requests import (Action, Answer, Arm, CancelOnWorker, Forward, GiveBack, Notify,
+                       Request, RequestTable, Reserve, Sink, Wake, Watcher)
+from .results import results_for
 
 log = logging.getLogger("dispatch.dispatcher")
 
@@ -57,6 +58,10 @@ class LocalWorker(Protocol):
     async def notify(self, message: dict[str, Any]) -> None: ...
 
     async def kick(self, reason: str, code: int) -> None: ...
+
+    async def cancel(self, key: str, reason: str) -> None: ...
+
+    async def chunk_acked(self, key: str, seq: int) -> None: ...
 
     async def stop_taking_work(self) -> None: ...
 
@@ -81,6 +86,10 @@ class Dispatcher:
         self._releases: Batcher[tuple[str, float | None, bool]] = Batcher(
             self._release_many, "dispatch-release")
         self.liveness = Liveness(registry, self.process)
+        self.results = results_for(registry)
+        #: Requests of other processes this one is attached to: its key -> the watcher.
+        self.attached: dict[str, Sink] = {}
+        self._asks: dict[str, asyncio.Queue[int]] = {}  # token -> what the others found
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = False
@@ -161,26 +170,104 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ entry points
 
-    async def submit(self, command: str, data: dict[str, Any], respond: Respond, *,
+    async def submit(self, command: str, data: dict[str, Any], sink: Sink, *,
                      request_id: str, requester: str, timeout: float | None = None,
-                     worker_id: str | None = None, key: str | None = None) -> str:
-        """Start a request; ``respond`` is called exactly once with its answer.
+                     worker_id: str | None = None, key: str | None = None,
+                     owner: str = "", stream: bool = False, priority: int = 0) -> str:
+        """Start a request; ``sink.answer`` is called exactly once with its answer (and
+        ``sink.event`` with its progress and chunks, if ``stream``).
 
-        ``key`` (default: a new id) names the request inside the broker; the caller
-        may pass it to :meth:`abandon`. It is chosen before the call because the
-        answer can arrive before ``submit`` returns (no worker, say).
+        ``key`` (default: a new id) names the request inside the broker. It is chosen
+        before the call because the answer can arrive before ``submit`` returns.
         """
         key = key or protocol.new_id()
         deadline = asyncio.get_running_loop().time() + (timeout or conf.get("TIMEOUT"))
         await self._perform(self.table.submit(Request(
-            key, command, data, respond, request_id, requester, deadline, time.time(),
-            target=worker_id)))
+            key, command, data, [Watcher(sink, stream)], request_id, requester, deadline,
+            time.time(), target=worker_id, owner=owner, priority=priority)))
         return key
 
-    def abandon(self, keys: Iterable[str]) -> None:
-        """Forget requests whose requester left; their late answers will be dropped."""
-        for action in self.table.abandon(keys):
-            self._disarm(action.request)
+    def unwatch(self, keys: Iterable[str], sink: Sink) -> None:
+        """A watcher left (its connection closed); the requests go on, and their answers
+        are kept for it to attach again."""
+        self.table.unwatch(keys, sink)
+        for key in [k for k, s in self.attached.items() if s is sink]:
+            del self.attached[key]
+
+    async def cancel(self, owner: str | None, request_id: str, reason: str) -> int:
+        """Cancel the requests of ``owner`` (None: anyone's) with this id, in whichever
+        process holds them; returns how many were found."""
+        found = self._cancel_here(owner, request_id, reason)
+        if found:
+            await self._perform(found)
+            return 1
+        if self.registry.local:
+            return 0
+        return await self._ask_all("cancel", owner, request_id, reason=reason)
+
+    def _cancel_here(self, owner: str | None, request_id: str, reason: str) -> list[Action]:
+        return [a for r in self.table.find(owner, request_id)
+                for a in self.table.cancel(r.key, reason)]
+
+    async def attach(self, owner: str, request_id: str, sink: Sink, stream: bool) -> bool:
+        """Watch a request of ``owner``: running here or elsewhere (its remaining progress
+        and its answer), or finished lately (its kept answer). False: unknown."""
+        for request in self.table.find(owner, request_id):
+            return self.table.watch(request.key, sink, stream)
+        kept = await self.results.get(owner, request_id)
+        if kept is not None:
+            await sink.answer(protocol.ApiResponse.from_json(kept), kept)
+            return True
+        if self.registry.local:
+            return False
+        key = protocol.new_id()
+        self.attached[key] = sink
+        if await self._ask_all("attach", owner, request_id, first=True, key=key,
+                               stream=stream):
+            return True
+        del self.attached[key]
+        kept = await self.results.get(owner, request_id)  # it finished meanwhile
+        if kept is not None:
+            await sink.answer(protocol.ApiResponse.from_json(kept), kept)
+            return True
+        return False
+
+    async def status(self, owner: str, request_id: str) -> str | None:
+        """"running" (here or in another process), the kept answer (JSON text), or None."""
+        if self.table.find(owner, request_id):
+            return "running"
+        kept = await self.results.get(owner, request_id)
+        if kept is not None:
+            return kept
+        if not self.registry.local and await self._ask_all("status", owner, request_id,
+                                                           first=True):
+            return "running"
+        return None
+
+    async def _ask_all(self, what: str, owner: str | None, request_id: str, *,
+                       first: bool = False, wait: float = 1.0, **extra: Any) -> int:
+        """Ask every broker process (this one too) about a request; sum what they found
+        within ``wait`` seconds (or stop at the first that found it, with ``first``)."""
+        token = protocol.new_id()
+        replies: asyncio.Queue[int] = asyncio.Queue()
+        self._asks[token] = replies
+        found = 0
+        try:
+            await self.layer.group_send(events.INBOXES_GROUP, events.ask(
+                what, owner, request_id, self.channel, token, **extra))
+            async with asyncio.timeout(wait):
+                while True:
+                    found += await replies.get()
+                    if first and found:
+                        break
+        except TimeoutError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the layer is down: nobody else answers
+            log.warning("could not ask the other processes about %s: %s",
+                        protocol.quote(request_id), exc)
+        finally:
+            del self._asks[token]
+        return found
 
     def add_link(self, link: WorkerLink) -> None:
         """A new worker connection of this process, checked by the watch from now on."""
@@ -222,8 +309,32 @@ class Dispatcher:
                 message["error"], message.get("code")))
             self.kick()
         elif kind == events.LOST:
-            await self._perform(self.table.lost(message["key"], message["worker_id"],
-                                                message["reason"]))
+            await self._perform(self.table.lost(
+                message["key"], message["worker_id"], message["reason"],
+                ErrorCode.of(message.get("code"), ErrorCode.WORKER_LOST)))
+        elif kind == events.PROGRESS:
+            await self._perform(self.table.progress(message["key"], message["worker_id"],
+                                                    message["progress"], message["message"]))
+        elif kind == events.CHUNK:
+            await self._perform(self.table.chunk(
+                message["key"], message["worker_id"], message["seq"], message["data"],
+                events.chunk_ack(message["key"], message["worker"], message["seq"])
+                | {"inbox": message["ack_to"]}))
+        elif kind in (events.CANCEL, events.CHUNK_ACK):
+            link = self.local_workers.get(message["worker"])
+            if link is not None:
+                if kind == events.CANCEL:
+                    await link.cancel(message["key"], message["reason"])
+                else:
+                    await link.chunk_acked(message["key"], message["seq"])
+        elif kind == events.ASK:
+            await self._on_ask(message)
+        elif kind == events.ASKED:
+            replies = self._asks.get(message["token"])
+            if replies is not None:
+                replies.put_nowait(message["found"])
+        elif kind == events.WATCHED:
+            await self._on_watched(message)
         elif kind == events.FORWARD:
             await self._on_forward(message)
         elif kind == events.NOTIFY:
@@ -263,8 +374,14 @@ class Dispatcher:
                         self._intake.add(request)
             elif isinstance(action, GiveBack):
                 await self._give_back(action.worker_id)
-            elif isinstance(action, Drop):
-                self._disarm(action.request)
+            elif isinstance(action, Notify):
+                await self._notify(action)
+            elif isinstance(action, CancelOnWorker):
+                request = action.request
+                await self.deliver(request.worker_inbox, events.cancel(
+                    request.key, request.worker_channel, action.reason))
+            elif isinstance(action, Wake):
+                self._wake.set()
 
     async def _reserve(self, batch: list[Request]) -> None:
         """Reserve a slot for each, in one registry call; then tell the table."""
@@ -278,15 +395,13 @@ class Dispatcher:
             return
         now = asyncio.get_running_loop().time()
         for request, reservation in zip(batch, reservations):
-            actions = self.table.reserved(request, reservation, now)
-            if not actions and self.table.waiting:
-                self._wake.set()
-            await self._perform(actions)
+            await self._perform(self.table.reserved(request, reservation, now))
 
     async def _forward(self, action: Forward) -> None:
         request, worker = action.request, action.worker
         message = events.forward(request.key, request.command, request.data, self.channel,
-                                 action.timeout, worker.worker_id, worker.channel)
+                                 action.timeout, worker.worker_id, worker.channel,
+                                 request.stream)
         local = self.local_workers.get(worker.channel)
         if local is None:
             await self.deliver(worker.inbox, message)
@@ -301,7 +416,8 @@ class Dispatcher:
                 ErrorCode.BROKER_UNAVAILABLE))
 
     async def _answer(self, action: Answer) -> None:
-        """The request's one answer: stop its timer, record it, tell the requester."""
+        """The request's one answer: stop its timer, record it, keep it for re-attach,
+        tell whoever watches it."""
         request, response = action.request, action.response
         self._disarm(request)
         now = time.time()
@@ -309,11 +425,66 @@ class Dispatcher:
             request_id=request.request_id, command=request.command,
             worker_id=response.processed_by, success=response.success, error=response.error,
             latency_ms=(now - request.started) * 1000, attempts=request.attempts,
-            requester=request.requester, started_at=request.started, finished_at=now)
-        try:
-            await request.respond(response)
-        except Exception:  # the requester is gone; nobody is left to tell
-            log.debug("could not deliver the answer to %s", request.requester, exc_info=True)
+            requester=request.requester, started_at=request.started, finished_at=now,
+            workers_lost=request.workers_lost, code=response.code)
+        text = response.to_json()
+        self.results.put(request.owner, request.request_id, text)
+        for watcher in request.watchers:
+            try:
+                await watcher.sink.answer(response, text)
+            except Exception:  # the watcher is gone; nobody is left to tell
+                log.debug("could not deliver the answer to %s", request.requester,
+                          exc_info=True)
+
+    async def _notify(self, action: Notify) -> None:
+        """Progress or a chunk, to the watchers that asked; a chunk is acknowledged to
+        its worker by the first of them that took it (at once if none wants it)."""
+        ack, watching = action.ack, [w for w in action.request.watchers if w.stream]
+        for watcher in watching:
+            await watcher.sink.event(action.request.request_id, action.text,
+                                     ack=self._acker(ack) if ack is not None else None,
+                                     mergeable=action.mergeable)
+            ack = None
+        if ack is not None:
+            await self._acker(ack)()
+
+    def _acker(self, ack: dict[str, Any]) -> Any:
+        inbox = ack.pop("inbox")
+
+        async def send_ack() -> None:
+            await self.deliver(inbox, ack)
+
+        return send_ack
+
+    async def _on_ask(self, message: dict[str, Any]) -> None:
+        """Another process (or this one) asks about a request by its id."""
+        what, owner, request_id = message["what"], message["owner"], message["request_id"]
+        if what == "cancel":
+            actions = self._cancel_here(owner, request_id, message["reason"])
+            await self._perform(actions)
+            found = len([a for a in actions if isinstance(a, Answer)])
+        elif what == "attach":
+            found = 0
+            if message["reply_to"] != self.channel:  # the asker looked here itself
+                for request in self.table.find(owner, request_id):
+                    found = int(self.table.watch(request.key, RemoteSink(
+                        self, message["reply_to"], message["key"]), message["stream"]))
+        else:  # status
+            found = len(self.table.find(owner, request_id))
+        await self.deliver(message["reply_to"], events.asked(message["token"], found))
+
+    async def _on_watched(self, message: dict[str, Any]) -> None:
+        """An event, or the answer, of a request of another process we are attached to."""
+        sink = self.attached.get(message["key"])
+        if sink is None:
+            return
+        final = message["final"]
+        if final is None:
+            request_id = protocol.loads_object(message["text"])["request_id"]
+            await sink.event(request_id, message["text"], mergeable=message["mergeable"])
+            return
+        del self.attached[message["key"]]
+        await sink.answer(protocol.ApiResponse(**final), message["text"])
 
     @staticmethod
     def _disarm(request: Request) -> None:
@@ -428,3 +599,23 @@ _dispatchers: PerLoop[Dispatcher] = PerLoop(
 get_dispatcher = _dispatchers.get
 #: Stop this loop's dispatcher, if one was started (shutdown, tests).
 stop_dispatcher = _dispatchers.stop
+
+
+class RemoteSink:
+    """A watcher in another process: what it is told goes to that process's inbox."""
+
+    def __init__(self, dispatcher: Dispatcher, inbox: str, key: str) -> None:
+        self.dispatcher = dispatcher
+        self.inbox = inbox
+        self.key = key
+
+    async def answer(self, response: protocol.ApiResponse, text: str) -> None:
+        await self.dispatcher.deliver(self.inbox, events.watched(self.key, text,
+                                                                 response.to_dict()))
+
+    async def event(self, request_id: str, text: str, *, ack: Any = None,
+                    mergeable: bool = False) -> None:
+        await self.dispatcher.deliver(self.inbox, events.watched(self.key, text,
+                                                                 mergeable=mergeable))
+        if ack is not None:
+            await ack()

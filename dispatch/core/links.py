@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from workers import protocol
-from workers.protocol import (CloseCode, ErrorCode, Message, MessageType, Registration,
-                              ResponseBody, quote)
+from workers.protocol import (ChunkBody, CloseCode, ErrorCode, Message, MessageType,
+                              ProgressBody, Registration, ResponseBody, quote)
 
 from .. import conf
 from ..auth import Grant
@@ -59,6 +59,10 @@ class Assignment:
     started: float  # time.monotonic()
     deadline: float  # time.monotonic()
     size: int  # characters of the frame sent for it
+    stream: bool = False  # the requester wants its progress and chunks
+    lease: float | None = None  # seconds within which it must show life
+    last_life: float = 0.0  # time.monotonic() of its last progress, chunk or start
+    cancelled: float | None = None  # when the worker was told to stop it
 
 
 class WorkerLink:
@@ -118,7 +122,7 @@ class WorkerLink:
             commands=frozenset(reg.commands), weight=weight, max_concurrency=max_concurrency,
             process=dispatcher.process, address=str(self.socket.peer),
             session_id=self.session_id, no_retry=frozenset(reg.no_retry),
-            inbox=dispatcher.channel, owner=self.grant.owner)
+            inbox=dispatcher.channel, owner=self.grant.owner, leases=dict(reg.leases))
         try:
             if await self.recorder.recent_owner_other_than(reg.worker_id, entry.owner):
                 raise WorkerIdTaken(reg.worker_id)
@@ -204,10 +208,13 @@ class WorkerLink:
                 message["key"], self.entry.worker_id if self.entry else "", "connection closed"))
             return
         now = time.monotonic()
-        frame = Message.request(message["action"], message["params"], msg_id=message["key"])
+        stream = message.get("stream", False)
+        frame = Message.request(message["action"], message["params"], msg_id=message["key"],
+                                time_left=message["timeout"], stream=stream)
         text = frame.to_json()
-        self.assignments[message["key"]] = Assignment(message["reply_to"], now,
-                                                      now + message["timeout"], len(text))
+        self.assignments[message["key"]] = Assignment(
+            message["reply_to"], now, now + message["timeout"], len(text), stream,
+            self.entry.leases.get(message["action"]), now)
         self.assigned_chars += len(text)
         await self.socket.send_text(text)
 
@@ -221,6 +228,12 @@ class WorkerLink:
         """The worker answered one of its requests (or claims to)."""
         assert self.entry is not None
         assignment = self._take(body.request_id)
+        if assignment is not None and assignment.cancelled is not None:
+            # Its requester was answered when it cancelled: this is the worker saying it
+            # stopped (or finished anyway). The slot is free again; the answer is not sent.
+            self.dispatcher.stats["answered_after_cancel"] += 1
+            await self._release(None, ok=True)
+            return
         if assignment is None:
             self.dispatcher.stats["late"] += 1
             self.socket.logs.log(log, logging.WARNING, "worker %s answered request %s, which "
@@ -253,6 +266,40 @@ class WorkerLink:
         await self.socket.refuse(f"{error}: request {quote(body.request_id)} failed; send "
                                  "smaller answers", msg_id, ErrorCode.TOO_LARGE)
         return True
+
+    async def progress(self, body: ProgressBody) -> None:
+        """The worker says how far a request got (or only that it lives)."""
+        assignment = self.assignments.get(body.request_id)
+        if assignment is None or assignment.cancelled is not None:
+            return
+        assignment.last_life = time.monotonic()
+        if assignment.stream and (body.progress is not None or body.message is not None):
+            await self.dispatcher.deliver(assignment.reply_to, events.progress(
+                body.request_id, self.entry.worker_id, body.progress,  # type: ignore
+                body.message))
+
+    async def chunk(self, body: ChunkBody) -> None:
+        """One partial result: passed on to the request's dispatcher, which acks it."""
+        assignment = self.assignments.get(body.request_id)
+        if assignment is None or assignment.cancelled is not None:
+            return
+        assignment.last_life = time.monotonic()
+        await self.dispatcher.deliver(assignment.reply_to, events.chunk(
+            body.request_id, self.entry.worker_id, body.seq, body.data,  # type: ignore
+            self.dispatcher.channel, self.channel))
+
+    async def chunk_acked(self, key: str, seq: int) -> None:
+        if key in self.assignments:
+            await self.socket.send_frame(Message.chunk_ack(key, seq))
+
+    async def cancel(self, key: str, reason: str) -> None:
+        """Its requester was answered ``cancelled``: tell the worker to stop. The slot
+        is free when the worker answers, or after CANCEL_GRACE."""
+        assignment = self.assignments.get(key)
+        if assignment is None or assignment.cancelled is not None:
+            return
+        assignment.cancelled = time.monotonic()
+        await self.socket.send_frame(Message.cancel(key, reason))
 
     async def _release(self, latency_ms: float | None, *, ok: bool) -> None:
         try:
@@ -290,11 +337,37 @@ class WorkerLink:
             # well inside its limit.
             self.next_ping = now + 2 * interval
             await self.socket.send_frame(Message.heartbeat())
-        for key in [k for k, a in self.assignments.items() if a.deadline < now]:
-            assignment = self._take(key)
-            # A timed-out request counts as slow as it was: a worker that never answers
-            # must not look fast to the balancer.
-            await self._release((now - assignment.started) * 1000, ok=False)  # type: ignore
+        await self._expire(now)
+
+    async def _expire(self, now: float) -> None:
+        """Slots past their deadline, cancels past their grace, jobs past their lease."""
+        grace = conf.get("CANCEL_GRACE")
+        for key, assignment in list(self.assignments.items()):
+            if assignment.cancelled is not None:
+                if now - assignment.cancelled > grace:  # never confirmed: free it anyway
+                    self._take(key)
+                    await self._release(None, ok=False)
+            elif assignment.deadline < now:
+                self._take(key)
+                # A timed-out request counts as slow as it was: a worker that never
+                # answers must not look fast to the balancer.
+                await self._release((now - assignment.started) * 1000, ok=False)
+            elif assignment.lease is not None and now - assignment.last_life > assignment.lease:
+                await self._lease_expired(key, assignment, now)
+
+    async def _lease_expired(self, key: str, assignment: Assignment, now: float) -> None:
+        """A leased job showed no life for its lease: take it for hung though the socket
+        lives. The worker is told to stop; the request is re-sent (or answered)."""
+        quiet = now - assignment.last_life
+        log.warning("worker %s: request %s showed no life for %.1fs (lease %.0fs): "
+                    "taking it for hung", self.label, key, quiet, assignment.lease)
+        assignment.cancelled = now
+        await self.socket.send_frame(Message.cancel(key, f"lease of {assignment.lease:g}s "
+                                                         "expired"))
+        await self.dispatcher.deliver(assignment.reply_to, events.lost(
+            key, self.entry.worker_id,  # type: ignore[union-attr]
+            f"no sign of life for {quiet:.0f}s, lease {assignment.lease:g}s",
+            ErrorCode.LEASE_EXPIRED.value))
 
     async def close(self, code: int, reason: str) -> None:
         await self.teardown(reason)

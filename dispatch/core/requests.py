@@ -13,8 +13,16 @@ request's life lives here, in one place, and tests drive it with a fake clock:
 * the worker lost: reserving again, at most ``MAX_RETRIES`` times and only if its
   command may run twice (``no_retry``); else answered ``worker_lost``;
 * the deadline passed, anywhere: answered ``timeout``;
+* cancelled: answered ``cancelled`` at once; a worker that has it is told to stop;
+* its lease ran out (a leased job showed no life): like a lost worker, but answered
+  ``lease_expired`` when it is not re-sent;
+* progress and chunks from its worker go to whoever watches it and asked for them;
+  a requester that leaves stops watching, and the request goes on (it may attach
+  again);
 * every request is answered exactly once; an answer for a request no longer
-  placed on that worker (late, duplicate, forged) is dropped and counted.
+  placed on that worker (late, duplicate, forged) is dropped and counted;
+* waiting requests are served highest priority first, and round-robin between
+  credentials within one priority, so one tenant's burst cannot starve the others.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import enum
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Iterable, Protocol
 
 from workers import protocol
 from workers.protocol import ApiResponse, ErrorCode
@@ -30,7 +38,22 @@ from workers.protocol import ApiResponse, ErrorCode
 from .. import conf
 from ..registry import Reservation, WorkerEntry
 
-Respond = Callable[[ApiResponse], Awaitable[None]]
+
+
+class Sink(Protocol):
+    """Who gets a request's answer (and, if it asked, its progress and chunks): a
+    requester socket, the control API, another process attached to it."""
+
+    async def answer(self, response: ApiResponse, text: str) -> None: ...
+
+    async def event(self, request_id: str, text: str, *, ack: Any = None,
+                    mergeable: bool = False) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Watcher:
+    sink: Sink
+    stream: bool  # it wants progress and chunk events
 
 
 class State(enum.Enum):
@@ -47,19 +70,28 @@ class Request:
     key: str  # its name inside the broker (request ids are the requesters' own)
     command: str
     data: dict[str, Any]
-    respond: Respond
+    watchers: list[Watcher]
     request_id: str
     requester: str
     deadline: float  # event-loop time
     started: float  # wall time, for history
     target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
+    owner: str = ""  # the credential that sent it (auth.Grant.owner): who may attach
+    priority: int = 0
     state: State = State.RESERVING
     worker_id: str | None = None  # the worker it is placed on
     worker_channel: str = ""  # that worker's connection, to notice a reconnect elsewhere
+    worker_inbox: str = ""  # the dispatcher holding that connection
     retry_safe: bool = True  # False: the worker said this command must not run twice
     lost_because: str = ""  # why its last worker was lost, for the error text
     attempts: int = 0
+    workers_lost: int = 0  # how many workers went away (or hung) under it
     timer: Any = None  # the driver's deadline timer
+
+    @property
+    def stream(self) -> bool:
+        """Whether anyone watching wants progress and chunks (the worker is told so)."""
+        return any(w.stream for w in self.watchers)
 
 
 # ---------------------------------------------------------------------------- actions
@@ -104,13 +136,69 @@ class Answer:
 
 
 @dataclass(slots=True)
-class Drop:
-    """The requester left: stop the timer; nobody is answered."""
+class Notify:
+    """Pass a progress or chunk event (JSON text) to the watchers that asked; ``ack``
+    (a chunk's) goes back to the worker once a watcher has taken it. A progress event
+    is ``mergeable``: a newer one may replace it while it waits for a slow reader."""
 
     request: Request
+    text: str
+    ack: Any = None
+    mergeable: bool = False
 
 
-Action = Arm | Reserve | Forward | GiveBack | Answer | Drop
+@dataclass(slots=True)
+class CancelOnWorker:
+    """Tell the request's worker to stop it."""
+
+    request: Request
+    reason: str
+
+
+@dataclass(slots=True)
+class Wake:
+    """Requests are waiting: serve the queue."""
+
+
+Action = Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker | Wake
+
+
+# ---------------------------------------------------------------------------- the queue
+
+
+class WaitQueue:
+    """Requests waiting for a free slot: by priority, then round-robin by owner, then FIFO."""
+
+    def __init__(self) -> None:
+        self._levels: dict[int, dict[str, deque[Request]]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def append(self, request: Request) -> None:
+        owners = self._levels.setdefault(request.priority, {})
+        owners.setdefault(request.owner, deque()).append(request)
+        self._size += 1
+
+    def take_all(self) -> list[Request]:
+        """Everything, in the order it is to be served: highest priority first; within
+        one, one request of each owner in turn (the owner served least lately first)."""
+        out: list[Request] = []
+        for priority in sorted(self._levels, reverse=True):
+            owners = self._levels[priority]
+            while owners:
+                for owner in list(owners):
+                    queue = owners[owner]
+                    out.append(queue.popleft())
+                    if not queue:
+                        del owners[owner]
+        self._levels.clear()
+        self._size = 0
+        return out
 
 
 # ---------------------------------------------------------------------------- the table
@@ -121,7 +209,9 @@ class RequestTable:
     """The requests of one broker process, from arrival to answer."""
 
     requests: dict[str, Request] = field(default_factory=dict)
-    waiting: deque[Request] = field(default_factory=deque)
+    waiting: WaitQueue = field(default_factory=WaitQueue)
+    #: (owner, request_id) -> key: how cancel and attach find a request
+    named: dict[tuple[str, str], str] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
     accepting: bool = True
 
@@ -132,8 +222,19 @@ class RequestTable:
         if not self.accepting:
             return [self._answer(request, protocol.SHUTTING_DOWN, ErrorCode.SHUTTING_DOWN)]
         self.requests[request.key] = request
+        self.named[(request.owner, request.request_id)] = request.key
         self.stats["submitted"] += 1
+        if self.waiting:  # others wait for a slot: no jumping the queue
+            return [Arm(request), *self._wait(request)]
         return [Arm(request), Reserve([request])]
+
+    def find(self, owner: str | None, request_id: str) -> list[Request]:
+        """The requests of ``owner`` (None: anyone's) with this request id."""
+        if owner is not None:
+            key = self.named.get((owner, request_id))
+            request = self.requests.get(key) if key is not None else None
+            return [request] if request is not None else []
+        return [r for r in self.requests.values() if r.request_id == request_id]
 
     def reserved(self, request: Request, reservation: Reservation, now: float
                  ) -> list[Action]:
@@ -145,17 +246,21 @@ class RequestTable:
             request.state = State.PLACED
             request.worker_id = worker.worker_id
             request.worker_channel = worker.channel
+            request.worker_inbox = worker.inbox
             request.retry_safe = request.command not in worker.no_retry
             request.attempts += 1
             return [Forward(request, worker, max(0.001, request.deadline - now))]
         if reservation.capable:
-            if len(self.waiting) >= conf.get("QUEUE_LIMIT"):
-                self.stats["queue_full"] += 1
-                return [self._answer(request, protocol.ALL_BUSY, ErrorCode.ALL_BUSY)]
-            request.state = State.WAITING
-            self.waiting.append(request)
-            return []
+            return self._wait(request)
         return [self._unavailable(request)]
+
+    def _wait(self, request: Request) -> list[Action]:
+        if len(self.waiting) >= conf.get("QUEUE_LIMIT"):
+            self.stats["queue_full"] += 1
+            return [self._answer(request, protocol.ALL_BUSY, ErrorCode.ALL_BUSY)]
+        request.state = State.WAITING
+        self.waiting.append(request)
+        return [Wake()]
 
     def reservation_failed(self, requests: Iterable[Request], reason: str) -> list[Action]:
         """The registry could not be asked (Redis down): each of them is answered."""
@@ -164,9 +269,8 @@ class RequestTable:
                 for r in requests if r.state is State.RESERVING]
 
     def take_waiting(self) -> list[Request]:
-        """The queued requests, to be reserved again (a slot may have freed)."""
-        batch = [r for r in self.waiting if r.state is State.WAITING]
-        self.waiting.clear()
+        """The queued requests, in the order to serve them, to be reserved again."""
+        batch = [r for r in self.waiting.take_all() if r.state is State.WAITING]
         for request in batch:
             request.state = State.RESERVING
         return batch
@@ -194,22 +298,25 @@ class RequestTable:
             return []
         return [GiveBack(worker_id), self._answer(request, error, code)]
 
-    def lost(self, key: str, worker_id: str, reason: str) -> list[Action]:
-        """Its worker went away: send it to another, or answer why not."""
+    def lost(self, key: str, worker_id: str, reason: str,
+             code: ErrorCode = ErrorCode.WORKER_LOST) -> list[Action]:
+        """Its worker went away (or hung past its lease, ``code`` lease_expired): send it
+        to another, or answer why not."""
         request = self._placed(key, worker_id)
         if request is None:
             return []
         self.stats["lost"] += 1
+        request.workers_lost += 1
         request.worker_id = None
         request.lost_because = reason
+        text = protocol.LEASE_EXPIRED if code is ErrorCode.LEASE_EXPIRED else \
+            protocol.WORKER_LOST
         if not request.retry_safe:
-            return [self._answer(request, f"{protocol.WORKER_LOST} ({reason}); "
-                                          f"'{request.command}' is not idempotent, so it was "
-                                          "not retried", ErrorCode.WORKER_LOST)]
+            return [self._answer(request, f"{text} ({reason}); '{request.command}' is not "
+                                          "idempotent, so it was not retried", code)]
         if request.attempts > conf.get("MAX_RETRIES"):
-            return [self._answer(request, f"{protocol.WORKER_LOST} ({reason}) after "
-                                          f"{request.attempts} attempts",
-                                 ErrorCode.WORKER_LOST)]
+            return [self._answer(request, f"{text} ({reason}) after {request.attempts} "
+                                          "attempts", code)]
         self.stats["redispatched"] += 1
         request.state = State.RESERVING
         return [Reserve([request])]
@@ -222,15 +329,56 @@ class RequestTable:
         # A worker that has it keeps its slot until it answers or the slot expires there.
         return [self._answer(request, protocol.TIMEOUT, ErrorCode.TIMEOUT)]
 
-    def abandon(self, keys: Iterable[str]) -> list[Action]:
-        """The requester left: forget its requests; late answers will be dropped."""
-        out: list[Action] = []
+    def cancel(self, key: str, reason: str) -> list[Action]:
+        """Answered ``cancelled`` now; a worker that has it is told to stop it."""
+        request = self.requests.get(key)
+        if request is None:
+            return []
+        self.stats["cancelled"] += 1
+        actions: list[Action] = []
+        if request.state is State.PLACED:
+            actions.append(CancelOnWorker(request, reason))
+        actions.append(self._answer(request, f"{protocol.CANCELLED}: {reason}",
+                                    ErrorCode.CANCELLED))
+        return actions
+
+    def progress(self, key: str, worker_id: str, value: float | None,
+                 message: str | None) -> list[Action]:
+        """Its worker says how far it got: for the watchers that asked."""
+        request = self._placed(key, worker_id)
+        if request is None or not request.stream:
+            return []
+        fields: dict[str, Any] = {}
+        if value is not None:
+            fields["progress"] = value
+        if message is not None:
+            fields["message"] = message
+        return [Notify(request, protocol.event(request.request_id, "progress", **fields),
+                       mergeable=True)]
+
+    def chunk(self, key: str, worker_id: str, seq: int, data: Any, ack: Any) -> list[Action]:
+        """One partial result: for the watchers that asked (it is acknowledged when one
+        of them took it, or at once if none wants it)."""
+        request = self._placed(key, worker_id)
+        if request is None:
+            return []
+        return [Notify(request, protocol.event(request.request_id, "chunk", seq=seq,
+                                               data=data), ack)]
+
+    def watch(self, key: str, sink: Sink, stream: bool) -> bool:
+        """Add a watcher (an attach); False if the request is not here (any more)."""
+        request = self.requests.get(key)
+        if request is None:
+            return False
+        request.watchers.append(Watcher(sink, stream))
+        return True
+
+    def unwatch(self, keys: Iterable[str], sink: Sink) -> None:
+        """The watcher left (its connection closed): the requests go on without it."""
         for key in keys:
-            request = self.requests.pop(key, None)
+            request = self.requests.get(key)
             if request is not None:
-                request.state = State.DONE
-                out.append(Drop(request))
-        return out
+                request.watchers = [w for w in request.watchers if w.sink is not sink]
 
     def placed(self) -> list[Request]:
         """Requests that are with a worker (to check that their workers still live)."""
@@ -270,6 +418,9 @@ class RequestTable:
     def _finish(self, request: Request, response: ApiResponse) -> Answer:
         """The only way out of the table: once per request."""
         self.requests.pop(request.key, None)
+        name = (request.owner, request.request_id)
+        if self.named.get(name) == request.key:
+            del self.named[name]
         request.state = State.DONE
         self.stats["answered"] += 1
         return Answer(request, response)

@@ -16,6 +16,7 @@ ask again; the broker treats both like any Redis outage (errors, then recovery).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -25,6 +26,27 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from ..conf import BadSetting
+
+#: Seconds to wait for a TCP connection, and for an answer, before Redis counts as down.
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 5.0
+
+#: Options of every client. No retries: a refused connection fails at once and the
+#: broker answers with an error (a retried script might also run twice). The pool
+#: checks a connection before lending it and reopens one that Redis closed (after a
+#: restart), so nothing broken is kept...
+CLIENT_OPTIONS: dict[str, Any] = {
+    "decode_responses": True,
+    "retry": Retry(NoBackoff(), 0),
+    "socket_connect_timeout": CONNECT_TIMEOUT,
+    "socket_timeout": COMMAND_TIMEOUT,
+}
+try:  # ...unless redis-py >= 7 expects maintenance notifications, which skips that check
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - older redis-py
+    pass
+else:
+    CLIENT_OPTIONS["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
 
 #: Timeouts for talking to a sentinel: a dead one must cost a fraction of a second per
 #: lookup, not redis-py's default 5 s times its retries.
@@ -112,3 +134,28 @@ class Connection:
         await self.client.aclose()
         if self.sentinel is not None:
             await self.sentinel.aclose()
+
+
+class Clients:
+    """One client (and connection pool) per event loop: a connection belongs to the
+    loop that opened it, and tests, daphne and async_to_sync each run their own."""
+
+    def __init__(self, target: RedisTarget, **options: Any) -> None:
+        self.target = target
+        self.options = options
+        self._by_loop: dict[asyncio.AbstractEventLoop, Connection] = {}
+
+    def get(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        connection = self._by_loop.get(loop)
+        if connection is None:
+            for old in [old for old in self._by_loop if old.is_closed()]:
+                del self._by_loop[old]  # no loop left to close its sockets: the GC will
+            connection = self._by_loop[loop] = self.target.connect(**self.options)
+        return connection.client
+
+    async def close(self) -> None:
+        """Close this event loop's connections (at shutdown; at the end of a test)."""
+        connection = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if connection is not None:
+            await connection.close()

@@ -45,6 +45,7 @@ class WorkerEntry:
     no_retry: frozenset[str] = frozenset()  # commands never re-sent elsewhere
     inbox: str = ""  # channel of the dispatcher of the process that holds its socket
     owner: str = ""  # the credential that registered this id (auth.Grant.owner)
+    leases: dict[str, float] = field(default_factory=dict)  # command -> seconds of life
 
     def has_room(self) -> bool:
         return has_room(self.in_flight, self.max_concurrency, self.draining)
@@ -54,7 +55,7 @@ class WorkerEntry:
         data = asdict(self)
         data["commands"] = sorted(self.commands)
         data["no_retry"] = sorted(self.no_retry)
-        del data["channel"], data["inbox"], data["owner"]
+        del data["channel"], data["inbox"], data["owner"], data["leases"]
         return data
 
 

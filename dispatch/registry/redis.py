@@ -48,40 +48,17 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from .. import conf
 from ..core.balancing import get_strategy
 from ..redis import scripts
-from ..redis.connection import Connection, RedisTarget
+from ..redis.connection import CLIENT_OPTIONS, Clients, RedisTarget
 from .base import (EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry,
                    WorkerIdTaken, has_room)
 
 #: Times a reservation fetches candidates (again, after losing the race for a slot).
 RESERVE_ATTEMPTS = 5
-#: Seconds to wait for a TCP connection, and for an answer, before Redis counts as down.
-CONNECT_TIMEOUT = 2.0
-COMMAND_TIMEOUT = 5.0
-
-#: Options of every client. No retries: a refused connection fails at once and the
-#: broker answers with an error (a retried script might also run twice). The pool
-#: checks a connection before lending it and reopens one that Redis closed (after a
-#: restart), so nothing broken is kept...
-CLIENT_OPTIONS: dict[str, Any] = {
-    "decode_responses": True,
-    "retry": Retry(NoBackoff(), 0),
-    "socket_connect_timeout": CONNECT_TIMEOUT,
-    "socket_timeout": COMMAND_TIMEOUT,
-}
-try:  # ...unless redis-py >= 7 expects maintenance notifications, which skips that check
-    from redis.maint_notifications import MaintNotificationsConfig
-except ImportError:  # pragma: no cover - older redis-py
-    pass
-else:
-    CLIENT_OPTIONS["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-
 # ---------------------------------------------------------------------------- Lua
 # The scripts are dispatch/redis/lua/*.lua; each says what its KEYS and ARGV are.
 (ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RESERVE_MANY, SET_DRAINING, GET, ALL, COUNT,
@@ -98,6 +75,7 @@ _DECODERS: dict[str, Callable[[str], Any]] = {
     "float": float,
     "bool": lambda text: text == "1",
     "frozenset[str]": lambda text: frozenset(json.loads(text)),
+    "dict[str, float]": json.loads,
 }
 
 
@@ -110,6 +88,8 @@ def _encode(entry: WorkerEntry) -> dict[str, str]:
             out[f.name] = "1" if value else "0"
         elif isinstance(value, (set, frozenset)):
             out[f.name] = json.dumps(sorted(value))
+        elif isinstance(value, dict):
+            out[f.name] = json.dumps(value)
         elif isinstance(value, float):
             out[f.name] = repr(value)
         else:
@@ -175,9 +155,7 @@ class RedisRegistry(Registry):
         self._beats = f"{prefix}:heartbeats"
         self._seq = f"{prefix}:round-robin"
         self._processes = f"{prefix}:processes"
-        # One client (and connection pool) per event loop: a connection belongs to the
-        # loop that opened it, and tests, daphne and async_to_sync each run their own.
-        self._clients: dict[asyncio.AbstractEventLoop, Connection] = {}
+        self._clients = Clients(self.target, **CLIENT_OPTIONS)
 
     @property
     def ttl(self) -> float:
@@ -190,19 +168,11 @@ class RedisRegistry(Registry):
         return max(1000, int(self.ttl * 2000))
 
     def _client(self) -> aioredis.Redis:
-        loop = asyncio.get_running_loop()
-        connection = self._clients.get(loop)
-        if connection is None:
-            for old in [old for old in self._clients if old.is_closed()]:
-                del self._clients[old]  # no loop left to close its sockets: the GC will
-            connection = self._clients[loop] = self.target.connect(**CLIENT_OPTIONS)
-        return connection.client
+        return self._clients.get()
 
     async def close(self) -> None:
         """Close this event loop's connections (at shutdown; at the end of a test)."""
-        connection = self._clients.pop(asyncio.get_running_loop(), None)
-        if connection is not None:
-            await connection.close()
+        await self._clients.close()
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """Run a prelude script: KEYS[1] = heartbeats, ARGV[1] = prefix, ARGV[2] = cutoff."""

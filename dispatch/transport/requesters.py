@@ -1,17 +1,34 @@
 """The requester socket: the seed's JSON API, many requests in flight at once.
 
 Each request is checked against the connection's limits and grant, then submitted
-to the process's dispatcher, which answers it exactly once through :meth:`respond`.
+to the process's dispatcher, which answers it exactly once (:meth:`answer`). The
+opt-in frames of long jobs are handled here too: ``{"cancel": id}``,
+``{"attach": id}``, and, for requests that asked (``"stream": true``), their
+progress and chunk events (:meth:`event`).
+
+Back-pressure: a chunk is acknowledged to its worker only once this socket has
+room for more (less than half of ``MAX_UNSENT_BYTES`` unread), so a requester that
+reads slowly slows its workers down instead of filling the broker; progress
+reports that queue up behind a slow reader are merged, the newest wins.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 from workers import protocol
-from workers.protocol import ApiRequest, ApiResponse, ErrorCode, ProtocolError, quote
+from workers.protocol import (ApiRequest, ApiResponse, Attach, Cancel, ErrorCode,
+                              ProtocolError, quote, requester_frame)
 
 from .. import conf
 from ..core.dispatcher import Dispatcher, get_dispatcher
 from .sockets import BaseSocket
+
+Ack = Callable[[], Awaitable[None]]
+#: How often a socket with chunks waiting to be acknowledged looks whether its peer
+#: has read enough.
+ACK_POLL_SECONDS = 0.02
 
 
 class RequesterConsumer(BaseSocket):
@@ -24,34 +41,52 @@ class RequesterConsumer(BaseSocket):
         self.dispatcher = await get_dispatcher()
         self.in_flight: dict[str, tuple[str, int]] = {}  # request_id -> (key, frame size)
         self.in_flight_bytes = 0
+        self.watching: set[str] = set()  # request ids attached to (not sent from here)
+        self.held_acks: list[Ack] = []  # chunk acks waiting for the peer to read
+        self._acker: asyncio.Task[None] | None = None
         await self.admit()
 
     async def disconnect(self, code: int) -> None:
         self.forget_grant()
+        if self._acker is not None:
+            self._acker.cancel()
         await self.cut_off()
 
     async def cut_off(self) -> None:
-        """Its requests are abandoned: their answers, when they come, are dropped."""
-        self.dispatcher.abandon([key for key, _ in self.in_flight.values()])
+        """It stops watching its requests; they go on, and their answers are kept for
+        a new connection of the same credential to attach to."""
+        self.dispatcher.unwatch([key for key, _ in self.in_flight.values()], self)
         self.in_flight.clear()
         self.in_flight_bytes = 0
 
     async def receive_text(self, text: str) -> None:
         try:
-            request = ApiRequest.from_json(text)
+            frame = requester_frame(text)
         except ProtocolError as exc:
             await self.refuse(str(exc), exc.request_id)
             return
+        if isinstance(frame, Cancel):
+            await self._cancel(frame)
+        elif isinstance(frame, Attach):
+            await self._attach(frame)
+        else:
+            await self._submit(frame, len(text))
+
+    async def _submit(self, request: ApiRequest, size: int) -> None:
         if not self.grant.allows(request.command):
             await self.refuse(f"Command '{quote(request.command)}' is not allowed for this "
                               "API key", request.request_id, ErrorCode.NOT_ALLOWED)
+            return
+        if request.timeout is not None and request.timeout > conf.get("MAX_TIMEOUT"):
+            await self.refuse(f"Field 'timeout' is over this broker's limit of "
+                              f"{conf.get('MAX_TIMEOUT'):g} seconds", request.request_id)
             return
         if len(self.in_flight) >= conf.get("MAX_IN_FLIGHT"):
             await self.refuse(f"Too many requests in flight on this connection (limit "
                               f"{conf.get('MAX_IN_FLIGHT')})", request.request_id,
                               ErrorCode.LIMIT_EXCEEDED)
             return
-        if self.in_flight_bytes + len(text) > conf.get("MAX_IN_FLIGHT_BYTES"):
+        if self.in_flight_bytes + size > conf.get("MAX_IN_FLIGHT_BYTES"):
             await self.refuse(f"Too much data in flight on this connection (limit "
                               f"{conf.get('MAX_IN_FLIGHT_BYTES')} bytes of requests): wait "
                               "for answers first", request.request_id, ErrorCode.LIMIT_EXCEEDED)
@@ -62,11 +97,29 @@ class RequesterConsumer(BaseSocket):
                               ErrorCode.DUPLICATE)
             return
         key = protocol.new_id()
-        self.in_flight[request.request_id] = (key, len(text))
-        self.in_flight_bytes += len(text)
+        self.in_flight[request.request_id] = (key, size)
+        self.in_flight_bytes += size
         await self.dispatcher.submit(
-            request.command, request.data, self.respond, request_id=request.request_id,
-            requester=str(self.peer), timeout=request.timeout, key=key)
+            request.command, request.data, self, request_id=request.request_id,
+            requester=str(self.peer), timeout=request.timeout, key=key,
+            owner=self.grant.owner, stream=request.stream, priority=request.priority)
+
+    async def _cancel(self, frame: Cancel) -> None:
+        """Cancel a request of this credential; its answer (``cancelled``) says it is done."""
+        if not await self.dispatcher.cancel(self.grant.owner, frame.request_id,
+                                            "cancelled by the requester"):
+            await self.refuse(f"No request '{quote(frame.request_id)}' of yours is running",
+                              frame.request_id, ErrorCode.UNKNOWN_REQUEST)
+
+    async def _attach(self, frame: Attach) -> None:
+        """Watch a request this credential sent on another connection (or on this one
+        before it dropped): its remaining progress and its answer, or its kept answer."""
+        self.watching.add(frame.request_id)
+        if not await self.dispatcher.attach(self.grant.owner, frame.request_id, self,
+                                            frame.stream):
+            self.watching.discard(frame.request_id)
+            await self.refuse(f"No request '{quote(frame.request_id)}' of yours is running "
+                              "or finished lately", frame.request_id, ErrorCode.UNKNOWN_REQUEST)
 
     async def refuse(self, error: str, request_id: str | None = None,
                      code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
@@ -83,9 +136,42 @@ class RequesterConsumer(BaseSocket):
                           and len(request_id) <= protocol.MAX_ID_CHARS else None,
                           ErrorCode.TOO_LARGE)
 
-    async def respond(self, response: ApiResponse) -> None:
-        """Called by the dispatcher, once per request."""
+    # ------------------------------------------------------------------ as a sink
+
+    async def answer(self, response: ApiResponse, text: str) -> None:
+        """A request's one answer (called by the dispatcher)."""
         held = self.in_flight.pop(response.request_id, None)  # type: ignore[arg-type]
         if held is not None:
             self.in_flight_bytes -= held[1]
-            await self.send_text(response.to_json())
+        elif response.request_id not in self.watching:
+            return
+        self.watching.discard(response.request_id)  # type: ignore[arg-type]
+        await self.send_text(text)
+
+    async def event(self, request_id: str, text: str, *, ack: Ack | None = None,
+                    mergeable: bool = False) -> None:
+        """A progress (``mergeable``) or chunk event of a request that asked for them."""
+        await self.send_text(text, merge_key=request_id if mergeable else None)
+        if ack is None:
+            return
+        if self._has_room() and not self.held_acks:
+            await ack()
+            return
+        self.held_acks.append(ack)
+        if self._acker is None:
+            self._acker = asyncio.get_running_loop().create_task(self._release_acks())
+
+    def _has_room(self) -> bool:
+        return self.probe.unsent() + self.outbox_bytes < conf.get("MAX_UNSENT_BYTES") // 2
+
+    async def _release_acks(self) -> None:
+        """Acknowledge the held chunks as the peer reads: its workers wait meanwhile."""
+        try:
+            while self.held_acks:
+                while not self._has_room():
+                    await asyncio.sleep(ACK_POLL_SECONDS)
+                acks, self.held_acks = self.held_acks, []
+                for ack in acks:
+                    await ack()
+        finally:
+            self._acker = None

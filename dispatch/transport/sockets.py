@@ -27,6 +27,11 @@ from .sendbuffer import Probe, probe_for
 
 log = logging.getLogger("dispatch.sockets")
 
+#: The outbox entry key of a frame that a newer one may replace, and how far back from
+#: the end of the outbox one is looked for.
+MERGE_KEY = "broker.merge"
+MERGE_WINDOW = 64
+
 #: Refused connections of the whole process: a few lines at once, then one a second
 #: (with how many were left out), however many peers knock.
 REFUSAL_LOG = LogBudget(burst=20, refill_seconds=1.0)
@@ -197,17 +202,33 @@ class BaseSocket(AsyncWebsocketConsumer):
 
     # -------------------------------------------------------------- sending
 
-    async def send_text(self, text: str) -> None:
+    async def send_text(self, text: str, merge_key: str | None = None) -> None:
         """Send one frame without ever waiting for the peer to read.
 
-        Past :meth:`unsent_allowance` bytes unread (in the server's buffer and our
-        outbox), the peer is cut off.
+        A frame with a ``merge_key`` replaces one with the same key still waiting in the
+        outbox (the newest progress report wins). Past :meth:`unsent_allowance` bytes
+        unread (in the server's buffer and our outbox), the peer is cut off.
         """
         if self.state is SocketState.CLOSING:
             return
-        await self._emit({"type": "websocket.send", "text": text})
+        if merge_key is not None and self.outbox and self._merge(merge_key, text):
+            return
+        message = {"type": "websocket.send", "text": text}
+        if merge_key is not None:
+            message[MERGE_KEY] = merge_key
+        await self._emit(message)
         if self.probe.unsent() + self.outbox_bytes > self.unsent_allowance():
             await self.too_slow()
+
+    def _merge(self, key: str, text: str) -> bool:
+        """Put ``text`` in place of the waiting frame with this key, if one is near the end."""
+        for i in range(len(self.outbox) - 1, max(-1, len(self.outbox) - 1 - MERGE_WINDOW), -1):
+            waiting = self.outbox[i]
+            if waiting.get(MERGE_KEY) == key:
+                self.outbox_bytes += len(text) - len(waiting["text"])
+                waiting["text"] = text
+                return True
+        return False
 
     def unsent_allowance(self) -> int:
         """Bytes this peer may leave unread before it is cut off."""
@@ -228,6 +249,7 @@ class BaseSocket(AsyncWebsocketConsumer):
             while self.outbox:
                 message = self.outbox.popleft()
                 self.outbox_bytes -= len(message.get("text") or "")
+                message.pop(MERGE_KEY, None)
                 await self.base_send(message)
         finally:
             self._writer = None

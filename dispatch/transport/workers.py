@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 
 from workers.handlers import run_safely
-from workers.protocol import (ErrorCode, Message, MessageType, ProtocolError, Registration,
-                              RequestBody, ResponseBody, quote)
+from workers.protocol import (ChunkBody, ErrorCode, Message, MessageType, ProgressBody,
+                              ProtocolError, Registration, RequestBody, ResponseBody, quote)
 
 from workers import protocol
 
@@ -144,6 +144,12 @@ class WorkerConsumer(BaseSocket):
     async def on_disconnect(self, link: WorkerLink, msg: Message) -> None:
         await link.draining()
 
+    async def on_progress(self, link: WorkerLink, msg: Message) -> None:
+        await link.progress(ProgressBody.from_message(msg))
+
+    async def on_chunk(self, link: WorkerLink, msg: Message) -> None:
+        await link.chunk(ChunkBody.from_message(msg))
+
     async def on_notification(self, link: WorkerLink, msg: Message) -> None:
         self.logs.log(log, logging.INFO, "worker %s says: %s", link.label,
                       quote(msg.data.get("message"), 300))
@@ -158,6 +164,8 @@ class WorkerConsumer(BaseSocket):
         MessageType.RESPONSE.value: on_response,
         MessageType.REQUEST.value: on_request,
         MessageType.DISCONNECT.value: on_disconnect,
+        MessageType.PROGRESS.value: on_progress,
+        MessageType.CHUNK.value: on_chunk,
         MessageType.NOTIFICATION.value: on_notification,
         MessageType.ERROR.value: on_error,
     }
