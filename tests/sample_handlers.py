@@ -37,3 +37,79 @@ async def charge(seconds: float = 1.0) -> str:
     """Must never run twice: if its worker dies, the broker must not retry it."""
     await asyncio.sleep(seconds)
     return "charged"
+
+
+# ---------------------------------------------------------------------------- long jobs
+
+from pathlib import Path  # noqa: E402
+
+from workers.jobs import JobContext  # noqa: E402
+
+
+@command()
+async def long_job(seconds: float = 5.0, *, ctx: JobContext) -> str:
+    """Reports progress ten times a second; stops at once when cancelled."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while (done := loop.time() - started) < seconds:
+        await ctx.progress(done / seconds, f"{done:.1f}s of {seconds:g}s")
+        await asyncio.sleep(0.1)
+    return "finished"
+
+
+@command()
+def careful(seconds: float = 5.0, marker: str = "", *, ctx: JobContext) -> str:
+    """A thread cannot be interrupted: it looks at ctx.cancelled, and says what it saw."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ctx.cancelled:
+            Path(marker).write_text(f"cancelled: {ctx.cancel_reason}")
+            return "stopped early"
+        ctx.progress(message="working")
+        time.sleep(0.05)
+    return "finished"
+
+
+@command()
+async def count(n: int = 5, size: int = 0, log: str = "", *, ctx: JobContext):
+    """Streams n chunks (each ``size`` bytes of padding); notes each one it produced."""
+    for i in range(n):
+        if log:
+            Path(log).write_text(str(i))
+        yield {"i": i, "pad": "x" * size}
+        await asyncio.sleep(0)
+
+
+@command()
+async def time_left(*, ctx: JobContext) -> float | None:
+    return ctx.time_left()
+
+
+@command(lease=1.0)
+async def hangs(seconds: float = 30.0) -> str:
+    """Leased for 1 s, and shows no life: the broker must take it for hung."""
+    await asyncio.sleep(seconds)
+    return "woke up"
+
+
+@command(lease=1.0)
+async def beating(seconds: float = 2.5, *, ctx: JobContext) -> str:
+    """Leased for 1 s, and says it lives: it may run longer than its lease."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < seconds:
+        await ctx.heartbeat()
+        await asyncio.sleep(0.3)
+    return "alive"
+
+
+@command()
+def poison() -> None:
+    """Kills its worker: a request whose every worker dies under it."""
+    os._exit(17)
+
+
+@command()
+async def sleep_ms(ms: float = 20.0) -> float:
+    await asyncio.sleep(ms / 1000)
+    return ms

@@ -82,16 +82,14 @@ class JobContext:
     def progress(self, fraction: float | None = None, message: str | None = None) -> _Done:
         """Report how far the job got (0-1) and/or what it does now; shows it lives.
 
-        Sent at most every PROGRESS_EVERY seconds (the newest report wins), and only
-        to a requester that asked; for a leased command it always counts as life.
+        Sent at most every PROGRESS_EVERY seconds (the newest report wins); the broker
+        passes it on to requesters that asked for it. It also shows the job lives.
         ``await`` it in an async handler; in a thread, just call it.
         """
         if fraction is not None:
             fraction = min(1.0, max(0.0, float(fraction)))
-        if not self.stream:
-            fraction = message = None  # nobody to tell: only a sign of life, if leased
-            if self.lease is None:
-                return _DONE
+        # Sent even when the requester did not ask: another connection of its may
+        # attach to the request later, and get the rest of its progress.
         self._call(self._report, Message.progress(self.request_id, fraction, message))
         return _DONE
 

@@ -29,7 +29,8 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
 
@@ -39,12 +40,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from .address import auth_headers, broker_url, default_token, is_url
 from .console import parse_data
 from .console import serve as console_lines
-from .errors import (AllBusy, BrokerUnavailable, CommandFailed, ConnectionLost, NoWorkers,
-                     Refused, RequestFailed, Timeout, WorkerLost, describe)
-from .protocol import ApiRequest, ApiResponse, ProtocolError
+from .errors import (AllBusy, BrokerUnavailable, Cancelled, CommandFailed, ConnectionLost,
+                     NoWorkers, Refused, RequestFailed, Timeout, WorkerLost, describe)
+from .protocol import (ApiRequest, ApiResponse, CloseCode, ErrorCode, ProtocolError,
+                       loads_object)
 
-__all__ = ["AllBusy", "BrokerUnavailable", "CommandFailed", "ConnectionLost", "NoWorkers",
-           "Refused", "RequestFailed", "Requester", "SyncRequester", "Timeout", "WorkerLost"]
+__all__ = ["AllBusy", "BrokerUnavailable", "Cancelled", "Chunk", "CommandFailed",
+           "ConnectionLost", "Job", "NoWorkers", "Progress", "Refused", "RequestFailed",
+           "Requester", "Result", "SyncRequester", "Timeout", "WorkerLost"]
 
 logger = logging.getLogger("workers.requester")
 
@@ -58,9 +61,107 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MARGIN = 5.0
 #: Frames we accept; the broker enforces its own (smaller) limit on what it sends.
 MAX_FRAME_BYTES = 16 * 2**20
+#: Close codes after which dialling again is no use: the credential is refused.
+FINAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.FORBIDDEN})
 
 
 # --------------------------------------------------------------------------- async client
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a request got: ``progress`` from 0 to 1 and/or a ``message``."""
+
+    request_id: str
+    progress: float | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One partial result of a request (``seq`` counts from 0)."""
+
+    request_id: str
+    seq: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The last event of :meth:`Requester.stream`: the answer's data."""
+
+    request_id: str
+    data: Any
+    response: ApiResponse
+
+
+Event = Progress | Chunk | Result
+
+
+class _Call:
+    """One request in flight: its answer to come, and what to do with its events."""
+
+    __slots__ = ("request", "future", "events", "chunks")
+
+    def __init__(self, request: ApiRequest, on_event: Callable[[Event], Any] | None) -> None:
+        self.request = request
+        self.future: asyncio.Future[ApiResponse] = asyncio.get_running_loop().create_future()
+        self.events = on_event
+        self.chunks: list[Any] = []
+
+
+class Job:
+    """A request started with :meth:`Requester.start`: its answer, its events, its cancel."""
+
+    def __init__(self, requester: Requester, call: _Call,
+                 events: asyncio.Queue[Event] | None) -> None:
+        self._requester = requester
+        self._call = call
+        self._events = events
+
+    @property
+    def request_id(self) -> str:
+        return self._call.request.request_id
+
+    async def result(self) -> Any:
+        """The answer's data (a generator command's chunks, collected, if it streamed);
+        raises a :class:`RequestFailed` subclass for a failure answer."""
+        return _data_of(self._call, await self._requester._wait(self._call))
+
+    async def cancel(self) -> None:
+        """Ask the broker to stop it; its answer (:class:`Cancelled`) says when it did."""
+        await self._requester._send_cancel(self.request_id)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Its progress and chunks as they come, then a :class:`Result` (needs
+        ``stream=True`` at :meth:`~Requester.start`)."""
+        if self._events is None:
+            raise RuntimeError("start(..., stream=True) to get a job's events")
+        waiting = asyncio.ensure_future(self._requester._wait(self._call))
+        try:
+            while True:
+                getter = asyncio.ensure_future(self._events.get())
+                done, _ = await asyncio.wait({getter, waiting},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not self._events.empty():  # what came before the answer
+                    yield self._events.get_nowait()
+                response = waiting.result()
+                yield Result(self.request_id, _data_of(self._call, response), response)
+                return
+        finally:
+            waiting.cancel()
+
+
+def _data_of(call: _Call, response: ApiResponse) -> Any:
+    if not response.success:
+        raise RequestFailed.from_answer(response.error, response.code, response)
+    if response.data is None and call.chunks:
+        return list(call.chunks)
+    return response.data
 
 
 class Requester:
@@ -70,34 +171,50 @@ class Requester:
     that names no timeout of its own (the broker's default is 30 s); the client
     waits that long plus ``margin`` before giving up with :class:`TimeoutError`,
     so nothing waits forever even if the broker never answers.
+
+    ``reconnect``: when the connection drops, dial again (with backoff, for up to
+    ``reconnect_for`` seconds) and re-attach every request still waiting, so that
+    calls in flight get their answers (the broker keeps them). Without it, or when
+    the broker does not come back in time, waiting calls fail with
+    :class:`ConnectionLost`.
     """
 
     def __init__(self, url: str, *, token: str | None = None,
                  default_timeout: float = DEFAULT_TIMEOUT,
-                 margin: float = DEFAULT_MARGIN, open_timeout: float = 10.0) -> None:
+                 margin: float = DEFAULT_MARGIN, open_timeout: float = 10.0,
+                 reconnect: bool = True, reconnect_for: float = 30.0) -> None:
         self.url = url
         self.token = token
         self.default_timeout = default_timeout
         self.margin = margin
         self.open_timeout = open_timeout
+        self.reconnect = reconnect
+        self.reconnect_for = reconnect_for
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[str, asyncio.Future[ApiResponse]] = {}
+        self._calls: dict[str, _Call] = {}
         self._lost: str | None = None
+        self._closing = False
+        self._connected = asyncio.Event()
 
     async def connect(self) -> Requester:
         """Open the connection; raises ``OSError``/``InvalidHandshake``/``TimeoutError``."""
-        self._ws = await connect(self.url, max_size=MAX_FRAME_BYTES,
-                                 open_timeout=self.open_timeout,
-                                 additional_headers=auth_headers(self.token))
+        self._ws = await self._dial()
         self._lost = None
-        self._reader = asyncio.create_task(self._read_loop(self._ws),
-                                           name="workers.requester reader")
+        self._closing = False
+        self._connected.set()
+        self._reader = asyncio.create_task(self._run(), name="workers.requester reader")
         logger.debug("Connected to %s", self.url)
         return self
 
+    async def _dial(self) -> ClientConnection:
+        return await connect(self.url, max_size=MAX_FRAME_BYTES,
+                             open_timeout=self.open_timeout,
+                             additional_headers=auth_headers(self.token))
+
     async def close(self) -> None:
         """Close the connection; calls still waiting fail with :class:`ConnectionLost`."""
+        self._closing = True
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:
@@ -114,91 +231,210 @@ class Requester:
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
-        return len(self._pending)
+        return len(self._calls)
 
     async def request(self, command: str, data: dict[str, Any] | None = None, *,
-                      timeout: float | None = None) -> ApiResponse:
+                      timeout: float | None = None, priority: int = 0,
+                      on_event: Callable[[Event], Any] | None = None) -> ApiResponse:
         """Send one command and return the broker's answer, successful or not.
 
         ``timeout`` (seconds) is passed to the broker, which answers
-        ``Worker response timeout`` when it runs out. Raises
-        :class:`ConnectionLost` if the connection is or goes down before the
-        answer, and :class:`TimeoutError` if no answer came within
-        ``timeout`` (or ``default_timeout``) plus ``margin``.
+        ``Worker response timeout`` when it runs out. ``on_event`` asks for the
+        request's progress and chunks, and is called with each (:class:`Progress`,
+        :class:`Chunk`). Cancelling the task that awaits this cancels the request at
+        the broker too. Raises :class:`ConnectionLost` if the connection is or goes
+        down before the answer (and does not come back), and :class:`TimeoutError`
+        if no answer came within ``timeout`` (or ``default_timeout``) plus ``margin``.
         """
-        ws = self._require_connection()
-        req = ApiRequest(command, dict(data or {}), timeout=timeout)
-        future: asyncio.Future[ApiResponse] = asyncio.get_running_loop().create_future()
-        self._pending[req.request_id] = future
-        try:
-            try:
-                await ws.send(req.to_json())
-            except ConnectionClosed as exc:
-                raise ConnectionLost(f"Connection to {self.url} lost: {describe(exc)}") from None
-            return await self._wait(future, command, timeout)
-        finally:
-            self._pending.pop(req.request_id, None)
+        call = await self._send(command, data, timeout, priority, on_event)
+        return await self._wait(call)
 
-    async def call(self, command: str, /, *, timeout: float | None = None, **data: Any) -> Any:
+    async def call(self, command: str, /, *, timeout: float | None = None,
+                   on_progress: Callable[[Progress], Any] | None = None,
+                   priority: int = 0, **data: Any) -> Any:
         """Send one command with ``data`` as keyword arguments; return the answer's data.
 
+        ``on_progress`` is called with each :class:`Progress` the worker reports (a
+        streaming command's chunks are then collected into the data returned).
         Raises a :class:`RequestFailed` when the answer is a failure: the subclass
         for its code (:class:`NoWorkers`, :class:`Timeout`, :class:`WorkerLost`,
-        :class:`CommandFailed`...). Use :meth:`request` to pass a parameter that is
-        itself called ``timeout``.
+        :class:`Cancelled`, :class:`CommandFailed`...). Use :meth:`request` to pass
+        a parameter that is itself called ``timeout``.
         """
-        response = await self.request(command, data, timeout=timeout)
-        if not response.success:
-            raise RequestFailed.from_answer(response.error, response.code, response)
-        return response.data
+        def progress_only(event: Event) -> None:
+            if isinstance(event, Progress):
+                on_progress(event)  # type: ignore[misc]
+
+        call = await self._send(command, data, timeout, priority,
+                                progress_only if on_progress is not None else None)
+        return _data_of(call, await self._wait(call))
+
+    async def start(self, command: str, data: dict[str, Any] | None = None, *,
+                    timeout: float | None = None, priority: int = 0,
+                    stream: bool = False) -> Job:
+        """Start a request and return its :class:`Job` at once (``job.result()``,
+        ``job.cancel()``, and with ``stream`` ``job.events()``)."""
+        queue: asyncio.Queue[Event] | None = asyncio.Queue() if stream else None
+        call = await self._send(command, data, timeout, priority,
+                                queue.put_nowait if queue is not None else None)
+        return Job(self, call, queue)
+
+    async def stream(self, command: str, /, *, timeout: float | None = None,
+                     priority: int = 0, **data: Any) -> AsyncIterator[Event]:
+        """``async for event in broker.stream("cmd", ...)``: the request's progress and
+        chunks as they come, then its :class:`Result`; a failure raises."""
+        job = await self.start(command, data, timeout=timeout, priority=priority, stream=True)
+        try:
+            async for event in job.events():
+                yield event
+        except asyncio.CancelledError:
+            await self._send_cancel(job.request_id)
+            raise
 
     # -- internals
 
-    def _require_connection(self) -> ClientConnection:
+    async def _send(self, command: str, data: dict[str, Any] | None, timeout: float | None,
+                    priority: int, on_event: Callable[[Event], Any] | None) -> _Call:
+        ws = await self._connection()
+        req = ApiRequest(command, dict(data or {}), timeout=timeout,
+                         stream=on_event is not None, priority=priority)
+        call = self._calls[req.request_id] = _Call(req, on_event)
+        try:
+            await ws.send(req.to_json())
+        except ConnectionClosed:
+            if not self.reconnect:  # else: sent again (as an attach) once reconnected
+                del self._calls[req.request_id]
+                raise ConnectionLost(f"Connection to {self.url} lost") from None
+        return call
+
+    async def _connection(self) -> ClientConnection:
         if self._ws is None:
             raise ConnectionLost(f"Not connected to {self.url}; use 'async with' or connect()")
         if self._lost is not None:
             raise ConnectionLost(f"Connection to {self.url} lost: {self._lost}")
+        if not self._connected.is_set():  # reconnecting
+            try:
+                async with asyncio.timeout(self.reconnect_for):
+                    await self._connected.wait()
+            except TimeoutError:
+                raise ConnectionLost(f"Not connected to {self.url}") from None
+            return await self._connection()
         return self._ws
 
-    async def _wait(self, future: asyncio.Future[ApiResponse], command: str,
-                    timeout: float | None) -> ApiResponse:
-        """Wait for the answer, but never longer than the broker's own limit plus a margin."""
+    async def _wait(self, call: _Call) -> ApiResponse:
+        """Wait for the answer, but never longer than the broker's own limit plus a
+        margin; a cancelled wait cancels the request."""
+        timeout = call.request.timeout
         limit = (self.default_timeout if timeout is None else timeout) + self.margin
         try:
             async with asyncio.timeout(limit):
-                return await future
+                return await asyncio.shield(call.future)
         except TimeoutError:
-            raise TimeoutError(
-                f"No answer to '{command}' from {self.url} within {limit:.1f}s") from None
+            raise TimeoutError(f"No answer to '{call.request.command}' from {self.url} "
+                               f"within {limit:.1f}s") from None
+        except asyncio.CancelledError:
+            if not call.future.done():
+                await self._send_cancel(call.request.request_id)
+            raise
+        finally:
+            self._calls.pop(call.request.request_id, None)
 
-    async def _read_loop(self, ws: ClientConnection) -> None:
-        """Resolve waiting calls as answers arrive; fail them all when the connection ends."""
-        reason = "connection closed"
+    async def _send_cancel(self, request_id: str) -> None:
+        if self._ws is not None and self._connected.is_set():
+            try:
+                await self._ws.send(json.dumps({"cancel": request_id}))
+            except ConnectionClosed:
+                pass
+
+    async def _run(self) -> None:
+        """Read until the connection ends; then reconnect and re-attach, or fail all."""
+        while True:
+            reason = await self._read_loop(self._ws)  # type: ignore[arg-type]
+            self._connected.clear()
+            refused = self._ws is not None and self._ws.close_code in FINAL_CLOSE_CODES
+            if self._closing or not self.reconnect or refused or \
+                    not await self._redial(reason):
+                self._lost = reason
+                logger.debug("Connection to %s ended: %s", self.url, reason)
+                self._fail_all(ConnectionLost(f"Connection to {self.url} lost: {reason}"))
+                return
+
+    async def _redial(self, reason: str) -> bool:
+        """Dial again with backoff for up to ``reconnect_for`` seconds; re-attach the calls
+        still waiting (the broker kept them running, and keeps their answers)."""
+        logger.warning("Connection to %s lost (%s); reconnecting", self.url, reason)
+        loop = asyncio.get_running_loop()
+        give_up, delay = loop.time() + self.reconnect_for, 0.1
+        while loop.time() < give_up:
+            try:
+                self._ws = await self._dial()
+            except CONNECT_ERRORS:
+                await asyncio.sleep(min(delay, max(0.0, give_up - loop.time())))
+                delay = min(delay * 2, 2.0)
+                continue
+            try:
+                for call in list(self._calls.values()):
+                    await self._ws.send(json.dumps({"attach": call.request.request_id,
+                                                    "stream": call.events is not None}))
+            except ConnectionClosed:  # refused or dropped at once: try again
+                await asyncio.sleep(min(delay, max(0.0, give_up - loop.time())))
+                delay = min(delay * 2, 2.0)
+                continue
+            self._connected.set()
+            logger.info("Reconnected to %s; re-attached %d request(s)", self.url,
+                        len(self._calls))
+            return True
+        return False
+
+    async def _read_loop(self, ws: ClientConnection) -> str:
+        """Resolve waiting calls as answers arrive; return why the connection ended."""
         try:
             async for raw in ws:
                 self._on_frame(raw)
-            reason = _close_reason(ws)
+            return _close_reason(ws)
         except ConnectionClosed as exc:
-            reason = describe(exc)
-        finally:
-            self._lost = reason
-            logger.debug("Connection to %s ended: %s", self.url, reason)
-            self._fail_all(ConnectionLost(f"Connection to {self.url} lost: {reason}"))
+            return describe(exc)
 
     def _on_frame(self, raw: str | bytes) -> None:
         try:
+            obj = loads_object(raw)
+            if "event" in obj:
+                self._on_event(obj)
+                return
             response = ApiResponse.from_json(raw)
         except ProtocolError as exc:
             logger.warning("Unreadable frame from %s: %s", self.url, exc)
             return
-        future = self._match(response)
-        if future is None:
+        call = self._match(response)
+        if call is None:
             logger.debug("Answer to unknown request %s dropped", response.request_id)
-        elif not future.done():
-            future.set_result(response)
+        elif response.code == ErrorCode.UNKNOWN_REQUEST.value and \
+                not call.future.done() and response.request_id is not None:
+            # A re-attach found nothing: it finished too long ago, or never arrived.
+            call.future.set_exception(ConnectionLost(
+                f"Connection to {self.url} was lost and its answer with it: "
+                f"{response.error}"))
+        elif not call.future.done():
+            call.future.set_result(response)
 
-    def _match(self, response: ApiResponse) -> asyncio.Future[ApiResponse] | None:
+    def _on_event(self, obj: dict[str, Any]) -> None:
+        call = self._calls.get(obj.get("request_id"))  # type: ignore[arg-type]
+        if call is None:
+            return
+        if obj["event"] == "chunk":
+            event: Event = Chunk(call.request.request_id, obj.get("seq", 0), obj.get("data"))
+            call.chunks.append(event.data)
+        elif obj["event"] == "progress":
+            event = Progress(call.request.request_id, obj.get("progress"), obj.get("message"))
+        else:
+            return
+        if call.events is not None:
+            try:
+                call.events(event)
+            except Exception:  # a caller's callback must not stop the reader
+                logger.exception("on_event callback failed")
+
+    def _match(self, response: ApiResponse) -> _Call | None:
         """The call an answer belongs to.
 
         The broker answers with ``request_id`` null only when it could not read
@@ -207,16 +443,16 @@ class Requester:
         nothing can be matched and the calls run into their wait limits.
         """
         if response.request_id is not None:
-            return self._pending.get(response.request_id)
+            return self._calls.get(response.request_id)
         logger.warning("Broker refused a frame: %s", response.error)
-        if len(self._pending) == 1:
-            return next(iter(self._pending.values()))
+        if len(self._calls) == 1:
+            return next(iter(self._calls.values()))
         return None
 
     def _fail_all(self, exc: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
+        for call in self._calls.values():
+            if not call.future.done():
+                call.future.set_exception(exc)
 
 
 def _close_reason(ws: ClientConnection) -> str:
@@ -261,9 +497,13 @@ class SyncRequester:
         """Blocking :meth:`Requester.request`."""
         return self._run(self._requester.request(command, data, timeout=timeout))
 
-    def call(self, command: str, /, *, timeout: float | None = None, **data: Any) -> Any:
-        """Blocking :meth:`Requester.call`."""
-        return self._run(self._requester.call(command, timeout=timeout, **data))
+    def call(self, command: str, /, *, timeout: float | None = None,
+             on_progress: Callable[[Progress], Any] | None = None, priority: int = 0,
+             **data: Any) -> Any:
+        """Blocking :meth:`Requester.call` (``on_progress`` runs on the client's thread)."""
+        return self._run(self._requester.call(command, timeout=timeout,
+                                              on_progress=on_progress, priority=priority,
+                                              **data))
 
     def close(self) -> None:
         """Close the connection and stop the background loop; safe to call twice."""
@@ -355,7 +595,9 @@ def format_response(response: ApiResponse) -> str:
 async def open_or_say_why(url: str, token: str | None) -> Requester | None:
     """A connected requester, or None after saying on stderr why there is none."""
     try:
-        return await Requester(url, token=token).connect()
+        # A person at a console (or a script) wants to hear at once that the broker is
+        # gone, not a wait for it to come back.
+        return await Requester(url, token=token, reconnect=False).connect()
     except CONNECT_ERRORS as exc:
         print(f"Cannot reach the broker at {url}: {describe(exc)}", file=sys.stderr)
         return None

@@ -273,7 +273,7 @@ class WorkerLink:
         if assignment is None or assignment.cancelled is not None:
             return
         assignment.last_life = time.monotonic()
-        if assignment.stream and (body.progress is not None or body.message is not None):
+        if body.progress is not None or body.message is not None:  # not only a heartbeat
             await self.dispatcher.deliver(assignment.reply_to, events.progress(
                 body.request_id, self.entry.worker_id, body.progress,  # type: ignore
                 body.message))
