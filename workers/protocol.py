@@ -48,17 +48,22 @@ try:  # orjson is several times faster; the worker side must not require it.
 
     #: An integer outside [-2**63, 2**64 - 1] (20 digits, or 19 after a minus) would come
     #: out of orjson as a float (2**64 + 1 -> 1.8446744073709552e+19); the stdlib parser
-    #: keeps it exact. Digits in strings match too: that costs only speed.
-    _LONG_DIGITS = re.compile(r"-[0-9]{19}|[0-9]{20}")
-    _LONG_DIGITS_BYTES = re.compile(rb"-[0-9]{19}|[0-9]{20}")
+    #: keeps it exact. A run of 19 digits is looked for by mapping every digit to "0"
+    #: and everything else to " " (bytes.translate: ~0.5 us a frame; a regex took 7).
+    #: Digits in strings count too: that costs only speed.
+    _DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+    _RUN = b"0" * 19
+
+    def _long_digits(text: str | bytes) -> bool:
+        raw = text.encode() if isinstance(text, str) else text
+        return _RUN in raw.translate(_DIGITS)
 
     def _no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")  # as orjson refuses NaN and Infinity
 
     def _loads(text: str | bytes) -> Any:
         """orjson, unless the text may hold an integer it cannot keep exact."""
-        digits = _LONG_DIGITS if isinstance(text, str) else _LONG_DIGITS_BYTES
-        if digits.search(text):  # type: ignore[arg-type]
+        if _long_digits(text):
             return json.loads(text, parse_constant=_no_constants)
         return orjson.loads(text)
 
