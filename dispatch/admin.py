@@ -7,6 +7,7 @@ never adding or changing. Credentials are created and revoked here.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -15,6 +16,7 @@ from django.http import HttpRequest
 
 from .auth import digest, new_token
 from .control import services
+from .management.base import worker_state
 from .models import Credential, RequestRecord, WorkerSession
 
 
@@ -29,11 +31,16 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+#: The live registry's view of the workers, read once per admin page (per thread).
+_live = threading.local()
+
+
 @admin.register(WorkerSession)
 class WorkerSessionAdmin(ReadOnlyAdmin):
     list_display = (
-        "worker_id", "name", "status", "address", "process", "max_concurrency",
-        "weight", "requests_served", "connected_at", "last_seen", "disconnected_at",
+        "worker_id", "name", "status", "routing_state", "address", "process",
+        "max_concurrency", "weight", "requests_served", "connected_at", "last_seen",
+        "disconnected_at",
     )
     list_filter = ("status", "process", "connected_at")
     search_fields = ("worker_id", "name", "address", "session_id", "process")
@@ -48,6 +55,26 @@ class WorkerSessionAdmin(ReadOnlyAdmin):
     @admin.action(description="Undo drain: back into rotation")
     def undrain(self, request: HttpRequest, queryset: Any) -> None:
         self._set_draining(request, queryset, False)
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        _live.workers = {w["worker_id"]: w for w in async_to_sync(services.workers_list)()}
+        try:
+            response = super().changelist_view(request, extra_context)
+            if hasattr(response, "render"):  # rendered here, while the live view is set
+                response.render()
+            return response
+        finally:
+            del _live.workers
+
+    @admin.display(description="routing")
+    def routing_state(self, obj: WorkerSession) -> str:
+        """What the balancer makes of an online worker now: online, draining, probing,
+        or ejected until when and why."""
+        live = getattr(_live, "workers", {}).get(obj.worker_id)
+        if obj.status != WorkerSession.Status.ONLINE or live is None or \
+                live.get("session_id") != obj.session_id:
+            return "-"
+        return worker_state(live)
 
     def _set_draining(self, request: HttpRequest, queryset: Any, draining: bool) -> None:
         ids = sorted(set(queryset.filter(status=WorkerSession.Status.ONLINE)
@@ -80,6 +107,7 @@ class RequestRecordAdmin(ReadOnlyAdmin):
         "request_id", "command", "success", "code", "worker_id", "latency_ms", "attempts",
         "workers_lost", "requester", "process", "finished_at",
     )
+    # The detail page shows every field, ``routing`` (how its worker was chosen) too.
     list_filter = ("success", "code", TookDownWorkers, "command", "process", "finished_at")
     search_fields = ("request_id", "command", "worker_id", "requester", "error")
     date_hierarchy = "finished_at"

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger("dispatch.conf")
 
@@ -64,6 +64,17 @@ class BrokerSettings(BaseModel):
                                     "0: not kept", ge=0)
     RESULT_STORE_BYTES: int = _doc(64 * MiB, "bytes of final answers kept in memory for "
                                              "re-attach at most (oldest go first)", ge=0)
+    EJECT_AFTER: int = _doc(5, "infrastructure failures in a row (timeouts, leases, refused "
+                               "answers) after which a worker is out of rotation", ge=1)
+    EJECT_SECONDS: float = _doc(30.0, "how long a worker is out the first time; doubled each "
+                                      "time again", gt=0)
+    EJECT_MAX_SECONDS: float = _doc(300.0, "longest time out of rotation", gt=0)
+    EJECT_MAX_SHARE: float = _doc(0.5, "share of the fleet that may be out of rotation at "
+                                       "once", ge=0, le=1)
+    CANARY: str = _doc("", "canary routing, comma-separated command=version:percent, e.g. "
+                           "resize=2.1:10 sends 10% of resize to workers of version 2.1")
+    HEDGE_MAX_SHARE: float = _doc(0.1, "share of requests that may be hedged (sent to a "
+                                       "second worker when the first is slow)", ge=0, le=1)
     MAX_RETRIES: int = _doc(2, "times a request is re-sent after its worker was lost", ge=0)
     QUEUE_LIMIT: int = _doc(1000, "requests per process that may wait for a free worker slot",
                             ge=0)
@@ -118,6 +129,15 @@ class BrokerSettings(BaseModel):
     ECHO_ROUTE: bool = _doc(False, "tests only: serve /ws/echo/, which sends every frame back "
                                    "unchanged (for the Autobahn protocol suite); never in "
                                    "production")
+
+
+    @field_validator("CANARY")
+    @classmethod
+    def _canary_rules(cls, value: str) -> str:
+        from .core.balancing import parse_canaries
+
+        parse_canaries(value)  # raises ValueError, which pydantic reports with the name
+        return value
 
 
 #: Setting names, in the order the model declares them.

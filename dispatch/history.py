@@ -148,7 +148,7 @@ class HistoryRecorder:
                        success: bool, error: str | None, latency_ms: float | None,
                        attempts: int, requester: str, started_at: float,
                        finished_at: float, workers_lost: int = 0,
-                       code: str | None = None) -> None:
+                       code: str | None = None, routing: str = "") -> None:
         """Remember one answered request; the oldest records go if the buffer is full.
 
         Strings are cut to their column's length here, not when written, so what a
@@ -163,9 +163,11 @@ class HistoryRecorder:
             "attempts": attempts, "requester": requester[:limit["requester"]],
             "started_at": started_at, "finished_at": finished_at,
             "workers_lost": workers_lost, "code": (code or "")[:limit["code"]],
+            "routing": routing[:limit["routing"]],
         }
         record["size"] = RECORD_OVERHEAD + len(record["request_id"]) + len(record["command"]) \
-            + len(record["worker_id"]) + len(record["error"]) + len(record["requester"])
+            + len(record["worker_id"]) + len(record["error"]) + len(record["requester"]) \
+            + len(record["routing"])
         dropped = self._batch.add_request(record)
         if dropped:
             self._count_drop(dropped)
@@ -500,7 +502,7 @@ def _update_seen(seen: dict[str, float]) -> int:
 #: RequestRecord columns written by :func:`_insert_requests`, in order.
 _REQUEST_FIELDS = ("request_id", "command", "worker_id", "success", "error", "latency_ms",
                    "attempts", "requester", "process", "started_at", "finished_at",
-                   "workers_lost", "code")
+                   "workers_lost", "code", "routing")
 
 
 def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
@@ -520,7 +522,7 @@ def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
         r["request_id"], r["command"], r["worker_id"], r["success"], r["error"],
         r["latency_ms"], min(r["attempts"], _SMALLINT_MAX), r["requester"], proc,
         moment(r["started_at"]), moment(r["finished_at"]),
-        min(r["workers_lost"], _SMALLINT_MAX), r["code"],
+        min(r["workers_lost"], _SMALLINT_MAX), r["code"], r["routing"],
     ) for r in requests]
     meta = RequestRecord._meta
     columns = ", ".join(ops.quote_name(meta.get_field(f).column) for f in _REQUEST_FIELDS)

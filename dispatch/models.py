@@ -71,6 +71,10 @@ class RequestRecord(models.Model):
                              "takes several down")
     code = models.CharField(max_length=32, blank=True,
                             help_text="why it failed (an ErrorCode), empty when it succeeded")
+    routing = models.CharField(
+        max_length=500, blank=True,
+        help_text="how its worker was chosen: strategy, candidates, exclusions, the "
+                  "winner's score against the runner-up (one part per placement)")
     requester = models.CharField(
         max_length=100, blank=True, help_text='peer address, or "api" for the HTTP API'
     )

@@ -113,3 +113,21 @@ def poison() -> None:
 async def sleep_ms(ms: float = 20.0) -> float:
     await asyncio.sleep(ms / 1000)
     return ms
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+@command()
+async def nap(ms: float = 4.0) -> str:
+    """Sleeps ``ms`` (times $NAP_FACTOR on a worker made slow): the balance tests."""
+    await asyncio.sleep(ms * float(os.environ.get("NAP_FACTOR", "1")) / 1000)
+    return os.environ.get("WORKER_TAG", "")
+
+
+@command(hedge=True)
+async def lookup(ms: float = 5.0, slow_on: str = "") -> str:
+    """Idempotent and hedgeable: slow (3 s) only on the worker tagged ``slow_on``."""
+    tag = os.environ.get("WORKER_TAG", "")
+    await asyncio.sleep(3.0 if slow_on and tag == slow_on else ms / 1000)
+    return tag

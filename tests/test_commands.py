@@ -174,11 +174,11 @@ def test_workers_table(stub: tuple[str, StubState]) -> None:
     url, _ = stub
     out, _ = run("workers", broker=url)
     header, alpha, beta = out.strip().splitlines()
-    assert header.split() == ["ID", "NAME", "PROCESS", "LOAD", "DONE", "ERRORS", "LATENCY",
-                              "COMMANDS"]
-    assert alpha.split() == ["w1", "alpha", "broker-a", "3/8", "120", "2", "4.2", "ms",
-                             "echo,get_time"]
-    assert "beta (draining)" in beta and "0/16" in beta and " - " in beta
+    assert header.split() == ["ID", "NAME", "STATE", "PROCESS", "LOAD", "DONE", "ERRORS",
+                              "LATENCY", "COMMANDS"]
+    assert alpha.split() == ["w1", "alpha", "online", "broker-a", "3/8", "120", "2", "4.2",
+                             "ms", "echo,get_time"]
+    assert " draining " in beta and "0/16" in beta and " - " in beta
     assert header.index("LOAD") == alpha.index("3/8")  # columns line up
 
 
@@ -385,7 +385,7 @@ def test_console_session(stub: tuple[str, StubState]) -> None:
     ]) + "\n")
     assert out.startswith(f"Connected to {url} (broker-a, 2 workers online).")
     assert "send <client_id> <action> [params]" in out
-    assert "3/8" in out and "beta (draining)" in out
+    assert "3/8" in out and " draining " in out
     assert '"data": 30' in out and '"data": "Echo: Hello World"' in out
     assert "Sent to 2 workers." in out
     assert err == ""

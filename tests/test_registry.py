@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+import asyncio
+import time
+from typing import Any, AsyncIterator
 
 import pytest
 
+from dispatch.core.balancing import Wanted
 from dispatch.registry.redis import RedisRegistry
 from dispatch.registry import Registry, WorkerEntry
 from dispatch.registry.memory import MemoryRegistry
@@ -36,7 +39,7 @@ async def test_only_workers_offering_the_command_are_chosen(registry: Registry) 
     for _ in range(2):
         res = await registry.reserve("resize")
         assert res.worker is not None and res.worker.worker_id == "b"
-    assert (await registry.reserve("nothing")) == (None, False)
+    assert (await registry.reserve("nothing"))[:2] == (None, False)
 
 
 async def test_max_concurrency_is_respected_and_release_frees_a_slot(
@@ -57,15 +60,20 @@ async def test_release_keeps_running_statistics(registry: Registry) -> None:
         await registry.release("a", latency_ms=latency, ok=ok)
     a = await registry.get("a")
     assert a is not None
-    assert (a.in_flight, a.completed, a.errors) == (0, 2, 1)
-    assert 10.0 < a.latency_ms < 30.0 and 0 < a.error_rate < 1
+    assert (a.in_flight, a.completed, a.errors, a.failures) == (0, 2, 1, 1)
+    assert a.latency_ms == pytest.approx(30.0, rel=1e-3)  # a slower answer: taken at once
+    assert 0 < a.error_rate < 1
+    await registry.reserve("echo")
+    await registry.release("a", latency_ms=10.0, ok=True)  # a faster one: gently
+    a = await registry.get("a")
+    assert a is not None and 20.0 < a.latency_ms < 30.0 and a.failures == 0
 
 
 async def test_reserve_a_named_worker(registry: Registry) -> None:
     await registry.add(entry("a", max_concurrency=1))
     assert (await registry.reserve("anything", worker_id="a")).worker is not None
-    assert (await registry.reserve("anything", worker_id="a")) == (None, True)
-    assert (await registry.reserve("anything", worker_id="zz")) == (None, False)
+    assert (await registry.reserve("anything", worker_id="a"))[:2] == (None, True)
+    assert (await registry.reserve("anything", worker_id="zz"))[:2] == (None, False)
 
 
 async def test_draining_worker_gets_no_new_work(registry: Registry) -> None:
@@ -81,7 +89,7 @@ async def test_takeover_keeps_the_newer_connection(registry: Registry) -> None:
     assert replaced is not None and replaced.channel == "old"
     assert await registry.remove("a", "old") is None  # the old socket closing changes nothing
     assert (await registry.reserve("resize")).worker is not None
-    assert (await registry.reserve("echo")) == (None, False)
+    assert (await registry.reserve("echo"))[:2] == (None, False)
     assert await registry.remove("a", "new") is not None
     assert await registry.count() == 0
 
@@ -90,14 +98,106 @@ async def test_a_batch_of_reservations_counts_each_choice_against_the_next(
         registry: Registry) -> None:
     await registry.add(entry("a", "echo", max_concurrency=2))
     await registry.add(entry("b", "echo", "resize", max_concurrency=1))
-    got = await registry.reserve_many([("echo", None), ("resize", None), ("echo", None),
-                                       ("echo", None), ("nothing", None), ("echo", "a")])
+    got = await registry.reserve_many([Wanted("echo"), Wanted("resize"), Wanted("echo"),
+                                       Wanted("echo"), Wanted("nothing"), Wanted("echo", "a")])
     taken = [r.worker.worker_id if r.worker else None for r in got]
     # three slots in all: 'b' goes to whichever request gets it first, never twice
     assert sorted(t for t in taken if t) == ["a", "a", "b"]
-    assert taken.count("b") == 1 and got[4] == (None, False)
+    assert taken.count("b") == 1 and got[4][:2] == (None, False)
     assert all(r.capable for i, r in enumerate(got) if i != 4)  # the rest wait for a slot
     await registry.release_many([("a", 5.0, True), ("a", None, False), ("b", 7.0, True)])
     a, b = await registry.get("a"), await registry.get("b")
     assert a is not None and b is not None
     assert (a.in_flight, a.completed, a.errors, b.in_flight, b.completed) == (0, 1, 1, 0, 1)
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+@pytest.fixture
+def eject_fast(settings: Any) -> None:
+    settings.BROKER = {**settings.BROKER, "EJECT_AFTER": 3, "EJECT_SECONDS": 0.3,
+                       "EJECT_MAX_SHARE": 0.5}
+
+
+async def fail(registry: Registry, worker_id: str, times: int) -> None:
+    for _ in range(times):
+        assert (await registry.reserve("echo", worker_id=worker_id)).worker is not None
+        await registry.release(worker_id, latency_ms=None, ok=False)
+
+
+async def test_consecutive_infrastructure_failures_eject_then_a_probe_brings_it_back(
+        registry: Registry, eject_fast: None) -> None:
+    for name in ("bad", "good1", "good2"):
+        await registry.add(entry(name, max_concurrency=4))
+    await fail(registry, "bad", 2)
+    await registry.reserve("echo", worker_id="bad")
+    await registry.release("bad", latency_ms=3.0, ok=True)  # a success resets the count
+    await fail(registry, "bad", 2)
+    assert (await registry.get("bad")).state == "online"  # type: ignore[union-attr]
+    await fail(registry, "bad", 1)
+    bad = await registry.get("bad")
+    assert bad is not None and bad.state == "ejected" and bad.ejections == 1
+    assert "3 infrastructure failure(s) in a row" in bad.ejected_why
+    picks = [(await registry.reserve("echo")).worker for _ in range(6)]
+    assert {w.worker_id for w in picks if w} == {"good1", "good2"}  # type: ignore[union-attr]
+    for w in picks:
+        await registry.release(w.worker_id, latency_ms=None, ok=None)  # type: ignore[union-attr]
+    await asyncio.sleep(0.35)
+    probe = await registry.reserve("echo", worker_id="bad")
+    assert probe.worker is not None and (await registry.get("bad")).state == "probing"  # type: ignore[union-attr]
+    # On trial: one request at a time.
+    assert (await registry.reserve("echo", worker_id="bad")).worker is None
+    await registry.release("bad", latency_ms=2.0, ok=True)
+    assert (await registry.get("bad")).state == "online"  # type: ignore[union-attr]
+
+
+async def test_a_failed_probe_ejects_again_for_longer(registry: Registry,
+                                                      eject_fast: None) -> None:
+    await registry.add(entry("bad", max_concurrency=4))
+    await registry.add(entry("good", max_concurrency=4))
+    await fail(registry, "bad", 3)
+    first = await registry.get("bad")
+    await asyncio.sleep(0.35)
+    await fail(registry, "bad", 1)  # the probe fails: out at once, twice as long
+    again = await registry.get("bad")
+    assert first is not None and again is not None and again.state == "ejected"
+    assert again.ejections == 2
+    assert again.ejected_until - time.time() > 0.45
+
+
+async def test_never_more_than_the_max_share_of_the_fleet_is_ejected(
+        registry: Registry, eject_fast: None) -> None:
+    for name in ("a", "b", "c", "d"):
+        await registry.add(entry(name, max_concurrency=8))
+    for name in ("a", "b", "c"):
+        await fail(registry, name, 3)
+    states = [(await registry.get(n)).state for n in "abcd"]  # type: ignore[union-attr]
+    assert states.count("ejected") == 2 and states[3] == "online"
+
+
+async def test_a_selector_matches_labels_and_says_which_matched_nobody(
+        registry: Registry) -> None:
+    await registry.add(WorkerEntry(worker_id="g", name="g", channel="ch-g",
+                                   commands=frozenset({"train"}),
+                                   labels={"gpu": "a100", "region": "eu"}, version="2.1"))
+    await registry.add(entry("c", "train"))
+    for _ in range(3):
+        got = await registry.reserve_many([Wanted("train", select=(("gpu", "a100"),))])
+        assert got[0].worker is not None and got[0].worker.worker_id == "g"
+        assert got[0].worker.labels == {"gpu": "a100", "region": "eu"}
+        await registry.release("g", latency_ms=1.0, ok=True)
+    miss = (await registry.reserve_many([Wanted("train", select=(("gpu", "h100"),))]))[0]
+    assert miss.worker is None and not miss.capable and miss.unmatched == "gpu=h100"
+
+
+async def test_explain_takes_no_slot_and_lists_every_candidate(registry: Registry) -> None:
+    await registry.add(entry("a", max_concurrency=1))
+    await registry.add(entry("b", max_concurrency=1))
+    await registry.set_draining("b", True)
+    for _ in range(3):
+        reservation, seen = await registry.explain(Wanted("echo"))
+        assert reservation.worker is not None and reservation.worker.worker_id == "a"
+    assert sorted(w.worker_id for w in seen) == ["a", "b"]
+    assert reservation.why.startswith("least_loaded: 1 of 2; 1 draining; a ")
+    assert (await registry.get("a")).in_flight == 0  # type: ignore[union-attr]

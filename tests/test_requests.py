@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
-from dispatch.core.requests import (Answer, Arm, CancelOnWorker, Forward, GiveBack, Notify,
+from dispatch.core.requests import (Answer, Arm, ArmHedge, CancelOnWorker, Forward, GiveBack, Notify,
                                     Request, RequestTable, Reserve, State, Wake, Watcher)
 from dispatch.registry import Reservation, WorkerEntry
 from workers.protocol import ApiResponse, ErrorCode
@@ -248,7 +248,7 @@ def test_cancel_on_a_worker_tells_it_to_stop_and_answers_now() -> None:
     req = request()
     placed(table, req, worker())
     actions = table.cancel("k1", "enough")
-    assert actions[0] == CancelOnWorker(req, "enough") and answer_of(actions).code == \
+    assert actions[0] == CancelOnWorker(req, "enough", req.placements[0]) and answer_of(actions).code == \
         "cancelled"
     assert table.replied("k1", "w1", True, "too late", None, None) == []
     assert table.cancel("k1", "again") == []
@@ -313,3 +313,111 @@ def test_a_new_request_does_not_jump_the_queue() -> None:
     actions = table.submit(request("b"))
     assert [type(a) for a in actions] == [Arm, Wake]  # queued behind, not reserved now
     assert [r.key for r in table.take_waiting()] == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+def hedgeable_worker(worker_id: str) -> WorkerEntry:
+    entry = worker(worker_id)
+    entry.hedge = frozenset({"echo"})
+    return entry
+
+
+def warmed(table: RequestTable, latency_ms: float = 20.0) -> None:
+    """Give the table a p95 for 'echo', as answered requests would."""
+    for _ in range(30):
+        table.hedges.record("echo", latency_ms)
+
+
+def test_a_failover_is_told_in_the_answer() -> None:
+    table = RequestTable()
+    req = request()
+    placed(table, req, worker("w1"))
+    [reserve] = table.lost("k1", "w1", "connection closed")
+    [forward] = table.reserved(req, Reservation(worker("w2"), True), NOW)
+    response = answer_of(table.replied("k1", "w2", True, "ok", None, None))
+    assert response.route == {"attempts": 2, "failover_from": ["w1"]}
+    assert response.to_dict()["failover_from"] == ["w1"]
+    first_time = request("k2")
+    placed(table, first_time, worker("w1"))
+    plain = answer_of(table.replied("k2", "w1", True, "ok", None, None))
+    assert plain.route is None and "attempts" not in plain.to_dict()  # the seed's shape
+
+
+def test_a_slow_hedgeable_request_gets_a_second_copy_and_the_first_answer_wins() -> None:
+    table = RequestTable()
+    warmed(table)
+    req = request()
+    [reserve] = [a for a in table.submit(req) if isinstance(a, Reserve)]
+    forward, arm = table.reserved(req, Reservation(hedgeable_worker("w1"), True, "ll: a"), NOW)
+    assert isinstance(arm, ArmHedge) and arm.delay == pytest.approx(0.020)
+    [again] = table.hedge_due("k1")
+    assert isinstance(again, Reserve) and req.wanted().avoid == frozenset({"w1"})
+    [second] = table.reserved(req, Reservation(worker("w2"), True, "ll: b"), NOW + 0.02)
+    assert isinstance(second, Forward) and second.worker.worker_id == "w2"
+    actions = table.replied("k1", "w2", True, "from w2", None, None, latency_ms=5.0)
+    [cancel] = [a for a in actions if isinstance(a, CancelOnWorker)]
+    assert cancel.placement.worker_id == "w1" and cancel.reason == "answered by another worker"
+    response = answer_of(actions)
+    assert response.processed_by == "w2" and response.route == {"attempts": 2, "hedged": True}
+    assert req.routing == "ll: a | ll: b"
+    assert table.replied("k1", "w1", True, "late", None, None) == []  # the loser: dropped
+
+
+def test_a_hedged_request_whose_copy_is_lost_goes_on_with_the_other() -> None:
+    table = RequestTable()
+    warmed(table)
+    req = request()
+    table.submit(req)
+    table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW)
+    table.hedge_due("k1")
+    table.reserved(req, Reservation(worker("w2"), True), NOW)
+    assert table.lost("k1", "w1", "connection closed") == []  # no retry: w2 has it
+    assert answer_of(table.replied("k1", "w2", True, "ok", None, None)).success
+
+
+def test_no_hedge_without_opt_in_for_streams_or_named_workers_or_not_idempotent() -> None:
+    for req, entry in [(request(), worker("w1")),  # nobody opted in
+                       (request(stream=True), hedgeable_worker("w1")),
+                       (request(target="w1"), hedgeable_worker("w1")),
+                       (request(), WorkerEntry("w1", "w1", "worker.w1", frozenset({"echo"}),
+                                               no_retry=frozenset({"echo"}),
+                                               hedge=frozenset({"echo"})))]:
+        table = RequestTable()
+        warmed(table)
+        table.submit(req)
+        actions = table.reserved(req, Reservation(entry, True), NOW)
+        assert not any(isinstance(a, ArmHedge) for a in actions), req
+    asked = request()
+    asked.hedge = True  # the requester opted in for this one
+    table = RequestTable()
+    warmed(table)
+    table.submit(asked)
+    assert any(isinstance(a, ArmHedge)
+               for a in table.reserved(asked, Reservation(worker("w1"), True), NOW))
+
+
+def test_the_hedge_budget_caps_hedges_to_a_share_of_traffic() -> None:
+    table = RequestTable()
+    warmed(table)
+    hedges = 0
+    for n in range(300):
+        req = request(f"k{n}")
+        table.submit(req)
+        for action in table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW):
+            if isinstance(action, ArmHedge) and table.hedge_due(req.key):
+                hedges += 1
+    assert hedges <= 0.1 * 300 + 10
+
+
+def test_no_worker_matching_the_selector_is_said_in_the_error() -> None:
+    table = RequestTable()
+    req = request()
+    req.select = (("gpu", "a100"),)
+    table.submit(req)
+    [answer] = table.reserved(req, Reservation(None, False, "least_loaded: 0 of 2; 2 selector",
+                                               "gpu=a100"), NOW)
+    assert answer.response.error == "No available workers: no worker offering 'echo' has " \
+                                    "gpu=a100"
+    assert answer.response.code == ErrorCode.NO_WORKERS

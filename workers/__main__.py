@@ -24,6 +24,7 @@ from .address import broker_url, default_token, is_url
 from .client import Worker
 from .console import serve as console_lines
 from .errors import ConnectionLost, RequestFailed
+from .protocol import label
 
 logger = logging.getLogger("workers.client")
 
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relative share of work this worker should get (default 1.0)")
     parser.add_argument("--max-concurrency", type=int, default=16,
                         help="requests this worker runs at once at most (default 16)")
+    parser.add_argument("--label", action="append", default=[], type=label,
+                        metavar="NAME=VALUE",
+                        help="a label requests may select this worker by (\"select\": "
+                             "{\"gpu\": \"a100\"}); repeatable, e.g. --label gpu=a100 "
+                             "--label region=eu")
+    parser.add_argument("--version", dest="worker_version", default="",
+                        help="this worker's version, for canary routing (BROKER_CANARY)")
     parser.add_argument("--handlers", action="append", default=[], metavar="MODULE",
                         help="module (dotted name, or path to a .py file) whose @command() "
                              "functions this worker also serves; repeatable")
@@ -153,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"cannot load handlers {name!r}: {type(exc).__name__}: {exc}")
     try:
         worker = Worker(urls, name=args.name, weight=args.weight,
-                        max_concurrency=args.max_concurrency, token=args.token)
+                        max_concurrency=args.max_concurrency, token=args.token,
+                        labels=dict(args.label), version=args.worker_version)
     except ValueError as exc:
         parser.error(str(exc))
     if args.commands:

@@ -109,7 +109,8 @@ class Worker:
                  registry: CommandRegistry | None = None,
                  heartbeat_interval: float | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 30.0,
-                 stop_timeout: float = 30.0, token: str | None = None) -> None:
+                 stop_timeout: float = 30.0, token: str | None = None,
+                 labels: dict[str, str] | None = None, version: str = "") -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
             raise ValueError("At least one broker URL is needed")
@@ -124,6 +125,10 @@ class Worker:
         self.backoff_max = backoff_max
         self.stop_timeout = stop_timeout
         self.token = token
+        #: What requests may select this worker by (``{"gpu": "a100"}``), and its
+        #: version (for canary routing); both sent when it registers.
+        self.labels = dict(labels or {})
+        self.version = version
         #: Set while registered with a broker; cleared when the connection ends.
         self.connected = asyncio.Event()
 
@@ -305,7 +310,8 @@ class Worker:
     def _registration(self) -> Registration:
         return Registration(self._worker_id, self.name, self.registry.names(), self.weight,
                             self.max_concurrency, self.registry.not_idempotent(),
-                            self.registry.leases())
+                            self.registry.leases(), self.labels, self.version,
+                            self.registry.hedged())
 
     def _adopt(self, data: dict[str, Any]) -> None:
         """The broker's answer to ``connect``: its id for us, and its heartbeat interval."""

@@ -58,6 +58,7 @@ class _Entry:
     idempotent: bool
     lease: float | None = None
     streams: bool = False  # a generator: each item is one chunk
+    hedge: bool = False  # the broker may send a copy to a second worker when slow
 
     @property
     def wants_context(self) -> bool:
@@ -72,32 +73,39 @@ class CommandRegistry:
         self._entries: dict[str, _Entry] = {}
 
     def command(self, name: str | None = None, *, idempotent: bool = True,
-                lease: float | None = None) -> Callable[[Handler], Handler]:
+                lease: float | None = None, hedge: bool = False
+                ) -> Callable[[Handler], Handler]:
         """Decorator registering ``func`` under ``name`` (default: its own name).
 
         ``idempotent=False`` marks a command that must not run twice (it charges a
         card, sends a mail): if its worker is lost mid-request, the broker answers
         with an error instead of sending it to another worker. ``lease`` (seconds):
         the job must show life (``ctx.progress``, ``ctx.heartbeat``) at least that
-        often, or the broker takes it for hung and cancels it.
+        often, or the broker takes it for hung and cancels it. ``hedge=True`` (for
+        idempotent commands whose answer is worth two runs when one is slow): when this
+        worker has not answered within the command's recent p95, the broker may send a
+        copy to another worker and take the first answer.
         """
 
         def register(func: Handler) -> Handler:
-            self.add(name or func.__name__, func, idempotent=idempotent, lease=lease)
+            self.add(name or func.__name__, func, idempotent=idempotent, lease=lease,
+                     hedge=hedge)
             return func
 
         return register
 
     def add(self, name: str, func: Handler, *, idempotent: bool = True,
-            lease: float | None = None) -> None:
+            lease: float | None = None, hedge: bool = False) -> None:
         """Register (or replace) the handler for ``name``."""
         if lease is not None and not lease > 0:
             raise ValueError("lease must be a number of seconds above 0")
+        if hedge and not idempotent:
+            raise ValueError("only an idempotent command may be hedged (run twice)")
         streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
         self._entries[name] = _Entry(func, inspect.signature(func),
                                      inspect.iscoroutinefunction(func)
                                      or inspect.isasyncgenfunction(func), idempotent,
-                                     lease, streams)
+                                     lease, streams, hedge)
 
     def leases(self) -> dict[str, float]:
         """The commands with a lease, as a worker announces them when it registers."""
@@ -112,6 +120,10 @@ class CommandRegistry:
         """Whether the handler is async (cancelling its task stops it at its next await)."""
         entry = self._entries.get(name)
         return entry is not None and entry.is_async
+
+    def hedged(self) -> list[str]:
+        """Commands the broker may hedge, sorted."""
+        return sorted(name for name, entry in self._entries.items() if entry.hedge)
 
     def not_idempotent(self) -> list[str]:
         """Commands that must never be retried on another worker, sorted."""

@@ -142,6 +142,8 @@ CANCELLED = "Cancelled"
 LEASE_EXPIRED = "Lease expired"
 BROKER_UNAVAILABLE = "Broker unavailable"
 ANSWER_TOO_LARGE = "Worker answer too large"
+#: The reason a hedged request's slower copy is cancelled with.
+ANSWERED_ELSEWHERE = "answered by another worker"
 
 
 #: Longest command/action name, request id and worker id or name a peer may send:
@@ -473,6 +475,31 @@ class ResponseBody:
         )
 
 
+#: Labels a worker may carry, and the characters of a label's name or value.
+MAX_LABELS = 32
+MAX_LABEL_CHARS = 64
+
+
+def label(text: str) -> tuple[str, str]:
+    """One label from the command line, ``NAME=VALUE`` (an argparse type)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(text)
+    return name, value
+
+
+def parse_labels(value: Any, name: str) -> dict[str, str]:
+    """A label map (``{"gpu": "a100"}``): short strings to short strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LABELS or not all(
+            isinstance(k, str) and isinstance(v, str) and k and len(k) <= MAX_LABEL_CHARS
+            and len(v) <= MAX_LABEL_CHARS for k, v in value.items()):
+        raise ProtocolError(f"Field '{name}' must map up to {MAX_LABELS} names to values "
+                            f"(strings of at most {MAX_LABEL_CHARS} characters)")
+    return dict(value)
+
+
 #: Characters of a progress message passed on.
 MAX_PROGRESS_MESSAGE = 1000
 
@@ -525,13 +552,21 @@ class Registration:
     no_retry: list[str] = field(default_factory=list)
     #: Commands that must show life (progress, a job heartbeat) every so many seconds.
     leases: dict[str, float] = field(default_factory=dict)
+    #: What requests may select this worker by (``{"gpu": "a100", "region": "eu"}``).
+    labels: dict[str, str] = field(default_factory=dict)
+    #: The worker's version, for canary routing.
+    version: str = ""
+    #: Commands that may be hedged (sent to a second worker when the first is slow).
+    hedge: list[str] = field(default_factory=list)
 
     def to_data(self) -> dict[str, Any]:
-        data = {"worker_id": self.worker_id, "name": self.name, "commands": self.commands,
-                "weight": self.weight, "max_concurrency": self.max_concurrency,
-                "no_retry": self.no_retry}
-        if self.leases:
-            data["leases"] = self.leases
+        data: dict[str, Any] = {"worker_id": self.worker_id, "name": self.name,
+                                "commands": self.commands, "weight": self.weight,
+                                "max_concurrency": self.max_concurrency,
+                                "no_retry": self.no_retry}
+        for name in ("leases", "labels", "version", "hedge"):
+            if getattr(self, name):
+                data[name] = getattr(self, name)
         return data
 
     @classmethod
@@ -550,13 +585,17 @@ class Registration:
                 and not isinstance(v, bool) and 0 < v <= MAX_PROTOCOL_TIMEOUT
                 for k, v in leases.items()):
             raise ProtocolError("Field 'leases' must map commands of this worker to seconds")
+        labels = parse_labels(data.get("labels"), "labels")
+        hedge = _names(data, "hedge", [])
+        version = _text(data, "version", MAX_LABEL_CHARS, "") or ""
         worker_id = _text(data, "worker_id", MAX_ID_CHARS, None) or random_id()
         if not WORKER_ID.fullmatch(worker_id):
             raise ProtocolError("Field 'worker_id' may hold only letters, digits and . _ : @ -"
                                 f", got '{quote(worker_id, 40)}'")
         return cls(worker_id=worker_id, name=_text(data, "name", MAX_NAME_CHARS, None) or worker_id,
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
-                   no_retry=no_retry, leases={k: float(v) for k, v in leases.items()})
+                   no_retry=no_retry, leases={k: float(v) for k, v in leases.items()},
+                   labels=labels, version=version, hedge=hedge)
 
 
 # --------------------------------------------------------------------------- requester API
@@ -565,8 +604,9 @@ class Registration:
 @dataclass(slots=True)
 class ApiRequest:
     """``{"request_id", "command", "data"}``, plus optional ``timeout`` (seconds),
-    ``stream`` (send progress and chunk events before the answer) and ``priority``
-    (0-9, higher first)."""
+    ``stream`` (send progress and chunk events before the answer), ``priority`` (0-9,
+    higher first), ``select`` (labels its worker must have), ``affinity`` (a key:
+    requests with one key go to one worker) and ``hedge``."""
 
     command: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -574,16 +614,18 @@ class ApiRequest:
     timeout: float | None = None
     stream: bool = False
     priority: int = 0
+    select: dict[str, str] = field(default_factory=dict)  # labels the worker must have
+    affinity: str | None = None  # requests with one key go to one worker
+    hedge: bool = False  # may be sent to a second worker when the first is slow
 
     def to_json(self) -> str:
         obj: dict[str, Any] = {"request_id": self.request_id, "command": self.command,
                                "data": self.data}
         if self.timeout is not None:
             obj["timeout"] = self.timeout
-        if self.stream:
-            obj["stream"] = True
-        if self.priority:
-            obj["priority"] = self.priority
+        for name in ("stream", "priority", "select", "affinity", "hedge"):
+            if getattr(self, name):
+                obj[name] = getattr(self, name)
         return dumps(obj)
 
     @classmethod
@@ -605,10 +647,16 @@ class ApiRequest:
         if priority not in PRIORITIES:
             raise ProtocolError(f"Field 'priority' must be from {PRIORITIES.start} to "
                                 f"{PRIORITIES.stop - 1}", request_id=rid)
+        try:
+            select = parse_labels(obj.get("select"), "select")
+        except ProtocolError as exc:
+            raise ProtocolError(str(exc), request_id=rid) from None
         return cls(command=command, data=_field(obj, "data", dict, {}, request_id=rid),
                    request_id=rid, timeout=None if timeout is None else float(timeout),
                    stream=_field(obj, "stream", bool, False, request_id=rid),
-                   priority=priority)
+                   priority=priority, select=select,
+                   affinity=_text(obj, "affinity", MAX_ID_CHARS, None, request_id=rid),
+                   hedge=_field(obj, "hedge", bool, False, request_id=rid))
 
 
 @dataclass(slots=True)
@@ -648,6 +696,10 @@ def event(request_id: str, kind: str, **fields: Any) -> str:
     return dumps({"request_id": request_id, "event": kind, **fields})
 
 
+#: Fields of an answer that say how it was routed (when there is something to say).
+ROUTE_FIELDS = ("attempts", "failover_from", "hedged")
+
+
 @dataclass(slots=True)
 class ApiResponse:
     """``{"request_id", "success", "data", "error", "processed_by"}``, and on failure
@@ -659,12 +711,17 @@ class ApiResponse:
     error: str | None = None
     processed_by: str | None = None
     code: str | None = None
+    #: What happened on the way, when it is worth saying (the seed's clients ignore it):
+    #: ``{"attempts": 2, "failover_from": ["w1"], "hedged": true}``.
+    route: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"request_id": self.request_id, "success": self.success, "data": self.data,
                "error": self.error, "processed_by": self.processed_by}
         if self.code is not None:
             out["code"] = self.code
+        if self.route:
+            out.update(self.route)
         return out
 
     def to_json(self) -> str:
@@ -685,4 +742,5 @@ class ApiResponse:
             error=_field(obj, "error", str, None),
             processed_by=_field(obj, "processed_by", str, None),
             code=_field(obj, "code", str, None),
+            route={k: obj[k] for k in ROUTE_FIELDS if k in obj} or None,
         )

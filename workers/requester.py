@@ -47,7 +47,7 @@ from .protocol import (ApiRequest, ApiResponse, CloseCode, ErrorCode, ProtocolEr
 
 __all__ = ["AllBusy", "BrokerUnavailable", "Cancelled", "Chunk", "CommandFailed",
            "ConnectionLost", "Job", "NoWorkers", "Progress", "Refused", "RequestFailed",
-           "Requester", "Result", "SyncRequester", "Timeout", "WorkerLost"]
+           "Requester", "Result", "Route", "SyncRequester", "Timeout", "WorkerLost"]
 
 logger = logging.getLogger("workers.requester")
 
@@ -96,6 +96,19 @@ class Result:
 
 
 Event = Progress | Chunk | Result
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request may go (all optional): ``select``, labels its worker must have
+    (``{"gpu": "a100"}``); ``affinity``, a key (requests with one key go to one worker
+    while it is there: warm caches); ``hedge``, allow a second copy on another worker
+    when the first is slower than the command's recent p95 (idempotent commands only).
+    """
+
+    select: dict[str, str] | None = None
+    affinity: str | None = None
+    hedge: bool = False
 
 
 class _Call:
@@ -235,7 +248,8 @@ class Requester:
 
     async def request(self, command: str, data: dict[str, Any] | None = None, *,
                       timeout: float | None = None, priority: int = 0,
-                      on_event: Callable[[Event], Any] | None = None) -> ApiResponse:
+                      on_event: Callable[[Event], Any] | None = None,
+                      route: Route | None = None) -> ApiResponse:
         """Send one command and return the broker's answer, successful or not.
 
         ``timeout`` (seconds) is passed to the broker, which answers
@@ -246,44 +260,47 @@ class Requester:
         down before the answer (and does not come back), and :class:`TimeoutError`
         if no answer came within ``timeout`` (or ``default_timeout``) plus ``margin``.
         """
-        call = await self._send(command, data, timeout, priority, on_event)
+        call = await self._send(command, data, timeout, priority, on_event, route)
         return await self._wait(call)
 
     async def call(self, command: str, /, *, timeout: float | None = None,
                    on_progress: Callable[[Progress], Any] | None = None,
-                   priority: int = 0, **data: Any) -> Any:
+                   priority: int = 0, route: Route | None = None, **data: Any) -> Any:
         """Send one command with ``data`` as keyword arguments; return the answer's data.
 
         ``on_progress`` is called with each :class:`Progress` the worker reports (a
         streaming command's chunks are then collected into the data returned).
         Raises a :class:`RequestFailed` when the answer is a failure: the subclass
         for its code (:class:`NoWorkers`, :class:`Timeout`, :class:`WorkerLost`,
-        :class:`Cancelled`, :class:`CommandFailed`...). Use :meth:`request` to pass
-        a parameter that is itself called ``timeout``.
+        :class:`Cancelled`, :class:`CommandFailed`...). ``route`` says where it may
+        go (:class:`Route`). Use :meth:`request` to pass a parameter that is itself
+        called ``timeout`` (or ``route``).
         """
         def progress_only(event: Event) -> None:
             if isinstance(event, Progress):
                 on_progress(event)  # type: ignore[misc]
 
         call = await self._send(command, data, timeout, priority,
-                                progress_only if on_progress is not None else None)
+                                progress_only if on_progress is not None else None, route)
         return _data_of(call, await self._wait(call))
 
     async def start(self, command: str, data: dict[str, Any] | None = None, *,
                     timeout: float | None = None, priority: int = 0,
-                    stream: bool = False) -> Job:
+                    stream: bool = False, route: Route | None = None) -> Job:
         """Start a request and return its :class:`Job` at once (``job.result()``,
         ``job.cancel()``, and with ``stream`` ``job.events()``)."""
         queue: asyncio.Queue[Event] | None = asyncio.Queue() if stream else None
         call = await self._send(command, data, timeout, priority,
-                                queue.put_nowait if queue is not None else None)
+                                queue.put_nowait if queue is not None else None, route)
         return Job(self, call, queue)
 
     async def stream(self, command: str, /, *, timeout: float | None = None,
-                     priority: int = 0, **data: Any) -> AsyncIterator[Event]:
+                     priority: int = 0, route: Route | None = None,
+                     **data: Any) -> AsyncIterator[Event]:
         """``async for event in broker.stream("cmd", ...)``: the request's progress and
         chunks as they come, then its :class:`Result`; a failure raises."""
-        job = await self.start(command, data, timeout=timeout, priority=priority, stream=True)
+        job = await self.start(command, data, timeout=timeout, priority=priority, stream=True,
+                               route=route)
         try:
             async for event in job.events():
                 yield event
@@ -294,10 +311,14 @@ class Requester:
     # -- internals
 
     async def _send(self, command: str, data: dict[str, Any] | None, timeout: float | None,
-                    priority: int, on_event: Callable[[Event], Any] | None) -> _Call:
+                    priority: int, on_event: Callable[[Event], Any] | None,
+                    route: Route | None) -> _Call:
         ws = await self._connection()
+        route = route or Route()
         req = ApiRequest(command, dict(data or {}), timeout=timeout,
-                         stream=on_event is not None, priority=priority)
+                         stream=on_event is not None, priority=priority,
+                         select=dict(route.select or {}), affinity=route.affinity,
+                         hedge=route.hedge)
         call = self._calls[req.request_id] = _Call(req, on_event)
         try:
             await ws.send(req.to_json())

@@ -95,10 +95,15 @@ class BrokerClient:
                    ["cancelled"])
 
     def call(self, command: str, data: dict[str, Any] | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
-        """Run ``command`` on whichever worker the broker picks, as a requester would."""
-        body = {"command": command, "data": data or {}}
+             timeout: float | None = None, **routing: Any) -> dict[str, Any]:
+        """Run ``command`` on whichever worker the broker picks, as a requester would
+        (``routing``: ``select``, ``affinity``, as in a request frame)."""
+        body = {"command": command, "data": data or {}, **routing}
         return self._request("POST", "/api/call", _with_timeout(body, timeout), wait=timeout)
+
+    def explain(self, command: str, **routing: Any) -> dict[str, Any]:
+        """How a request for ``command`` would be routed now (nothing is sent)."""
+        return self._request("POST", "/api/explain", {"command": command, **routing})
 
     # ----------------------------------------------------------------- transport
 

@@ -7,6 +7,7 @@ so they reach every worker whichever broker process holds it.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -14,6 +15,7 @@ from channels.layers import get_channel_layer
 from workers.protocol import ApiResponse, new_id
 
 from ..core import events
+from ..core.balancing import Wanted, decayed, eligible_state, load_score
 from ..core.dispatcher import get_dispatcher
 from ..registry import get_registry
 
@@ -53,13 +55,42 @@ class _Reply:
 
 
 async def request(command: str, data: dict[str, Any], *, timeout: float | None = None,
-                  worker_id: str | None = None, requester: str = "api") -> ApiResponse:
+                  worker_id: str | None = None, requester: str = "api",
+                  select: dict[str, str] | None = None, affinity: str | None = None
+                  ) -> ApiResponse:
     """Run one command on the best worker (or on ``worker_id``) and wait for its answer."""
     dispatcher = await get_dispatcher()
     reply = _Reply()
     await dispatcher.submit(command, data, reply, request_id=new_id(), requester=requester,
-                            timeout=timeout, worker_id=worker_id, owner="operator")
+                            timeout=timeout, worker_id=worker_id, owner="operator",
+                            select=tuple(sorted((select or {}).items())), affinity=affinity)
     return await reply.future
+
+
+async def explain(command: str, *, select: dict[str, str] | None = None,
+                  affinity: str | None = None, worker_id: str | None = None
+                  ) -> dict[str, Any]:
+    """How a request would be routed now (a dry run: no slot is taken), and how each
+    worker offering the command looks to the balancer."""
+    wanted = Wanted(command, worker_id, tuple(sorted((select or {}).items())), affinity)
+    reservation, entries = await get_registry().explain(wanted)
+    now = time.time()
+    chosen = reservation.worker.worker_id if reservation.worker is not None else None
+    rows = []
+    for w in entries:
+        unmatched = any(w.labels.get(k) != v for k, v in wanted.select)
+        rows.append({"worker_id": w.worker_id, "name": w.name,
+                     "state": "selector" if unmatched else eligible_state(w, now) or "eligible",
+                     "in_flight": w.in_flight, "max_concurrency": w.max_concurrency,
+                     "weight": w.weight, "latency_ms": round(decayed(
+                         w.latency_ms, w.latency_at, now), 3),
+                     "error_rate": round(w.error_rate, 4),
+                     "score": round(load_score(w, now), 4), "labels": w.labels,
+                     "version": w.version, "chosen": w.worker_id == chosen})
+    rows.sort(key=lambda row: (row["state"] != "eligible", row["score"]))
+    return {"command": command, "worker_id": chosen, "capable": reservation.capable,
+            "routing": reservation.why, "unmatched": reservation.unmatched or None,
+            "candidates": rows}
 
 
 async def cancel(request_id: str) -> int:

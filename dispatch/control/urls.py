@@ -9,6 +9,7 @@ urlpatterns = [
     path("api/send", views.send, name="api-send"),
     path("api/drain", views.drain, name="api-drain"),
     path("api/call", views.call, name="api-call"),
+    path("api/explain", views.explain, name="api-explain"),
     path("api/cancel", views.cancel, name="api-cancel"),
     path("api/requests/<str:request_id>", views.request_status, name="api-request"),
 ]

@@ -20,6 +20,8 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from workers import protocol
+
 from ..auth import Peer, get_guard, origin_listed, peer_of
 from ..core.dispatcher import get_dispatcher
 from ..registry import get_registry
@@ -216,10 +218,32 @@ async def request_status(request: HttpRequest, request_id: str) -> JsonResponse:
     return JsonResponse({"state": "finished", **json.loads(found)})
 
 
+def _routing(body: dict[str, Any]) -> dict[str, Any]:
+    """The optional routing fields of a call: ``select`` and ``affinity``."""
+    try:
+        select = protocol.parse_labels(body.get("select"), "select")
+    except protocol.ProtocolError as exc:
+        raise BadRequest(str(exc)) from None
+    affinity = body.get("affinity")
+    if affinity is not None and (not isinstance(affinity, str) or not affinity
+                                 or len(affinity) > protocol.MAX_ID_CHARS):
+        raise BadRequest(f"Field 'affinity' must be a string of 1 to {protocol.MAX_ID_CHARS} "
+                         "characters")
+    return {"select": select, "affinity": affinity}
+
+
 @require_POST
 @api
 async def call(request: HttpRequest) -> JsonResponse:
     body = _body(request)
     response = await services.request(_text(body, "command"), _object(body, "data"),
-                                      timeout=_timeout(body))
+                                      timeout=_timeout(body), **_routing(body))
     return JsonResponse(response.to_dict())
+
+
+@require_POST
+@api
+async def explain(request: HttpRequest) -> JsonResponse:
+    """A dry run: how a request with this body would be routed now."""
+    body = _body(request)
+    return JsonResponse(await services.explain(_text(body, "command"), **_routing(body)))

@@ -1,66 +1,172 @@
-"""Load-balancing strategies: small pure functions over worker statistics.
+"""Choosing a worker: pure functions over worker statistics, one path for both registries.
 
-A strategy gets the candidates (workers that offer the command and have a free
-slot) and returns the one to use. It never sees sockets or the registry, so the
-in-process and the Redis registry choose the same way, and tests need no broker.
+The registry hands :func:`choose` the live workers that offer the command (all of
+them, or a random sample when there are many) and what the request wants
+(:class:`Wanted`: a named worker, a label selector, an affinity key, workers to
+avoid); it returns a :class:`Choice`: the worker to take a slot of, whether anyone
+is capable at all, and why (for the history row and ``manage.py explain``). It
+never sees sockets or the registry, so the in-process and the Redis registry choose
+the same way, and tests need no broker.
+
+``least_loaded`` follows the proxies that balance at scale (Finagle's and tower's
+peak-EWMA with power of two choices): each worker's latency estimate jumps up with
+a slow answer, comes down gently with fast ones, and decays toward "fast" while the
+worker is not used, so a worker measured once as slow is tried again; of two
+eligible workers drawn at random, the one with the lower expected cost wins (by odds
+that grow with the gap, so near-equals share). That costs the same with ten workers
+as with ten thousand.
+
+Ejection (Envoy's outlier detection): a worker with ``EJECT_AFTER`` infrastructure
+failures in a row (timeouts, leases, refused frames; never a handler's own error)
+is out of rotation for ``EJECT_SECONDS``, doubled each time it happens again (up to
+``EJECT_MAX_SECONDS``), never more than ``EJECT_MAX_SHARE`` of the fleet at once;
+when its time is up it gets the next request, a probe (one at a time), and is back
+with a clean slate on success, or out again for twice as long on failure.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
-from typing import Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+#: Latency assumed for a worker not yet measured (and the one estimates decay to):
+#: low, so that new and idle workers get tried.
+UNMEASURED_LATENCY_MS = 1.0
+#: Weight of the newest sample in the latency average, when it is not a new peak.
+EWMA_ALPHA = 0.2
+#: Seconds in which an unused worker's latency estimate decays by a factor e.
+LATENCY_DECAY_SECONDS = 10.0
+#: With more capable workers than this, a random sample of this many is looked at
+#: (per choice); a sample in which none is eligible falls back to looking at all.
+SAMPLE = 8
 
 
 class WorkerStats(Protocol):
-    """What a strategy may look at."""
+    """What choosing may look at (a WorkerEntry, or a row the Redis registry read)."""
 
     worker_id: str
     weight: float
     in_flight: int
     max_concurrency: int
+    draining: bool
     latency_ms: float
+    latency_at: float  # wall time of the last latency sample
     error_rate: float
+    ejected_until: float  # wall time; 0: never ejected
+    probing: bool  # ejected once: on trial until one request succeeds
+    labels: dict[str, str]
+    version: str
 
 
-#: (candidates, sequence number of this choice, random source) -> chosen candidate.
-Strategy = Callable[[Sequence[WorkerStats], int, random.Random], WorkerStats]
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """What one request asks of its worker."""
 
-#: Latency assumed for a worker not yet measured; low, so that new workers get tried.
-UNMEASURED_LATENCY_MS = 1.0
+    command: str
+    target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
+    select: tuple[tuple[str, str], ...] = ()  # labels the worker must have
+    affinity: str | None = None  # requests with one key go to one worker
+    avoid: frozenset[str] = frozenset()  # workers it must not go to (a hedge's twin)
+
+    def selector_text(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.select)
 
 
-def load_score(w: WorkerStats) -> float:
+@dataclass(slots=True)
+class Choice:
+    """The outcome of choosing: ``worker`` set when one was chosen."""
+
+    worker: Any = None
+    capable: bool = False  # some live worker offers it (and matches the selector)
+    why: str = ""  # compact: strategy, candidates, exclusions, scores
+    unmatched: str = ""  # the selector that matched no live worker
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def decayed(latency_ms: float, latency_at: float, now: float) -> float:
+    """The latency estimate at ``now``: it fades toward UNMEASURED while unused."""
+    if latency_ms <= UNMEASURED_LATENCY_MS or latency_at <= 0:
+        return max(latency_ms, UNMEASURED_LATENCY_MS)
+    fade = math.exp(-max(0.0, now - latency_at) / LATENCY_DECAY_SECONDS)
+    return UNMEASURED_LATENCY_MS + (latency_ms - UNMEASURED_LATENCY_MS) * fade
+
+
+def peak_ewma(latency_ms: float, latency_at: float, sample: float, now: float) -> float:
+    """The new estimate after a sample: a peak is taken at once, a dip gently."""
+    current = decayed(latency_ms, latency_at, now)
+    return sample if sample > current else current + EWMA_ALPHA * (sample - current)
+
+
+def load_score(w: WorkerStats, now: float) -> float:
     """Expected cost of sending one more request to ``w``; lower is better.
 
     Requests already in flight (plus this one) times the recent response time,
-    divided by weight, and inflated by the share of recent failures, so that a
-    slow, busy, light or failing worker each get less.
+    divided by weight, and inflated by the share of recent infrastructure failures,
+    so that a slow, busy, light or failing worker each get less.
     """
-    latency = max(w.latency_ms, UNMEASURED_LATENCY_MS)
-    health = 1.0 + 4.0 * w.error_rate
-    return (w.in_flight + 1) * latency * health / w.weight
+    return (w.in_flight + 1) * decayed(w.latency_ms, w.latency_at, now) * \
+        (1.0 + 4.0 * w.error_rate) / w.weight
 
 
-def least_loaded(candidates: Sequence[WorkerStats], seq: int, rng: random.Random) -> WorkerStats:
-    """Lowest :func:`load_score`; ties broken at random so equals share the work."""
-    best = min(load_score(w) for w in candidates)
-    tied = [w for w in candidates if load_score(w) <= best * (1 + 1e-9)]
-    return tied[0] if len(tied) == 1 else rng.choice(tied)
+def eligible_state(w: WorkerStats, now: float) -> str:
+    """Why ``w`` can take no request now ("" if it can)."""
+    if w.draining:
+        return "draining"
+    if w.ejected_until > now:
+        return "ejected"
+    if w.probing and w.in_flight:
+        return "probing"  # on trial: one request at a time until it succeeds
+    if w.in_flight >= w.max_concurrency:
+        return "full"
+    return ""
 
 
-def round_robin(candidates: Sequence[WorkerStats], seq: int, rng: random.Random) -> WorkerStats:
+# ---------------------------------------------------------------------------- strategies
+
+#: (eligible candidates, sequence number of this choice, random source, now) -> chosen.
+Strategy = Callable[[Sequence[WorkerStats], int, random.Random, float], WorkerStats]
+
+
+def least_loaded(candidates: Sequence[WorkerStats], seq: int, rng: random.Random,
+                 now: float) -> WorkerStats:
+    """Power of two choices: of two drawn at random, the lower :func:`load_score` wins,
+    with odds of the scores' ratio squared (2x cheaper wins 4 times in 5, 3x 9 in 10).
+
+    Not always the lower: latencies are noisy, and a worker that always lost by a
+    hair would never be used, so its figure would never be corrected; with sequential
+    requests (nothing in flight) equal workers would split by their first samples.
+    """
+    n = len(candidates)
+    if n == 1:
+        return candidates[0]
+    # Two distinct at random (what rng.sample does, at a tenth of its cost).
+    i = int(rng.random() * n)
+    j = int(rng.random() * (n - 1))
+    a, b = candidates[i], candidates[j + (j >= i)]
+    score_a, score_b = load_score(a, now), load_score(b, now)
+    return a if rng.random() * (score_a ** 2 + score_b ** 2) < score_b ** 2 else b
+
+
+def round_robin(candidates: Sequence[WorkerStats], seq: int, rng: random.Random,
+                now: float) -> WorkerStats:
     """Each in turn, in a stable order (by worker id) whatever order they come in."""
     ordered = sorted(candidates, key=lambda w: w.worker_id)
     return ordered[seq % len(ordered)]
 
 
-def random_choice(candidates: Sequence[WorkerStats], seq: int, rng: random.Random) -> WorkerStats:
+def random_choice(candidates: Sequence[WorkerStats], seq: int, rng: random.Random,
+                  now: float) -> WorkerStats:
     """Uniformly at random."""
     return rng.choice(list(candidates))
 
 
-def weighted_random(candidates: Sequence[WorkerStats], seq: int, rng: random.Random
-                    ) -> WorkerStats:
+def weighted_random(candidates: Sequence[WorkerStats], seq: int, rng: random.Random,
+                    now: float) -> WorkerStats:
     """At random, in proportion to weight."""
     return rng.choices(list(candidates), weights=[w.weight for w in candidates])[0]
 
@@ -71,6 +177,9 @@ STRATEGIES: dict[str, Strategy] = {
     "random": random_choice,
     "weighted_random": weighted_random,
 }
+#: Strategies that choose as well from a random sample as from all (so many workers
+#: cost no more than a few).
+SAMPLING = frozenset({"least_loaded", "random"})
 
 
 def get_strategy(name: str) -> Strategy:
@@ -81,3 +190,122 @@ def get_strategy(name: str) -> Strategy:
         raise ValueError(
             f"Unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}"
         ) from None
+
+
+def samples(strategy: str, wanted: Wanted, canaries: dict[str, tuple[str, float]]) -> bool:
+    """Whether a random sample of the candidates will do for this request."""
+    return strategy in SAMPLING and not wanted.select and wanted.affinity is None and \
+        wanted.target is None and wanted.command not in canaries
+
+
+# ---------------------------------------------------------------------------- choosing
+
+
+def rendezvous(key: str, worker_id: str) -> int:
+    """Highest-random-weight hashing: the worker with the highest value for a key gets
+    it; when a worker leaves, only its own keys move."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{worker_id}".encode(),
+                                          digest_size=8).digest(), "big")
+
+
+def explanation(strategy: str, seen: int, of: int, excluded: dict[str, int],
+                chosen: WorkerStats | None = None, score: float = 0.0,
+                runner_up: float | None = None) -> str:
+    """What choosing saw, compactly, for the history row and ``manage.py explain``:
+    ``least_loaded: 2 of 3; 1 draining; w2 1.05 vs 4.2``."""
+    text = f"{strategy}: {seen - sum(excluded.values())} of {seen}"
+    if of > seen:
+        text += f" (sampled of {of})"
+    if excluded:
+        text += "; " + " ".join(f"{n} {why}" for why, n in sorted(excluded.items()))
+    if chosen is not None:
+        text += f"; {chosen.worker_id} {score:.3g}"
+        if runner_up is not None:
+            text += f" vs {runner_up:.3g}"
+    return text
+
+
+def choose(candidates: Iterable[WorkerStats], wanted: Wanted, strategy_name: str, seq: int,
+           rng: random.Random, now: float, *, of: int | None = None,
+           canaries: dict[str, tuple[str, float]] | None = None) -> Choice:
+    """Choose a worker for ``wanted`` among ``candidates`` (the live workers that offer
+    its command; ``of``: how many there are, when these are a sample)."""
+    target, select, avoid = wanted.target, wanted.select, wanted.avoid
+    excluded: dict[str, int] = {}
+    eligible: list[WorkerStats] = []
+    seen = matched = 0
+    for w in candidates:  # the hot loop: a few attribute reads per worker
+        seen += 1
+        if target is not None and w.worker_id != target:
+            continue
+        if select and any(w.labels.get(k) != v for k, v in select):
+            excluded["selector"] = excluded.get("selector", 0) + 1
+            continue
+        matched += 1
+        state = "avoided" if avoid and w.worker_id in avoid else eligible_state(w, now)
+        if state:
+            excluded[state] = excluded.get(state, 0) + 1
+        else:
+            eligible.append(w)
+    of = max(of or 0, seen)
+    if not matched:
+        unmatched = wanted.selector_text() if select and seen else ""
+        return Choice(None, False, explanation(strategy_name, seen, of, excluded), unmatched)
+    if not eligible:
+        return Choice(None, True, explanation(strategy_name, seen, of, excluded))
+    pool = _canary_pool(eligible, wanted.command, canaries, rng) if canaries else eligible
+    probe = next((w for w in pool if w.probing), None)
+    if wanted.affinity is not None:
+        chosen = max(pool, key=lambda w: rendezvous(wanted.affinity, w.worker_id))  # type: ignore
+        name = "affinity"
+    elif probe is not None:  # its time out is up: its trial request, whatever its figures
+        chosen, name = probe, "probe"
+    else:
+        chosen = get_strategy(strategy_name)(pool, seq, rng, now)
+        name = strategy_name
+    runner_up = min((load_score(w, now) for w in pool if w is not chosen), default=None)
+    return Choice(chosen, True, explanation(name, seen, of, excluded, chosen,
+                                            load_score(chosen, now), runner_up))
+
+
+def _canary_pool(eligible: list[WorkerStats], command: str,
+                 canaries: dict[str, tuple[str, float]], rng: random.Random
+                 ) -> list[WorkerStats]:
+    """For a command with a canary rule, the share of its traffic for that version
+    goes to workers of it, the rest to the others (or all, if one side is empty)."""
+    rule = canaries.get(command)
+    if rule is None:
+        return eligible
+    version, share = rule
+    canary = [w for w in eligible if w.version == version]
+    stable = [w for w in eligible if w.version != version]
+    pick = canary if rng.random() < share else stable
+    return pick or eligible
+
+
+def parse_canaries(text: str) -> dict[str, tuple[str, float]]:
+    """``"resize=2.1:10,train=3.0:50"`` -> {command: (version, share 0-1)}."""
+    rules = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        command, _, rest = part.partition("=")
+        version, _, percent = rest.rpartition(":")
+        try:
+            share = float(percent) / 100
+        except ValueError:
+            raise ValueError(f"BROKER_CANARY: '{part}' is not command=version:percent") from None
+        if not command or not version or not 0 <= share <= 1:
+            raise ValueError(f"BROKER_CANARY: '{part}' is not command=version:percent")
+        rules[command] = (version, share)
+    return rules
+
+
+def ejection_due(failures: int, probing: bool, ok: bool | None, after: int,
+                 out_until: float, now: float) -> bool:
+    """After an outcome: is it time to take the worker out of rotation? Not while it is
+    out already (the requests it held then fail too, and must not stretch its time)."""
+    return ok is False and out_until <= now and (failures >= after or probing)
+
+
+def ejection_seconds(ejections: int, base: float, most: float) -> float:
+    """How long the ``ejections``-th ejection lasts: doubling, up to ``most``."""
+    return min(most, base * 2 ** max(0, ejections - 1))

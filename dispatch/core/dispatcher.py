@@ -29,13 +29,13 @@ from workers.protocol import ErrorCode
 
 from .. import conf
 from ..history import HistoryRecorder, get_recorder
-from ..registry import Registry, RegistryUnavailable, get_registry
+from ..registry import Outcome, Registry, RegistryUnavailable, get_registry
 from . import events, inbox, links
 from .links import WorkerLink
 from .liveness import Liveness
 from .loops import Batcher, PerLoop
-from .requests import (Action, Answer, Arm, CancelOnWorker, Forward, GiveBack, Notify,
-                       Request, RequestTable, Reserve, Sink, Wake, Watcher)
+from .requests import (Action, Answer, Arm, ArmHedge, CancelOnWorker, Forward, GiveBack,
+                       Notify, Request, RequestTable, Reserve, Sink, Wake, Watcher)
 from .results import results_for
 
 log = logging.getLogger("dispatch.dispatcher")
@@ -83,7 +83,7 @@ class Dispatcher:
         self.links: set[WorkerLink] = set()  # every worker connection, registered or not
         self._outbox: Batcher[tuple[str, dict[str, Any]]] = Batcher(self._send, "dispatch-send")
         self._intake: Batcher[Request] = Batcher(self._reserve, "dispatch-reserve")
-        self._releases: Batcher[tuple[str, float | None, bool]] = Batcher(
+        self._releases: Batcher[Outcome] = Batcher(
             self._release_many, "dispatch-release")
         self.liveness = Liveness(registry, self.process)
         self.results = results_for(registry)
@@ -173,7 +173,9 @@ class Dispatcher:
     async def submit(self, command: str, data: dict[str, Any], sink: Sink, *,
                      request_id: str, requester: str, timeout: float | None = None,
                      worker_id: str | None = None, key: str | None = None,
-                     owner: str = "", stream: bool = False, priority: int = 0) -> str:
+                     owner: str = "", stream: bool = False, priority: int = 0,
+                     select: tuple[tuple[str, str], ...] = (), affinity: str | None = None,
+                     hedge: bool = False) -> str:
         """Start a request; ``sink.answer`` is called exactly once with its answer (and
         ``sink.event`` with its progress and chunks, if ``stream``).
 
@@ -184,7 +186,8 @@ class Dispatcher:
         deadline = asyncio.get_running_loop().time() + (timeout or conf.get("TIMEOUT"))
         await self._perform(self.table.submit(Request(
             key, command, data, [Watcher(sink, stream)], request_id, requester, deadline,
-            time.time(), target=worker_id, owner=owner, priority=priority)))
+            time.time(), target=worker_id, owner=owner, priority=priority, select=select,
+            affinity=affinity, hedge=hedge)))
         return key
 
     def unwatch(self, keys: Iterable[str], sink: Sink) -> None:
@@ -289,7 +292,8 @@ class Dispatcher:
         else:
             self._outbox.add((channel, message))
 
-    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+    async def release(self, worker_id: str, *, latency_ms: float | None,
+                      ok: bool | None) -> None:
         """Give back a worker's slot: at once in-process, in a batch on a shared registry.
 
         Raises :class:`RegistryUnavailable` only in the first case; a batch that
@@ -306,7 +310,7 @@ class Dispatcher:
         if kind == events.REPLY:
             await self._perform(self.table.replied(
                 message["key"], message["worker_id"], message["success"], message["data"],
-                message["error"], message.get("code")))
+                message["error"], message.get("code"), message.get("latency_ms")))
             self.kick()
         elif kind == events.LOST:
             await self._perform(self.table.lost(
@@ -377,17 +381,19 @@ class Dispatcher:
             elif isinstance(action, Notify):
                 await self._notify(action)
             elif isinstance(action, CancelOnWorker):
-                request = action.request
-                await self.deliver(request.worker_inbox, events.cancel(
-                    request.key, request.worker_channel, action.reason))
+                placement = action.placement
+                await self.deliver(placement.inbox, events.cancel(
+                    action.request.key, placement.channel, action.reason))
+            elif isinstance(action, ArmHedge):
+                action.request.hedge_timer = asyncio.get_running_loop().call_later(
+                    action.delay, self._hedge_due, action.request.key)
             elif isinstance(action, Wake):
                 self._wake.set()
 
     async def _reserve(self, batch: list[Request]) -> None:
         """Reserve a slot for each, in one registry call; then tell the table."""
         try:
-            reservations = await self.registry.reserve_many(
-                [(r.command, r.target) for r in batch])
+            reservations = await self.registry.reserve_many([r.wanted() for r in batch])
         except Exception as exc:  # noqa: BLE001 - each of them gets an answer
             if not isinstance(exc, RegistryUnavailable):
                 log.exception("could not reserve workers for %d request(s)", len(batch))
@@ -426,7 +432,7 @@ class Dispatcher:
             worker_id=response.processed_by, success=response.success, error=response.error,
             latency_ms=(now - request.started) * 1000, attempts=request.attempts,
             requester=request.requester, started_at=request.started, finished_at=now,
-            workers_lost=request.workers_lost, code=response.code)
+            workers_lost=request.workers_lost, code=response.code, routing=request.routing)
         text = response.to_json()
         self.results.put(request.owner, request.request_id, text)
         for watcher in request.watchers:
@@ -478,22 +484,27 @@ class Dispatcher:
         sink = self.attached.get(message["key"])
         if sink is None:
             return
-        final = message["final"]
-        if final is None:
+        if not message["final"]:
             request_id = protocol.loads_object(message["text"])["request_id"]
             await sink.event(request_id, message["text"], mergeable=message["mergeable"])
             return
         del self.attached[message["key"]]
-        await sink.answer(protocol.ApiResponse(**final), message["text"])
+        await sink.answer(protocol.ApiResponse.from_json(message["text"]), message["text"])
 
     @staticmethod
     def _disarm(request: Request) -> None:
-        if request.timer is not None:
-            request.timer.cancel()
-            request.timer = None
+        for timer in (request.timer, request.hedge_timer):
+            if timer is not None:
+                timer.cancel()
+        request.timer = request.hedge_timer = None
 
     def _expire(self, key: str) -> None:
         actions = self.table.expired(key)
+        if actions:
+            asyncio.ensure_future(self._perform(actions))
+
+    def _hedge_due(self, key: str) -> None:
+        actions = self.table.hedge_due(key)
         if actions:
             asyncio.ensure_future(self._perform(actions))
 
@@ -537,11 +548,11 @@ class Dispatcher:
     async def _give_back(self, worker_id: str) -> None:
         """Release a slot taken for a request that never reached its worker."""
         try:
-            await self.release(worker_id, latency_ms=None, ok=True)
+            await self.release(worker_id, latency_ms=None, ok=None)
         except RegistryUnavailable:
             pass  # the slot's entry expires with its heartbeat
 
-    async def _release_many(self, outcomes: list[tuple[str, float | None, bool]]) -> None:
+    async def _release_many(self, outcomes: list[Outcome]) -> None:
         try:
             await self.registry.release_many(outcomes)
         except RegistryUnavailable as exc:
@@ -584,12 +595,12 @@ class Dispatcher:
         placed = self.table.placed()
         if not placed:
             return
-        live = await self.registry.channels(r.worker_id for r in placed)  # type: ignore[misc]
+        live = await self.registry.channels(p.worker_id for r in placed for p in r.placements)
         for request in placed:
-            if request.worker_id is not None and \
-                    live.get(request.worker_id) != request.worker_channel:
-                await self._perform(self.table.lost(request.key, request.worker_id,
-                                                    "worker vanished"))
+            for p in list(request.placements):
+                if live.get(p.worker_id) != p.channel:
+                    await self._perform(self.table.lost(request.key, p.worker_id,
+                                                        "worker vanished"))
 
 
 _dispatchers: PerLoop[Dispatcher] = PerLoop(
@@ -610,8 +621,7 @@ class RemoteSink:
         self.key = key
 
     async def answer(self, response: protocol.ApiResponse, text: str) -> None:
-        await self.dispatcher.deliver(self.inbox, events.watched(self.key, text,
-                                                                 response.to_dict()))
+        await self.dispatcher.deliver(self.inbox, events.watched(self.key, text, final=True))
 
     async def event(self, request_id: str, text: str, *, ack: Any = None,
                     mergeable: bool = False) -> None:

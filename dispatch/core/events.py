@@ -83,9 +83,10 @@ def asked(token: str, found: int) -> dict[str, Any]:
     return {"type": ASKED, "token": token, "found": found}
 
 
-def watched(key: str, text: str, final: dict[str, Any] | None = None,
+def watched(key: str, text: str, final: bool = False,
             mergeable: bool = False) -> dict[str, Any]:
-    """To a process attached to a request: ``text`` to pass on; ``final``: the answer."""
+    """To a process attached to a request: ``text`` to pass on; ``final``: it is the
+    answer."""
     return {"type": WATCHED, "key": key, "text": text, "final": final,
             "mergeable": mergeable}
 

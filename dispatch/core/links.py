@@ -122,7 +122,8 @@ class WorkerLink:
             commands=frozenset(reg.commands), weight=weight, max_concurrency=max_concurrency,
             process=dispatcher.process, address=str(self.socket.peer),
             session_id=self.session_id, no_retry=frozenset(reg.no_retry),
-            inbox=dispatcher.channel, owner=self.grant.owner, leases=dict(reg.leases))
+            inbox=dispatcher.channel, owner=self.grant.owner, leases=dict(reg.leases),
+            labels=dict(reg.labels), version=reg.version, hedge=frozenset(reg.hedge))
         try:
             if await self.recorder.recent_owner_other_than(reg.worker_id, entry.owner):
                 raise WorkerIdTaken(reg.worker_id)
@@ -232,7 +233,7 @@ class WorkerLink:
             # Its requester was answered when it cancelled: this is the worker saying it
             # stopped (or finished anyway). The slot is free again; the answer is not sent.
             self.dispatcher.stats["answered_after_cancel"] += 1
-            await self._release(None, ok=True)
+            await self._release(None, ok=None)
             return
         if assignment is None:
             self.dispatcher.stats["late"] += 1
@@ -244,7 +245,9 @@ class WorkerLink:
                                      "dropped", msg_id, ErrorCode.NOT_HOLDING)
             return
         latency_ms = (time.monotonic() - assignment.started) * 1000
-        await self._release(latency_ms, ok=body.success)
+        # A handler's own error (bad parameters, CommandError) is the caller's business,
+        # not ill health of the worker: any answer counts as a success for balancing.
+        await self._release(latency_ms, ok=True)
         await self.dispatcher.deliver(assignment.reply_to, events.reply(
             body.request_id, self.entry.worker_id, body.success, body.data, body.error,
             latency_ms, body.code))
@@ -301,7 +304,7 @@ class WorkerLink:
         assignment.cancelled = time.monotonic()
         await self.socket.send_frame(Message.cancel(key, reason))
 
-    async def _release(self, latency_ms: float | None, *, ok: bool) -> None:
+    async def _release(self, latency_ms: float | None, *, ok: bool | None) -> None:
         try:
             await self.dispatcher.release(self.entry.worker_id,  # type: ignore[union-attr]
                                           latency_ms=latency_ms, ok=ok)

@@ -22,7 +22,10 @@ request's life lives here, in one place, and tests drive it with a fake clock:
 * every request is answered exactly once; an answer for a request no longer
   placed on that worker (late, duplicate, forged) is dropped and counted;
 * waiting requests are served highest priority first, and round-robin between
-  credentials within one priority, so one tenant's burst cannot starve the others.
+  credentials within one priority, so one tenant's burst cannot starve the others;
+* hedged: a request of a hedgeable command still unanswered after the command's
+  recent p95 is placed on a second worker too (within the hedge budget); the first
+  answer wins and the other copy is cancelled (:mod:`.hedging`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ from workers.protocol import ApiResponse, ErrorCode
 
 from .. import conf
 from ..registry import Reservation, WorkerEntry
+from .balancing import Wanted
+from .hedging import HedgePolicy
 
+#: Characters of routing explanation kept per request (for its history row).
+MAX_ROUTING_CHARS = 500
 
 
 class Sink(Protocol):
@@ -63,6 +70,15 @@ class State(enum.Enum):
     DONE = "done"  # answered (or abandoned): nothing more happens to it
 
 
+@dataclass(slots=True, frozen=True)
+class Placement:
+    """A worker a request was forwarded to (two while it is hedged)."""
+
+    worker_id: str
+    channel: str  # that worker's connection, to notice a reconnect elsewhere
+    inbox: str  # the dispatcher holding that connection
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """One request this process has yet to answer."""
@@ -78,15 +94,49 @@ class Request:
     target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
     owner: str = ""  # the credential that sent it (auth.Grant.owner): who may attach
     priority: int = 0
+    select: tuple[tuple[str, str], ...] = ()  # labels its worker must have
+    affinity: str | None = None  # requests with one key go to one worker
+    hedge: bool = False  # the requester allows a second copy when the first is slow
     state: State = State.RESERVING
-    worker_id: str | None = None  # the worker it is placed on
-    worker_channel: str = ""  # that worker's connection, to notice a reconnect elsewhere
-    worker_inbox: str = ""  # the dispatcher holding that connection
+    placements: list[Placement] = field(default_factory=list)  # the workers that have it
+    tried: list[str] = field(default_factory=list)  # every worker it was placed on
     retry_safe: bool = True  # False: the worker said this command must not run twice
+    hedgeable: bool = False  # its first worker lets the broker hedge it
+    hedging: bool = False  # a slot for its second copy is being reserved
+    hedged: bool = False
     lost_because: str = ""  # why its last worker was lost, for the error text
-    attempts: int = 0
     workers_lost: int = 0  # how many workers went away (or hung) under it
+    routing: str = ""  # how its workers were chosen (balancing's explanations)
     timer: Any = None  # the driver's deadline timer
+    hedge_timer: Any = None
+
+    @property
+    def attempts(self) -> int:
+        """Times it was placed on a worker (a hedge counts)."""
+        return len(self.tried)
+
+    @property
+    def worker_id(self) -> str | None:
+        """The worker it is placed on (the first, while hedged)."""
+        return self.placements[0].worker_id if self.placements else None
+
+    def wanted(self) -> Wanted:
+        """What to ask of the registry for it (a hedge: anyone but its worker)."""
+        return Wanted(self.command, self.target, self.select, self.affinity,
+                      frozenset(p.worker_id for p in self.placements) if self.hedging
+                      else frozenset())
+
+    def route(self, processed_by: str | None) -> dict[str, Any] | None:
+        """What its answer says about how it was routed, when there is something to say."""
+        route: dict[str, Any] = {}
+        if self.attempts > 1:
+            route["attempts"] = self.attempts
+        before = [w for w in self.tried if w != processed_by]
+        if before and not self.hedged:
+            route["failover_from"] = before
+        if self.hedged:
+            route["hedged"] = True
+        return route or None
 
     @property
     def stream(self) -> bool:
@@ -149,10 +199,19 @@ class Notify:
 
 @dataclass(slots=True)
 class CancelOnWorker:
-    """Tell the request's worker to stop it."""
+    """Tell a worker that has the request to stop it."""
 
     request: Request
     reason: str
+    placement: Placement
+
+
+@dataclass(slots=True)
+class ArmHedge:
+    """In ``delay`` seconds, call :meth:`RequestTable.hedge_due`."""
+
+    request: Request
+    delay: float
 
 
 @dataclass(slots=True)
@@ -160,7 +219,7 @@ class Wake:
     """Requests are waiting: serve the queue."""
 
 
-Action = Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker | Wake
+Action = Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker | ArmHedge | Wake
 
 
 # ---------------------------------------------------------------------------- the queue
@@ -213,6 +272,7 @@ class RequestTable:
     #: (owner, request_id) -> key: how cancel and attach find a request
     named: dict[tuple[str, str], str] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
+    hedges: HedgePolicy = field(default_factory=HedgePolicy)
     accepting: bool = True
 
     def __len__(self) -> int:
@@ -240,19 +300,60 @@ class RequestTable:
                  ) -> list[Action]:
         """The registry's answer for a request that was being reserved."""
         worker = reservation.worker
+        if request.hedging:
+            return self._hedge_reserved(request, reservation, now)
         if request.state is not State.RESERVING:  # answered (timed out) meanwhile
             return [GiveBack(worker.worker_id)] if worker is not None else []
-        if worker is not None:
-            request.state = State.PLACED
-            request.worker_id = worker.worker_id
-            request.worker_channel = worker.channel
-            request.worker_inbox = worker.inbox
-            request.retry_safe = request.command not in worker.no_retry
-            request.attempts += 1
-            return [Forward(request, worker, max(0.001, request.deadline - now))]
-        if reservation.capable:
-            return self._wait(request)
-        return [self._unavailable(request)]
+        if worker is None:
+            if reservation.capable:
+                return self._wait(request)
+            return [self._unavailable(request, reservation)]
+        request.state = State.PLACED
+        request.retry_safe = request.command not in worker.no_retry
+        request.hedgeable = request.retry_safe and request.target is None and \
+            not request.stream and (request.hedge or request.command in worker.hedge)
+        actions: list[Action] = [self._place(request, worker, reservation.why, now)]
+        if request.hedgeable and len(request.tried) == 1:
+            delay = self.hedges.delay(request.command, conf.get("HEDGE_MAX_SHARE"))
+            if delay is not None and now + delay < request.deadline:
+                actions.append(ArmHedge(request, delay))
+        return actions
+
+    def _place(self, request: Request, worker: WorkerEntry, why: str, now: float) -> Forward:
+        request.placements.append(Placement(worker.worker_id, worker.channel, worker.inbox))
+        request.tried.append(worker.worker_id)
+        if why and len(request.routing) < MAX_ROUTING_CHARS:
+            request.routing = (f"{request.routing} | {why}" if request.routing
+                               else why)[:MAX_ROUTING_CHARS]
+        return Forward(request, worker, max(0.001, request.deadline - now))
+
+    def hedge_due(self, key: str) -> list[Action]:
+        """Its hedge delay passed: if it is still with its one worker and the budget
+        allows, reserve a second worker for a copy."""
+        request = self.requests.get(key)
+        if request is None or request.state is not State.PLACED or \
+                len(request.placements) != 1 or request.hedging or not self.hedges.spend():
+            return []
+        request.hedging = True
+        return [Reserve([request])]
+
+    def _hedge_reserved(self, request: Request, reservation: Reservation, now: float
+                        ) -> list[Action]:
+        """The slot for a second copy: taken (forward it), or none free (no hedge)."""
+        request.hedging = False
+        worker = reservation.worker
+        if worker is None:
+            self.stats["hedges_unplaced"] += 1
+            if request.state is State.RESERVING:  # its worker was lost meanwhile
+                return self.reserved(request, reservation, now)
+            return []
+        if request.state is State.RESERVING:  # its worker was lost meanwhile: a retry
+            return self.reserved(request, reservation, now)
+        if request.state is not State.PLACED:
+            return [GiveBack(worker.worker_id)]
+        request.hedged = True
+        self.stats["hedged"] += 1
+        return [self._place(request, worker, reservation.why, now)]
 
     def _wait(self, request: Request) -> list[Action]:
         if len(self.waiting) >= conf.get("QUEUE_LIMIT"):
@@ -276,18 +377,26 @@ class RequestTable:
         return batch
 
     def replied(self, key: str, worker_id: str, success: bool, data: Any,
-                error: str | None, code: str | None) -> list[Action]:
-        """The worker's answer; dropped (and counted) unless the request is placed there."""
+                error: str | None, code: str | None, latency_ms: float | None = None
+                ) -> list[Action]:
+        """The worker's answer; dropped (and counted) unless the request is placed there.
+        A hedged request's other copy is cancelled."""
         request = self._placed(key, worker_id)
         if request is None:
             self.stats["late"] += 1
             return []
+        if request.hedgeable and not request.hedged and latency_ms is not None:
+            self.hedges.record(request.command, latency_ms)
+        actions: list[Action] = [
+            CancelOnWorker(request, protocol.ANSWERED_ELSEWHERE, p)
+            for p in request.placements if p.worker_id != worker_id]
         if success:
-            return [self._finish(request, ApiResponse(request.request_id, True, data, None,
-                                                      worker_id))]
-        return [self._finish(request, ApiResponse.failure(
-            request.request_id, error or "Request failed",
-            ErrorCode.of(code, ErrorCode.WORKER_ERROR), worker_id))]
+            response = ApiResponse(request.request_id, True, data, None, worker_id)
+        else:
+            response = ApiResponse.failure(request.request_id, error or "Request failed",
+                                           ErrorCode.of(code, ErrorCode.WORKER_ERROR),
+                                           worker_id)
+        return [*actions, self._finish(request, response)]
 
     def failed_on(self, key: str, worker_id: str, error: str, code: ErrorCode
                   ) -> list[Action]:
@@ -296,6 +405,8 @@ class RequestTable:
         request = self._placed(key, worker_id)
         if request is None:
             return []
+        if self._unplace(request, worker_id):  # its other copy goes on
+            return [GiveBack(worker_id)]
         return [GiveBack(worker_id), self._answer(request, error, code)]
 
     def lost(self, key: str, worker_id: str, reason: str,
@@ -307,18 +418,21 @@ class RequestTable:
             return []
         self.stats["lost"] += 1
         request.workers_lost += 1
-        request.worker_id = None
         request.lost_because = reason
+        if self._unplace(request, worker_id):  # its other copy goes on
+            return []
         text = protocol.LEASE_EXPIRED if code is ErrorCode.LEASE_EXPIRED else \
             protocol.WORKER_LOST
         if not request.retry_safe:
             return [self._answer(request, f"{text} ({reason}); '{request.command}' is not "
                                           "idempotent, so it was not retried", code)]
-        if request.attempts > conf.get("MAX_RETRIES"):
+        if request.workers_lost > conf.get("MAX_RETRIES"):
             return [self._answer(request, f"{text} ({reason}) after {request.attempts} "
                                           "attempts", code)]
         self.stats["redispatched"] += 1
         request.state = State.RESERVING
+        if request.hedging:  # the slot being reserved for its copy will do for the retry
+            return []
         return [Reserve([request])]
 
     def expired(self, key: str) -> list[Action]:
@@ -335,9 +449,8 @@ class RequestTable:
         if request is None:
             return []
         self.stats["cancelled"] += 1
-        actions: list[Action] = []
-        if request.state is State.PLACED:
-            actions.append(CancelOnWorker(request, reason))
+        actions: list[Action] = [CancelOnWorker(request, reason, p)
+                                 for p in request.placements]
         actions.append(self._answer(request, f"{protocol.CANCELLED}: {reason}",
                                     ErrorCode.CANCELLED))
         return actions
@@ -395,11 +508,17 @@ class RequestTable:
     def _placed(self, key: str, worker_id: str) -> Request | None:
         request = self.requests.get(key)
         if request is None or request.state is not State.PLACED or \
-                request.worker_id != worker_id:
+                all(p.worker_id != worker_id for p in request.placements):
             return None
         return request
 
-    def _unavailable(self, request: Request) -> Answer:
+    @staticmethod
+    def _unplace(request: Request, worker_id: str) -> bool:
+        """Forget one placement; True if another is left (a hedge's twin)."""
+        request.placements = [p for p in request.placements if p.worker_id != worker_id]
+        return bool(request.placements)
+
+    def _unavailable(self, request: Request, reservation: Reservation) -> Answer:
         """Why no worker could be reserved, in the words of what was tried."""
         lost = f"{protocol.WORKER_LOST} ({request.lost_because})"
         if request.target is not None:
@@ -410,6 +529,11 @@ class RequestTable:
         if request.attempts:
             return self._answer(request, f"{lost} and no other worker offers "
                                          f"'{request.command}'", ErrorCode.WORKER_LOST)
+        if reservation.unmatched:
+            return self._answer(request, f"{protocol.NO_WORKERS}: no worker offering "
+                                         f"'{protocol.quote(request.command)}' has "
+                                         f"{protocol.quote(reservation.unmatched)}",
+                                ErrorCode.NO_WORKERS)
         return self._answer(request, protocol.NO_WORKERS, ErrorCode.NO_WORKERS)
 
     def _answer(self, request: Request, error: str, code: ErrorCode) -> Answer:
@@ -417,6 +541,7 @@ class RequestTable:
 
     def _finish(self, request: Request, response: ApiResponse) -> Answer:
         """The only way out of the table: once per request."""
+        response.route = request.route(response.processed_by)
         self.requests.pop(request.key, None)
         name = (request.owner, request.request_id)
         if self.named.get(name) == request.key:

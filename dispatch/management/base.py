@@ -8,9 +8,12 @@ once, so every command exits non-zero with the same clear message.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Iterable
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from workers.protocol import label
 
 from ..control.client import BrokerClient, ControlError, default_base_url, default_token
 
@@ -120,6 +123,25 @@ def parse_message(text: str) -> Any:
         return text
 
 
+def add_routing(parser: CommandParser) -> None:
+    """``--select`` and ``--affinity``: what a request may ask of its worker."""
+    parser.add_argument("--select", type=label, action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="Only workers with this label (repeatable: all must match).")
+    parser.add_argument("--affinity", metavar="KEY",
+                        help="Affinity key: requests with one key go to the same worker.")
+
+
+def routing(options: dict[str, Any]) -> dict[str, Any]:
+    """The routing fields of a request body from ``add_routing``'s options."""
+    out: dict[str, Any] = {}
+    if options.get("select"):
+        out["select"] = dict(options["select"])
+    if options.get("affinity"):
+        out["affinity"] = options["affinity"]
+    return out
+
+
 def seconds(text: str) -> float:
     """argparse type for ``--timeout``: refuses zero and negatives, which never answer."""
     value = float(text)
@@ -131,11 +153,21 @@ def seconds(text: str) -> float:
 # --------------------------------------------------------------------------- output
 
 
+def worker_state(w: dict[str, Any]) -> str:
+    """online / draining / probing, or "ejected until 12:04:05 (why)"."""
+    state = str(w.get("state") or ("draining" if w.get("draining") else "online"))
+    if state == "ejected":
+        until = time.strftime("%H:%M:%S", time.localtime(w.get("ejected_until") or 0))
+        state += f" until {until} ({w.get('ejected_why') or '?'})"
+    return state
+
+
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
 
 
-WORKER_COLUMNS = ("ID", "NAME", "PROCESS", "LOAD", "DONE", "ERRORS", "LATENCY", "COMMANDS")
+WORKER_COLUMNS = ("ID", "NAME", "STATE", "PROCESS", "LOAD", "DONE", "ERRORS", "LATENCY",
+                  "COMMANDS")
 
 
 def format_workers(workers: Iterable[dict[str, Any]]) -> str:
@@ -151,13 +183,14 @@ def format_workers(workers: Iterable[dict[str, Any]]) -> str:
 
 
 def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
-    name = str(w.get("name") or "")
-    if w.get("draining"):
-        name += " (draining)"
+    labels = w.get("labels") or {}
+    name = str(w.get("name") or "") + (
+        f" [{','.join(f'{k}={v}' for k, v in sorted(labels.items()))}]" if labels else "")
     latency = w.get("latency_ms")
     return (
         str(w.get("worker_id", "")),
         name,
+        worker_state(w),
         str(w.get("process") or ""),
         f"{w.get('in_flight', 0)}/{w.get('max_concurrency', '?')}",
         str(w.get("completed", 0)),

@@ -8,11 +8,11 @@ processes. :func:`get_registry` picks one from the settings.
 from __future__ import annotations
 
 from .. import conf
-from .base import (Registry, RegistryUnavailable, Reservation, WorkerEntry,
+from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEntry,
                    WorkerIdTaken)
 
-__all__ = ["Registry", "RegistryUnavailable", "Reservation", "WorkerEntry", "WorkerIdTaken",
-           "get_registry", "reset_registry"]
+__all__ = ["Outcome", "Registry", "RegistryUnavailable", "Reservation", "WorkerEntry",
+           "WorkerIdTaken", "get_registry", "reset_registry"]
 
 _registry: Registry | None = None
 

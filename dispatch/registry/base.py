@@ -8,17 +8,24 @@ last free slot.
 from __future__ import annotations
 
 import abc
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
 
-#: Weight of the newest sample in the running averages of latency and errors.
-EWMA_ALPHA = 0.2
+from .. import conf
+from ..core.balancing import (EWMA_ALPHA, Wanted, ejection_due, ejection_seconds,
+                              parse_canaries, peak_ewma)
 
 
-def has_room(in_flight: int, max_concurrency: int, draining: bool = False) -> bool:
-    """The one rule for a free slot (prelude.lua's ``has_room`` is its twin in Redis)."""
-    return not draining and in_flight < max_concurrency
+def canary_rules() -> dict[str, tuple[str, float]]:
+    """The ``CANARY`` setting, parsed (once per value)."""
+    return _canaries(conf.get("CANARY"))
+
+
+@functools.lru_cache(maxsize=4)
+def _canaries(text: str) -> dict[str, tuple[str, float]]:
+    return parse_canaries(text)
 
 
 @dataclass(slots=True)
@@ -46,17 +53,68 @@ class WorkerEntry:
     inbox: str = ""  # channel of the dispatcher of the process that holds its socket
     owner: str = ""  # the credential that registered this id (auth.Grant.owner)
     leases: dict[str, float] = field(default_factory=dict)  # command -> seconds of life
+    labels: dict[str, str] = field(default_factory=dict)  # what selectors match
+    version: str = ""  # for canary routing
+    hedge: frozenset[str] = frozenset()  # commands it lets the broker hedge
+    latency_at: float = 0.0  # wall time of the last latency sample
+    failures: int = 0  # infrastructure failures in a row
+    ejections: int = 0  # times it was taken out of rotation
+    ejected_until: float = 0.0  # wall time; 0: never ejected
+    probing: bool = False  # ejected before: on trial until one request succeeds
+    ejected_why: str = ""
 
-    def has_room(self) -> bool:
-        return has_room(self.in_flight, self.max_concurrency, self.draining)
+    @property
+    def state(self) -> str:
+        """online, draining, ejected or probing."""
+        if self.draining:
+            return "draining"
+        if self.ejected_until > time.time():
+            return "ejected"
+        return "probing" if self.probing else "online"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view for the control API and management commands."""
         data = asdict(self)
         data["commands"] = sorted(self.commands)
         data["no_retry"] = sorted(self.no_retry)
+        data["hedge"] = sorted(self.hedge)
+        data["state"] = self.state
         del data["channel"], data["inbox"], data["owner"], data["leases"]
         return data
+
+    def record(self, latency_ms: float | None, ok: bool | None, now: float) -> bool:
+        """Fold one outcome into the statistics (MemoryRegistry; release.lua is its twin
+        in Redis); True when it is time to eject the worker. ``ok`` None: the slot was
+        never used (the request did not reach the worker)."""
+        self.in_flight = max(0, self.in_flight - 1)
+        if ok is None:
+            return False
+        probing = self.probing
+        if ok:
+            self.completed += 1
+            self.failures = 0
+            self.probing = False  # a probe that succeeded: back in rotation
+        else:
+            self.errors += 1
+            self.failures += 1
+        self.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - self.error_rate)
+        fresh = ok and probing  # a probe that succeeded: back with a clean slate
+        if fresh:
+            self.error_rate = 0.0
+        if latency_ms is not None:
+            self.latency_ms = latency_ms if fresh else peak_ewma(
+                self.latency_ms, self.latency_at, latency_ms, now)
+            self.latency_at = now
+        return ejection_due(self.failures, probing, ok, conf.get("EJECT_AFTER"),
+                            self.ejected_until, now)
+
+    def eject(self, now: float, why: str) -> None:
+        self.ejections += 1
+        self.ejected_until = now + ejection_seconds(self.ejections, conf.get("EJECT_SECONDS"),
+                                                    conf.get("EJECT_MAX_SECONDS"))
+        self.probing = True
+        self.ejected_why = why
+        self.failures = 0
 
 
 class Reservation(NamedTuple):
@@ -64,11 +122,18 @@ class Reservation(NamedTuple):
 
     ``worker`` is set when a slot was taken. Otherwise ``capable`` tells "nobody
     offers this command" (answer at once) from "all capable workers are full"
-    (wait for a slot).
+    (wait for a slot). ``why`` says how it was chosen (for history); ``unmatched``
+    names a selector that matched no live worker.
     """
 
     worker: WorkerEntry | None
     capable: bool
+    why: str = ""
+    unmatched: str = ""
+
+
+#: What :meth:`Registry.release_many` takes: (worker id, latency in ms, ok).
+Outcome = tuple[str, "float | None", "bool | None"]
 
 
 class RegistryUnavailable(ConnectionError):
@@ -105,23 +170,33 @@ class Registry(abc.ABC):
     async def touch(self, worker_id: str, when: float | None = None) -> bool:
         """Record a heartbeat; False if the worker is not registered (any more)."""
 
-    @abc.abstractmethod
     async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
         """Choose a worker for ``command`` (or take ``worker_id``) and take a slot."""
+        return (await self.reserve_many([Wanted(command, worker_id)]))[0]
 
     @abc.abstractmethod
-    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
-        """Give back a slot, folding the outcome into the worker's statistics."""
+    async def reserve_many(self, wanted: list[Wanted]) -> list[Reservation]:
+        """Choose a worker for each and take a slot of it, in order (choices count
+        against each other). A shared registry does them in a couple of round trips,
+        whatever their number."""
 
-    async def reserve_many(self, requests: list[tuple[str, str | None]]) -> list[Reservation]:
-        """:meth:`reserve` for each ``(command, worker_id)``, in order.
+    @abc.abstractmethod
+    async def release(self, worker_id: str, *, latency_ms: float | None,
+                      ok: bool | None) -> None:
+        """Give back a slot, folding the outcome into the worker's statistics.
 
-        A shared registry does them in a couple of round trips, whatever their number.
+        ``ok`` is False only for an infrastructure failure (a timeout, a lease that
+        ran out, a refused answer): a handler's own error is no ill health. Enough of
+        them in a row eject the worker (see :mod:`dispatch.core.balancing`). None: the
+        slot was not used (the request never reached the worker).
         """
-        return [await self.reserve(command, worker_id=worker_id)
-                for command, worker_id in requests]
 
-    async def release_many(self, outcomes: list[tuple[str, float | None, bool]]) -> None:
+    @abc.abstractmethod
+    async def explain(self, wanted: Wanted) -> tuple[Reservation, list[WorkerEntry]]:
+        """How ``wanted`` would be routed now (no slot is taken), and every worker
+        looked at."""
+
+    async def release_many(self, outcomes: list[Outcome]) -> None:
         """:meth:`release` for each ``(worker_id, latency_ms, ok)``."""
         for worker_id, latency_ms, ok in outcomes:
             await self.release(worker_id, latency_ms=latency_ms, ok=ok)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
 from .. import conf
-from ..core.balancing import get_strategy
-from .base import EWMA_ALPHA, Registry, Reservation, WorkerEntry, WorkerIdTaken
+from ..core.balancing import SAMPLE, Choice, Wanted, choose, samples
+from .base import Registry, Reservation, WorkerEntry, WorkerIdTaken, canary_rules
+
+log = logging.getLogger("dispatch.registry")
 
 
 class MemoryRegistry(Registry):
@@ -24,7 +27,9 @@ class MemoryRegistry(Registry):
 
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._workers: dict[str, WorkerEntry] = {}
-        self._by_command: dict[str, dict[str, WorkerEntry]] = {}
+        self._pools: dict[str, list[WorkerEntry]] = {}  # command -> its workers
+        #: (label, value) -> the workers with it, by id: a selector looks at those only
+        self._labelled: dict[tuple[str, str], dict[str, WorkerEntry]] = {}
         self._claims: dict[str, tuple[str, float]] = {}  # id that left -> (owner, until)
         self._seq = 0
         self._rng = rng or random.Random()
@@ -39,7 +44,9 @@ class MemoryRegistry(Registry):
         old = self._drop(entry.worker_id)
         self._workers[entry.worker_id] = entry
         for command in entry.commands:
-            self._by_command.setdefault(command, {})[entry.worker_id] = entry
+            self._pools.setdefault(command, []).append(entry)
+        for pair in entry.labels.items():
+            self._labelled.setdefault(pair, {})[entry.worker_id] = entry
         return old
 
     async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
@@ -63,11 +70,19 @@ class MemoryRegistry(Registry):
         entry = self._workers.pop(worker_id, None)
         if entry is not None:
             for command in entry.commands:
-                offering = self._by_command.get(command)
-                if offering is not None:
-                    offering.pop(worker_id, None)
-                    if not offering:
-                        del self._by_command[command]
+                pool = self._pools.get(command)
+                if pool is not None:
+                    # By identity (entries compare by value), and O(pool): leaving is
+                    # rare beside choosing.
+                    del pool[next(i for i, e in enumerate(pool) if e is entry)]
+                    if not pool:
+                        del self._pools[command]
+            for pair in entry.labels.items():
+                same = self._labelled.get(pair)
+                if same is not None:
+                    same.pop(worker_id, None)
+                    if not same:
+                        del self._labelled[pair]
         return entry
 
     async def touch(self, worker_id: str, when: float | None = None) -> bool:
@@ -76,39 +91,81 @@ class MemoryRegistry(Registry):
             entry.last_heartbeat = when or time.time()
         return entry is not None
 
-    async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
-        if worker_id is not None:
-            entry = self._workers.get(worker_id)
-            if entry is None:
-                return Reservation(None, False)
-            if not entry.has_room():
-                return Reservation(None, True)
-            entry.in_flight += 1
-            return Reservation(entry, True)
-        offering = self._by_command.get(command)
-        if not offering:
-            return Reservation(None, False)
-        candidates = [w for w in offering.values() if w.has_room()]
-        if not candidates:
-            return Reservation(None, True)
-        self._seq += 1
-        chosen = get_strategy(conf.get("STRATEGY"))(candidates, self._seq, self._rng)
-        chosen.in_flight += 1
-        return Reservation(chosen, True)  # type: ignore[arg-type]
+    async def reserve_many(self, wanted: list[Wanted]) -> list[Reservation]:
+        return [self._reserve(w) for w in wanted]
 
-    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+    def _reserve(self, wanted: Wanted) -> Reservation:
+        choice = self._choose(wanted, time.time())
+        if choice.worker is None:
+            return Reservation(None, choice.capable, choice.why, choice.unmatched)
+        choice.worker.in_flight += 1
+        return Reservation(choice.worker, True, choice.why)
+
+    def _choose(self, wanted: Wanted, now: float) -> Choice:
+        strategy = conf.get("STRATEGY")
+        canaries = canary_rules()
+        if wanted.target is not None:
+            entry = self._workers.get(wanted.target)
+            pool: list[WorkerEntry] = [entry] if entry is not None else []
+            of = len(pool)
+        elif wanted.select:
+            pool = self._matching(wanted)
+            of = len(pool)
+        else:
+            pool = self._pools.get(wanted.command, [])
+            of = len(pool)
+            if of > SAMPLE and samples(strategy, wanted, canaries):
+                sample = self._rng.sample(pool, SAMPLE)
+                self._seq += 1
+                choice = choose(sample, wanted, strategy, self._seq, self._rng, now, of=of,
+                                canaries=canaries)
+                if choice.worker is not None:
+                    return choice  # else look at them all: full, or nearly all full
+        self._seq += 1
+        return choose(pool, wanted, strategy, self._seq, self._rng, now, of=of,
+                      canaries=canaries)
+
+    def _matching(self, wanted: Wanted) -> list[WorkerEntry]:
+        """The workers offering the command that have every label of the selector,
+        found from the rarest of those labels: no scan of the whole fleet."""
+        sets = [self._labelled.get(pair) for pair in wanted.select]
+        if not all(sets):
+            # None has one of the labels: show choose() the command's workers, so that
+            # it can say which selector matched nobody (a sample will do for that).
+            pool = self._pools.get(wanted.command, [])
+            return pool if len(pool) <= SAMPLE else self._rng.sample(pool, SAMPLE)
+        rarest = min(sets, key=len)  # type: ignore[arg-type]
+        return [e for e in rarest.values()  # type: ignore[union-attr]
+                if wanted.command in e.commands
+                and all(e.labels.get(k) == v for k, v in wanted.select)]
+
+    async def explain(self, wanted: Wanted) -> tuple[Reservation, list[WorkerEntry]]:
+        choice = self._choose(wanted, time.time())
+        pool = ([self._workers[wanted.target]] if wanted.target in self._workers else []) \
+            if wanted.target is not None else list(self._pools.get(wanted.command, []))
+        return Reservation(choice.worker, choice.capable, choice.why, choice.unmatched), pool
+
+    async def release(self, worker_id: str, *, latency_ms: float | None,
+                      ok: bool | None) -> None:
         entry = self._workers.get(worker_id)
         if entry is None:
             return
-        entry.in_flight = max(0, entry.in_flight - 1)
-        if ok:
-            entry.completed += 1
-        else:
-            entry.errors += 1
-        entry.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - entry.error_rate)
-        if latency_ms is not None:
-            entry.latency_ms = (latency_ms if entry.completed + entry.errors == 1
-                                else entry.latency_ms + EWMA_ALPHA * (latency_ms - entry.latency_ms))
+        now = time.time()
+        if entry.record(latency_ms, ok, now):
+            self._eject(entry, now)
+
+    def _eject(self, entry: WorkerEntry, now: float) -> None:
+        """Out of rotation, unless that would put too much of the fleet out."""
+        out = sum(1 for w in self._workers.values() if w.ejected_until > now)
+        if out + 1 > conf.get("EJECT_MAX_SHARE") * len(self._workers):
+            log.warning("worker %s failed %d times in a row, but %d of %d workers are out of "
+                        "rotation already: it stays in", entry.worker_id, entry.failures, out,
+                        len(self._workers))
+            return
+        entry.eject(now, f"{entry.failures or 1} infrastructure failure(s) in a row")
+        log.warning("worker %s is out of rotation until %s (%s)", entry.worker_id,
+                    time.strftime("%H:%M:%S", time.localtime(entry.ejected_until)),
+                    entry.ejected_why)
 
     async def set_draining(self, worker_id: str, draining: bool) -> bool:
         entry = self._workers.get(worker_id)

@@ -21,8 +21,9 @@ safety net so nothing outlives a cluster that stopped for good.
 
 Choosing and reserving (:meth:`RedisRegistry.reserve_many`, which ``reserve`` calls
 too) takes two scripts rather than one: the first prunes and returns the stats of
-the candidates (and the next global sequence number); the strategy, the same Python
-function the in-process registry uses, chooses; the second script takes a slot only
+the candidates (and the next global sequence number): all of them, or a random sample
+when many offer the command; :func:`dispatch.core.balancing.choose`, the same Python
+the in-process registry uses, chooses; the second script takes a slot only
 if the worker is still live and not full, so ``max_concurrency`` holds across
 processes. If another process took the last slot in between, we fetch again, a
 bounded number of times. This keeps the strategies in one place, in Python, at the
@@ -37,34 +38,37 @@ are expected to be NTP-synchronised to well within the ttl.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import json
+import logging
 import random
 import time
-from collections import Counter
-from dataclasses import fields
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable, Iterator
 
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from .. import conf
-from ..core.balancing import get_strategy
+from ..core import balancing
+from ..core.balancing import SAMPLE, Choice, Wanted, choose, ejection_due, samples
 from ..redis import scripts
 from ..redis.connection import CLIENT_OPTIONS, Clients, RedisTarget
-from .base import (EWMA_ALPHA, Registry, RegistryUnavailable, Reservation, WorkerEntry,
-                   WorkerIdTaken, has_room)
+from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEntry,
+                   WorkerIdTaken, canary_rules)
+
+log = logging.getLogger("dispatch.registry")
 
 #: Times a reservation fetches candidates (again, after losing the race for a slot).
 RESERVE_ATTEMPTS = 5
 # ---------------------------------------------------------------------------- Lua
 # The scripts are dispatch/redis/lua/*.lua; each says what its KEYS and ARGV are.
-(ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RESERVE_MANY, SET_DRAINING, GET, ALL, COUNT,
- CHANNELS) = (scripts.load("prelude", name) for name in (
-    "add", "remove", "touch", "candidates", "reserve", "reserve_many", "set_draining", "get",
-    "all", "count", "channels"))
+(ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RESERVE_MANY, EJECT, SET_DRAINING, GET, ALL,
+ COUNT, CHANNELS) = (scripts.load("prelude", name) for name in (
+    "add", "remove", "touch", "candidates", "reserve", "reserve_many", "eject",
+    "set_draining", "get", "all", "count", "channels"))
 RELEASE = scripts.load("release")  # no prelude: it touches only the hashes it is given
 
 # ---------------------------------------------------------------------------- encoding
@@ -76,6 +80,7 @@ _DECODERS: dict[str, Callable[[str], Any]] = {
     "bool": lambda text: text == "1",
     "frozenset[str]": lambda text: frozenset(json.loads(text)),
     "dict[str, float]": json.loads,
+    "dict[str, str]": json.loads,
 }
 
 
@@ -104,21 +109,40 @@ def _decode(flat: list[str]) -> WorkerEntry:
                           for f in fields(WorkerEntry) if f.name in raw})
 
 
-class _Candidate(NamedTuple):
-    """The stats a strategy looks at (balancing.WorkerStats), as CANDIDATES returns them."""
+@functools.lru_cache(maxsize=1024)
+def _labels(text: str) -> dict[str, str]:
+    """Labels from their JSON, parsed once per distinct text (shared: never mutated)."""
+    return json.loads(text)
+
+
+@dataclass(slots=True)
+class _Row:
+    """The stats choosing looks at (balancing.WorkerStats), as CANDIDATES returns them.
+
+    A field missing from the hash (a worker registered by an older broker) reads as
+    its default."""
 
     worker_id: str
-    weight: float
-    in_flight: int
-    max_concurrency: int
-    latency_ms: float
-    error_rate: float
+    weight: float = 1.0
+    in_flight: int = 0
+    max_concurrency: int = 1
+    draining: bool = False
+    latency_ms: float = 0.0
+    latency_at: float = 0.0
+    error_rate: float = 0.0
+    ejected_until: float = 0.0
+    probing: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    version: str = ""
 
     @classmethod
-    def from_row(cls, row: list[str]) -> _Candidate:
-        worker_id, weight, in_flight, max_concurrency, latency_ms, error_rate = row
-        return cls(worker_id, float(weight), int(in_flight), int(max_concurrency),
-                   float(latency_ms), float(error_rate))
+    def from_row(cls, row: list[str | None]) -> _Row:
+        (worker_id, weight, in_flight, max_concurrency, draining, latency_ms, latency_at,
+         error_rate, ejected_until, probing, labels, version) = row
+        return cls(worker_id or "", float(weight or 1), int(in_flight or 0),
+                   int(max_concurrency or 1), draining == "1", float(latency_ms or 0),
+                   float(latency_at or 0), float(error_rate or 0), float(ejected_until or 0),
+                   probing == "1", _labels(labels) if labels else {}, version or "")
 
 
 @contextlib.contextmanager
@@ -209,97 +233,146 @@ class RedisRegistry(Registry):
     def _claim_ms(self) -> int:
         return max(self._key_ttl_ms(), int(conf.get("WORKER_ID_CLAIM_SECONDS") * 1000))
 
-    async def reserve(self, command: str, *, worker_id: str | None = None) -> Reservation:
-        """Two round trips: fetch candidates, then take a slot of the chosen one (see the
-        module docstring); one for a named worker."""
-        if worker_id is None:
-            return (await self._reserve_open([command]))[0]
-        got = await self._run(RESERVE, [], [worker_id, ""])
-        if not isinstance(got, list):
-            return Reservation(None, got == 1)  # 0: unknown, 1: full
-        return Reservation(_decode(got), True)
-
-    async def reserve_many(self, requests: list[tuple[str, str | None]]) -> list[Reservation]:
-        """Two round trips for the lot: candidates of every command, then every slot.
+    async def reserve_many(self, wanted: list[Wanted]) -> list[Reservation]:
+        """Two round trips for the lot: candidates of every command, then every slot
+        (one per request for a named worker).
 
         Choices within the batch count against each other (a worker chosen once has
         one slot less for the next), as one-at-a-time reserves would.
         """
-        out: list[Reservation | None] = [None] * len(requests)
+        out: list[Reservation | None] = [None] * len(wanted)
         open_ = []
-        for i, (command, worker_id) in enumerate(requests):
-            if worker_id is None:
+        for i, w in enumerate(wanted):
+            if w.target is None:
                 open_.append(i)
             else:
-                out[i] = await self.reserve(command, worker_id=worker_id)
+                got = await self._run(RESERVE, [], [w.target, "", repr(time.time())])
+                out[i] = (Reservation(_decode(got), True, "named") if isinstance(got, list)
+                          else Reservation(None, got == 1))  # 0: unknown, 1: full
         if open_:
             for i, reservation in zip(open_, await self._reserve_open(
-                    [requests[i][0] for i in open_])):
+                    [wanted[i] for i in open_])):
                 out[i] = reservation
         return out  # type: ignore[return-value]
 
-    async def _reserve_open(self, commands: list[str], attempts: int = RESERVE_ATTEMPTS
-                            ) -> list[Reservation]:
-        """Choose and take a slot for each command. Those that lost a race with another
-        process (it took the last slot, or the worker left) are tried again together,
-        ``attempts`` times in all; after that they count as capable but busy (they wait)."""
-        distinct = sorted(set(commands))
-        last_seq, found = await self._candidates(distinct, len(commands))
-        pools = dict(zip(distinct, found))
-        strategy = get_strategy(conf.get("STRATEGY"))
-        taken: Counter[str] = Counter()
-        out: list[Reservation | None] = [None] * len(commands)
-        picks: list[tuple[int, str, str]] = []  # (index, worker id, command)
-        for i, command in enumerate(commands):
-            capable, rows = pools[command]
-            # CANDIDATES returned those with room; count the choices made since.
-            room = [c._replace(in_flight=c.in_flight + taken[c.worker_id]) for c in rows
-                    if has_room(c.in_flight + taken[c.worker_id], c.max_concurrency)]
-            if not room:
-                out[i] = Reservation(None, bool(capable))
-                continue
-            chosen = strategy(room, last_seq - len(commands) + 1 + i, self._rng)
-            taken[chosen.worker_id] += 1
-            picks.append((i, chosen.worker_id, command))
-        if picks:
-            statuses, flat = await self._run(
-                RESERVE_MANY, [], [text for _, worker_id, command in picks
-                                   for text in (worker_id, command)])
-            entries = {worker_id: _decode(h) for worker_id, h in zip(flat[::2], flat[1::2])}
-            lost = []
-            for (i, worker_id, command), status in zip(picks, statuses):
-                if status == 2:
-                    out[i] = Reservation(entries[worker_id], True)
-                else:
-                    lost.append(i)
-            if lost:
-                again = (await self._reserve_open([commands[i] for i in lost], attempts - 1)
-                         if attempts > 1 else [Reservation(None, True)] * len(lost))
-                for i, reservation in zip(lost, again):
-                    out[i] = reservation
+    async def _reserve_open(self, wanted: list[Wanted], attempts: int = RESERVE_ATTEMPTS,
+                            sample: bool = True) -> list[Reservation]:
+        """Choose and take a slot for each. Those that lost a race with another process
+        (it took the last slot, or the worker left) are tried again together,
+        ``attempts`` times in all (after that they count as capable but busy: they
+        wait); those whose random sample had no eligible worker, with every worker."""
+        seq, pools = await self._candidates(wanted, sample)
+        strategy, canaries, now = conf.get("STRATEGY"), canary_rules(), time.time()
+        out: list[Reservation | None] = [None] * len(wanted)
+        picks: list[tuple[int, Choice]] = []
+        unsampled: list[int] = []
+        for i, w in enumerate(wanted):
+            total, rows = pools[w.command]
+            choice = choose(rows, w, strategy, seq - len(wanted) + 1 + i, self._rng, now,
+                            of=total, canaries=canaries)
+            if choice.worker is not None:
+                choice.worker.in_flight += 1  # counts against the next choice of the batch
+                picks.append((i, choice))
+            elif total > len(rows):  # a sample: look at them all before saying no
+                unsampled.append(i)
+            else:
+                out[i] = Reservation(None, choice.capable, choice.why, choice.unmatched)
+        lost = await self._take(picks, out)
+        if lost and attempts > 1:
+            await self._again(wanted, lost, out, attempts - 1, sample)
+        else:
+            for i in lost:
+                out[i] = Reservation(None, True, "lost the race for a slot")
+        if unsampled:
+            await self._again(wanted, unsampled, out, attempts, False)
         return out  # type: ignore[return-value]
 
-    async def _candidates(self, commands: list[str], choices: int
-                          ) -> tuple[int, list[tuple[bool, list[_Candidate]]]]:
-        """Sequence number of the last of ``choices``, and (capable, free) per command."""
-        seq, found = await self._run(CANDIDATES, [self._seq],
-                                     [self._key_ttl_ms(), choices, *commands])
-        return int(seq), [(bool(capable), [_Candidate.from_row(row) for row in rows])
-                          for capable, rows in found]
+    async def _take(self, picks: list[tuple[int, Choice]], out: list[Reservation | None]
+                    ) -> list[int]:
+        """Take the chosen slots (one round trip); the indices of those lost."""
+        if not picks:
+            return []
+        statuses, flat = await self._run(
+            RESERVE_MANY, [], [repr(time.time()), *(text for _, choice in picks
+                                                   for text in (choice.worker.worker_id, ""))])
+        entries = {worker_id: _decode(h) for worker_id, h in zip(flat[::2], flat[1::2])}
+        lost = []
+        for (i, choice), status in zip(picks, statuses):
+            if status == 2:
+                out[i] = Reservation(entries[choice.worker.worker_id], True, choice.why)
+            else:
+                lost.append(i)
+        return lost
 
-    async def release(self, worker_id: str, *, latency_ms: float | None, ok: bool) -> None:
+    async def _again(self, wanted: list[Wanted], indices: list[int],
+                     out: list[Reservation | None], attempts: int, sample: bool) -> None:
+        again = await self._reserve_open([wanted[i] for i in indices], attempts, sample)
+        for i, reservation in zip(indices, again):
+            out[i] = reservation
+
+    async def _candidates(self, wanted: list[Wanted], sample: bool
+                          ) -> tuple[int, dict[str, tuple[int, list[_Row]]]]:
+        """Sequence number of the last of the choices, and per command how many live
+        workers offer it and the rows looked at (a sample of them, when there are many
+        and every request for it may be served from a sample)."""
+        strategy, canaries = conf.get("STRATEGY"), canary_rules()
+        sizes: dict[str, int] = {}
+        for w in wanted:
+            size = SAMPLE if sample and samples(strategy, w, canaries) else 0
+            if w.command in sizes:
+                # Several choices from one sample: a bigger sample, or all.
+                size = sizes[w.command] + SAMPLE if size and sizes[w.command] else 0
+            sizes[w.command] = size
+        seq, found = await self._run(CANDIDATES, [self._seq], [
+            self._key_ttl_ms(), len(wanted),
+            *(text for command, size in sizes.items() for text in (command, size))])
+        return int(seq), {command: (int(total), [_Row.from_row(row) for row in rows])
+                          for command, (total, rows) in zip(sizes, found)}
+
+    async def explain(self, wanted: Wanted) -> tuple[Reservation, list[WorkerEntry]]:
+        """Chosen from every worker (no sample), with their full entries."""
+        entries = [e for e in await self.all()
+                   if (e.worker_id == wanted.target if wanted.target is not None
+                       else wanted.command in e.commands)]
+        choice = choose(entries, wanted, conf.get("STRATEGY"), 0, self._rng, time.time(),
+                        canaries=canary_rules())
+        return Reservation(choice.worker, choice.capable, choice.why, choice.unmatched), entries
+
+    async def release(self, worker_id: str, *, latency_ms: float | None,
+                      ok: bool | None) -> None:
         await self.release_many([(worker_id, latency_ms, ok)])
 
-    async def release_many(self, outcomes: list[tuple[str, float | None, bool]]) -> None:
-        """One round trip, however many."""
+    async def release_many(self, outcomes: list[Outcome]) -> None:
+        """One round trip, however many; one more per worker to eject."""
         if not outcomes:
             return
-        args = [repr(EWMA_ALPHA)]
+        now = time.time()
+        args = [repr(balancing.EWMA_ALPHA), repr(now), repr(balancing.UNMEASURED_LATENCY_MS),
+                repr(balancing.LATENCY_DECAY_SECONDS)]
         for _, latency_ms, ok in outcomes:
-            args += ["" if latency_ms is None else repr(float(latency_ms)), "1" if ok else "0"]
+            args += ["" if latency_ms is None else repr(float(latency_ms)),
+                     "" if ok is None else "1" if ok else "0"]
         with _unavailable_on_error():
-            await RELEASE(keys=[self._worker_key(w) for w, _, _ in outcomes], args=args,
-                          client=self._client())
+            found = await RELEASE(keys=[self._worker_key(w) for w, _, _ in outcomes],
+                                  args=args, client=self._client())
+        after = conf.get("EJECT_AFTER")
+        due = {worker_id: int(row[0]) for (worker_id, _, ok), row in zip(outcomes, found)
+               if row and ejection_due(int(row[0]), row[1] == "1", ok, after,
+                                       float(row[2]), now)}
+        for worker_id, failures in due.items():
+            await self._eject(worker_id, failures, now)
+
+    async def _eject(self, worker_id: str, failures: int, now: float) -> None:
+        why = f"{failures or 1} infrastructure failure(s) in a row"
+        until = await self._run(EJECT, [], [
+            worker_id, why, repr(conf.get("EJECT_SECONDS")), repr(conf.get("EJECT_MAX_SECONDS")),
+            repr(conf.get("EJECT_MAX_SHARE")), repr(now)])
+        if until == 0:
+            log.warning("worker %s failed %d times in a row, but too many workers are out "
+                        "of rotation already: it stays in", worker_id, failures)
+        elif until != -1:
+            log.warning("worker %s is out of rotation until %s (%s)", worker_id,
+                        time.strftime("%H:%M:%S", time.localtime(float(until))), why)
 
     async def set_draining(self, worker_id: str, draining: bool) -> bool:
         return bool(await self._run(SET_DRAINING, [], [worker_id, "1" if draining else "0"]))

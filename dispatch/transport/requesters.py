@@ -102,7 +102,9 @@ class RequesterConsumer(BaseSocket):
         await self.dispatcher.submit(
             request.command, request.data, self, request_id=request.request_id,
             requester=str(self.peer), timeout=request.timeout, key=key,
-            owner=self.grant.owner, stream=request.stream, priority=request.priority)
+            owner=self.grant.owner, stream=request.stream, priority=request.priority,
+            select=tuple(sorted(request.select.items())), affinity=request.affinity,
+            hedge=request.hedge)
 
     async def _cancel(self, frame: Cancel) -> None:
         """Cancel a request of this credential; its answer (``cancelled``) says it is done."""

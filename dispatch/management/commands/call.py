@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import CommandParser
 
 from ...control.client import BrokerClient
-from ..base import RequestCommand
+from ..base import RequestCommand, add_routing, routing
 
 
 class Command(RequestCommand):
@@ -18,7 +18,9 @@ class Command(RequestCommand):
 
     def add_target(self, parser: CommandParser) -> None:
         parser.add_argument("command", help="Command to run, e.g. echo.")
+        add_routing(parser)
 
     def send(self, client: BrokerClient, data: dict[str, Any], options: dict[str, Any]
              ) -> dict[str, Any]:
-        return client.call(options["command"], data, timeout=options["timeout"])
+        return client.call(options["command"], data, timeout=options["timeout"],
+                           **routing(options))

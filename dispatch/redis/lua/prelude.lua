@@ -26,9 +26,12 @@ local function drop(id)
   return old
 end
 
--- The one rule for a free slot (WorkerEntry.has_room in Python): not draining, not full.
-local function has_room(in_flight, max_concurrency, draining)
-  return draining ~= '1' and tonumber(in_flight) < tonumber(max_concurrency)
+-- The one rule for a free slot (balancing.eligible_state is its twin in Python): not
+-- draining, not ejected (until `now`), not a probe already on trial, not full.
+local function eligible(f, now)
+  local in_flight = tonumber(f[1])
+  return f[3] ~= '1' and tonumber(f[4] or '0') <= now and not (f[5] == '1' and in_flight > 0)
+    and in_flight < tonumber(f[2])
 end
 
 -- Registered and heard from within the ttl (the dead are pruned just below).
@@ -37,16 +40,17 @@ local function alive(id)
 end
 
 -- The compare-and-increment half of a reservation: take a slot of worker `id` if it is
--- live, offers `command` ('' = don't check), is not draining and has room. Returns
--- 2 if taken, 1 if it is full, 0 if it is not live or does not offer the command.
-local function take(id, command)
+-- live, offers `command` ('' = don't check) and is eligible at `now`. Returns 2 if
+-- taken, 1 if it cannot take one now, 0 if it is not live or does not offer the command.
+local function take(id, command, now)
   if not alive(id) then return 0 end
   if command ~= '' and redis.call('SISMEMBER', command_key(command), id) == 0 then
     return 0
   end
   local key = worker_key(id)
-  local f = redis.call('HMGET', key, 'in_flight', 'max_concurrency', 'draining')
-  if not has_room(f[1], f[2], f[3]) then return 1 end
+  local f = redis.call('HMGET', key, 'in_flight', 'max_concurrency', 'draining',
+                       'ejected_until', 'probing')
+  if not eligible(f, now) then return 1 end
   redis.call('HINCRBY', key, 'in_flight', 1)
   return 2
 end

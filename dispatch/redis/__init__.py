@@ -1,0 +1,1 @@
+"""Redis: how to reach it (a URL or Sentinel), the channel layer, the Lua scripts."""
