@@ -8,12 +8,13 @@ import asyncio
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
 
-from dispatch.core.balancing import Wanted
+from dispatch.core.balancing import Health, Wanted
 from dispatch.registry.redis import RedisRegistry
 from dispatch.registry import RegistryUnavailable, WorkerEntry
 from dispatch.registry.memory import MemoryRegistry
@@ -51,11 +52,12 @@ async def test_release_keeps_the_same_statistics_as_the_memory_registry(
     memory = MemoryRegistry()
     for reg in (registry, memory):
         await reg.add(entry("a", max_concurrency=4))
-        for latency, ok in [(10.0, True), (None, True), (20.0, True), (30.0, False),
-                            (7.5, False)]:
+        for latency, health in [(10.0, Health.OK), (None, Health.OK), (20.0, Health.OK),
+                                (30.0, Health.FAULT), (7.5, Health.ERROR),
+                                (50.0, Health.UNKNOWN)]:
             await reg.reserve("echo")
-            await reg.release("a", latency_ms=latency, ok=ok)
-        await reg.release("a", latency_ms=1.0, ok=True)  # one release too many: stays at 0
+            await reg.release("a", latency_ms=latency, health=health)
+        await reg.release("a", latency_ms=1.0, health=Health.OK)  # one release too many: stays at 0
     shared, local = await registry.get("a"), await memory.get("a")
     assert shared is not None and local is not None
     stats = ("in_flight", "completed", "errors", "failures", "error_rate")
@@ -103,7 +105,7 @@ async def test_two_processes_never_exceed_max_concurrency(
         peak = max(peak, holding)
         await asyncio.sleep(random.uniform(0, 0.005))
         holding -= 1
-        await registry.release("narrow", latency_ms=1.0, ok=True)
+        await registry.release("narrow", latency_ms=1.0, health=Health.OK)
 
     await asyncio.gather(*(attempt(first if i % 2 else second) for i in range(200)))
     assert peak == 3 and taken >= 3
@@ -153,7 +155,7 @@ def test_one_registry_serves_several_event_loops(
             for _ in range(20):
                 res = await registry.reserve("echo")
                 assert res.worker is not None
-                await registry.release("a", latency_ms=1.0, ok=True)
+                await registry.release("a", latency_ms=1.0, health=Health.OK)
         try:
             run_in_new_loop(run)
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -180,7 +182,7 @@ async def test_round_robin_cycles_over_all_workers_globally(
         res = await (first if i % 2 else second).reserve("echo")
         assert res.worker is not None
         chosen.append(res.worker.worker_id)
-        await first.release(res.worker.worker_id, latency_ms=1.0, ok=True)
+        await first.release(res.worker.worker_id, latency_ms=1.0, health=Health.OK)
     # every window of three consecutive choices, whichever process made them, is w1..w3
     assert all(len(set(chosen[i:i + 3])) == 3 for i in range(len(chosen) - 2))
 
@@ -236,7 +238,7 @@ async def test_redis_outage_raises_registry_unavailable_then_recovers(
     assert (await registry.reserve("echo")).worker is not None
     redis_server.stop()
     started = time.monotonic()
-    calls = [registry.reserve("echo"), registry.release("a", latency_ms=1.0, ok=True),
+    calls = [registry.reserve("echo"), registry.release("a", latency_ms=1.0, health=Health.OK),
              registry.add(entry("b")), registry.touch("a"), registry.all(),
              registry.live_processes()]
     for call in calls:
@@ -264,3 +266,22 @@ async def test_connections_closed_by_a_redis_restart_are_not_reused(
     for _ in range(8):  # no RegistryUnavailable: each is reopened as it is lent
         assert await registry.count() == 0
         assert not await registry.touch("w1")
+
+
+def test_the_lua_ring_has_as_many_points_as_the_python_one() -> None:
+    from dispatch.core.balancing import RING_POINTS
+
+    prelude = (Path(__file__).parent.parent / "dispatch/redis/lua/prelude.lua").read_text()
+    assert f"local RING_POINTS = {RING_POINTS}\n" in prelude
+
+
+async def test_both_registries_send_an_affinity_key_to_the_same_worker(
+        registry: RedisRegistry) -> None:
+    memory = MemoryRegistry()
+    for reg in (registry, memory):
+        for i in range(20):
+            await reg.add(entry(f"w{i}", max_concurrency=100))
+    keys = [Wanted("echo", affinity=f"key-{n}") for n in range(40)]
+    shared = [r.worker.worker_id for r in await registry.reserve_many(keys)]  # type: ignore
+    local = [r.worker.worker_id for r in await memory.reserve_many(keys)]  # type: ignore
+    assert shared == local

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from dispatch.core.balancing import Wanted
+from dispatch.core.balancing import Health, Wanted
 from dispatch.registry.redis import RedisRegistry
 from dispatch.registry import Registry, WorkerEntry
 from dispatch.registry.memory import MemoryRegistry
@@ -49,24 +49,29 @@ async def test_max_concurrency_is_respected_and_release_frees_a_slot(
     assert (await registry.reserve("echo")).worker is not None
     full = await registry.reserve("echo")
     assert full.worker is None and full.capable  # capable but busy: the request waits
-    await registry.release("a", latency_ms=12.0, ok=True)
+    await registry.release("a", latency_ms=12.0, health=Health.OK)
     assert (await registry.reserve("echo")).worker is not None
 
 
 async def test_release_keeps_running_statistics(registry: Registry) -> None:
     await registry.add(entry("a"))
-    for latency, ok in [(10.0, True), (20.0, True), (30.0, False)]:
+    for latency, health in [(10.0, Health.OK), (12.0, Health.OK), (30.0, Health.FAULT),
+                            (None, Health.ERROR), (900.0, Health.UNKNOWN)]:
         await registry.reserve("echo")
-        await registry.release("a", latency_ms=latency, ok=ok)
+        await registry.release("a", latency_ms=latency, health=health)
     a = await registry.get("a")
     assert a is not None
-    assert (a.in_flight, a.completed, a.errors, a.failures) == (0, 2, 1, 1)
-    assert a.latency_ms == pytest.approx(30.0, rel=1e-3)  # a slower answer: taken at once
+    # A fault counts toward ejection, a handler's unmeant error only in the error rate,
+    # a timeout (no verdict) in neither, but its latency counts.
+    assert (a.in_flight, a.completed, a.errors, a.failures) == (0, 2, 2, 1)
+    # A slower answer raises the estimate at once, by at most PEAK_STEP each time.
+    assert a.latency_ms == pytest.approx(12.0 * 1.5 * 1.5, rel=1e-3)
     assert 0 < a.error_rate < 1
+    before = a.latency_ms
     await registry.reserve("echo")
-    await registry.release("a", latency_ms=10.0, ok=True)  # a faster one: gently
+    await registry.release("a", latency_ms=10.0, health=Health.OK)  # a faster one: gently
     a = await registry.get("a")
-    assert a is not None and 20.0 < a.latency_ms < 30.0 and a.failures == 0
+    assert a is not None and 10.0 < a.latency_ms < before and a.failures == 0
 
 
 async def test_reserve_a_named_worker(registry: Registry) -> None:
@@ -105,7 +110,7 @@ async def test_a_batch_of_reservations_counts_each_choice_against_the_next(
     assert sorted(t for t in taken if t) == ["a", "a", "b"]
     assert taken.count("b") == 1 and got[4][:2] == (None, False)
     assert all(r.capable for i, r in enumerate(got) if i != 4)  # the rest wait for a slot
-    await registry.release_many([("a", 5.0, True), ("a", None, False), ("b", 7.0, True)])
+    await registry.release_many([("a", 5.0, Health.OK), ("a", None, Health.FAULT), ("b", 7.0, Health.OK)])
     a, b = await registry.get("a"), await registry.get("b")
     assert a is not None and b is not None
     assert (a.in_flight, a.completed, a.errors, b.in_flight, b.completed) == (0, 1, 1, 0, 1)
@@ -123,7 +128,7 @@ def eject_fast(settings: Any) -> None:
 async def fail(registry: Registry, worker_id: str, times: int) -> None:
     for _ in range(times):
         assert (await registry.reserve("echo", worker_id=worker_id)).worker is not None
-        await registry.release(worker_id, latency_ms=None, ok=False)
+        await registry.release(worker_id, latency_ms=None, health=Health.FAULT)
 
 
 async def test_consecutive_infrastructure_failures_eject_then_a_probe_brings_it_back(
@@ -132,7 +137,7 @@ async def test_consecutive_infrastructure_failures_eject_then_a_probe_brings_it_
         await registry.add(entry(name, max_concurrency=4))
     await fail(registry, "bad", 2)
     await registry.reserve("echo", worker_id="bad")
-    await registry.release("bad", latency_ms=3.0, ok=True)  # a success resets the count
+    await registry.release("bad", latency_ms=3.0, health=Health.OK)  # a success resets the count
     await fail(registry, "bad", 2)
     assert (await registry.get("bad")).state == "online"  # type: ignore[union-attr]
     await fail(registry, "bad", 1)
@@ -142,13 +147,13 @@ async def test_consecutive_infrastructure_failures_eject_then_a_probe_brings_it_
     picks = [(await registry.reserve("echo")).worker for _ in range(6)]
     assert {w.worker_id for w in picks if w} == {"good1", "good2"}  # type: ignore[union-attr]
     for w in picks:
-        await registry.release(w.worker_id, latency_ms=None, ok=None)  # type: ignore[union-attr]
+        await registry.release(w.worker_id, latency_ms=None, health=Health.UNKNOWN)  # type: ignore[union-attr]
     await asyncio.sleep(0.35)
     probe = await registry.reserve("echo", worker_id="bad")
     assert probe.worker is not None and (await registry.get("bad")).state == "probing"  # type: ignore[union-attr]
     # On trial: one request at a time.
     assert (await registry.reserve("echo", worker_id="bad")).worker is None
-    await registry.release("bad", latency_ms=2.0, ok=True)
+    await registry.release("bad", latency_ms=2.0, health=Health.OK)
     assert (await registry.get("bad")).state == "online"  # type: ignore[union-attr]
 
 
@@ -186,7 +191,7 @@ async def test_a_selector_matches_labels_and_says_which_matched_nobody(
         got = await registry.reserve_many([Wanted("train", select=(("gpu", "a100"),))])
         assert got[0].worker is not None and got[0].worker.worker_id == "g"
         assert got[0].worker.labels == {"gpu": "a100", "region": "eu"}
-        await registry.release("g", latency_ms=1.0, ok=True)
+        await registry.release("g", latency_ms=1.0, health=Health.OK)
     miss = (await registry.reserve_many([Wanted("train", select=(("gpu", "h100"),))]))[0]
     assert miss.worker is None and not miss.capable and miss.unmatched == "gpu=h100"
 
@@ -201,3 +206,49 @@ async def test_explain_takes_no_slot_and_lists_every_candidate(registry: Registr
     assert sorted(w.worker_id for w in seen) == ["a", "b"]
     assert reservation.why.startswith("least_loaded: 1 of 2; 1 draining; a ")
     assert (await registry.get("a")).in_flight == 0  # type: ignore[union-attr]
+
+
+async def test_a_selector_finds_its_few_workers_in_a_large_fleet_by_label(
+        registry: Registry) -> None:
+    for i in range(40):
+        await registry.add(WorkerEntry(worker_id=f"w{i}", name=f"w{i}", channel=f"ch-{i}",
+                                       commands=frozenset({"train"}), max_concurrency=100,
+                                       labels={"gpu": "a100" if i % 13 == 0 else "none"}))
+    got = await registry.reserve_many([Wanted("train", select=(("gpu", "a100"),))] * 30)
+    assert {r.worker.worker_id for r in got if r.worker} == {"w0", "w13", "w26", "w39"}
+    for i in (0, 13, 26, 39):
+        await registry.remove(f"w{i}", f"ch-{i}")
+    miss = (await registry.reserve_many([Wanted("train", select=(("gpu", "a100"),))]))[0]
+    assert miss.worker is None and miss.unmatched == "gpu=a100"
+
+
+async def test_affinity_keeps_a_key_on_its_worker_and_moves_only_a_leaving_workers_keys(
+        registry: Registry) -> None:
+    for i in range(12):
+        await registry.add(entry(f"w{i}", max_concurrency=100))
+
+    async def homes() -> dict[str, str]:
+        got = await registry.reserve_many([Wanted("echo", affinity=f"user-{n}")
+                                           for n in range(60)])
+        for r in got:
+            await registry.release(r.worker.worker_id, latency_ms=None, health=Health.UNKNOWN)  # type: ignore
+        return {f"user-{n}": r.worker.worker_id for n, r in enumerate(got)}  # type: ignore
+
+    before = await homes()
+    assert before == await homes() and len(set(before.values())) >= 6
+    gone = before["user-0"]
+    await registry.remove(gone, f"ch-{gone}")
+    after = await homes()
+    assert {k for k in before if after[k] != before[k]} == \
+        {k for k in before if before[k] == gone}
+
+
+async def test_explain_follows_an_affinity_key_as_a_reservation_would(
+        registry: Registry) -> None:
+    for i in range(10):
+        await registry.add(entry(f"w{i}", max_concurrency=100))
+    for n in range(10):
+        wanted = Wanted("echo", affinity=f"k{n}")
+        explained, _ = await registry.explain(wanted)
+        reserved = await registry.reserve_many([wanted])
+        assert explained.worker.worker_id == reserved[0].worker.worker_id  # type: ignore

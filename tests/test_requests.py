@@ -421,3 +421,41 @@ def test_no_worker_matching_the_selector_is_said_in_the_error() -> None:
     assert answer.response.error == "No available workers: no worker offering 'echo' has " \
                                     "gpu=a100"
     assert answer.response.code == ErrorCode.NO_WORKERS
+
+
+def test_a_hedge_copy_never_goes_to_a_worker_that_says_the_command_must_not_run_twice(
+        ) -> None:
+    table = RequestTable()
+    warmed(table)
+    req = request()
+    table.submit(req)
+    table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW)
+    table.hedge_due("k1")
+    careful = worker("w2", no_retry=frozenset({"echo"}))
+    assert table.reserved(req, Reservation(careful, True), NOW) == [GiveBack("w2")]
+    assert not req.hedged and [p.worker_id for p in req.placements] == ["w1"]
+
+
+def test_a_failover_inside_a_hedge_is_told_too() -> None:
+    table = RequestTable()
+    warmed(table)
+    req = request()
+    table.submit(req)
+    table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW)
+    table.hedge_due("k1")
+    table.reserved(req, Reservation(worker("w2"), True), NOW)
+    table.lost("k1", "w1", "connection closed")
+    [reserve] = table.lost("k1", "w2", "connection closed")
+    assert req.wanted().avoid == frozenset({"w1", "w2"})  # never back to a lost one
+    table.reserved(req, Reservation(worker("w3"), True), NOW)
+    response = answer_of(table.replied("k1", "w3", True, "ok", None, None))
+    assert response.route == {"attempts": 3, "failover_from": ["w1", "w2"], "hedged": True}
+
+
+def test_a_request_for_a_named_worker_that_was_lost_is_answered_at_once() -> None:
+    table = RequestTable()
+    req = request(target="w1")
+    placed(table, req, worker("w1"))
+    [answer] = table.lost("k1", "w1", "no sign of life for 1s", ErrorCode.LEASE_EXPIRED)
+    assert answer.response.code == "lease_expired"
+    assert answer.response.error == "Lease expired (no sign of life for 1s)"

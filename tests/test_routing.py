@@ -102,17 +102,23 @@ def test_a_handlers_own_errors_never_eject_its_worker(broker_factory, spawn_work
     assert state_of(broker, "only")["state"] == "online"
 
 
-def test_a_worker_that_times_out_is_ejected_then_probed_back(broker_factory,
-                                                            spawn_worker) -> None:
+def test_a_worker_whose_jobs_hang_is_ejected_then_probed_back(broker_factory,
+                                                             spawn_worker) -> None:
+    """Leases that ran out are faults of the worker; timeouts are not (a requester
+    chooses them, and must not be able to eject workers with them)."""
     broker = broker_factory(env={"BROKER_EJECT_AFTER": "2", "BROKER_EJECT_SECONDS": "2"})
     fleet(spawn_worker, "hangs", "steady", broker=broker)
     hangs = state_of(broker, "hangs")["worker_id"]
 
     async def run() -> None:
         async with Requester(broker.requester_url) as requester:
-            for _ in range(2):  # two timeouts in a row on the same worker
-                answer = await _send_to(broker, hangs, "slow", {"seconds": 5}, 0.4)
+            for _ in range(3):  # timeouts: no verdict on the worker
+                answer = await _send_to(broker, hangs, "slow", {"seconds": 5}, 0.3)
                 assert answer["code"] == "timeout"
+            assert state_of(broker, "hangs")["state"] == "online"
+            for _ in range(2):  # two leases run out in a row on the same worker
+                answer = await _send_to(broker, hangs, "hangs", {"seconds": 30}, 20)
+                assert answer["code"] == "lease_expired", answer
             await asyncio.to_thread(wait_for, lambda: state_of(broker, "hangs")["state"]
                                     == "ejected", 10, "the worker ejected")
             listed = broker.manage("workers").stdout

@@ -10,7 +10,7 @@ the same way, and tests need no broker.
 
 ``least_loaded`` follows the proxies that balance at scale (Finagle's and tower's
 peak-EWMA with power of two choices): each worker's latency estimate jumps up with
-a slow answer, comes down gently with fast ones, and decays toward "fast" while the
+a slow answer (by at most PEAK_STEP per answer), comes down gently with fast ones, and decays toward "fast" while the
 worker is not used, so a worker measured once as slow is tried again; of two
 eligible workers drawn at random, the one with the lower expected cost wins (by odds
 that grow with the gap, so near-equals share). That costs the same with ten workers
@@ -26,6 +26,8 @@ with a clean slate on success, or out again for twice as long on failure.
 
 from __future__ import annotations
 
+import bisect
+import enum
 import hashlib
 import math
 import random
@@ -36,9 +38,15 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 #: low, so that new and idle workers get tried.
 UNMEASURED_LATENCY_MS = 1.0
 #: Weight of the newest sample in the latency average, when it is not a new peak.
-EWMA_ALPHA = 0.2
+EWMA_ALPHA = 0.3
+#: A slower answer raises the estimate at once, but by at most this factor per answer:
+#: one hiccup (a GC pause, a busy core) must not put a worker out of favour for long,
+#: while a worker that stays slow reaches its figure in a few answers.
+PEAK_STEP = 1.5
 #: Seconds in which an unused worker's latency estimate decays by a factor e.
 LATENCY_DECAY_SECONDS = 10.0
+#: Scores within this factor of each other are equal for least_loaded: latency noise.
+NEAR = 1.25
 #: With more capable workers than this, a random sample of this many is looked at
 #: (per choice); a sample in which none is eligible falls back to looking at all.
 SAMPLE = 8
@@ -97,9 +105,14 @@ def decayed(latency_ms: float, latency_at: float, now: float) -> float:
 
 
 def peak_ewma(latency_ms: float, latency_at: float, sample: float, now: float) -> float:
-    """The new estimate after a sample: a peak is taken at once, a dip gently."""
+    """The new estimate after a sample: a peak is taken at once (up to PEAK_STEP times
+    the estimate; the first sample whole), a dip gently."""
+    if latency_at <= 0:
+        return sample
     current = decayed(latency_ms, latency_at, now)
-    return sample if sample > current else current + EWMA_ALPHA * (sample - current)
+    if sample > current:
+        return min(sample, current * PEAK_STEP)
+    return current + EWMA_ALPHA * (sample - current)
 
 
 def load_score(w: WorkerStats, now: float) -> float:
@@ -135,11 +148,13 @@ Strategy = Callable[[Sequence[WorkerStats], int, random.Random, float], WorkerSt
 def least_loaded(candidates: Sequence[WorkerStats], seq: int, rng: random.Random,
                  now: float) -> WorkerStats:
     """Power of two choices: of two drawn at random, the lower :func:`load_score` wins,
-    with odds of the scores' ratio squared (2x cheaper wins 4 times in 5, 3x 9 in 10).
+    with odds of the scores' ratio (2x cheaper wins 2 times in 3, 9x 9 in 10); of two
+    within NEAR of each other, the one that answered least recently.
 
     Not always the lower: latencies are noisy, and a worker that always lost by a
     hair would never be used, so its figure would never be corrected; with sequential
     requests (nothing in flight) equal workers would split by their first samples.
+    Near-equals taken in turn share sequential load evenly, not just on average.
     """
     n = len(candidates)
     if n == 1:
@@ -149,7 +164,9 @@ def least_loaded(candidates: Sequence[WorkerStats], seq: int, rng: random.Random
     j = int(rng.random() * (n - 1))
     a, b = candidates[i], candidates[j + (j >= i)]
     score_a, score_b = load_score(a, now), load_score(b, now)
-    return a if rng.random() * (score_a ** 2 + score_b ** 2) < score_b ** 2 else b
+    if max(score_a, score_b) <= NEAR * min(score_a, score_b):
+        return a if a.latency_at <= b.latency_at else b
+    return a if rng.random() * (score_a + score_b) < score_b else b
 
 
 def round_robin(candidates: Sequence[WorkerStats], seq: int, rng: random.Random,
@@ -193,19 +210,81 @@ def get_strategy(name: str) -> Strategy:
 
 
 def samples(strategy: str, wanted: Wanted, canaries: dict[str, tuple[str, float]]) -> bool:
-    """Whether a random sample of the candidates will do for this request."""
-    return strategy in SAMPLING and not wanted.select and wanted.affinity is None and \
-        wanted.target is None and wanted.command not in canaries
+    """Whether a random sample of the candidates will do for this request (the
+    registries find a selector's workers by label, so those may be sampled too)."""
+    return strategy in SAMPLING and wanted.affinity is None and wanted.target is None \
+        and wanted.command not in canaries
 
 
 # ---------------------------------------------------------------------------- choosing
 
 
+#: Points of each worker on a command's affinity ring, and how many distinct workers
+#: after a key's point are looked at (the first eligible of them gets the request).
+RING_POINTS = 32
+RING_SUCCESSORS = 8
+
+
+def ring_point(text: str) -> int:
+    """A position on an affinity ring: the first 48 bits of SHA-1 (Lua scripts have
+    ``redis.sha1hex``, so the Redis registry's rings have the same points)."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+
+
+def worker_points(worker_id: str) -> list[int]:
+    return [ring_point(f"{worker_id}#{i}") for i in range(RING_POINTS)]
+
+
+class Ring:
+    """Consistent hashing for affinity keys: each worker at RING_POINTS points of a
+    circle, a key at one; the key's workers are the next ones clockwise. Finding them
+    costs O(log n), and when a worker leaves only the keys it held move."""
+
+    def __init__(self, workers: Iterable[WorkerStats]) -> None:
+        points = sorted((p, w.worker_id, w) for w in workers for p in worker_points(w.worker_id))
+        self._points = [p for p, _, _ in points]
+        self._workers = [w for _, _, w in points]
+
+    def add(self, w: WorkerStats) -> None:
+        """Put a worker on the ring in place: O(n) for the list moves, no rebuild."""
+        for point in worker_points(w.worker_id):
+            i = bisect.bisect_left(self._points, point)
+            self._points.insert(i, point)
+            self._workers.insert(i, w)
+
+    def remove(self, w: WorkerStats) -> None:
+        for point in worker_points(w.worker_id):
+            i = bisect.bisect_left(self._points, point)
+            while i < len(self._points) and self._points[i] == point:
+                if self._workers[i] is w:
+                    del self._points[i], self._workers[i]
+                    break
+                i += 1
+
+    def successors(self, key: str, count: int = RING_SUCCESSORS) -> list[WorkerStats]:
+        """The first ``count`` distinct workers clockwise from the key's point."""
+        found: dict[str, WorkerStats] = {}
+        n = len(self._points)
+        start = bisect.bisect_left(self._points, ring_point(key))
+        for i in range(n):
+            w = self._workers[(start + i) % n]
+            if w.worker_id not in found:
+                found[w.worker_id] = w
+                if len(found) == count:
+                    break
+        return list(found.values())
+
+
 def rendezvous(key: str, worker_id: str) -> int:
-    """Highest-random-weight hashing: the worker with the highest value for a key gets
-    it; when a worker leaves, only its own keys move."""
+    """Highest-random-weight hashing, for a key among a selector's workers (which the
+    ring of the whole command does not know): the highest value gets it."""
     return int.from_bytes(hashlib.blake2b(f"{key}\0{worker_id}".encode(),
                                           digest_size=8).digest(), "big")
+
+
+def by_affinity(workers: Iterable[WorkerStats], key: str) -> list[WorkerStats]:
+    """``workers`` in the order an affinity key prefers them (rendezvous)."""
+    return sorted(workers, key=lambda w: rendezvous(key, w.worker_id), reverse=True)
 
 
 def explanation(strategy: str, seen: int, of: int, excluded: dict[str, int],
@@ -229,7 +308,9 @@ def choose(candidates: Iterable[WorkerStats], wanted: Wanted, strategy_name: str
            rng: random.Random, now: float, *, of: int | None = None,
            canaries: dict[str, tuple[str, float]] | None = None) -> Choice:
     """Choose a worker for ``wanted`` among ``candidates`` (the live workers that offer
-    its command; ``of``: how many there are, when these are a sample)."""
+    its command; ``of``: how many there are, when these are a sample). For an affinity
+    key the candidates come in the key's order (:class:`Ring`, :func:`by_affinity`):
+    the first eligible one gets it."""
     target, select, avoid = wanted.target, wanted.select, wanted.avoid
     excluded: dict[str, int] = {}
     eligible: list[WorkerStats] = []
@@ -255,9 +336,8 @@ def choose(candidates: Iterable[WorkerStats], wanted: Wanted, strategy_name: str
         return Choice(None, True, explanation(strategy_name, seen, of, excluded))
     pool = _canary_pool(eligible, wanted.command, canaries, rng) if canaries else eligible
     probe = next((w for w in pool if w.probing), None)
-    if wanted.affinity is not None:
-        chosen = max(pool, key=lambda w: rendezvous(wanted.affinity, w.worker_id))  # type: ignore
-        name = "affinity"
+    if wanted.affinity is not None:  # the registry ordered them for the key
+        chosen, name = pool[0], "affinity"
     elif probe is not None:  # its time out is up: its trial request, whatever its figures
         chosen, name = probe, "probe"
     else:
@@ -299,11 +379,23 @@ def parse_canaries(text: str) -> dict[str, tuple[str, float]]:
     return rules
 
 
-def ejection_due(failures: int, probing: bool, ok: bool | None, after: int,
+class Health(enum.Enum):
+    """What one finished request says about its worker (the value is release.lua's)."""
+
+    OK = "1"  # answered; an error the handler raised on purpose counts as answered
+    ERROR = "e"  # the handler failed unexpectedly: a worse score, never an ejection
+    FAULT = "0"  # infrastructure: a lease ran out, an answer refused as too large
+    #: No verdict: the slot was not used, the request was cancelled, or it ran out of
+    #: the time its requester gave it (which a requester chooses, so it must not be
+    #: able to eject workers with it); its latency still counts.
+    UNKNOWN = ""
+
+
+def ejection_due(failures: int, probing: bool, health: Health, after: int,
                  out_until: float, now: float) -> bool:
     """After an outcome: is it time to take the worker out of rotation? Not while it is
     out already (the requests it held then fail too, and must not stretch its time)."""
-    return ok is False and out_until <= now and (failures >= after or probing)
+    return health is Health.FAULT and out_until <= now and (failures >= after or probing)
 
 
 def ejection_seconds(ejections: int, base: float, most: float) -> float:

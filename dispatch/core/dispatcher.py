@@ -31,6 +31,7 @@ from .. import conf
 from ..history import HistoryRecorder, get_recorder
 from ..registry import Outcome, Registry, RegistryUnavailable, get_registry
 from . import events, inbox, links
+from .balancing import Health
 from .links import WorkerLink
 from .liveness import Liveness
 from .loops import Batcher, PerLoop
@@ -293,16 +294,16 @@ class Dispatcher:
             self._outbox.add((channel, message))
 
     async def release(self, worker_id: str, *, latency_ms: float | None,
-                      ok: bool | None) -> None:
+                      health: Health) -> None:
         """Give back a worker's slot: at once in-process, in a batch on a shared registry.
 
         Raises :class:`RegistryUnavailable` only in the first case; a batch that
         cannot be given back is logged (the slots come back with the worker's entry).
         """
         if self.registry.local:
-            await self.registry.release(worker_id, latency_ms=latency_ms, ok=ok)
+            await self.registry.release(worker_id, latency_ms=latency_ms, health=health)
         else:
-            self._releases.add((worker_id, latency_ms, ok))
+            self._releases.add((worker_id, latency_ms, health))
 
     async def handle(self, message: dict[str, Any]) -> None:
         """A layer message addressed to this dispatcher (or delivered in-process)."""
@@ -548,7 +549,7 @@ class Dispatcher:
     async def _give_back(self, worker_id: str) -> None:
         """Release a slot taken for a request that never reached its worker."""
         try:
-            await self.release(worker_id, latency_ms=None, ok=None)
+            await self.release(worker_id, latency_ms=None, health=Health.UNKNOWN)
         except RegistryUnavailable:
             pass  # the slot's entry expires with its heartbeat
 

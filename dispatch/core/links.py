@@ -27,6 +27,7 @@ from ..history import HistoryRecorder
 from ..logsafe import LogBudget
 from ..registry import RegistryUnavailable, WorkerEntry, WorkerIdTaken
 from . import events
+from .balancing import Health
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher
@@ -51,6 +52,10 @@ class WorkerSocket(Protocol):
                     ) -> None: ...
 
 
+#: Failure codes a handler did not mean: they worsen its worker's score.
+UNMEANT_ERRORS = frozenset({None, ErrorCode.HANDLER_FAILED.value, ErrorCode.WORKER_ERROR.value})
+
+
 @dataclass(slots=True)
 class Assignment:
     """A request this worker has been given and has yet to answer."""
@@ -63,6 +68,9 @@ class Assignment:
     lease: float | None = None  # seconds within which it must show life
     last_life: float = 0.0  # time.monotonic() of its last progress, chunk or start
     cancelled: float | None = None  # when the worker was told to stop it
+    #: What its slot's release will say about the worker, once it is cancelled: no
+    #: verdict for a requester's cancel, a fault for a lease that ran out.
+    verdict: Health = Health.UNKNOWN
 
 
 class WorkerLink:
@@ -233,7 +241,7 @@ class WorkerLink:
             # Its requester was answered when it cancelled: this is the worker saying it
             # stopped (or finished anyway). The slot is free again; the answer is not sent.
             self.dispatcher.stats["answered_after_cancel"] += 1
-            await self._release(None, ok=None)
+            await self._release(None, assignment.verdict)
             return
         if assignment is None:
             self.dispatcher.stats["late"] += 1
@@ -246,8 +254,10 @@ class WorkerLink:
             return
         latency_ms = (time.monotonic() - assignment.started) * 1000
         # A handler's own error (bad parameters, CommandError) is the caller's business,
-        # not ill health of the worker: any answer counts as a success for balancing.
-        await self._release(latency_ms, ok=True)
+        # not ill health of the worker; one it did not mean (an exception, or a worker
+        # that does not say) worsens its score, as a black hole must not look fast.
+        await self._release(latency_ms, Health.OK if body.success or body.code not in
+                            UNMEANT_ERRORS else Health.ERROR)
         await self.dispatcher.deliver(assignment.reply_to, events.reply(
             body.request_id, self.entry.worker_id, body.success, body.data, body.error,
             latency_ms, body.code))
@@ -262,7 +272,7 @@ class WorkerLink:
         if assignment is None or self.entry is None:
             return False
         error = f"{protocol.ANSWER_TOO_LARGE}: {size} bytes > limit {limit}"
-        await self._release(None, ok=False)
+        await self._release(None, Health.FAULT)
         await self.dispatcher.deliver(assignment.reply_to, events.reply(
             body.request_id, self.entry.worker_id, False, None, error,
             (time.monotonic() - assignment.started) * 1000, ErrorCode.TOO_LARGE.value))
@@ -304,10 +314,10 @@ class WorkerLink:
         assignment.cancelled = time.monotonic()
         await self.socket.send_frame(Message.cancel(key, reason))
 
-    async def _release(self, latency_ms: float | None, *, ok: bool | None) -> None:
+    async def _release(self, latency_ms: float | None, health: Health) -> None:
         try:
             await self.dispatcher.release(self.entry.worker_id,  # type: ignore[union-attr]
-                                          latency_ms=latency_ms, ok=ok)
+                                          latency_ms=latency_ms, health=health)
         except RegistryUnavailable as exc:  # the answer still goes out
             log.warning("worker %s: could not release its slot: %s", self.label, exc)
 
@@ -349,12 +359,13 @@ class WorkerLink:
             if assignment.cancelled is not None:
                 if now - assignment.cancelled > grace:  # never confirmed: free it anyway
                     self._take(key)
-                    await self._release(None, ok=False)
+                    await self._release(None, assignment.verdict)
             elif assignment.deadline < now:
                 self._take(key)
                 # A timed-out request counts as slow as it was: a worker that never
-                # answers must not look fast to the balancer.
-                await self._release((now - assignment.started) * 1000, ok=False)
+                # answers must not look fast to the balancer. No verdict on its health:
+                # the time was the requester's to choose.
+                await self._release((now - assignment.started) * 1000, Health.UNKNOWN)
             elif assignment.lease is not None and now - assignment.last_life > assignment.lease:
                 await self._lease_expired(key, assignment, now)
 
@@ -365,6 +376,7 @@ class WorkerLink:
         log.warning("worker %s: request %s showed no life for %.1fs (lease %.0fs): "
                     "taking it for hung", self.label, key, quiet, assignment.lease)
         assignment.cancelled = now
+        assignment.verdict = Health.FAULT
         await self.socket.send_frame(Message.cancel(key, f"lease of {assignment.lease:g}s "
                                                          "expired"))
         await self.dispatcher.deliver(assignment.reply_to, events.lost(

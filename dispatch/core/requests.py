@@ -105,6 +105,8 @@ class Request:
     hedging: bool = False  # a slot for its second copy is being reserved
     hedged: bool = False
     lost_because: str = ""  # why its last worker was lost, for the error text
+    lost_code: ErrorCode = ErrorCode.WORKER_LOST  # and how (lease_expired)
+    lost_from: list[str] = field(default_factory=list)  # workers lost under it: avoided
     workers_lost: int = 0  # how many workers went away (or hung) under it
     routing: str = ""  # how its workers were chosen (balancing's explanations)
     timer: Any = None  # the driver's deadline timer
@@ -121,19 +123,21 @@ class Request:
         return self.placements[0].worker_id if self.placements else None
 
     def wanted(self) -> Wanted:
-        """What to ask of the registry for it (a hedge: anyone but its worker)."""
+        """What to ask of the registry for it: never a worker lost under it (a retry
+        on the same one could mistake that run's last words for this one's), and for a
+        hedge anyone but its worker."""
+        avoid = [*self.lost_from, *(p.worker_id for p in self.placements)] \
+            if self.hedging else self.lost_from
         return Wanted(self.command, self.target, self.select, self.affinity,
-                      frozenset(p.worker_id for p in self.placements) if self.hedging
-                      else frozenset())
+                      frozenset(avoid))
 
-    def route(self, processed_by: str | None) -> dict[str, Any] | None:
+    def route(self) -> dict[str, Any] | None:
         """What its answer says about how it was routed, when there is something to say."""
         route: dict[str, Any] = {}
         if self.attempts > 1:
             route["attempts"] = self.attempts
-        before = [w for w in self.tried if w != processed_by]
-        if before and not self.hedged:
-            route["failover_from"] = before
+        if self.lost_from:
+            route["failover_from"] = list(self.lost_from)
         if self.hedged:
             route["hedged"] = True
         return route or None
@@ -349,7 +353,9 @@ class RequestTable:
             return []
         if request.state is State.RESERVING:  # its worker was lost meanwhile: a retry
             return self.reserved(request, reservation, now)
-        if request.state is not State.PLACED:
+        if request.state is not State.PLACED or request.command in worker.no_retry:
+            # Answered meanwhile; or that worker says the command must not run twice.
+            self.stats["hedges_unplaced"] += request.state is State.PLACED
             return [GiveBack(worker.worker_id)]
         request.hedged = True
         self.stats["hedged"] += 1
@@ -418,11 +424,14 @@ class RequestTable:
             return []
         self.stats["lost"] += 1
         request.workers_lost += 1
-        request.lost_because = reason
+        request.lost_because, request.lost_code = reason, code
+        request.lost_from.append(worker_id)
         if self._unplace(request, worker_id):  # its other copy goes on
             return []
         text = protocol.LEASE_EXPIRED if code is ErrorCode.LEASE_EXPIRED else \
             protocol.WORKER_LOST
+        if request.target is not None:  # a named worker: nowhere else to go
+            return [self._answer(request, f"{text} ({reason})", code)]
         if not request.retry_safe:
             return [self._answer(request, f"{text} ({reason}); '{request.command}' is not "
                                           "idempotent, so it was not retried", code)]
@@ -520,15 +529,17 @@ class RequestTable:
 
     def _unavailable(self, request: Request, reservation: Reservation) -> Answer:
         """Why no worker could be reserved, in the words of what was tried."""
-        lost = f"{protocol.WORKER_LOST} ({request.lost_because})"
+        text = protocol.LEASE_EXPIRED if request.lost_code is ErrorCode.LEASE_EXPIRED else \
+            protocol.WORKER_LOST
+        lost = f"{text} ({request.lost_because})"
         if request.target is not None:
             if request.attempts:
-                return self._answer(request, lost, ErrorCode.WORKER_LOST)
+                return self._answer(request, lost, request.lost_code)
             return self._answer(request, f"Unknown worker '{protocol.quote(request.target)}'",
                                 ErrorCode.UNKNOWN_WORKER)
         if request.attempts:
             return self._answer(request, f"{lost} and no other worker offers "
-                                         f"'{request.command}'", ErrorCode.WORKER_LOST)
+                                         f"'{request.command}'", request.lost_code)
         if reservation.unmatched:
             return self._answer(request, f"{protocol.NO_WORKERS}: no worker offering "
                                          f"'{protocol.quote(request.command)}' has "
@@ -541,7 +552,7 @@ class RequestTable:
 
     def _finish(self, request: Request, response: ApiResponse) -> Answer:
         """The only way out of the table: once per request."""
-        response.route = request.route(response.processed_by)
+        response.route = request.route()
         self.requests.pop(request.key, None)
         name = (request.owner, request.request_id)
         if self.named.get(name) == request.key:

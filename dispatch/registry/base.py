@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 from .. import conf
-from ..core.balancing import (EWMA_ALPHA, Wanted, ejection_due, ejection_seconds,
+from ..core.balancing import (EWMA_ALPHA, Health, Wanted, ejection_due, ejection_seconds,
                               parse_canaries, peak_ewma)
 
 
@@ -82,22 +82,21 @@ class WorkerEntry:
         del data["channel"], data["inbox"], data["owner"], data["leases"]
         return data
 
-    def record(self, latency_ms: float | None, ok: bool | None, now: float) -> bool:
+    def record(self, latency_ms: float | None, health: Health, now: float) -> bool:
         """Fold one outcome into the statistics (MemoryRegistry; release.lua is its twin
-        in Redis); True when it is time to eject the worker. ``ok`` None: the slot was
-        never used (the request did not reach the worker)."""
+        in Redis); True when it is time to eject the worker."""
         self.in_flight = max(0, self.in_flight - 1)
-        if ok is None:
-            return False
         probing = self.probing
+        ok = health is Health.OK
         if ok:
             self.completed += 1
             self.failures = 0
             self.probing = False  # a probe that succeeded: back in rotation
-        else:
+        elif health is not Health.UNKNOWN:
             self.errors += 1
-            self.failures += 1
-        self.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - self.error_rate)
+            self.failures += health is Health.FAULT
+        if health is not Health.UNKNOWN:
+            self.error_rate += EWMA_ALPHA * ((0.0 if ok else 1.0) - self.error_rate)
         fresh = ok and probing  # a probe that succeeded: back with a clean slate
         if fresh:
             self.error_rate = 0.0
@@ -105,7 +104,7 @@ class WorkerEntry:
             self.latency_ms = latency_ms if fresh else peak_ewma(
                 self.latency_ms, self.latency_at, latency_ms, now)
             self.latency_at = now
-        return ejection_due(self.failures, probing, ok, conf.get("EJECT_AFTER"),
+        return ejection_due(self.failures, probing, health, conf.get("EJECT_AFTER"),
                             self.ejected_until, now)
 
     def eject(self, now: float, why: str) -> None:
@@ -132,8 +131,8 @@ class Reservation(NamedTuple):
     unmatched: str = ""
 
 
-#: What :meth:`Registry.release_many` takes: (worker id, latency in ms, ok).
-Outcome = tuple[str, "float | None", "bool | None"]
+#: What :meth:`Registry.release_many` takes: (worker id, latency in ms, health).
+Outcome = tuple[str, "float | None", Health]
 
 
 class RegistryUnavailable(ConnectionError):
@@ -182,13 +181,11 @@ class Registry(abc.ABC):
 
     @abc.abstractmethod
     async def release(self, worker_id: str, *, latency_ms: float | None,
-                      ok: bool | None) -> None:
+                      health: Health) -> None:
         """Give back a slot, folding the outcome into the worker's statistics.
 
-        ``ok`` is False only for an infrastructure failure (a timeout, a lease that
-        ran out, a refused answer): a handler's own error is no ill health. Enough of
-        them in a row eject the worker (see :mod:`dispatch.core.balancing`). None: the
-        slot was not used (the request never reached the worker).
+        Enough :attr:`Health.FAULT` in a row eject the worker (see
+        :mod:`dispatch.core.balancing`); a handler's own error is no ill health.
         """
 
     @abc.abstractmethod
@@ -197,9 +194,9 @@ class Registry(abc.ABC):
         looked at."""
 
     async def release_many(self, outcomes: list[Outcome]) -> None:
-        """:meth:`release` for each ``(worker_id, latency_ms, ok)``."""
-        for worker_id, latency_ms, ok in outcomes:
-            await self.release(worker_id, latency_ms=latency_ms, ok=ok)
+        """:meth:`release` for each ``(worker_id, latency_ms, health)``."""
+        for worker_id, latency_ms, health in outcomes:
+            await self.release(worker_id, latency_ms=latency_ms, health=health)
 
     @abc.abstractmethod
     async def set_draining(self, worker_id: str, draining: bool) -> bool:

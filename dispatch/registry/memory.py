@@ -7,7 +7,7 @@ import random
 import time
 
 from .. import conf
-from ..core.balancing import SAMPLE, Choice, Wanted, choose, samples
+from ..core.balancing import SAMPLE, Choice, Health, Ring, Wanted, by_affinity, choose, samples
 from .base import Registry, Reservation, WorkerEntry, WorkerIdTaken, canary_rules
 
 log = logging.getLogger("dispatch.registry")
@@ -28,6 +28,7 @@ class MemoryRegistry(Registry):
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._workers: dict[str, WorkerEntry] = {}
         self._pools: dict[str, list[WorkerEntry]] = {}  # command -> its workers
+        self._rings: dict[str, Ring] = {}  # command -> its affinity ring, once used
         #: (label, value) -> the workers with it, by id: a selector looks at those only
         self._labelled: dict[tuple[str, str], dict[str, WorkerEntry]] = {}
         self._claims: dict[str, tuple[str, float]] = {}  # id that left -> (owner, until)
@@ -45,6 +46,8 @@ class MemoryRegistry(Registry):
         self._workers[entry.worker_id] = entry
         for command in entry.commands:
             self._pools.setdefault(command, []).append(entry)
+            if command in self._rings:
+                self._rings[command].add(entry)
         for pair in entry.labels.items():
             self._labelled.setdefault(pair, {})[entry.worker_id] = entry
         return old
@@ -70,6 +73,8 @@ class MemoryRegistry(Registry):
         entry = self._workers.pop(worker_id, None)
         if entry is not None:
             for command in entry.commands:
+                if command in self._rings:
+                    self._rings[command].remove(entry)
                 pool = self._pools.get(command)
                 if pool is not None:
                     # By identity (entries compare by value), and O(pool): leaving is
@@ -77,6 +82,7 @@ class MemoryRegistry(Registry):
                     del pool[next(i for i, e in enumerate(pool) if e is entry)]
                     if not pool:
                         del self._pools[command]
+                        self._rings.pop(command, None)
             for pair in entry.labels.items():
                 same = self._labelled.get(pair)
                 if same is not None:
@@ -108,11 +114,11 @@ class MemoryRegistry(Registry):
             entry = self._workers.get(wanted.target)
             pool: list[WorkerEntry] = [entry] if entry is not None else []
             of = len(pool)
-        elif wanted.select:
-            pool = self._matching(wanted)
-            of = len(pool)
+        elif wanted.affinity is not None:
+            pool, of = self._affine(wanted), len(self._pools.get(wanted.command, ()))
         else:
-            pool = self._pools.get(wanted.command, [])
+            pool = self._matching(wanted) if wanted.select else \
+                self._pools.get(wanted.command, [])
             of = len(pool)
             if of > SAMPLE and samples(strategy, wanted, canaries):
                 sample = self._rng.sample(pool, SAMPLE)
@@ -124,6 +130,19 @@ class MemoryRegistry(Registry):
         self._seq += 1
         return choose(pool, wanted, strategy, self._seq, self._rng, now, of=of,
                       canaries=canaries)
+
+    def _affine(self, wanted: Wanted) -> list[WorkerEntry]:
+        """The workers an affinity key prefers, in order: the next few on the command's
+        ring, or, with a selector, the matching workers by rendezvous."""
+        if wanted.select:
+            return by_affinity(self._matching(wanted), wanted.affinity)  # type: ignore
+        pool = self._pools.get(wanted.command)
+        if not pool:
+            return []
+        ring = self._rings.get(wanted.command)
+        if ring is None:  # built on first use, then kept up to date by add and remove
+            ring = self._rings[wanted.command] = Ring(pool)
+        return ring.successors(wanted.affinity)  # type: ignore[arg-type]
 
     def _matching(self, wanted: Wanted) -> list[WorkerEntry]:
         """The workers offering the command that have every label of the selector,
@@ -146,12 +165,12 @@ class MemoryRegistry(Registry):
         return Reservation(choice.worker, choice.capable, choice.why, choice.unmatched), pool
 
     async def release(self, worker_id: str, *, latency_ms: float | None,
-                      ok: bool | None) -> None:
+                      health: Health) -> None:
         entry = self._workers.get(worker_id)
         if entry is None:
             return
         now = time.time()
-        if entry.record(latency_ms, ok, now):
+        if entry.record(latency_ms, health, now):
             self._eject(entry, now)
 
     def _eject(self, entry: WorkerEntry, now: float) -> None:

@@ -53,7 +53,8 @@ from redis.commands.core import AsyncScript
 
 from .. import conf
 from ..core import balancing
-from ..core.balancing import SAMPLE, Choice, Wanted, choose, ejection_due, samples
+from ..core.balancing import (RING_SUCCESSORS, SAMPLE, Choice, Health, Ring, Wanted, by_affinity,
+                              choose, ejection_due, samples)
 from ..redis import scripts
 from ..redis.connection import CLIENT_OPTIONS, Clients, RedisTarget
 from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEntry,
@@ -61,6 +62,9 @@ from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEn
 
 log = logging.getLogger("dispatch.registry")
 
+#: The workers one reservation chooses among: a command, a label selector, an
+#: affinity key.
+Pool = tuple[str, tuple[tuple[str, str], ...], "str | None"]
 #: Times a reservation fetches candidates (again, after losing the race for a slot).
 RESERVE_ATTEMPTS = 5
 # ---------------------------------------------------------------------------- Lua
@@ -267,7 +271,7 @@ class RedisRegistry(Registry):
         picks: list[tuple[int, Choice]] = []
         unsampled: list[int] = []
         for i, w in enumerate(wanted):
-            total, rows = pools[w.command]
+            total, rows = pools[w.command, w.select, w.affinity]
             choice = choose(rows, w, strategy, seq - len(wanted) + 1 + i, self._rng, now,
                             of=total, canaries=canaries)
             if choice.worker is not None:
@@ -311,36 +315,49 @@ class RedisRegistry(Registry):
             out[i] = reservation
 
     async def _candidates(self, wanted: list[Wanted], sample: bool
-                          ) -> tuple[int, dict[str, tuple[int, list[_Row]]]]:
-        """Sequence number of the last of the choices, and per command how many live
-        workers offer it and the rows looked at (a sample of them, when there are many
-        and every request for it may be served from a sample)."""
+                          ) -> tuple[int, dict[Pool, tuple[int, list[_Row]]]]:
+        """Sequence number of the last of the choices, and per pool (command, selector,
+        affinity key) how many live workers are in it and the rows looked at (a sample of
+        them, when there are many and every request for it may be served from one; for
+        a key, its next workers on the ring, in order)."""
         strategy, canaries = conf.get("STRATEGY"), canary_rules()
-        sizes: dict[str, int] = {}
+        sizes: dict[Pool, int] = {}
         for w in wanted:
+            pool = (w.command, w.select, w.affinity)
             size = SAMPLE if sample and samples(strategy, w, canaries) else 0
-            if w.command in sizes:
+            if w.affinity is not None and not w.select:  # the next few on the ring
+                size = RING_SUCCESSORS if sample else 0
+            if pool in sizes:
                 # Several choices from one sample: a bigger sample, or all.
-                size = sizes[w.command] + SAMPLE if size and sizes[w.command] else 0
-            sizes[w.command] = size
-        seq, found = await self._run(CANDIDATES, [self._seq], [
-            self._key_ttl_ms(), len(wanted),
-            *(text for command, size in sizes.items() for text in (command, size))])
-        return int(seq), {command: (int(total), [_Row.from_row(row) for row in rows])
-                          for command, (total, rows) in zip(sizes, found)}
+                size = sizes[pool] + SAMPLE if size and sizes[pool] else 0
+            sizes[pool] = size
+        args: list[Any] = [self._key_ttl_ms(), len(wanted), self._rng.getrandbits(31)]
+        for (command, select, affinity), size in sizes.items():
+            args += [command, size, json.dumps(select) if select else "", affinity or ""]
+        seq, found = await self._run(CANDIDATES, [self._seq], args)
+        pools = {}
+        for (command, select, affinity), (total, rows) in zip(sizes, found):
+            rows = [_Row.from_row(row) for row in rows]
+            if affinity is not None and select:  # the ring is the command's: rendezvous
+                rows = by_affinity(rows, affinity)
+            pools[command, select, affinity] = (int(total), rows)
+        return int(seq), pools
 
     async def explain(self, wanted: Wanted) -> tuple[Reservation, list[WorkerEntry]]:
         """Chosen from every worker (no sample), with their full entries."""
         entries = [e for e in await self.all()
                    if (e.worker_id == wanted.target if wanted.target is not None
                        else wanted.command in e.commands)]
+        if wanted.affinity is not None:  # in the key's order, as a reservation sees them
+            entries = by_affinity(entries, wanted.affinity) if wanted.select else \
+                Ring(entries).successors(wanted.affinity, len(entries))  # type: ignore
         choice = choose(entries, wanted, conf.get("STRATEGY"), 0, self._rng, time.time(),
                         canaries=canary_rules())
         return Reservation(choice.worker, choice.capable, choice.why, choice.unmatched), entries
 
     async def release(self, worker_id: str, *, latency_ms: float | None,
-                      ok: bool | None) -> None:
-        await self.release_many([(worker_id, latency_ms, ok)])
+                      health: Health) -> None:
+        await self.release_many([(worker_id, latency_ms, health)])
 
     async def release_many(self, outcomes: list[Outcome]) -> None:
         """One round trip, however many; one more per worker to eject."""
@@ -348,16 +365,15 @@ class RedisRegistry(Registry):
             return
         now = time.time()
         args = [repr(balancing.EWMA_ALPHA), repr(now), repr(balancing.UNMEASURED_LATENCY_MS),
-                repr(balancing.LATENCY_DECAY_SECONDS)]
-        for _, latency_ms, ok in outcomes:
-            args += ["" if latency_ms is None else repr(float(latency_ms)),
-                     "" if ok is None else "1" if ok else "0"]
+                repr(balancing.LATENCY_DECAY_SECONDS), repr(balancing.PEAK_STEP)]
+        for _, latency_ms, health in outcomes:
+            args += ["" if latency_ms is None else repr(float(latency_ms)), health.value]
         with _unavailable_on_error():
             found = await RELEASE(keys=[self._worker_key(w) for w, _, _ in outcomes],
                                   args=args, client=self._client())
         after = conf.get("EJECT_AFTER")
-        due = {worker_id: int(row[0]) for (worker_id, _, ok), row in zip(outcomes, found)
-               if row and ejection_due(int(row[0]), row[1] == "1", ok, after,
+        due = {worker_id: int(row[0]) for (worker_id, _, health), row in zip(outcomes, found)
+               if row and ejection_due(int(row[0]), row[1] == "1", health, after,
                                        float(row[2]), now)}
         for worker_id, failures in due.items():
             await self._eject(worker_id, failures, now)

@@ -10,9 +10,20 @@ redis.call('SET', claim_key(id), owner, 'PX', ARGV[8])
 local old = drop(id)
 redis.call('HSET', KEYS[2], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[2], key_ttl)
+local points = {}
+for _, member in ipairs(ring_members(id)) do
+  points[#points + 1] = ring_point(member)
+  points[#points + 1] = member
+end
 for _, command in ipairs(cjson.decode(ARGV[6])) do
   redis.call('SADD', command_key(command), id)
   redis.call('PEXPIRE', command_key(command), key_ttl)
+  redis.call('ZADD', ring_key(command), unpack(points))
+  redis.call('PEXPIRE', ring_key(command), key_ttl)
+end
+for _, label in ipairs(label_keys(redis.call('HGET', KEYS[2], 'labels'))) do
+  redis.call('SADD', label, id)
+  redis.call('PEXPIRE', label, key_ttl)
 end
 redis.call('ZADD', beats, now, id)
 redis.call('PEXPIRE', beats, key_ttl)

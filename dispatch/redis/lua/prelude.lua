@@ -9,6 +9,32 @@ local beats, prefix, cutoff = KEYS[1], ARGV[1], ARGV[2]
 local function worker_key(id) return prefix .. 'worker:' .. id end
 local function command_key(command) return prefix .. 'command:' .. command end
 local function claim_key(id) return prefix .. 'claim:' .. id end
+-- The workers with label `name` = `value` (the name's length first: no ambiguity).
+local function label_key(name, value)
+  return prefix .. 'label:' .. #name .. ':' .. name .. '=' .. value
+end
+-- A command's affinity ring (zset: "<id>#<n>" -> point), and a point on it: the first
+-- 48 bits of SHA-1, as balancing.ring_point. Each worker has RING_POINTS points there
+-- (balancing.RING_POINTS: tests/test_redis_registry.py checks that they agree).
+local RING_POINTS = 32
+local function ring_key(command) return prefix .. 'ring:' .. command end
+local function ring_point(text) return tonumber(string.sub(redis.sha1hex(text), 1, 12), 16) end
+local function ring_members(id)
+  local members = {}
+  for n = 0, RING_POINTS - 1 do members[#members + 1] = id .. '#' .. n end
+  return members
+end
+
+-- The label keys of a worker, from its hash's 'labels' field (JSON text, or nil).
+local function label_keys(labels)
+  local keys = {}
+  if labels and labels ~= '' then
+    for name, value in pairs(cjson.decode(labels)) do
+      keys[#keys + 1] = label_key(name, value)
+    end
+  end
+  return keys
+end
 
 -- Take a worker out of every structure; returns its old hash (flat list, maybe empty).
 local function drop(id)
@@ -18,6 +44,11 @@ local function drop(id)
     if old[i] == 'commands' then
       for _, command in ipairs(cjson.decode(old[i + 1])) do
         redis.call('SREM', command_key(command), id)
+        redis.call('ZREM', ring_key(command), unpack(ring_members(id)))
+      end
+    elseif old[i] == 'labels' then
+      for _, label in ipairs(label_keys(old[i + 1])) do
+        redis.call('SREM', label, id)
       end
     end
   end

@@ -14,5 +14,9 @@ redis.call('PEXPIRE', beats, key_ttl)
 redis.call('PEXPIRE', claim_key(id), ARGV[6])
 for _, command in ipairs(cjson.decode(redis.call('HGET', key, 'commands'))) do
   redis.call('PEXPIRE', command_key(command), key_ttl)
+  redis.call('PEXPIRE', ring_key(command), key_ttl)
+end
+for _, label in ipairs(label_keys(redis.call('HGET', key, 'labels'))) do
+  redis.call('PEXPIRE', label, key_ttl)
 end
 return 1
