@@ -103,6 +103,13 @@ def test_registration_round_trip() -> None:
     assert Registration.from_data(reg.to_data()) == reg
 
 
+def test_a_registration_carries_labels_version_and_hedged_commands() -> None:
+    reg = Registration("w1", "g", ["train", "lookup"], labels={"gpu": "a100"},
+                       version="2.1", hedge=["lookup"])
+    assert Registration.from_data(reg.to_data()) == reg
+    assert reg.to_data()["labels"] == {"gpu": "a100"}
+
+
 def test_registration_defaults() -> None:
     reg = Registration.from_data({"commands": []})
     assert reg.worker_id and reg.name == reg.worker_id
@@ -116,6 +123,11 @@ def test_registration_defaults() -> None:
     ({"commands": [], "weight": True}, "'weight' must be"),
     ({"commands": [], "max_concurrency": 0}, "at least 1"),
     ({"commands": [], "max_concurrency": 1.5}, "'max_concurrency' must be int"),
+    ({"commands": [], "labels": {"gpu": "a100\x1b[2J"}}, "printable strings"),
+    ({"commands": [], "labels": {"": "x"}}, "'labels' must map"),
+    ({"commands": [], "labels": {f"k{i}": "v" for i in range(33)}}, "up to 32"),
+    ({"commands": [], "labels": ["gpu"]}, "'labels' must map"),
+    ({"commands": [], "version": "2.1\n"}, "'version' must be printable"),
 ])
 def test_bad_registrations_are_refused(data: dict, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason):

@@ -252,3 +252,17 @@ async def test_explain_follows_an_affinity_key_as_a_reservation_would(
         explained, _ = await registry.explain(wanted)
         reserved = await registry.reserve_many([wanted])
         assert explained.worker.worker_id == reserved[0].worker.worker_id  # type: ignore
+
+
+async def test_reconnecting_neither_ends_an_ejection_nor_resets_its_doubling(
+        registry: Registry, eject_fast: None) -> None:
+    for name in ("bad", "good1", "good2"):
+        await registry.add(entry(name, max_concurrency=4))
+    await fail(registry, "bad", 3)
+    assert await registry.remove("bad", "ch-bad") is not None  # it closes its socket
+    await registry.add(entry("bad", max_concurrency=4))  # and registers again
+    back = await registry.get("bad")
+    assert back is not None and back.state == "ejected" and back.ejections == 1
+    await registry.add(entry("bad", max_concurrency=4, channel="ch-bad-2"))  # a takeover
+    again = await registry.get("bad")
+    assert again is not None and again.state == "ejected" and again.ejections == 1

@@ -446,7 +446,7 @@ def test_a_failover_inside_a_hedge_is_told_too() -> None:
     table.reserved(req, Reservation(worker("w2"), True), NOW)
     table.lost("k1", "w1", "connection closed")
     [reserve] = table.lost("k1", "w2", "connection closed")
-    assert req.wanted().avoid == frozenset({"w1", "w2"})  # never back to a lost one
+    assert req.wanted().avoid == frozenset()  # they may come back (a new connection)
     table.reserved(req, Reservation(worker("w3"), True), NOW)
     response = answer_of(table.replied("k1", "w3", True, "ok", None, None))
     assert response.route == {"attempts": 3, "failover_from": ["w1", "w2"], "hedged": True}
@@ -459,3 +459,49 @@ def test_a_request_for_a_named_worker_that_was_lost_is_answered_at_once() -> Non
     [answer] = table.lost("k1", "w1", "no sign of life for 1s", ErrorCode.LEASE_EXPIRED)
     assert answer.response.code == "lease_expired"
     assert answer.response.error == "Lease expired (no sign of life for 1s)"
+
+
+def test_a_pass_over_the_queue_puts_back_what_still_waits_in_its_order() -> None:
+    table = RequestTable()
+    a1, a2, b1 = request("a1"), request("a2"), request("b1", command="resize")
+    for req in (a1, a2, b1):
+        table.submit(req)
+        table.reserved(req, Reservation(None, True), NOW)  # all busy: they wait
+    late = request("late")
+    table.submit(late)  # comes while others wait: queued behind them
+    assert [r.key for r in table.take_waiting()] == ["a1", "a2", "b1", "late"]
+    assert table.reserved(a1, Reservation(None, True), NOW) == []  # busy still
+    table.untried([a2, late])  # like a1: not tried in this pass
+    [forward] = table.reserved(b1, Reservation(worker("w9"), True), NOW)
+    assert isinstance(forward, Forward)
+    table.end_pass()
+    assert [r.key for r in table.take_waiting()] == ["a1", "a2", "late"]
+
+
+def test_a_request_whose_lease_ran_out_is_retried_on_another_worker_only() -> None:
+    table = RequestTable()
+    req = request()
+    placed(table, req, worker("w1"))
+    [reserve] = table.lost("k1", "w1", "no sign of life for 1s", ErrorCode.LEASE_EXPIRED)
+    assert req.wanted().avoid == frozenset({"w1"})
+    [answer] = table.reserved(req, Reservation(None, False, "least_loaded: 0 of 1; 1 avoided"),
+                              NOW)
+    assert answer.response.code == "lease_expired"
+    assert "no other worker offers 'echo'" in answer.response.error
+
+
+def test_after_a_pass_the_owner_whose_turn_was_next_stays_next() -> None:
+    table = RequestTable()
+    bulk = [request(f"b{i}", owner="bulk") for i in range(5)]
+    for req in bulk:
+        table.submit(req)
+        table.reserved(req, Reservation(None, True), NOW)
+    small = request("s0", owner="small")
+    table.submit(small)
+    batch = table.take_waiting()
+    assert [r.key for r in batch] == ["b0", "s0", "b1", "b2", "b3", "b4"]
+    table.reserved(batch[0], Reservation(worker(), True), NOW)  # one slot: b0 runs
+    table.reserved(batch[1], Reservation(None, True), NOW)  # full again
+    table.untried(batch[2:])
+    table.end_pass()
+    assert [r.key for r in table.take_waiting()][:2] == ["s0", "b1"]

@@ -494,9 +494,10 @@ def parse_labels(value: Any, name: str) -> dict[str, str]:
         return {}
     if not isinstance(value, dict) or len(value) > MAX_LABELS or not all(
             isinstance(k, str) and isinstance(v, str) and k and len(k) <= MAX_LABEL_CHARS
-            and len(v) <= MAX_LABEL_CHARS for k, v in value.items()):
+            and len(v) <= MAX_LABEL_CHARS and k.isprintable() and v.isprintable()
+            for k, v in value.items()):
         raise ProtocolError(f"Field '{name}' must map up to {MAX_LABELS} names to values "
-                            f"(strings of at most {MAX_LABEL_CHARS} characters)")
+                            f"(printable strings of at most {MAX_LABEL_CHARS} characters)")
     return dict(value)
 
 
@@ -588,6 +589,8 @@ class Registration:
         labels = parse_labels(data.get("labels"), "labels")
         hedge = _names(data, "hedge", [])
         version = _text(data, "version", MAX_LABEL_CHARS, "") or ""
+        if not version.isprintable():
+            raise ProtocolError("Field 'version' must be printable text")
         worker_id = _text(data, "worker_id", MAX_ID_CHARS, None) or random_id()
         if not WORKER_ID.fullmatch(worker_id):
             raise ProtocolError("Field 'worker_id' may hold only letters, digits and . _ : @ -"

@@ -9,19 +9,21 @@ never sees sockets or the registry, so the in-process and the Redis registry cho
 the same way, and tests need no broker.
 
 ``least_loaded`` follows the proxies that balance at scale (Finagle's and tower's
-peak-EWMA with power of two choices): each worker's latency estimate jumps up with
-a slow answer (by at most PEAK_STEP per answer), comes down gently with fast ones, and decays toward "fast" while the
-worker is not used, so a worker measured once as slow is tried again; of two
-eligible workers drawn at random, the one with the lower expected cost wins (by odds
-that grow with the gap, so near-equals share). That costs the same with ten workers
-as with ten thousand.
+peak-EWMA with power of two choices): each worker's latency estimate jumps up with a
+slow answer (by at most PEAK_STEP per answer), comes down gently with fast ones, and
+decays toward "fast" while the worker is not used, so a worker measured once as slow
+is tried again; of two eligible workers drawn at random, the one with the lower
+expected cost wins (by odds that grow with the gap; near-equals take turns). That
+costs the same with ten workers as with ten thousand. Affinity keys use a
+consistent-hash :class:`Ring` (O(log n)).
 
 Ejection (Envoy's outlier detection): a worker with ``EJECT_AFTER`` infrastructure
-failures in a row (timeouts, leases, refused frames; never a handler's own error)
-is out of rotation for ``EJECT_SECONDS``, doubled each time it happens again (up to
-``EJECT_MAX_SECONDS``), never more than ``EJECT_MAX_SHARE`` of the fleet at once;
-when its time is up it gets the next request, a probe (one at a time), and is back
-with a clean slate on success, or out again for twice as long on failure.
+faults in a row (:attr:`Health.FAULT`: leases that ran out, answers refused as too
+large; never a handler's own error, and never a timeout or a cancel, which requesters
+choose) is out of rotation for ``EJECT_SECONDS``, doubled each time it happens again
+(up to ``EJECT_MAX_SECONDS``), never more than ``EJECT_MAX_SHARE`` of the fleet at
+once; when its time is up it gets the next request, a probe (one at a time), and is
+back with a clean slate on success, or out again for twice as long on failure.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ PEAK_STEP = 1.5
 #: Seconds in which an unused worker's latency estimate decays by a factor e.
 LATENCY_DECAY_SECONDS = 10.0
 #: Scores within this factor of each other are equal for least_loaded: latency noise.
-NEAR = 1.25
+NEAR = 1.5
 #: With more capable workers than this, a random sample of this many is looked at
 #: (per choice); a sample in which none is eligible falls back to looking at all.
 SAMPLE = 8
@@ -147,14 +149,18 @@ Strategy = Callable[[Sequence[WorkerStats], int, random.Random, float], WorkerSt
 
 def least_loaded(candidates: Sequence[WorkerStats], seq: int, rng: random.Random,
                  now: float) -> WorkerStats:
-    """Power of two choices: of two drawn at random, the lower :func:`load_score` wins,
-    with odds of the scores' ratio (2x cheaper wins 2 times in 3, 9x 9 in 10); of two
-    within NEAR of each other, the one that answered least recently.
+    """Power of two choices over :func:`load_score`, of two drawn at random:
 
-    Not always the lower: latencies are noisy, and a worker that always lost by a
-    hair would never be used, so its figure would never be corrected; with sequential
-    requests (nothing in flight) equal workers would split by their first samples.
-    Near-equals taken in turn share sequential load evenly, not just on average.
+    * the one with less in flight per weight wins if its score is lower too (that part
+      of the score is exact, not a noisy estimate);
+    * else, of two within NEAR of each other, the one that answered least recently;
+    * else the lower score wins with odds of the scores' ratio (2x cheaper wins 2 times
+      in 3, 9x 9 in 10).
+
+    Not always the lower score: latencies are noisy, and a worker that lost by a hair
+    every time would never be used, so its figure would never be corrected; with
+    sequential requests (nothing in flight) equal workers would split by their first
+    samples. Near-equals taken in turn share sequential load evenly.
     """
     n = len(candidates)
     if n == 1:
@@ -164,6 +170,9 @@ def least_loaded(candidates: Sequence[WorkerStats], seq: int, rng: random.Random
     j = int(rng.random() * (n - 1))
     a, b = candidates[i], candidates[j + (j >= i)]
     score_a, score_b = load_score(a, now), load_score(b, now)
+    load_a, load_b = (a.in_flight + 1) / a.weight, (b.in_flight + 1) / b.weight
+    if load_a != load_b and (load_a < load_b) == (score_a < score_b):
+        return a if score_a < score_b else b
     if max(score_a, score_b) <= NEAR * min(score_a, score_b):
         return a if a.latency_at <= b.latency_at else b
     return a if rng.random() * (score_a + score_b) < score_b else b
@@ -225,14 +234,16 @@ RING_POINTS = 32
 RING_SUCCESSORS = 8
 
 
-def ring_point(text: str) -> int:
+def ring_point(text: str, salt: str = "") -> int:
     """A position on an affinity ring: the first 48 bits of SHA-1 (Lua scripts have
-    ``redis.sha1hex``, so the Redis registry's rings have the same points)."""
-    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+    ``redis.sha1hex``, so the Redis registry's rings have the same points). ``salt`` is
+    the broker's secret: without it a worker could choose an id that lands just after
+    a key it wants."""
+    return int(hashlib.sha1(f"{salt}{text}".encode()).hexdigest()[:12], 16)
 
 
-def worker_points(worker_id: str) -> list[int]:
-    return [ring_point(f"{worker_id}#{i}") for i in range(RING_POINTS)]
+def worker_points(worker_id: str, salt: str = "") -> list[int]:
+    return [ring_point(f"{worker_id}#{i}", salt) for i in range(RING_POINTS)]
 
 
 class Ring:
@@ -240,20 +251,22 @@ class Ring:
     circle, a key at one; the key's workers are the next ones clockwise. Finding them
     costs O(log n), and when a worker leaves only the keys it held move."""
 
-    def __init__(self, workers: Iterable[WorkerStats]) -> None:
-        points = sorted((p, w.worker_id, w) for w in workers for p in worker_points(w.worker_id))
+    def __init__(self, workers: Iterable[WorkerStats], salt: str = "") -> None:
+        self.salt = salt
+        points = sorted((p, w.worker_id, w) for w in workers
+                        for p in worker_points(w.worker_id, salt))
         self._points = [p for p, _, _ in points]
         self._workers = [w for _, _, w in points]
 
     def add(self, w: WorkerStats) -> None:
         """Put a worker on the ring in place: O(n) for the list moves, no rebuild."""
-        for point in worker_points(w.worker_id):
+        for point in worker_points(w.worker_id, self.salt):
             i = bisect.bisect_left(self._points, point)
             self._points.insert(i, point)
             self._workers.insert(i, w)
 
     def remove(self, w: WorkerStats) -> None:
-        for point in worker_points(w.worker_id):
+        for point in worker_points(w.worker_id, self.salt):
             i = bisect.bisect_left(self._points, point)
             while i < len(self._points) and self._points[i] == point:
                 if self._workers[i] is w:
@@ -265,7 +278,7 @@ class Ring:
         """The first ``count`` distinct workers clockwise from the key's point."""
         found: dict[str, WorkerStats] = {}
         n = len(self._points)
-        start = bisect.bisect_left(self._points, ring_point(key))
+        start = bisect.bisect_left(self._points, ring_point(key, self.salt))
         for i in range(n):
             w = self._workers[(start + i) % n]
             if w.worker_id not in found:
@@ -275,16 +288,17 @@ class Ring:
         return list(found.values())
 
 
-def rendezvous(key: str, worker_id: str) -> int:
+def rendezvous(key: str, worker_id: str, salt: str = "") -> int:
     """Highest-random-weight hashing, for a key among a selector's workers (which the
     ring of the whole command does not know): the highest value gets it."""
-    return int.from_bytes(hashlib.blake2b(f"{key}\0{worker_id}".encode(),
-                                          digest_size=8).digest(), "big")
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{worker_id}".encode(), digest_size=8,
+                                          key=salt.encode()[:64]).digest(), "big")
 
 
-def by_affinity(workers: Iterable[WorkerStats], key: str) -> list[WorkerStats]:
+def by_affinity(workers: Iterable[WorkerStats], key: str, salt: str = ""
+                ) -> list[WorkerStats]:
     """``workers`` in the order an affinity key prefers them (rendezvous)."""
-    return sorted(workers, key=lambda w: rendezvous(key, w.worker_id), reverse=True)
+    return sorted(workers, key=lambda w: rendezvous(key, w.worker_id, salt), reverse=True)
 
 
 def explanation(strategy: str, seen: int, of: int, excluded: dict[str, int],
@@ -322,15 +336,18 @@ def choose(candidates: Iterable[WorkerStats], wanted: Wanted, strategy_name: str
         if select and any(w.labels.get(k) != v for k, v in select):
             excluded["selector"] = excluded.get("selector", 0) + 1
             continue
+        if avoid and w.worker_id in avoid:
+            excluded["avoided"] = excluded.get("avoided", 0) + 1
+            continue
         matched += 1
-        state = "avoided" if avoid and w.worker_id in avoid else eligible_state(w, now)
+        state = eligible_state(w, now)
         if state:
             excluded[state] = excluded.get(state, 0) + 1
         else:
             eligible.append(w)
     of = max(of or 0, seen)
-    if not matched:
-        unmatched = wanted.selector_text() if select and seen else ""
+    if not matched:  # nobody offers it (but those it must avoid), or matches the selector
+        unmatched = wanted.selector_text() if select and excluded.get("selector") else ""
         return Choice(None, False, explanation(strategy_name, seen, of, excluded), unmatched)
     if not eligible:
         return Choice(None, True, explanation(strategy_name, seen, of, excluded))

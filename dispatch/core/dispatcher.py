@@ -17,6 +17,7 @@ message. Within one process nothing is sent over the layer: calls are direct.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import logging
 import time
 from typing import Any, Iterable, Protocol
@@ -31,12 +32,12 @@ from .. import conf
 from ..history import HistoryRecorder, get_recorder
 from ..registry import Outcome, Registry, RegistryUnavailable, get_registry
 from . import events, inbox, links
-from .balancing import Health
+from .balancing import Health, Wanted
 from .links import WorkerLink
 from .liveness import Liveness
 from .loops import Batcher, PerLoop
 from .requests import (Action, Answer, Arm, ArmHedge, CancelOnWorker, Forward, GiveBack,
-                       Notify, Request, RequestTable, Reserve, Sink, Wake, Watcher)
+                       Notify, Request, RequestTable, Reserve, Sink, State, Wake, Watcher)
 from .results import results_for
 
 log = logging.getLogger("dispatch.dispatcher")
@@ -391,18 +392,20 @@ class Dispatcher:
             elif isinstance(action, Wake):
                 self._wake.set()
 
-    async def _reserve(self, batch: list[Request]) -> None:
-        """Reserve a slot for each, in one registry call; then tell the table."""
+    async def _reserve(self, batch: list[Request]) -> int:
+        """Reserve a slot for each, in one registry call; then tell the table. Returns
+        how many got one."""
         try:
             reservations = await self.registry.reserve_many([r.wanted() for r in batch])
         except Exception as exc:  # noqa: BLE001 - each of them gets an answer
             if not isinstance(exc, RegistryUnavailable):
                 log.exception("could not reserve workers for %d request(s)", len(batch))
             await self._perform(self.table.reservation_failed(batch, str(exc)))
-            return
+            return 0
         now = asyncio.get_running_loop().time()
         for request, reservation in zip(batch, reservations):
             await self._perform(self.table.reserved(request, reservation, now))
+        return sum(r.worker is not None for r in reservations)
 
     async def _forward(self, action: Forward) -> None:
         request, worker = action.request, action.worker
@@ -561,7 +564,9 @@ class Dispatcher:
         self.kick()
 
     async def _queue_loop(self) -> None:
-        """Retry queued requests when a slot frees (or every poll, across processes)."""
+        """Retry queued requests when a slot frees (or every poll, across processes).
+
+        """
         while True:
             if self.table.waiting:
                 try:
@@ -571,11 +576,30 @@ class Dispatcher:
             else:
                 await self._wake.wait()
             batch = self.table.take_waiting()
-            if batch:
-                await self._reserve(batch)  # may queue some again
+            try:
+                if batch:
+                    await self._queue_pass(batch)
+            finally:
+                self.table.end_pass()  # those that must wait again, back in front
             # Cleared after the pass, so that re-queueing above does not spin the loop;
             # a wake-up lost here costs at most one poll interval.
             self._wake.clear()
+
+    async def _queue_pass(self, batch: list[Request]) -> None:
+        """Reserve for the waiting, alike ones (same command and routing) in turn: the
+        first of each kind, then the next of each kind that got a slot, and so on. A
+        kind whose first finds no slot is not tried further in this pass, so a full
+        fleet costs a choice per kind of request, not one per waiting request."""
+        kinds: dict[Wanted, deque[Request]] = {}
+        for request in batch:
+            kinds.setdefault(request.wanted(), deque()).append(request)
+        while kinds:
+            heads = [alike.popleft() for alike in kinds.values()]
+            await self._reserve(heads)
+            for head, (kind, alike) in zip(heads, list(kinds.items())):
+                if head.state is State.WAITING or not alike:  # no slot: the rest wait too
+                    self.table.untried(alike)
+                    del kinds[kind]
 
     async def _sweep_loop(self) -> None:
         while True:

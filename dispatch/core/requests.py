@@ -104,9 +104,13 @@ class Request:
     hedgeable: bool = False  # its first worker lets the broker hedge it
     hedging: bool = False  # a slot for its second copy is being reserved
     hedged: bool = False
+    queued: bool = False  # it waited for a slot (a pass over the queue may take it)
     lost_because: str = ""  # why its last worker was lost, for the error text
     lost_code: ErrorCode = ErrorCode.WORKER_LOST  # and how (lease_expired)
-    lost_from: list[str] = field(default_factory=list)  # workers lost under it: avoided
+    lost_from: list[str] = field(default_factory=list)  # workers lost under it
+    #: Workers whose lease on it ran out: their connection lives on, and a retry there
+    #: could mistake that run's last words for this one's, so it goes elsewhere.
+    hung_on: list[str] = field(default_factory=list)
     workers_lost: int = 0  # how many workers went away (or hung) under it
     routing: str = ""  # how its workers were chosen (balancing's explanations)
     timer: Any = None  # the driver's deadline timer
@@ -123,11 +127,10 @@ class Request:
         return self.placements[0].worker_id if self.placements else None
 
     def wanted(self) -> Wanted:
-        """What to ask of the registry for it: never a worker lost under it (a retry
-        on the same one could mistake that run's last words for this one's), and for a
-        hedge anyone but its worker."""
-        avoid = [*self.lost_from, *(p.worker_id for p in self.placements)] \
-            if self.hedging else self.lost_from
+        """What to ask of the registry for it: not a worker it hung on, and for a hedge
+        anyone but its worker."""
+        avoid = [*self.hung_on, *(p.worker_id for p in self.placements)] \
+            if self.hedging else self.hung_on
         return Wanted(self.command, self.target, self.select, self.affinity,
                       frozenset(avoid))
 
@@ -247,21 +250,42 @@ class WaitQueue:
         owners.setdefault(request.owner, deque()).append(request)
         self._size += 1
 
-    def take_all(self) -> list[Request]:
-        """Everything, in the order it is to be served: highest priority first; within
-        one, one request of each owner in turn (the owner served least lately first)."""
+    def take(self, limit: int) -> list[Request]:
+        """Up to ``limit``, in the order they are to be served: highest priority first;
+        within one, one request of each owner in turn (the owner served least lately
+        first). The rest stay, in order."""
         out: list[Request] = []
         for priority in sorted(self._levels, reverse=True):
             owners = self._levels[priority]
-            while owners:
+            while owners and len(out) < limit:
                 for owner in list(owners):
                     queue = owners[owner]
                     out.append(queue.popleft())
                     if not queue:
                         del owners[owner]
-        self._levels.clear()
-        self._size = 0
+                    if len(out) == limit:
+                        break
+            if not owners:
+                del self._levels[priority]
+            if len(out) == limit:
+                break
+        self._size -= len(out)
         return out
+
+    def put_front(self, requests: list[Request]) -> None:
+        """Back where they were taken from, in their order, ahead of those that came
+        meanwhile: each owner's requests in front of its queue, and the owners' turns
+        as these requests had them (the owner that was next stays next)."""
+        levels: dict[int, dict[str, deque[Request]]] = {}
+        for request in requests:
+            levels.setdefault(request.priority, {}).setdefault(request.owner,
+                                                                deque()).append(request)
+        for priority, owners in self._levels.items():  # those that came meanwhile
+            front = levels.setdefault(priority, {})
+            for owner, queue in owners.items():
+                front.setdefault(owner, deque()).extend(queue)
+        self._levels = levels
+        self._size += len(requests)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -278,6 +302,8 @@ class RequestTable:
     stats: Counter[str] = field(default_factory=Counter)
     hedges: HedgePolicy = field(default_factory=HedgePolicy)
     accepting: bool = True
+    #: During a pass over the queue: the requests it took that must wait again.
+    _returning: list[Request] | None = None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -362,10 +388,15 @@ class RequestTable:
         return [self._place(request, worker, reservation.why, now)]
 
     def _wait(self, request: Request) -> list[Action]:
-        if len(self.waiting) >= conf.get("QUEUE_LIMIT"):
+        if request.queued and self._returning is not None:  # taken by this pass
+            request.state = State.WAITING
+            self._returning.append(request)
+            return []
+        if len(self.waiting) + len(self._returning or ()) >= conf.get("QUEUE_LIMIT"):
             self.stats["queue_full"] += 1
             return [self._answer(request, protocol.ALL_BUSY, ErrorCode.ALL_BUSY)]
         request.state = State.WAITING
+        request.queued = True
         self.waiting.append(request)
         return [Wake()]
 
@@ -376,11 +407,25 @@ class RequestTable:
                 for r in requests if r.state is State.RESERVING]
 
     def take_waiting(self) -> list[Request]:
-        """The queued requests, in the order to serve them, to be reserved again."""
-        batch = [r for r in self.waiting.take_all() if r.state is State.WAITING]
+        """The queued requests, in the order to serve them, for a pass over the queue.
+        Those that find no slot again, or are not tried (:meth:`untried`), go back to
+        the front of the queue when the pass ends (:meth:`end_pass`), in order."""
+        batch = [r for r in self.waiting.take(len(self.waiting)) if r.state is State.WAITING]
         for request in batch:
             request.state = State.RESERVING
+        self._returning = []
         return batch
+
+    def untried(self, requests: Iterable[Request]) -> None:
+        """Requests of a pass not tried (one like them just found no slot)."""
+        for request in requests:
+            if request.state is State.RESERVING:
+                request.state = State.WAITING
+                self._returning.append(request)  # type: ignore[union-attr]
+
+    def end_pass(self) -> None:
+        returning, self._returning = self._returning, None
+        self.waiting.put_front([r for r in returning or () if r.state is State.WAITING])
 
     def replied(self, key: str, worker_id: str, success: bool, data: Any,
                 error: str | None, code: str | None, latency_ms: float | None = None
@@ -426,6 +471,8 @@ class RequestTable:
         request.workers_lost += 1
         request.lost_because, request.lost_code = reason, code
         request.lost_from.append(worker_id)
+        if code is ErrorCode.LEASE_EXPIRED:
+            request.hung_on.append(worker_id)
         if self._unplace(request, worker_id):  # its other copy goes on
             return []
         text = protocol.LEASE_EXPIRED if code is ErrorCode.LEASE_EXPIRED else \

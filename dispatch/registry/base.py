@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
@@ -26,6 +27,19 @@ def canary_rules() -> dict[str, tuple[str, float]]:
 @functools.lru_cache(maxsize=4)
 def _canaries(text: str) -> dict[str, tuple[str, float]]:
     return parse_canaries(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _salt(secret: str) -> str:
+    return hashlib.sha256(f"dispatch affinity\0{secret}".encode()).hexdigest()[:32]
+
+
+def affinity_salt() -> str:
+    """The secret mixed into affinity hashing: from ``SECRET_KEY``, so every broker
+    process of a cluster places keys alike and no worker can aim its id at a key."""
+    from django.conf import settings
+
+    return _salt(settings.SECRET_KEY)
 
 
 @dataclass(slots=True)
@@ -107,6 +121,16 @@ class WorkerEntry:
         return ejection_due(self.failures, probing, health, conf.get("EJECT_AFTER"),
                             self.ejected_until, now)
 
+    def standing(self) -> Standing:
+        """What outlives its connection: its ejections (so that reconnecting neither
+        ends one nor resets the doubling)."""
+        return Standing(self.ejections, self.ejected_until, self.ejected_why)
+
+    def inherit(self, standing: Standing, now: float) -> None:
+        """Take on the standing of an earlier connection with the same id."""
+        self.ejections, self.ejected_until, self.ejected_why = standing
+        self.probing = self.probing or self.ejected_until > now
+
     def eject(self, now: float, why: str) -> None:
         self.ejections += 1
         self.ejected_until = now + ejection_seconds(self.ejections, conf.get("EJECT_SECONDS"),
@@ -114,6 +138,14 @@ class WorkerEntry:
         self.probing = True
         self.ejected_why = why
         self.failures = 0
+
+
+class Standing(NamedTuple):
+    """A worker's ejection record, kept with its id while the id is claimed."""
+
+    ejections: int = 0
+    ejected_until: float = 0.0
+    ejected_why: str = ""
 
 
 class Reservation(NamedTuple):

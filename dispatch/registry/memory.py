@@ -8,7 +8,8 @@ import time
 
 from .. import conf
 from ..core.balancing import SAMPLE, Choice, Health, Ring, Wanted, by_affinity, choose, samples
-from .base import Registry, Reservation, WorkerEntry, WorkerIdTaken, canary_rules
+from .base import (Registry, Reservation, Standing, WorkerEntry, WorkerIdTaken, affinity_salt,
+                   canary_rules)
 
 log = logging.getLogger("dispatch.registry")
 
@@ -31,17 +32,21 @@ class MemoryRegistry(Registry):
         self._rings: dict[str, Ring] = {}  # command -> its affinity ring, once used
         #: (label, value) -> the workers with it, by id: a selector looks at those only
         self._labelled: dict[tuple[str, str], dict[str, WorkerEntry]] = {}
-        self._claims: dict[str, tuple[str, float]] = {}  # id that left -> (owner, until)
+        #: id that left -> (owner, until when, its standing)
+        self._claims: dict[str, tuple[str, float, Standing]] = {}
         self._seq = 0
         self._rng = rng or random.Random()
 
     async def add(self, entry: WorkerEntry) -> WorkerEntry | None:
         live = self._workers.get(entry.worker_id)
-        owner, until = (live.owner, float("inf")) if live is not None else \
-            self._claims.get(entry.worker_id, ("", 0.0))
-        if owner and owner != entry.owner and until > time.time():
+        owner, until, standing = (live.owner, float("inf"), live.standing()) \
+            if live is not None else self._claims.get(entry.worker_id, ("", 0.0, Standing()))
+        now = time.time()
+        if owner and owner != entry.owner and until > now:
             raise WorkerIdTaken(entry.worker_id)
         self._claims.pop(entry.worker_id, None)
+        if until > now:
+            entry.inherit(standing, now)
         old = self._drop(entry.worker_id)
         self._workers[entry.worker_id] = entry
         for command in entry.commands:
@@ -66,8 +71,8 @@ class MemoryRegistry(Registry):
             self._claims = {k: v for k, v in self._claims.items() if v[1] > now}
             while len(self._claims) >= self.MAX_CLAIMS:
                 del self._claims[next(iter(self._claims))]
-        self._claims[entry.worker_id] = (entry.owner,
-                                         now + conf.get("WORKER_ID_CLAIM_SECONDS"))
+        self._claims[entry.worker_id] = (entry.owner, now + conf.get("WORKER_ID_CLAIM_SECONDS"),
+                                         entry.standing())
 
     def _drop(self, worker_id: str) -> WorkerEntry | None:
         entry = self._workers.pop(worker_id, None)
@@ -135,13 +140,14 @@ class MemoryRegistry(Registry):
         """The workers an affinity key prefers, in order: the next few on the command's
         ring, or, with a selector, the matching workers by rendezvous."""
         if wanted.select:
-            return by_affinity(self._matching(wanted), wanted.affinity)  # type: ignore
+            return by_affinity(self._matching(wanted), wanted.affinity,  # type: ignore
+                               affinity_salt())
         pool = self._pools.get(wanted.command)
         if not pool:
             return []
         ring = self._rings.get(wanted.command)
         if ring is None:  # built on first use, then kept up to date by add and remove
-            ring = self._rings[wanted.command] = Ring(pool)
+            ring = self._rings[wanted.command] = Ring(pool, affinity_salt())
         return ring.successors(wanted.affinity)  # type: ignore[arg-type]
 
     def _matching(self, wanted: Wanted) -> list[WorkerEntry]:

@@ -58,7 +58,7 @@ from ..core.balancing import (RING_SUCCESSORS, SAMPLE, Choice, Health, Ring, Wan
 from ..redis import scripts
 from ..redis.connection import CLIENT_OPTIONS, Clients, RedisTarget
 from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEntry,
-                   WorkerIdTaken, canary_rules)
+                   WorkerIdTaken, affinity_salt, canary_rules)
 
 log = logging.getLogger("dispatch.registry")
 
@@ -221,7 +221,7 @@ class RedisRegistry(Registry):
         pairs = [text for item in data.items() for text in item]
         old = await self._run(ADD, [self._worker_key(entry.worker_id)],
                               [entry.worker_id, now, self._key_ttl_ms(), data["commands"],
-                               entry.owner, self._claim_ms(), *pairs])
+                               entry.owner, self._claim_ms(), affinity_salt(), *pairs])
         if old == 0:
             raise WorkerIdTaken(entry.worker_id)
         return _decode(old) if old else None
@@ -331,7 +331,8 @@ class RedisRegistry(Registry):
                 # Several choices from one sample: a bigger sample, or all.
                 size = sizes[pool] + SAMPLE if size and sizes[pool] else 0
             sizes[pool] = size
-        args: list[Any] = [self._key_ttl_ms(), len(wanted), self._rng.getrandbits(31)]
+        args: list[Any] = [self._key_ttl_ms(), len(wanted), self._rng.getrandbits(31),
+                           affinity_salt()]
         for (command, select, affinity), size in sizes.items():
             args += [command, size, json.dumps(select) if select else "", affinity or ""]
         seq, found = await self._run(CANDIDATES, [self._seq], args)
@@ -339,7 +340,7 @@ class RedisRegistry(Registry):
         for (command, select, affinity), (total, rows) in zip(sizes, found):
             rows = [_Row.from_row(row) for row in rows]
             if affinity is not None and select:  # the ring is the command's: rendezvous
-                rows = by_affinity(rows, affinity)
+                rows = by_affinity(rows, affinity, affinity_salt())
             pools[command, select, affinity] = (int(total), rows)
         return int(seq), pools
 
@@ -349,8 +350,9 @@ class RedisRegistry(Registry):
                    if (e.worker_id == wanted.target if wanted.target is not None
                        else wanted.command in e.commands)]
         if wanted.affinity is not None:  # in the key's order, as a reservation sees them
-            entries = by_affinity(entries, wanted.affinity) if wanted.select else \
-                Ring(entries).successors(wanted.affinity, len(entries))  # type: ignore
+            salt = affinity_salt()
+            entries = by_affinity(entries, wanted.affinity, salt) if wanted.select else \
+                Ring(entries, salt).successors(wanted.affinity, len(entries))  # type: ignore
         choice = choose(entries, wanted, conf.get("STRATEGY"), 0, self._rng, time.time(),
                         canaries=canary_rules())
         return Reservation(choice.worker, choice.capable, choice.why, choice.unmatched), entries

@@ -1,6 +1,6 @@
 -- candidates: the first half of reserve, for one or more pools at once. KEYS[2] the
 -- round-robin counter; ARGV[3] key TTL (ms), ARGV[4] how many choices will be made,
--- ARGV[5] a random seed, ARGV[6..] quadruples of a command, how many of its workers to
+-- ARGV[5] a random seed, ARGV[6] the affinity salt, ARGV[7..] quadruples of a command, how many of its workers to
 -- look at (a random sample if more are there; 0: all), a selector (JSON list of
 -- [name, value] pairs, '' for none: then only the workers with all those labels, found
 -- by intersecting the label sets, never by a scan; if none has them, a few of the
@@ -16,7 +16,7 @@ math.randomseed(tonumber(ARGV[5]))
 local found = {}
 -- The first `count` distinct workers clockwise from `key`'s point on `command`'s ring.
 local function successors(command, key, count)
-  local ring, point, ids, seen = ring_key(command), ring_point(key), {}, {}
+  local ring, point, ids, seen = ring_key(command), ring_point(ARGV[6], key), {}, {}
   for _, range in ipairs({{point, '+inf'}, {'-inf', '+inf'}}) do  -- then round again
     local offset = 0
     while #ids < count do
@@ -38,7 +38,7 @@ local function successors(command, key, count)
   return ids
 end
 
-for i = 6, #ARGV, 4 do
+for i = 7, #ARGV, 4 do
   local set, sample = command_key(ARGV[i]), tonumber(ARGV[i + 1])
   local ids, total
   if ARGV[i + 3] ~= '' and ARGV[i + 2] == '' then

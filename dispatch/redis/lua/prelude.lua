@@ -9,16 +9,20 @@ local beats, prefix, cutoff = KEYS[1], ARGV[1], ARGV[2]
 local function worker_key(id) return prefix .. 'worker:' .. id end
 local function command_key(command) return prefix .. 'command:' .. command end
 local function claim_key(id) return prefix .. 'claim:' .. id end
+-- A dropped worker's ejection record, kept as long as its id's claim (WorkerEntry.standing).
+local function standing_key(id) return prefix .. 'standing:' .. id end
 -- The workers with label `name` = `value` (the name's length first: no ambiguity).
 local function label_key(name, value)
   return prefix .. 'label:' .. #name .. ':' .. name .. '=' .. value
 end
 -- A command's affinity ring (zset: "<id>#<n>" -> point), and a point on it: the first
--- 48 bits of SHA-1, as balancing.ring_point. Each worker has RING_POINTS points there
+-- 48 bits of SHA-1 of the broker's secret salt and the text, as balancing.ring_point. Each worker has RING_POINTS points there
 -- (balancing.RING_POINTS: tests/test_redis_registry.py checks that they agree).
 local RING_POINTS = 32
 local function ring_key(command) return prefix .. 'ring:' .. command end
-local function ring_point(text) return tonumber(string.sub(redis.sha1hex(text), 1, 12), 16) end
+local function ring_point(salt, text)
+  return tonumber(string.sub(redis.sha1hex(salt .. text), 1, 12), 16)
+end
 local function ring_members(id)
   local members = {}
   for n = 0, RING_POINTS - 1 do members[#members + 1] = id .. '#' .. n end
@@ -51,6 +55,13 @@ local function drop(id)
         redis.call('SREM', label, id)
       end
     end
+  end
+  local f = redis.call('HMGET', key, 'ejections', 'ejected_until', 'ejected_why')
+  local claimed = redis.call('PTTL', claim_key(id))
+  if tonumber(f[1] or '0') > 0 and claimed > 0 then
+    redis.call('HSET', standing_key(id), 'ejections', f[1], 'ejected_until', f[2],
+               'ejected_why', f[3] or '')
+    redis.call('PEXPIRE', standing_key(id), claimed)
   end
   redis.call('DEL', key)
   redis.call('ZREM', beats, id)
