@@ -15,17 +15,21 @@ Key layout, all under ``<prefix>:``::
     processes         zset    broker process name -> time until which it is alive
     claim:<id>        string  the owner (credential) of a worker id, kept a while after
                               it leaves (WORKER_ID_CLAIM_SECONDS)
+    standing:<id>     hash    a worker's ejection record, kept as long as its claim
+    label:<n>:<k>=<v> set     ids of the workers with label k=v (n: the length of k)
+    ring:<command>    zset    the command's affinity ring: "<id>#<n>" -> point
 
 Every key also gets a Redis TTL of twice the worker ttl, refreshed by heartbeats: a
 safety net so nothing outlives a cluster that stopped for good.
 
 Choosing and reserving (:meth:`RedisRegistry.reserve_many`, which ``reserve`` calls
 too) takes two scripts rather than one: the first prunes and returns the stats of
-the candidates (and the next global sequence number): all of them, or a random sample
-when many offer the command; :func:`dispatch.core.balancing.choose`, the same Python
-the in-process registry uses, chooses; the second script takes a slot only
-if the worker is still live and not full, so ``max_concurrency`` holds across
-processes. If another process took the last slot in between, we fetch again, a
+the candidates (and the next global sequence number): all of them, or a random
+sample when many offer the command, those with a selector's labels (by intersecting
+label sets), or an affinity key's next workers on the ring;
+:func:`dispatch.core.balancing.choose`, the same Python the in-process registry uses,
+chooses; the second script takes a slot only if the worker is still live and
+eligible, so ``max_concurrency`` holds across processes. If another process took the last slot in between, we fetch again, a
 bounded number of times. This keeps the strategies in one place, in Python, at the
 price of one extra round trip; the stats a choice is based on may be a moment old,
 which only matters to balancing, never to correctness. Under load the dispatcher
