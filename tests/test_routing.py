@@ -106,7 +106,7 @@ def test_a_worker_whose_jobs_hang_is_ejected_then_probed_back(broker_factory,
                                                              spawn_worker) -> None:
     """Leases that ran out are faults of the worker; timeouts are not (a requester
     chooses them, and must not be able to eject workers with them)."""
-    broker = broker_factory(env={"BROKER_EJECT_AFTER": "2", "BROKER_EJECT_SECONDS": "2"})
+    broker = broker_factory(env={"BROKER_EJECT_AFTER": "2", "BROKER_EJECT_SECONDS": "6"})
     fleet(spawn_worker, "hangs", "steady", broker=broker)
     hangs = state_of(broker, "hangs")["worker_id"]
 
@@ -126,7 +126,9 @@ def test_a_worker_whose_jobs_hang_is_ejected_then_probed_back(broker_factory,
                 listed, listed
             counts = await served_by(requester, "nap", {"ms": 1}, 20)
             assert counts == {"steady": 20}  # out of rotation
-            await asyncio.sleep(2.2)  # its time is up: the next request is its probe
+            await asyncio.to_thread(wait_for, lambda: state_of(broker, "hangs")["state"]
+                                    == "probing", 15, "its time out to end")
+            # Its time is up: the next request is its probe.
             counts = await served_by(requester, "nap", {"ms": 1}, 40)
             assert counts["hangs"] >= 1, counts
             assert state_of(broker, "hangs")["state"] == "online"
