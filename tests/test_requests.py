@@ -330,6 +330,17 @@ def warmed(table: RequestTable, latency_ms: float = 20.0) -> None:
         table.hedges.record("echo", latency_ms)
 
 
+def hedge_due(table: RequestTable) -> Request:
+    """Request k1 placed on hedgeable w1 and past its hedge delay: its copy is being
+    reserved."""
+    warmed(table)
+    req = request()
+    table.submit(req)
+    table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW)
+    table.hedge_due("k1")
+    return req
+
+
 def test_a_failover_is_told_in_the_answer() -> None:
     table = RequestTable()
     req = request()
@@ -367,11 +378,7 @@ def test_a_slow_hedgeable_request_gets_a_second_copy_and_the_first_answer_wins()
 
 def test_a_hedged_request_whose_copy_is_lost_goes_on_with_the_other() -> None:
     table = RequestTable()
-    warmed(table)
-    req = request()
-    table.submit(req)
-    table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW)
-    table.hedge_due("k1")
+    req = hedge_due(table)
     table.reserved(req, Reservation(worker("w2"), True), NOW)
     assert table.lost("k1", "w1", "connection closed") == []  # no retry: w2 has it
     assert answer_of(table.replied("k1", "w2", True, "ok", None, None)).success
@@ -426,11 +433,7 @@ def test_no_worker_matching_the_selector_is_said_in_the_error() -> None:
 def test_a_hedge_copy_never_goes_to_a_worker_that_says_the_command_must_not_run_twice(
         ) -> None:
     table = RequestTable()
-    warmed(table)
-    req = request()
-    table.submit(req)
-    table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW)
-    table.hedge_due("k1")
+    req = hedge_due(table)
     careful = worker("w2", no_retry=frozenset({"echo"}))
     assert table.reserved(req, Reservation(careful, True), NOW) == [GiveBack("w2")]
     assert not req.hedged and [p.worker_id for p in req.placements] == ["w1"]
@@ -438,11 +441,7 @@ def test_a_hedge_copy_never_goes_to_a_worker_that_says_the_command_must_not_run_
 
 def test_a_failover_inside_a_hedge_is_told_too() -> None:
     table = RequestTable()
-    warmed(table)
-    req = request()
-    table.submit(req)
-    table.reserved(req, Reservation(hedgeable_worker("w1"), True), NOW)
-    table.hedge_due("k1")
+    req = hedge_due(table)
     table.reserved(req, Reservation(worker("w2"), True), NOW)
     table.lost("k1", "w1", "connection closed")
     [reserve] = table.lost("k1", "w2", "connection closed")

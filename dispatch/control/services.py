@@ -15,7 +15,8 @@ from channels.layers import get_channel_layer
 from workers.protocol import ApiResponse, new_id
 
 from ..core import events
-from ..core.balancing import Wanted, decayed, eligible_state, load_score
+from ..core.balancing import (Wanted, decayed, eligible_state, load_score, matches,
+                              selector)
 from ..core.dispatcher import get_dispatcher
 from ..registry import get_registry
 
@@ -63,7 +64,7 @@ async def request(command: str, data: dict[str, Any], *, timeout: float | None =
     reply = _Reply()
     await dispatcher.submit(command, data, reply, request_id=new_id(), requester=requester,
                             timeout=timeout, worker_id=worker_id, owner="operator",
-                            select=tuple(sorted((select or {}).items())), affinity=affinity)
+                            select=selector(select), affinity=affinity)
     return await reply.future
 
 
@@ -72,15 +73,15 @@ async def explain(command: str, *, select: dict[str, str] | None = None,
                   ) -> dict[str, Any]:
     """How a request would be routed now (a dry run: no slot is taken), and how each
     worker offering the command looks to the balancer."""
-    wanted = Wanted(command, worker_id, tuple(sorted((select or {}).items())), affinity)
+    wanted = Wanted(command, worker_id, selector(select), affinity)
     reservation, entries = await get_registry().explain(wanted)
     now = time.time()
     chosen = reservation.worker.worker_id if reservation.worker is not None else None
     rows = []
     for w in entries:
-        unmatched = any(w.labels.get(k) != v for k, v in wanted.select)
         rows.append({"worker_id": w.worker_id, "name": w.name,
-                     "state": "selector" if unmatched else eligible_state(w, now) or "eligible",
+                     "state": eligible_state(w, now) or "eligible"
+                     if matches(w, wanted.select) else "selector",
                      "in_flight": w.in_flight, "max_concurrency": w.max_concurrency,
                      "weight": w.weight, "latency_ms": round(decayed(
                          w.latency_ms, w.latency_at, now), 3),

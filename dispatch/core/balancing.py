@@ -85,6 +85,17 @@ class Wanted:
         return ",".join(f"{k}={v}" for k, v in self.select)
 
 
+def selector(labels: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """A request's ``select`` labels in the form :class:`Wanted` holds (hashable, one
+    spelling for one selector)."""
+    return tuple(sorted((labels or {}).items()))
+
+
+def matches(w: WorkerStats, select: tuple[tuple[str, str], ...]) -> bool:
+    """Whether ``w`` has every label of the selector."""
+    return all(w.labels.get(k) == v for k, v in select)
+
+
 @dataclass(slots=True)
 class Choice:
     """The outcome of choosing: ``worker`` set when one was chosen."""
@@ -121,8 +132,8 @@ def load_score(w: WorkerStats, now: float) -> float:
     """Expected cost of sending one more request to ``w``; lower is better.
 
     Requests already in flight (plus this one) times the recent response time,
-    divided by weight, and inflated by the share of recent infrastructure failures,
-    so that a slow, busy, light or failing worker each get less.
+    divided by weight, and inflated by the share of recent failures the worker did not
+    mean (:class:`Health`), so that a slow, busy, light or failing worker each get less.
     """
     return (w.in_flight + 1) * decayed(w.latency_ms, w.latency_at, now) * \
         (1.0 + 4.0 * w.error_rate) / w.weight
@@ -333,7 +344,7 @@ def choose(candidates: Iterable[WorkerStats], wanted: Wanted, strategy_name: str
         seen += 1
         if target is not None and w.worker_id != target:
             continue
-        if select and any(w.labels.get(k) != v for k, v in select):
+        if select and not matches(w, select):
             excluded["selector"] = excluded.get("selector", 0) + 1
             continue
         if avoid and w.worker_id in avoid:

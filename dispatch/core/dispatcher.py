@@ -17,10 +17,10 @@ message. Within one process nothing is sent over the layer: calls are direct.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 import logging
 import time
-from typing import Any, Iterable, Protocol
+from collections import deque
+from typing import Any, Callable, Iterable, Protocol
 
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, get_channel_layer
@@ -371,7 +371,7 @@ class Dispatcher:
             elif isinstance(action, Arm):
                 request = action.request
                 request.timer = asyncio.get_running_loop().call_at(
-                    request.deadline, self._expire, request.key)
+                    request.deadline, self._timer_fired, self.table.expired, request.key)
             elif isinstance(action, Reserve):
                 if self.registry.local:
                     await self._reserve(action.requests)
@@ -388,24 +388,22 @@ class Dispatcher:
                     action.request.key, placement.channel, action.reason))
             elif isinstance(action, ArmHedge):
                 action.request.hedge_timer = asyncio.get_running_loop().call_later(
-                    action.delay, self._hedge_due, action.request.key)
+                    action.delay, self._timer_fired, self.table.hedge_due, action.request.key)
             elif isinstance(action, Wake):
                 self._wake.set()
 
-    async def _reserve(self, batch: list[Request]) -> int:
-        """Reserve a slot for each, in one registry call; then tell the table. Returns
-        how many got one."""
+    async def _reserve(self, batch: list[Request]) -> None:
+        """Reserve a slot for each, in one registry call; then tell the table."""
         try:
             reservations = await self.registry.reserve_many([r.wanted() for r in batch])
         except Exception as exc:  # noqa: BLE001 - each of them gets an answer
             if not isinstance(exc, RegistryUnavailable):
                 log.exception("could not reserve workers for %d request(s)", len(batch))
             await self._perform(self.table.reservation_failed(batch, str(exc)))
-            return 0
+            return
         now = asyncio.get_running_loop().time()
         for request, reservation in zip(batch, reservations):
             await self._perform(self.table.reserved(request, reservation, now))
-        return sum(r.worker is not None for r in reservations)
 
     async def _forward(self, action: Forward) -> None:
         request, worker = action.request, action.worker
@@ -502,13 +500,9 @@ class Dispatcher:
                 timer.cancel()
         request.timer = request.hedge_timer = None
 
-    def _expire(self, key: str) -> None:
-        actions = self.table.expired(key)
-        if actions:
-            asyncio.ensure_future(self._perform(actions))
-
-    def _hedge_due(self, key: str) -> None:
-        actions = self.table.hedge_due(key)
+    def _timer_fired(self, step: Callable[[str], list[Action]], key: str) -> None:
+        """A request's timer (its deadline, its hedge delay): the table's step for it."""
+        actions = step(key)
         if actions:
             asyncio.ensure_future(self._perform(actions))
 
@@ -564,9 +558,7 @@ class Dispatcher:
         self.kick()
 
     async def _queue_loop(self) -> None:
-        """Retry queued requests when a slot frees (or every poll, across processes).
-
-        """
+        """Retry queued requests when a slot frees (or every poll, across processes)."""
         while True:
             if self.table.waiting:
                 try:

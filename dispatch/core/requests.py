@@ -146,6 +146,13 @@ class Request:
         return route or None
 
     @property
+    def lost_text(self) -> str:
+        """How its last worker was lost, in the words of the error answer."""
+        kind = protocol.LEASE_EXPIRED if self.lost_code is ErrorCode.LEASE_EXPIRED else \
+            protocol.WORKER_LOST
+        return f"{kind} ({self.lost_because})"
+
+    @property
     def stream(self) -> bool:
         """Whether anyone watching wants progress and chunks (the worker is told so)."""
         return any(w.stream for w in self.watchers)
@@ -250,26 +257,20 @@ class WaitQueue:
         owners.setdefault(request.owner, deque()).append(request)
         self._size += 1
 
-    def take(self, limit: int) -> list[Request]:
-        """Up to ``limit``, in the order they are to be served: highest priority first;
-        within one, one request of each owner in turn (the owner served least lately
-        first). The rest stay, in order."""
+    def take_all(self) -> list[Request]:
+        """Everything, in the order it is to be served: highest priority first; within
+        one, one request of each owner in turn (the owner served least lately first)."""
         out: list[Request] = []
         for priority in sorted(self._levels, reverse=True):
             owners = self._levels[priority]
-            while owners and len(out) < limit:
+            while owners:
                 for owner in list(owners):
                     queue = owners[owner]
                     out.append(queue.popleft())
                     if not queue:
                         del owners[owner]
-                    if len(out) == limit:
-                        break
-            if not owners:
-                del self._levels[priority]
-            if len(out) == limit:
-                break
-        self._size -= len(out)
+        self._levels.clear()
+        self._size = 0
         return out
 
     def put_front(self, requests: list[Request]) -> None:
@@ -372,13 +373,11 @@ class RequestTable:
         """The slot for a second copy: taken (forward it), or none free (no hedge)."""
         request.hedging = False
         worker = reservation.worker
-        if worker is None:
-            self.stats["hedges_unplaced"] += 1
-            if request.state is State.RESERVING:  # its worker was lost meanwhile
-                return self.reserved(request, reservation, now)
-            return []
+        self.stats["hedges_unplaced"] += worker is None
         if request.state is State.RESERVING:  # its worker was lost meanwhile: a retry
             return self.reserved(request, reservation, now)
+        if worker is None:
+            return []
         if request.state is not State.PLACED or request.command in worker.no_retry:
             # Answered meanwhile; or that worker says the command must not run twice.
             self.stats["hedges_unplaced"] += request.state is State.PLACED
@@ -410,7 +409,7 @@ class RequestTable:
         """The queued requests, in the order to serve them, for a pass over the queue.
         Those that find no slot again, or are not tried (:meth:`untried`), go back to
         the front of the queue when the pass ends (:meth:`end_pass`), in order."""
-        batch = [r for r in self.waiting.take(len(self.waiting)) if r.state is State.WAITING]
+        batch = [r for r in self.waiting.take_all() if r.state is State.WAITING]
         for request in batch:
             request.state = State.RESERVING
         self._returning = []
@@ -475,16 +474,15 @@ class RequestTable:
             request.hung_on.append(worker_id)
         if self._unplace(request, worker_id):  # its other copy goes on
             return []
-        text = protocol.LEASE_EXPIRED if code is ErrorCode.LEASE_EXPIRED else \
-            protocol.WORKER_LOST
+        lost = request.lost_text
         if request.target is not None:  # a named worker: nowhere else to go
-            return [self._answer(request, f"{text} ({reason})", code)]
+            return [self._answer(request, lost, code)]
         if not request.retry_safe:
-            return [self._answer(request, f"{text} ({reason}); '{request.command}' is not "
+            return [self._answer(request, f"{lost}; '{request.command}' is not "
                                           "idempotent, so it was not retried", code)]
         if request.workers_lost > conf.get("MAX_RETRIES"):
-            return [self._answer(request, f"{text} ({reason}) after {request.attempts} "
-                                          "attempts", code)]
+            return [self._answer(request, f"{lost} after {request.attempts} attempts",
+                                 code)]
         self.stats["redispatched"] += 1
         request.state = State.RESERVING
         if request.hedging:  # the slot being reserved for its copy will do for the retry
@@ -576,9 +574,7 @@ class RequestTable:
 
     def _unavailable(self, request: Request, reservation: Reservation) -> Answer:
         """Why no worker could be reserved, in the words of what was tried."""
-        text = protocol.LEASE_EXPIRED if request.lost_code is ErrorCode.LEASE_EXPIRED else \
-            protocol.WORKER_LOST
-        lost = f"{text} ({request.lost_because})"
+        lost = request.lost_text
         if request.target is not None:
             if request.attempts:
                 return self._answer(request, lost, request.lost_code)

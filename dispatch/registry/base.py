@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
@@ -17,6 +18,8 @@ from typing import Any, Iterable, NamedTuple
 from .. import conf
 from ..core.balancing import (EWMA_ALPHA, Health, Wanted, ejection_due, ejection_seconds,
                               parse_canaries, peak_ewma)
+
+log = logging.getLogger("dispatch.registry")
 
 
 def canary_rules() -> dict[str, tuple[str, float]]:
@@ -40,6 +43,21 @@ def affinity_salt() -> str:
     from django.conf import settings
 
     return _salt(settings.SECRET_KEY)
+
+
+def ejection_reason(failures: int) -> str:
+    """Why a worker is out of rotation, as the registries record and show it."""
+    return f"{failures or 1} infrastructure failure(s) in a row"
+
+
+def log_ejection(worker_id: str, failures: int, until: float | None, why: str) -> None:
+    """Log an ejection, or (``until`` None) one refused by EJECT_MAX_SHARE."""
+    if until is None:
+        log.warning("worker %s failed %d times in a row, but too many workers are out of "
+                    "rotation already: it stays in", worker_id, failures)
+    else:
+        log.warning("worker %s is out of rotation until %s (%s)", worker_id,
+                    time.strftime("%H:%M:%S", time.localtime(until)), why)
 
 
 @dataclass(slots=True)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 
 from .. import conf
-from ..core.balancing import SAMPLE, Choice, Health, Ring, Wanted, by_affinity, choose, samples
+from ..core.balancing import (SAMPLE, Choice, Health, Ring, Wanted, by_affinity, choose,
+                              matches, samples)
 from .base import (Registry, Reservation, Standing, WorkerEntry, WorkerIdTaken, affinity_salt,
-                   canary_rules)
-
-log = logging.getLogger("dispatch.registry")
+                   canary_rules, ejection_reason, log_ejection)
 
 
 class MemoryRegistry(Registry):
@@ -161,8 +159,7 @@ class MemoryRegistry(Registry):
             return pool if len(pool) <= SAMPLE else self._rng.sample(pool, SAMPLE)
         rarest = min(sets, key=len)  # type: ignore[arg-type]
         return [e for e in rarest.values()  # type: ignore[union-attr]
-                if wanted.command in e.commands
-                and all(e.labels.get(k) == v for k, v in wanted.select)]
+                if wanted.command in e.commands and matches(e, wanted.select)]
 
     async def explain(self, wanted: Wanted) -> tuple[Reservation, list[WorkerEntry]]:
         choice = self._choose(wanted, time.time())
@@ -182,15 +179,12 @@ class MemoryRegistry(Registry):
     def _eject(self, entry: WorkerEntry, now: float) -> None:
         """Out of rotation, unless that would put too much of the fleet out."""
         out = sum(1 for w in self._workers.values() if w.ejected_until > now)
+        why = ejection_reason(entry.failures)
         if out + 1 > conf.get("EJECT_MAX_SHARE") * len(self._workers):
-            log.warning("worker %s failed %d times in a row, but %d of %d workers are out of "
-                        "rotation already: it stays in", entry.worker_id, entry.failures, out,
-                        len(self._workers))
+            log_ejection(entry.worker_id, entry.failures, None, why)
             return
-        entry.eject(now, f"{entry.failures or 1} infrastructure failure(s) in a row")
-        log.warning("worker %s is out of rotation until %s (%s)", entry.worker_id,
-                    time.strftime("%H:%M:%S", time.localtime(entry.ejected_until)),
-                    entry.ejected_why)
+        entry.eject(now, why)
+        log_ejection(entry.worker_id, entry.failures, entry.ejected_until, why)
 
     async def set_draining(self, worker_id: str, draining: bool) -> bool:
         entry = self._workers.get(worker_id)

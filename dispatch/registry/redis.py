@@ -29,12 +29,13 @@ sample when many offer the command, those with a selector's labels (by intersect
 label sets), or an affinity key's next workers on the ring;
 :func:`dispatch.core.balancing.choose`, the same Python the in-process registry uses,
 chooses; the second script takes a slot only if the worker is still live and
-eligible, so ``max_concurrency`` holds across processes. If another process took the last slot in between, we fetch again, a
-bounded number of times. This keeps the strategies in one place, in Python, at the
-price of one extra round trip; the stats a choice is based on may be a moment old,
-which only matters to balancing, never to correctness. Under load the dispatcher
-reserves for many requests at once: still two round trips, for the whole batch. A
-request for one named worker (``send``) takes one.
+eligible, so ``max_concurrency`` holds across processes. If another process took the
+last slot in between, we fetch again, a bounded number of times. This keeps the
+strategies in one place, in Python, at the price of one extra round trip; the stats a
+choice is based on may be a moment old, which only matters to balancing, never to
+correctness. Under load the dispatcher reserves for many requests at once: still two
+round trips, for the whole batch. A request for one named worker (``send``) takes
+one.
 
 Times are this host's clock (``time.time()``), passed to the scripts: broker hosts
 are expected to be NTP-synchronised to well within the ttl.
@@ -45,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import random
 import time
 from dataclasses import dataclass, field, fields
@@ -62,9 +62,9 @@ from ..core.balancing import (RING_SUCCESSORS, SAMPLE, Choice, Health, Ring, Wan
 from ..redis import scripts
 from ..redis.connection import CLIENT_OPTIONS, Clients, RedisTarget
 from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEntry,
-                   WorkerIdTaken, affinity_salt, canary_rules)
+                   WorkerIdTaken, affinity_salt, canary_rules, ejection_reason,
+                   log_ejection)
 
-log = logging.getLogger("dispatch.registry")
 
 #: The workers one reservation chooses among: a command, a label selector, an
 #: affinity key.
@@ -385,16 +385,12 @@ class RedisRegistry(Registry):
             await self._eject(worker_id, failures, now)
 
     async def _eject(self, worker_id: str, failures: int, now: float) -> None:
-        why = f"{failures or 1} infrastructure failure(s) in a row"
+        why = ejection_reason(failures)
         until = await self._run(EJECT, [], [
             worker_id, why, repr(conf.get("EJECT_SECONDS")), repr(conf.get("EJECT_MAX_SECONDS")),
             repr(conf.get("EJECT_MAX_SHARE")), repr(now)])
-        if until == 0:
-            log.warning("worker %s failed %d times in a row, but too many workers are out "
-                        "of rotation already: it stays in", worker_id, failures)
-        elif until != -1:
-            log.warning("worker %s is out of rotation until %s (%s)", worker_id,
-                        time.strftime("%H:%M:%S", time.localtime(float(until))), why)
+        if until != -1:  # -1: it is gone
+            log_ejection(worker_id, failures, None if until == 0 else float(until), why)
 
     async def set_draining(self, worker_id: str, draining: bool) -> bool:
         return bool(await self._run(SET_DRAINING, [], [worker_id, "1" if draining else "0"]))

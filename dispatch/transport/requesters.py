@@ -22,6 +22,7 @@ from workers.protocol import (ApiRequest, ApiResponse, Attach, Cancel, ErrorCode
                               ProtocolError, quote, requester_frame)
 
 from .. import conf
+from ..core.balancing import selector
 from ..core.dispatcher import Dispatcher, get_dispatcher
 from .sockets import BaseSocket
 
@@ -103,7 +104,7 @@ class RequesterConsumer(BaseSocket):
             request.command, request.data, self, request_id=request.request_id,
             requester=str(self.peer), timeout=request.timeout, key=key,
             owner=self.grant.owner, stream=request.stream, priority=request.priority,
-            select=tuple(sorted(request.select.items())), affinity=request.affinity,
+            select=selector(request.select), affinity=request.affinity,
             hedge=request.hedge)
 
     async def _cancel(self, frame: Cancel) -> None:
