@@ -148,7 +148,8 @@ class HistoryRecorder:
                        success: bool, error: str | None, latency_ms: float | None,
                        attempts: int, requester: str, started_at: float,
                        finished_at: float, workers_lost: int = 0,
-                       code: str | None = None, routing: str = "") -> None:
+                       code: str | None = None, routing: str = "",
+                       placed_at: float | None = None, traceparent: str = "") -> None:
         """Remember one answered request; the oldest records go if the buffer is full.
 
         Strings are cut to their column's length here, not when written, so what a
@@ -163,11 +164,12 @@ class HistoryRecorder:
             "attempts": attempts, "requester": requester[:limit["requester"]],
             "started_at": started_at, "finished_at": finished_at,
             "workers_lost": workers_lost, "code": (code or "")[:limit["code"]],
-            "routing": routing[:limit["routing"]],
+            "routing": routing[:limit["routing"]], "placed_at": placed_at,
+            "traceparent": traceparent[:limit["traceparent"]],
         }
         record["size"] = RECORD_OVERHEAD + len(record["request_id"]) + len(record["command"]) \
             + len(record["worker_id"]) + len(record["error"]) + len(record["requester"]) \
-            + len(record["routing"])
+            + len(record["routing"]) + len(record["traceparent"])
         dropped = self._batch.add_request(record)
         if dropped:
             self._count_drop(dropped)
@@ -502,7 +504,7 @@ def _update_seen(seen: dict[str, float]) -> int:
 #: RequestRecord columns written by :func:`_insert_requests`, in order.
 _REQUEST_FIELDS = ("request_id", "command", "worker_id", "success", "error", "latency_ms",
                    "attempts", "requester", "process", "started_at", "finished_at",
-                   "workers_lost", "code", "routing")
+                   "workers_lost", "code", "routing", "placed_at", "traceparent")
 
 
 def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
@@ -523,6 +525,7 @@ def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
         r["latency_ms"], min(r["attempts"], _SMALLINT_MAX), r["requester"], proc,
         moment(r["started_at"]), moment(r["finished_at"]),
         min(r["workers_lost"], _SMALLINT_MAX), r["code"], r["routing"],
+        None if r["placed_at"] is None else moment(r["placed_at"]), r["traceparent"],
     ) for r in requests]
     meta = RequestRecord._meta
     columns = ", ".join(ops.quote_name(meta.get_field(f).column) for f in _REQUEST_FIELDS)

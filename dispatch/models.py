@@ -79,7 +79,12 @@ class RequestRecord(models.Model):
         max_length=100, blank=True, help_text='peer address, or "api" for the HTTP API'
     )
     process = models.CharField(max_length=200, blank=True)
-    started_at = models.DateTimeField()
+    traceparent = models.CharField(
+        max_length=55, blank=True,
+        help_text="the W3C trace context its requester sent (version-trace id-span id-flags)")
+    started_at = models.DateTimeField(help_text="when the broker received it")
+    placed_at = models.DateTimeField(
+        null=True, blank=True, help_text="when it was first sent to a worker (empty: never)")
     finished_at = models.DateTimeField(db_index=True)
 
     class Meta:

@@ -177,7 +177,7 @@ class Dispatcher:
                      worker_id: str | None = None, key: str | None = None,
                      owner: str = "", stream: bool = False, priority: int = 0,
                      select: tuple[tuple[str, str], ...] = (), affinity: str | None = None,
-                     hedge: bool = False) -> str:
+                     hedge: bool = False, traceparent: str = "") -> str:
         """Start a request; ``sink.answer`` is called exactly once with its answer (and
         ``sink.event`` with its progress and chunks, if ``stream``).
 
@@ -185,11 +185,12 @@ class Dispatcher:
         before the call because the answer can arrive before ``submit`` returns.
         """
         key = key or protocol.new_id()
-        deadline = asyncio.get_running_loop().time() + (timeout or conf.get("TIMEOUT"))
+        opened = asyncio.get_running_loop().time()
         await self._perform(self.table.submit(Request(
-            key, command, data, [Watcher(sink, stream)], request_id, requester, deadline,
-            time.time(), target=worker_id, owner=owner, priority=priority, select=select,
-            affinity=affinity, hedge=hedge)))
+            key, command, data, [Watcher(sink, stream)], request_id, requester,
+            opened + (timeout or conf.get("TIMEOUT")), time.time(), opened,
+            traceparent=traceparent, target=worker_id, owner=owner, priority=priority,
+            select=select, affinity=affinity, hedge=hedge)))
         return key
 
     def unwatch(self, keys: Iterable[str], sink: Sink) -> None:
@@ -434,7 +435,9 @@ class Dispatcher:
             worker_id=response.processed_by, success=response.success, error=response.error,
             latency_ms=(now - request.started) * 1000, attempts=request.attempts,
             requester=request.requester, started_at=request.started, finished_at=now,
-            workers_lost=request.workers_lost, code=response.code, routing=request.routing)
+            workers_lost=request.workers_lost, code=response.code, routing=request.routing,
+            placed_at=request.started + (request.placed - request.opened) if request.placed
+            else None, traceparent=request.traceparent)
         text = response.to_json()
         self.results.put(request.owner, request.request_id, text)
         for watcher in request.watchers:

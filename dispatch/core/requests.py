@@ -91,6 +91,9 @@ class Request:
     requester: str
     deadline: float  # event-loop time
     started: float  # wall time, for history
+    opened: float = 0.0  # event-loop time it arrived
+    placed: float = 0.0  # event-loop time it was first sent to a worker (0: not yet)
+    traceparent: str = ""  # the requester's W3C trace context, passed on to its workers
     target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
     owner: str = ""  # the credential that sent it (auth.Grant.owner): who may attach
     priority: int = 0
@@ -353,6 +356,7 @@ class RequestTable:
     def _place(self, request: Request, worker: WorkerEntry, why: str, now: float) -> Forward:
         request.placements.append(Placement(worker.worker_id, worker.channel, worker.inbox))
         request.tried.append(worker.worker_id)
+        request.placed = request.placed or now
         if why and len(request.routing) < MAX_ROUTING_CHARS:
             request.routing = (f"{request.routing} | {why}" if request.routing
                                else why)[:MAX_ROUTING_CHARS]
