@@ -4,6 +4,8 @@ from . import views
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("metrics", views.metrics_view, name="metrics"),
     path("api/workers", views.workers, name="api-workers"),
     path("api/broadcast", views.broadcast, name="api-broadcast"),
     path("api/send", views.send, name="api-send"),

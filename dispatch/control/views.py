@@ -15,19 +15,20 @@ import functools
 import json
 from typing import Any, Awaitable, Callable
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from workers import protocol
 
 from ..auth import Peer, get_guard, origin_listed, peer_of
 from ..core.dispatcher import get_dispatcher
 from ..registry import get_registry
-from . import services
+from . import metrics, services
 
-View = Callable[..., Awaitable[JsonResponse]]
+View = Callable[..., Awaitable[HttpResponse]]
 FORBIDDEN = ("Forbidden: the control API needs a staff login or 'Authorization: Bearer "
              "<admin key>' (python manage.py token create admin NAME)")
 
@@ -85,7 +86,7 @@ def api(view: View) -> View:
     """
 
     @functools.wraps(view)
-    async def wrapper(request: HttpRequest) -> JsonResponse:
+    async def wrapper(request: HttpRequest) -> HttpResponse:
         refusal = await _refusal(request)
         if refusal is not None:
             return refusal
@@ -132,14 +133,42 @@ def _timeout(body: dict[str, Any]) -> float | None:
 
 @require_GET
 async def healthz(request: HttpRequest) -> JsonResponse:
-    """200 once the broker can take work; to callers the API admits, also how many
-    workers are online and which process answered (its host name and pid)."""
+    """200 while the process serves HTTP (liveness: it asks nothing of Redis); to
+    callers the API admits, also how many workers are online (null when the registry
+    cannot be read) and which process answered (its host name and pid)."""
     dispatcher = await get_dispatcher()
     if await _refusal(request) is not None:
         return JsonResponse({"status": "ok"})
-    return JsonResponse({"status": "ok", "workers": await get_registry().count(),
-                         "process": dispatcher.process, "pending": dispatcher.pending,
-                         "waiting": dispatcher.waiting})
+    try:
+        workers: int | None = await get_registry().count()
+    except Exception:  # noqa: BLE001 - alive all the same: /readyz tells what is wrong
+        workers = None
+    return JsonResponse({"status": "ok", "workers": workers, "process": dispatcher.process,
+                         "pending": dispatcher.pending, "waiting": dispatcher.waiting})
+
+
+@require_GET
+async def readyz(request: HttpRequest) -> JsonResponse:
+    """200 when this process can route a request end to end (a round trip through the
+    channel layer to its own inbox, and the registry); 503 with the reason when it
+    cannot, though it may still accept sockets."""
+    dispatcher = await get_dispatcher()
+    reason = await dispatcher.unready(READY_TIMEOUT)
+    if reason is None:
+        return JsonResponse({"status": "ready"})
+    return JsonResponse({"status": "unavailable", "reason": reason}, status=503)
+
+
+#: Seconds /readyz waits for each part of its round trip.
+READY_TIMEOUT = 2.0
+
+
+@require_GET
+@api
+async def metrics_view(request: HttpRequest) -> HttpResponse:
+    """This process's metrics for Prometheus (see :mod:`.metrics`)."""
+    return HttpResponse(await metrics.exposition(await get_dispatcher()),
+                        content_type=CONTENT_TYPE_LATEST)
 
 
 @require_GET

@@ -36,6 +36,7 @@ from .balancing import Health, Wanted
 from .links import WorkerLink
 from .liveness import Liveness
 from .loops import Batcher, PerLoop
+from .metering import meter
 from .requests import (Action, Answer, Arm, ArmHedge, CancelOnWorker, Forward, GiveBack,
                        Notify, Request, RequestTable, Reserve, Sink, State, Wake, Watcher)
 from .results import results_for
@@ -81,6 +82,7 @@ class Dispatcher:
         self.process = conf.process_name()
         self.channel = ""
         self.table = RequestTable()
+        self.meter = meter
         self.local_workers: dict[str, LocalWorker] = {}  # registered, by connection name
         self.links: set[WorkerLink] = set()  # every worker connection, registered or not
         self._outbox: Batcher[tuple[str, dict[str, Any]]] = Batcher(self._send, "dispatch-send")
@@ -275,6 +277,36 @@ class Dispatcher:
             del self._asks[token]
         return found
 
+    async def unready(self, timeout: float) -> str | None:
+        """Why this process cannot route now, or None when it can: a message sent
+        through the channel layer must come back to its inbox and be handled (a
+        stalled consumer, or a layer that takes messages nobody reads, fails here), and
+        the registry must answer."""
+        if not self.table.accepting:
+            return "shutting down"
+        token = protocol.new_id()
+        replies: asyncio.Queue[int] = asyncio.Queue()
+        self._asks[token] = replies
+        try:
+            async with asyncio.timeout(timeout):
+                await self.layer.send(self.channel, events.asked(token, 1))
+                await replies.get()
+        except TimeoutError:
+            return (f"channel layer: a message to this process's inbox was not handled "
+                    f"within {timeout:g} s")
+        except Exception as exc:  # noqa: BLE001 - the reason is the answer
+            return f"channel layer: {type(exc).__name__}: {exc}"
+        finally:
+            del self._asks[token]
+        try:
+            async with asyncio.timeout(timeout):
+                await self.registry.count()
+        except TimeoutError:
+            return f"registry: no answer within {timeout:g} s"
+        except Exception as exc:  # noqa: BLE001
+            return f"registry: {type(exc).__name__}: {exc}"
+        return None
+
     def add_link(self, link: WorkerLink) -> None:
         """A new worker connection of this process, checked by the watch from now on."""
         self.links.add(link)
@@ -398,6 +430,7 @@ class Dispatcher:
         try:
             reservations = await self.registry.reserve_many([r.wanted() for r in batch])
         except Exception as exc:  # noqa: BLE001 - each of them gets an answer
+            self.stats["registry_errors"] += 1
             if not isinstance(exc, RegistryUnavailable):
                 log.exception("could not reserve workers for %d request(s)", len(batch))
             await self._perform(self.table.reservation_failed(batch, str(exc)))
@@ -430,10 +463,15 @@ class Dispatcher:
         request, response = action.request, action.response
         self._disarm(request)
         now = time.time()
+        latency_ms = (now - request.started) * 1000
+        self.meter.answered(request.command, response.success, response.code, latency_ms,
+                            attempts=request.attempts, workers_lost=request.workers_lost,
+                            hedged=request.hedged, error=response.error,
+                            worker_id=response.processed_by, request_id=request.request_id)
         self.recorder.record_request(
             request_id=request.request_id, command=request.command,
             worker_id=response.processed_by, success=response.success, error=response.error,
-            latency_ms=(now - request.started) * 1000, attempts=request.attempts,
+            latency_ms=latency_ms, attempts=request.attempts,
             requester=request.requester, started_at=request.started, finished_at=now,
             workers_lost=request.workers_lost, code=response.code, routing=request.routing,
             placed_at=request.started + (request.placed - request.opened) if request.placed
@@ -532,7 +570,7 @@ class Dispatcher:
                                   else events.batch(messages))
         except Exception as exc:  # noqa: BLE001 - full, or the backend is down
             full = isinstance(exc, ChannelFull)
-            self.stats["channel_full"] += full
+            self.stats["channel_full" if full else "layer_errors"] += 1
             log.warning("could not pass %d message(s) on to %s: %s", len(messages), channel,
                         "channel full" if full else exc)
             error, code = ((protocol.BROKER_OVERLOADED, ErrorCode.OVERLOADED) if full else
@@ -551,12 +589,13 @@ class Dispatcher:
         try:
             await self.release(worker_id, latency_ms=None, health=Health.UNKNOWN)
         except RegistryUnavailable:
-            pass  # the slot's entry expires with its heartbeat
+            self.stats["registry_errors"] += 1  # the slot's entry expires with its heartbeat
 
     async def _release_many(self, outcomes: list[Outcome]) -> None:
         try:
             await self.registry.release_many(outcomes)
         except RegistryUnavailable as exc:
+            self.stats["registry_errors"] += 1
             log.warning("could not give back %d worker slot(s): %s", len(outcomes), exc)
         self.kick()
 

@@ -260,6 +260,12 @@ class WaitQueue:
         owners.setdefault(request.owner, deque()).append(request)
         self._size += 1
 
+    def oldest(self) -> float | None:
+        """Event-loop time the longest-waiting request arrived (each owner's queue is
+        FIFO, so only its head is looked at)."""
+        return min((q[0].opened for owners in self._levels.values()
+                    for q in owners.values() if q), default=None)
+
     def take_all(self) -> list[Request]:
         """Everything, in the order it is to be served: highest priority first; within
         one, one request of each owner in turn (the owner served least lately first)."""

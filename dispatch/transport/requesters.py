@@ -24,6 +24,7 @@ from workers.protocol import (ApiRequest, ApiResponse, Attach, Cancel, ErrorCode
 from .. import conf
 from ..core.balancing import selector
 from ..core.dispatcher import Dispatcher, get_dispatcher
+from ..core.metering import meter
 from .sockets import BaseSocket
 
 Ack = Callable[[], Awaitable[None]]
@@ -126,6 +127,7 @@ class RequesterConsumer(BaseSocket):
 
     async def refuse(self, error: str, request_id: str | None = None,
                      code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        meter.refused_frames[(self.kind, code.value)] += 1
         await self.send_text(ApiResponse.failure(request_id, error, code).to_json())
 
     async def too_large(self, text: str, size: int, limit: int) -> None:

@@ -22,6 +22,7 @@ from workers.protocol import CloseCode, ErrorCode
 
 from .. import conf
 from ..auth import Grant, get_guard, peer_of
+from ..core.metering import meter
 from ..logsafe import LogBudget
 from .sendbuffer import Probe, probe_for
 
@@ -113,6 +114,8 @@ class BaseSocket(AsyncWebsocketConsumer):
         message: dict[str, Any] = {"type": "websocket.close"}
         if code is not None and code is not True:
             message["code"] = int(code)
+            if isinstance(code, CloseCode):
+                meter.closed[(self.kind, code.name.lower())] += 1
         await self._emit(message)
 
     async def admit(self) -> bool:

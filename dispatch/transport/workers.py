@@ -20,6 +20,7 @@ from .. import conf
 from ..control.actions import Caller, actions, message_handlers
 from ..core.dispatcher import get_dispatcher
 from ..core.links import WorkerLink
+from ..core.metering import meter
 from ..history import get_recorder
 from ..registry import RegistryUnavailable
 from .sockets import BaseSocket
@@ -87,6 +88,7 @@ class WorkerConsumer(BaseSocket):
 
     async def refuse(self, error: str, request_id: str | None = None,
                      code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        meter.refused_frames[(self.kind, code.value)] += 1
         label = self.link.label if self.link is not None else f"(refused {self.peer})"
         self.logs.log(log, logging.INFO, "worker %s: refused a frame: %s", label,
                       quote(error, 300))
