@@ -162,11 +162,11 @@ class Broker:
         if self.proc is not None:
             _stop(self.proc, sig)
 
-    def manage(self, *args: str, timeout: float = 60.0, input: str | None = None
-               ) -> subprocess.CompletedProcess:
+    def manage(self, *args: str, timeout: float = 60.0, input: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run a management command against this broker."""
         env = {**os.environ, "BROKER_URL": self.http_url,
-               "DATABASE_URL": f"sqlite:///{self.workdir / 'broker.sqlite3'}"}
+               "DATABASE_URL": f"sqlite:///{self.workdir / 'broker.sqlite3'}", **(env or {})}
         return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env,
                               input=input, capture_output=True, text=True, timeout=timeout)
 

@@ -131,3 +131,12 @@ async def lookup(ms: float = 5.0, slow_on: str = "") -> str:
     tag = os.environ.get("WORKER_TAG", "")
     await asyncio.sleep(3.0 if slow_on and tag == slow_on else ms / 1000)
     return tag
+
+
+# ---------------------------------------------------------------------------- tracing
+
+
+@command()
+async def trace_seen(*, ctx: JobContext) -> str | None:
+    """The trace context the worker was given with the request."""
+    return ctx.traceparent

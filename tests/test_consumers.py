@@ -272,6 +272,36 @@ async def test_unregistered_worker_must_register_first_and_bad_registration_clos
     assert (await comm.receive_output(TIMEOUT))["type"] == "websocket.close"
 
 
+async def test_schemas_are_kept_for_describe_and_a_bad_one_costs_only_its_description(
+        ) -> None:
+    from dispatch.control import services
+
+    async def register(worker_id: str, data: dict[str, Any]) -> dict[str, Any]:
+        comm = await open_socket("/ws/worker/")
+        await comm.send_to(text_data=json.dumps(
+            {"type": "connect", "data": {"worker_id": worker_id, **data}}))
+        return (await frame(comm, "connect")).data
+
+    resize = {"params": [{"name": "url", "type": "str", "required": True}], "doc": "Resize."}
+    other = {"params": [], "doc": "Resize, the old way."}
+    assert "schemas_dropped" not in await register("seed", {"commands": ["resize"]})
+    for worker_id in ("new1", "new2"):
+        await register(worker_id, {"commands": ["resize"], "schemas": {"resize": resize}})
+    ack = await register("odd", {"commands": ["resize", "echo"],
+                                 "schemas": {"resize": other, "echo": {"params": "x"}}})
+    assert ack["schemas_dropped"] == ["schema of 'echo': 'params' must be a list"]
+    echo, described = (await services.describe())["commands"]
+    echo.pop("stats")  # this process's counts, from every test run in it so far
+    assert echo == {"command": "echo", "workers": [{"worker_id": "odd", "name": "odd"}],
+                    "count": 1, "schema": None, "schemas_differ": False}
+    assert described["command"] == "resize" and described["count"] == 4
+    assert [w["worker_id"] for w in described["workers"]] == ["new1", "new2", "odd", "seed"]
+    assert described["schema"] == resize and described["schemas_differ"] is True
+    assert [{k: v for k, v in c.items() if k != "stats"}
+            for c in (await services.describe("echo"))["commands"]] == [echo]
+    assert (await services.describe("nothing"))["commands"] == []
+
+
 async def test_heartbeats_are_answered_and_sent() -> None:
     w = await worker("w1")
     ping = Message.heartbeat(in_flight=0)

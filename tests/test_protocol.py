@@ -134,6 +134,93 @@ def test_bad_registrations_are_refused(data: dict, reason: str) -> None:
         Registration.from_data(data)
 
 
+RESIZE = {"params": [{"name": "url", "type": "str", "required": True},
+                     {"name": "width", "type": "int", "required": False, "default": 640}],
+          "returns": "dict", "doc": "Resize an image."}
+
+
+def test_a_registration_may_carry_schemas_and_need_not() -> None:
+    reg = Registration("w1", "g", ["resize", "echo"], schemas={"resize": RESIZE})
+    assert reg.to_data()["schemas"] == {"resize": RESIZE}
+    assert Registration.from_data(reg.to_data()) == reg
+    seed = Registration.from_data({"commands": ["echo"]})  # a worker of the seed's
+    assert (seed.schemas, seed.schemas_dropped) == ({}, [])
+    assert "schemas" not in seed.to_data()
+
+
+def test_schemas_keep_only_the_keys_this_version_knows() -> None:
+    newer = {**RESIZE, "examples": [{"url": "x"}], "extra": False, "stream": True,
+             "params": [{**RESIZE["params"][0], "choices": ["a"]}]}
+    reg = Registration.from_data({"commands": ["resize"], "schemas": {"resize": newer}})
+    assert reg.schemas == {"resize": {
+        "params": [{"name": "url", "type": "str", "required": True}],
+        "returns": "dict", "doc": "Resize an image.", "stream": True}}
+    assert reg.schemas_dropped == []
+
+
+def test_a_schemas_field_that_is_no_object_is_refused_like_any_wrong_field() -> None:
+    with pytest.raises(ProtocolError, match="Field 'schemas' must be dict, got list"):
+        Registration.from_data({"commands": ["resize"], "schemas": [RESIZE]})
+
+
+def test_oversized_schemas_are_dropped_and_the_worker_still_registers() -> None:
+    docs = {f"c{i}": {**RESIZE, "doc": "d" * 190} for i in range(100)}
+    reg = Registration.from_data({"commands": list(docs), "schemas": docs})
+    assert reg.commands == list(docs) and reg.schemas == {}
+    [reason] = reg.schemas_dropped
+    assert reason.startswith("Field 'schemas' is ") and "limit 16384" in reason
+
+
+@pytest.mark.parametrize("schema, reason", [
+    ("resize", "must be an object, got str"),
+    ({"doc": "no params"}, "'params' must be a list"),
+    ({**RESIZE, "doc": "bell\x07"}, "'doc' must be printable text of at most 200"),
+    ({**RESIZE, "doc": "d" * 201}, "'doc' must be printable text"),
+    ({**RESIZE, "stream": "yes"}, "'stream' must be true or false"),
+    ({"params": [{"name": f"p{i}", "required": True} for i in range(65)]},
+     "lists 65 parameters (limit 64)"),
+    ({"params": ["url"]}, "parameter 1 must be an object"),
+    ({"params": [{"type": "str", "required": True}]}, "parameter 1 must have a 'name'"),
+    ({"params": [{"name": "url\u2028", "required": True}]}, "parameter 1: 'name' must be"),
+    ({"params": [{"name": "url", "type": "\x1b[2J", "required": True}]},
+     "parameter 'url': 'type' must be printable"),
+    ({"params": [{"name": "url"}]}, "'required' must be true or false"),
+    ({"params": [{"name": "url", "required": True, "default": 1}]},
+     "is required, yet has a default"),
+    ({"params": [{"name": "url", "required": False, "default": 1, "default_repr": "1"}]},
+     "has both 'default' and 'default_repr'"),
+    ({"params": [{"name": "url", "required": False, "default": "x" * 199}]},
+     "'default' is 201 characters of JSON"),
+    ({"params": [{"name": "w", "required": False, "default": float("inf")}]},
+     "'default' is not plain JSON"),
+    ({"params": [{"name": "w", "required": True}, {"name": "w", "required": True}]},
+     "lists a parameter twice"),
+])
+def test_a_bad_schema_costs_its_command_its_description_only(schema: object,
+                                                             reason: str) -> None:
+    reg = Registration.from_data({"commands": ["resize", "echo"],
+                                  "schemas": {"resize": schema, "echo": {"params": []}}})
+    assert reg.commands == ["resize", "echo"] and reg.schemas == {"echo": {"params": []}}
+    [dropped] = reg.schemas_dropped
+    assert dropped.startswith("schema of 'resize': ") and reason in dropped
+
+
+def test_schemas_of_commands_not_offered_are_dropped_and_reasons_are_few() -> None:
+    schemas = {f"ghost{i}\x1b": RESIZE for i in range(20)}
+    reg = Registration.from_data({"commands": ["resize"], "schemas": schemas})
+    assert reg.schemas == {} and len(reg.schemas_dropped) == protocol.MAX_SCHEMA_REASONS
+    assert reg.schemas_dropped[0] == "schema of 'ghost0\\x1b': not a command of this worker"
+    assert reg.schemas_dropped[-1] == "and 11 more"
+
+
+def test_an_overflowed_number_in_a_frame_is_no_default() -> None:
+    """1e400 with 19 digits before it reaches the stdlib parser, which makes it inf."""
+    text = ('{"type": "connect", "data": {"commands": ["w"], "schemas": {"w": {"params": '
+            '[{"name": "x", "required": false, "default": 1' + "0" * 19 + 'e400}]}}}}')
+    reg = Registration.from_data(Message.from_json(text).data)
+    assert reg.schemas == {} and "not plain JSON" in reg.schemas_dropped[0]
+
+
 # --------------------------------------------------------------------------- requester API
 
 

@@ -266,3 +266,27 @@ async def test_reconnecting_neither_ends_an_ejection_nor_resets_its_doubling(
     await registry.add(entry("bad", max_concurrency=4, channel="ch-bad-2"))  # a takeover
     again = await registry.get("bad")
     assert again is not None and again.state == "ejected" and again.ejections == 1
+
+
+async def test_schemas_read_back_for_describe_and_leave_with_their_worker(
+        registry: Registry) -> None:
+    schemas = '{"resize":{"params":[{"name":"url","type":"str","required":true}]}}'
+    described = entry("a", "resize")
+    described.schemas = schemas
+    await registry.add(described)
+    await registry.add(entry("old", "resize"))  # a worker that sent none
+    assert {e.worker_id: e.schemas for e in await registry.described()} == {
+        "a": schemas, "old": ""}
+    reserved = (await registry.reserve("resize", worker_id="a")).worker
+    assert reserved is not None and reserved.to_dict().keys().isdisjoint({"schemas"})
+    if isinstance(registry, RedisRegistry):  # apart from the hash: the hot path never reads it
+        assert reserved.schemas == "" and (await registry.get("a")).schemas == ""  # type: ignore
+    await registry.touch("a")
+    await registry.add(entry("a", "resize", channel="ch-a-2"))  # registers again, without
+    assert {e.worker_id: e.schemas for e in await registry.described()} == {"a": "", "old": ""}
+    described.channel = "ch-a-3"
+    await registry.add(described)
+    assert await registry.remove("a", "ch-a-3") is not None
+    assert [e.worker_id for e in await registry.described()] == ["old"]
+    if isinstance(registry, RedisRegistry):  # its key went with it
+        assert not await registry._client().exists(f"{registry.prefix}:schemas:a")

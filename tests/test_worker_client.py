@@ -98,10 +98,24 @@ async def test_registers_with_its_commands_and_settings(broker: FakeBroker,
     worker = await start_worker(broker.url, weight=2.5, max_concurrency=3)
     conn = await broker.next_connection()
     assert conn.hello.type == "connect"
+    schemas = conn.hello.data.pop("schemas")
     assert conn.hello.data == {"worker_id": worker.worker_id, "name": "test-worker",
                                "commands": ["boom", "echo", "not_json", "sleep_then"],
                                "weight": 2.5, "max_concurrency": 3, "no_retry": []}
+    assert sorted(schemas) == ["boom", "echo", "not_json", "sleep_then"]
+    assert schemas["sleep_then"] == {"params": [
+        {"name": "value", "type": "Any", "required": True},
+        {"name": "seconds", "type": "float", "required": True}], "returns": "Any"}
     await asyncio.wait_for(worker.connected.wait(), WAIT)
+
+
+def test_schemas_the_broker_did_not_keep_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    worker = Worker("ws://127.0.0.1:1/")
+    worker._adopt({"worker_id": "w1", "heartbeat_interval": 5.0,
+                   "schemas_dropped": ["schema of 'x': 'params' must be a list\x1b"]})
+    assert "did not keep some command schemas: schema of 'x': 'params' must be a " \
+           "list\\x1b" in caplog.text
+
 
 
 def test_default_name_and_builtin_commands() -> None:

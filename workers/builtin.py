@@ -44,13 +44,13 @@ async def get_time() -> str:
 
 @command()
 async def echo(message: Any = "") -> str:
-    """``Echo: <message>``."""
+    """Answers "Echo: <message>"."""
     return f"Echo: {message}"
 
 
 @command()
 async def calculate(a: Any = None, b: Any = None, op: str = "+") -> float | int:
-    """``a op b`` for op in + - * /."""
+    """a op b, for op in + - * /."""
     return calculate_value(a, b, op)
 
 

@@ -28,7 +28,7 @@ from websockets.uri import parse_uri
 
 from .errors import ConnectionLost, RegistrationFailed, RequestFailed, describe
 from .handlers import CommandRegistry
-from .protocol import CloseCode, Message, MessageType, Registration, random_id
+from .protocol import CloseCode, Message, MessageType, Registration, quote, random_id
 from .address import auth_headers
 from .session import (CLOSE_TIMEOUT, SHUTTING_DOWN, STOPPED, MessageHandler, Session)
 
@@ -311,7 +311,7 @@ class Worker:
         return Registration(self._worker_id, self.name, self.registry.names(), self.weight,
                             self.max_concurrency, self.registry.not_idempotent(),
                             self.registry.leases(), self.labels, self.version,
-                            self.registry.hedged())
+                            self.registry.hedged(), self.registry.schemas())
 
     def _adopt(self, data: dict[str, Any]) -> None:
         """The broker's answer to ``connect``: its id for us, and its heartbeat interval."""
@@ -322,6 +322,10 @@ class Worker:
             self._interval = float(interval)
         logger.info("Registered as %s (%s) with %d commands; heartbeat every %.1fs",
                     self._worker_id, self.name, len(self.registry.names()), self._interval)
+        dropped = data.get("schemas_dropped")
+        if isinstance(dropped, list) and dropped:
+            logger.warning("The broker did not keep some command schemas: %s",
+                           quote("; ".join(map(str, dropped)), 1000))
 
     async def _sleep_unless_stopped(self, delay: float) -> None:
         try:

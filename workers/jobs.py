@@ -49,8 +49,12 @@ class JobContext:
     """The context of one request a worker runs."""
 
     def __init__(self, request_id: str, *, time_left: float | None, stream: bool,
-                 lease: float | None, send: Send, loop: asyncio.AbstractEventLoop) -> None:
+                 lease: float | None, send: Send, loop: asyncio.AbstractEventLoop,
+                 traceparent: str | None = None) -> None:
         self.request_id = request_id
+        #: The requester's W3C trace context, if it sent one: for the handler's own spans
+        #: and logs (``opentelemetry.propagate.extract({"traceparent": ...})``).
+        self.traceparent = traceparent
         #: Whether the requester asked for progress and chunks (else they are not sent).
         self.stream = stream
         #: Seconds within which the job must show life, if its command has a lease.

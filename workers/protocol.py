@@ -363,13 +363,15 @@ class Message:
     @classmethod
     def request(cls, action: str, params: dict[str, Any] | None = None,
                 msg_id: str | None = None, *, time_left: float | None = None,
-                stream: bool = False) -> Message:
+                stream: bool = False, traceparent: str | None = None) -> Message:
         """Ask the other side to run ``action``; answered by a ``response``."""
         data: dict[str, Any] = {"action": action, "params": params or {}}
         if time_left is not None:
             data["time_left"] = round(time_left, 3)
         if stream:
             data["stream"] = True
+        if traceparent:
+            data["traceparent"] = traceparent
         return cls(MessageType.REQUEST.value, data, msg_id=msg_id or new_id())
 
     @classmethod
@@ -435,12 +437,14 @@ class Message:
 class RequestBody:
     """The ``data`` of a ``request`` envelope: ``{"action", "params"}``, and from the
     broker ``time_left`` (seconds until the request's deadline) and ``stream`` (the
-    requester wants progress and chunks); a worker of the seed's ignores them."""
+    requester wants progress and chunks) and ``traceparent`` (the requester's W3C trace
+    context); a worker of the seed's ignores them."""
 
     action: str
     params: dict[str, Any]
     time_left: float | None = None
     stream: bool = False
+    traceparent: str | None = None
 
     @classmethod
     def from_message(cls, msg: Message) -> RequestBody:
@@ -450,7 +454,8 @@ class RequestBody:
         time_left = _field(msg.data, "time_left", (int, float), None, request_id=msg.msg_id)
         return cls(action, _field(msg.data, "params", dict, {}, request_id=msg.msg_id),
                    None if time_left is None else float(time_left),
-                   _field(msg.data, "stream", bool, False, request_id=msg.msg_id))
+                   _field(msg.data, "stream", bool, False, request_id=msg.msg_id),
+                   parse_traceparent(msg.data.get("traceparent")))
 
 
 @dataclass(slots=True)
@@ -499,6 +504,140 @@ def parse_labels(value: Any, name: str) -> dict[str, str]:
         raise ProtocolError(f"Field '{name}' must map up to {MAX_LABELS} names to values "
                             f"(printable strings of at most {MAX_LABEL_CHARS} characters)")
     return dict(value)
+
+
+# --------------------------------------------------------------------------- schemas
+
+#: A worker's command schemas at most, as compact JSON, in bytes: the broker keeps
+#: them for every worker, so they must stay small beside the rest of its entry.
+MAX_SCHEMAS_BYTES = 16384
+#: Parameters one schema may list, and characters of any text in it (a name, a type,
+#: the docstring's first line, a default's JSON or repr).
+MAX_PARAMS = 64
+MAX_SCHEMA_CHARS = 200
+#: Reasons for dropped schemas kept (and told to the worker) at most.
+MAX_SCHEMA_REASONS = 10
+
+
+class SchemaError(ProtocolError):
+    """A command schema that is not kept: the worker registers without it."""
+
+
+def parse_schemas(value: dict[str, Any], commands: list[str]
+                  ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The schemas of a registration worth keeping, and why the others were dropped.
+
+    A schema only describes a command, so a bad one costs that command its
+    description, never the worker its registration (nor can a newer worker's richer
+    schemas lock it out of an older broker). The whole field is dropped when its
+    compact JSON is over MAX_SCHEMAS_BYTES; one command's schema when it is not
+    :func:`parse_schema`'s or names a command the worker does not offer.
+    """
+    if not value:
+        return {}, []
+    try:
+        size = len(dumps(value).encode())
+    except RecursionError:
+        return {}, ["Field 'schemas' is nested too deeply"]
+    if size > MAX_SCHEMAS_BYTES:
+        return {}, [f"Field 'schemas' is {size} bytes as compact JSON (limit "
+                    f"{MAX_SCHEMAS_BYTES})"]
+    offered = set(commands)
+    kept: dict[str, dict[str, Any]] = {}
+    dropped: list[str] = []
+    for command, schema in value.items():
+        try:
+            if command not in offered:
+                raise SchemaError("not a command of this worker")
+            kept[command] = parse_schema(schema)
+        except SchemaError as exc:
+            dropped.append(f"schema of '{quote(command, 40)}': {exc}")
+    if len(dropped) > MAX_SCHEMA_REASONS:
+        dropped[MAX_SCHEMA_REASONS - 1:] = [
+            f"and {len(dropped) - MAX_SCHEMA_REASONS + 1} more"]
+    return kept, dropped
+
+
+def parse_schema(value: Any) -> dict[str, Any]:
+    """One command's schema, checked, with only the keys this version knows.
+
+    ``{"params": [{"name", "type"?, "required", "default"? | "default_repr"?}, ...],
+    "returns"?, "doc"?, "extra"?, "stream"?}``: ``extra`` when the handler takes
+    parameters beyond those listed (``**kwargs``), ``stream`` when it streams chunks.
+    Texts are printable and short; a ``default`` is JSON of at most MAX_SCHEMA_CHARS.
+    Raises :class:`SchemaError`.
+    """
+    if not isinstance(value, dict):
+        raise SchemaError(f"must be an object, got {type(value).__name__}")
+    params = value.get("params")
+    if not isinstance(params, list):
+        raise SchemaError("'params' must be a list")
+    if len(params) > MAX_PARAMS:
+        raise SchemaError(f"lists {len(params)} parameters (limit {MAX_PARAMS})")
+    out: dict[str, Any] = {"params": [_param(p, i) for i, p in enumerate(params, 1)]}
+    names = [p["name"] for p in out["params"]]
+    if len(set(names)) < len(names):
+        raise SchemaError("lists a parameter twice")
+    for key in ("returns", "doc"):
+        text = _schema_text(value, key)
+        if text:
+            out[key] = text
+    for key in ("extra", "stream"):
+        flag = value.get(key, False)
+        if not isinstance(flag, bool):
+            raise SchemaError(f"'{key}' must be true or false")
+        if flag:
+            out[key] = True
+    return out
+
+
+def _param(value: Any, number: int) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SchemaError(f"parameter {number} must be an object")
+    name = _schema_text(value, "name", f"parameter {number}")
+    if not name:
+        raise SchemaError(f"parameter {number} must have a 'name'")
+    out: dict[str, Any] = {"name": name}
+    kind = _schema_text(value, "type", f"parameter '{name}'")
+    if kind:
+        out["type"] = kind
+    required = value.get("required")
+    if not isinstance(required, bool):
+        raise SchemaError(f"parameter '{name}': 'required' must be true or false")
+    out["required"] = required
+    if "default" in value and "default_repr" in value:
+        raise SchemaError(f"parameter '{name}' has both 'default' and 'default_repr'")
+    if required and ("default" in value or "default_repr" in value):
+        raise SchemaError(f"parameter '{name}' is required, yet has a default")
+    if "default" in value:
+        out["default"] = _default(value["default"], name)
+    elif "default_repr" in value:
+        out["default_repr"] = _schema_text(value, "default_repr", f"parameter '{name}'")
+    return out
+
+
+def _schema_text(obj: dict[str, Any], key: str, where: str = "") -> str:
+    """A text of a schema: printable, at most MAX_SCHEMA_CHARS; "" when absent."""
+    value = obj.get(key, "")
+    if not isinstance(value, str) or len(value) > MAX_SCHEMA_CHARS \
+            or not value.isprintable():
+        raise SchemaError(f"{where + ': ' if where else ''}'{key}' must be printable text of "
+                          f"at most {MAX_SCHEMA_CHARS} characters")
+    return value
+
+
+def _default(value: Any, name: str) -> Any:
+    """A default value: JSON that reads back as itself (an overflowed 1e400 would not)."""
+    try:
+        text = dumps(value)
+    except RecursionError:
+        raise SchemaError(f"parameter '{name}': 'default' is nested too deeply") from None
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise SchemaError(f"parameter '{name}': 'default' is {len(text)} characters of JSON "
+                          f"(limit {MAX_SCHEMA_CHARS})")
+    if _loads(text) != value:
+        raise SchemaError(f"parameter '{name}': 'default' is not plain JSON")
+    return value
 
 
 #: Characters of a progress message passed on.
@@ -559,13 +698,17 @@ class Registration:
     version: str = ""
     #: Commands that may be hedged (sent to a second worker when the first is slow).
     hedge: list[str] = field(default_factory=list)
+    #: What each command takes and does, for ``describe`` (see :func:`parse_schema`).
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Parsed only: why schemas the worker sent were not kept (its answer says so).
+    schemas_dropped: list[str] = field(default_factory=list, compare=False)
 
     def to_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"worker_id": self.worker_id, "name": self.name,
                                 "commands": self.commands, "weight": self.weight,
                                 "max_concurrency": self.max_concurrency,
                                 "no_retry": self.no_retry}
-        for name in ("leases", "labels", "version", "hedge"):
+        for name in ("leases", "labels", "version", "hedge", "schemas"):
             if getattr(self, name):
                 data[name] = getattr(self, name)
         return data
@@ -587,6 +730,7 @@ class Registration:
                 for k, v in leases.items()):
             raise ProtocolError("Field 'leases' must map commands of this worker to seconds")
         labels = parse_labels(data.get("labels"), "labels")
+        schemas, dropped = parse_schemas(_field(data, "schemas", dict, {}), commands)
         hedge = _names(data, "hedge", [])
         version = _text(data, "version", MAX_LABEL_CHARS, "") or ""
         if not version.isprintable():
@@ -598,10 +742,30 @@ class Registration:
         return cls(worker_id=worker_id, name=_text(data, "name", MAX_NAME_CHARS, None) or worker_id,
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
                    no_retry=no_retry, leases={k: float(v) for k, v in leases.items()},
-                   labels=labels, version=version, hedge=hedge)
+                   labels=labels, version=version, hedge=hedge, schemas=schemas,
+                   schemas_dropped=dropped)
 
 
 # --------------------------------------------------------------------------- requester API
+
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+
+
+def parse_traceparent(value: Any) -> str | None:
+    """A W3C ``traceparent`` (version-trace id-parent id-flags), or None for anything
+    else: version ff, all-zero ids, or text that is not one. A later version's extra
+    fields are cut off (what version 00 defines is kept)."""
+    if not isinstance(value, str) or len(value) < 55:
+        return None
+    head = value[:55]
+    match = _TRACEPARENT.fullmatch(head)
+    if match is None or (len(value) > 55 and (match[1] == "00" or value[55] != "-")):
+        return None
+    version, trace_id, parent_id = match.groups()
+    if version == "ff" or trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return head
 
 
 @dataclass(slots=True)
@@ -609,7 +773,9 @@ class ApiRequest:
     """``{"request_id", "command", "data"}``, plus optional ``timeout`` (seconds),
     ``stream`` (send progress and chunk events before the answer), ``priority`` (0-9,
     higher first), ``select`` (labels its worker must have), ``affinity`` (a key:
-    requests with one key go to one worker) and ``hedge``."""
+    requests with one key go to one worker), ``hedge`` and ``traceparent`` (a W3C
+    trace context, passed on to the worker and given back in the answer; one that is
+    not well formed is ignored, as the W3C recommendation says, never refused)."""
 
     command: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -620,13 +786,14 @@ class ApiRequest:
     select: dict[str, str] = field(default_factory=dict)  # labels the worker must have
     affinity: str | None = None  # requests with one key go to one worker
     hedge: bool = False  # may be sent to a second worker when the first is slow
+    traceparent: str | None = None
 
     def to_json(self) -> str:
         obj: dict[str, Any] = {"request_id": self.request_id, "command": self.command,
                                "data": self.data}
         if self.timeout is not None:
             obj["timeout"] = self.timeout
-        for name in ("stream", "priority", "select", "affinity", "hedge"):
+        for name in ("stream", "priority", "select", "affinity", "hedge", "traceparent"):
             if getattr(self, name):
                 obj[name] = getattr(self, name)
         return dumps(obj)
@@ -659,7 +826,8 @@ class ApiRequest:
                    stream=_field(obj, "stream", bool, False, request_id=rid),
                    priority=priority, select=select,
                    affinity=_text(obj, "affinity", MAX_ID_CHARS, None, request_id=rid),
-                   hedge=_field(obj, "hedge", bool, False, request_id=rid))
+                   hedge=_field(obj, "hedge", bool, False, request_id=rid),
+                   traceparent=parse_traceparent(obj.get("traceparent")))
 
 
 @dataclass(slots=True)
@@ -700,7 +868,7 @@ def event(request_id: str, kind: str, **fields: Any) -> str:
 
 
 #: Fields of an answer that say how it was routed (when there is something to say).
-ROUTE_FIELDS = ("attempts", "failover_from", "hedged")
+ROUTE_FIELDS = ("attempts", "failover_from", "hedged", "traceparent")
 
 
 @dataclass(slots=True)
@@ -715,7 +883,8 @@ class ApiResponse:
     processed_by: str | None = None
     code: str | None = None
     #: What happened on the way, when it is worth saying (the seed's clients ignore it):
-    #: ``{"attempts": 2, "failover_from": ["w1"], "hedged": true}``.
+    #: ``{"attempts": 2, "failover_from": ["w1"], "hedged": true}``, and the request's
+    #: ``traceparent`` if it had one.
     route: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

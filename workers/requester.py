@@ -37,6 +37,7 @@ from typing import Any, TextIO, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from . import tracing
 from .address import auth_headers, broker_url, default_token, is_url
 from .console import parse_data
 from .console import serve as console_lines
@@ -104,11 +105,14 @@ class Route:
     (``{"gpu": "a100"}``); ``affinity``, a key (requests with one key go to one worker
     while it is there: warm caches); ``hedge``, allow a second copy on another worker
     when the first is slower than the command's recent p95 (idempotent commands only).
+    And the W3C ``traceparent`` it carries (default: the running OpenTelemetry span's,
+    when OpenTelemetry is installed and configured).
     """
 
     select: dict[str, str] | None = None
     affinity: str | None = None
     hedge: bool = False
+    traceparent: str | None = None
 
 
 class _Call:
@@ -318,7 +322,8 @@ class Requester:
         req = ApiRequest(command, dict(data or {}), timeout=timeout,
                          stream=on_event is not None, priority=priority,
                          select=dict(route.select or {}), affinity=route.affinity,
-                         hedge=route.hedge)
+                         hedge=route.hedge,
+                         traceparent=route.traceparent or tracing.current_traceparent())
         call = self._calls[req.request_id] = _Call(req, on_event)
         try:
             await ws.send(req.to_json())

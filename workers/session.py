@@ -21,6 +21,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from . import tracing
 from .errors import ConnectionLost, RegistrationFailed, describe
 from .handlers import CommandRegistry, run_safely
 from .jobs import JobContext
@@ -341,7 +342,7 @@ class Session:
     def _start(self, request_id: str, body: RequestBody) -> None:
         ctx = JobContext(request_id, time_left=body.time_left, stream=body.stream,
                          lease=self.registry.lease_of(body.action), send=self._send_frame,
-                         loop=asyncio.get_running_loop())
+                         loop=asyncio.get_running_loop(), traceparent=body.traceparent)
         task = self.spawn(self._run(request_id, body, ctx))
         self.jobs[request_id] = (ctx, task, self.registry.runs_on_loop(body.action))
 
@@ -364,6 +365,9 @@ class Session:
         """Run one command in its own task and answer it, whatever happens."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        span, ctx.traceparent = tracing.start_span(f"run {body.action}", body.traceparent,
+                                                   "CONSUMER", command=body.action)
+        outcome = None
         try:
             async with self.slots:
                 outcome = await run_safely(self.registry, body.action, body.params, ctx)
@@ -377,8 +381,12 @@ class Session:
         finally:
             self.in_flight -= 1
             self.jobs.pop(request_id, None)
-        logger.debug("%s %s in %.1f ms%s", body.action, "done" if outcome.ok else "failed",
-                     (loop.time() - started) * 1000, "" if outcome.ok else f": {outcome.error}")
+            tracing.end_span(span, outcome is not None and outcome.ok,
+                             outcome.code.value if outcome is not None and outcome.code
+                             else None)
+        logger.debug("%s %s in %.1f ms%s%s", body.action, "done" if outcome.ok else "failed",
+                     (loop.time() - started) * 1000, "" if outcome.ok else f": {outcome.error}",
+                     f" (trace {body.traceparent})" if body.traceparent else "")
         await self.answer(request_id, outcome.ok, outcome.data, outcome.error, outcome.code)
 
     async def answer(self, request_id: str, ok: bool, data: Any, error: str | None,

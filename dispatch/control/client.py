@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -73,6 +74,12 @@ class BrokerClient:
     def workers(self) -> list[dict[str, Any]]:
         """The online workers with their load, as the shared registry has them."""
         return self._request("GET", "/api/workers").get("workers", [])
+
+    def commands(self, command: str | None = None) -> dict[str, Any]:
+        """``{"commands": [...]}``: every command offered now (or only ``command``), by
+        which workers, with its parameters as the workers described them."""
+        query = "?" + urllib.parse.urlencode({"command": command}) if command else ""
+        return self._request("GET", "/api/commands" + query)
 
     def broadcast(self, message: Any) -> int:
         """Send a notification to every online worker; returns how many got it."""

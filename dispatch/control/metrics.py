@@ -19,7 +19,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.process_collector import ProcessCollector
 
 from ..core.dispatcher import Dispatcher
-from ..core.metering import BUCKETS_MS, Meter, meter
+from ..core.metering import Meter, meter
 from ..registry import get_registry
 
 WORKER_STATES = ("online", "draining", "probing", "ejected")
@@ -53,11 +53,8 @@ class _Snapshot:
             for outcome, n in cm.outcomes.items():
                 requests.add_metric([command, outcome], n)
             timeouts += cm.outcomes.get("timeout", 0)
-            cumulative, buckets = 0, []
-            for bound, n in zip([*BUCKETS_MS, float("inf")], cm.latency.counts):
-                cumulative += n
-                buckets.append((_le(bound), cumulative))
-            latency.add_metric([command], buckets, cm.latency.sum / 1000)
+            latency.add_metric([command], [(_le(bound), n) for bound, n
+                                           in cm.latency.cumulative()], cm.latency.sum / 1000)
         yield requests
         yield latency
         for name, value, text in (

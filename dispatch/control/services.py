@@ -7,7 +7,10 @@ so they reach every worker whichever broker process holds it.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import time
+from collections import Counter
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -18,7 +21,8 @@ from ..core import events
 from ..core.balancing import (Wanted, decayed, eligible_state, load_score, matches,
                               selector)
 from ..core.dispatcher import get_dispatcher
-from ..registry import get_registry
+from ..core.metering import meter
+from ..registry import WorkerEntry, get_registry
 
 
 async def workers_list() -> list[dict[str, Any]]:
@@ -26,6 +30,53 @@ async def workers_list() -> list[dict[str, Any]]:
     entries = await get_registry().all()
     entries.sort(key=lambda w: (-w.in_flight, w.worker_id))
     return [w.to_dict() for w in entries]
+
+
+async def describe(command: str | None = None) -> dict[str, Any]:
+    """Every command the online workers offer (or only ``command``), sorted: by which
+    workers, its schema as most of them sent it at registration (``schemas_differ``
+    when others sent another; None when none sent one), and its ``stats``."""
+    offering: dict[str, list[WorkerEntry]] = {}
+    for entry in await get_registry().described():
+        for name in entry.commands:
+            if command is None or name == command:
+                offering.setdefault(name, []).append(entry)
+    stats = command_stats()
+    return {"commands": [_command(name, offering[name], stats.get(name, {}))
+                         for name in sorted(offering)]}
+
+
+def command_stats() -> dict[str, dict[str, Any]]:
+    """This process's statistics of each command since it started (answered, failed,
+    p50 and p99 latency in ms): :func:`describe` shows a command's as its ``stats``."""
+    return meter.command_summary()
+
+
+def _command(name: str, entries: list[WorkerEntry], stats: dict[str, Any]) -> dict[str, Any]:
+    entries.sort(key=lambda e: (e.name, e.worker_id))
+    votes: Counter[str] = Counter()
+    schemas: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        found = _schemas(entry.schemas).get(name)
+        if found is not None:
+            votes[found[0]] += 1
+            schemas[found[0]] = found[1]
+    # Most workers' schema; between as many, the same one every time.
+    chosen = max(votes, key=lambda key: (votes[key], key), default=None)
+    return {"command": name,
+            "workers": [{"worker_id": e.worker_id, "name": e.name} for e in entries],
+            "count": len(entries), "schema": schemas.get(chosen) if chosen else None,
+            "schemas_differ": len(votes) > 1, "stats": stats}
+
+
+@functools.lru_cache(maxsize=256)
+def _schemas(text: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """A worker's schemas by command, each with a key that equal schemas share; parsed
+    once per distinct text, as a fleet registers few (shared: never changed)."""
+    if not text:
+        return {}
+    return {command: (json.dumps(schema, sort_keys=True), schema)
+            for command, schema in json.loads(text).items()}
 
 
 async def broadcast(message: Any) -> int:
@@ -57,14 +108,15 @@ class _Reply:
 
 async def request(command: str, data: dict[str, Any], *, timeout: float | None = None,
                   worker_id: str | None = None, requester: str = "api",
-                  select: dict[str, str] | None = None, affinity: str | None = None
-                  ) -> ApiResponse:
+                  select: dict[str, str] | None = None, affinity: str | None = None,
+                  traceparent: str | None = None) -> ApiResponse:
     """Run one command on the best worker (or on ``worker_id``) and wait for its answer."""
     dispatcher = await get_dispatcher()
     reply = _Reply()
     await dispatcher.submit(command, data, reply, request_id=new_id(), requester=requester,
                             timeout=timeout, worker_id=worker_id, owner="operator",
-                            select=selector(select), affinity=affinity)
+                            select=selector(select), affinity=affinity,
+                            traceparent=traceparent or "")
     return await reply.future
 
 

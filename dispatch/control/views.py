@@ -177,6 +177,18 @@ async def workers(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"workers": await services.workers_list()})
 
 
+@require_GET
+@api
+async def commands(request: HttpRequest) -> JsonResponse:
+    """Every command offered now, by which workers, with its parameters;
+    ``?command=NAME``: only that one (404 when no online worker offers it)."""
+    command = request.GET.get("command")
+    found = await services.describe(command)
+    if command is not None and not found["commands"]:
+        return JsonResponse({"error": f"No online worker offers '{command}'"}, status=404)
+    return JsonResponse(found)
+
+
 @require_POST
 @api
 async def broadcast(request: HttpRequest) -> JsonResponse:
@@ -265,8 +277,11 @@ def _routing(body: dict[str, Any]) -> dict[str, Any]:
 @api
 async def call(request: HttpRequest) -> JsonResponse:
     body = _body(request)
+    traceparent = protocol.parse_traceparent(request.headers.get("traceparent")
+                                             or body.get("traceparent"))
     response = await services.request(_text(body, "command"), _object(body, "data"),
-                                      timeout=_timeout(body), **_routing(body))
+                                      timeout=_timeout(body), traceparent=traceparent,
+                                      **_routing(body))
     return JsonResponse(response.to_dict())
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Protocol
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, get_channel_layer
 
-from workers import protocol
+from workers import protocol, tracing
 from workers.protocol import ErrorCode
 
 from .. import conf
@@ -188,11 +188,13 @@ class Dispatcher:
         """
         key = key or protocol.new_id()
         opened = asyncio.get_running_loop().time()
+        span, traceparent = tracing.start_span(f"dispatch {command}", traceparent or None,
+                                               command=command, request_id=request_id)
         await self._perform(self.table.submit(Request(
             key, command, data, [Watcher(sink, stream)], request_id, requester,
             opened + (timeout or conf.get("TIMEOUT")), time.time(), opened,
-            traceparent=traceparent, target=worker_id, owner=owner, priority=priority,
-            select=select, affinity=affinity, hedge=hedge)))
+            traceparent=traceparent or "", span=span, target=worker_id, owner=owner,
+            priority=priority, select=select, affinity=affinity, hedge=hedge)))
         return key
 
     def unwatch(self, keys: Iterable[str], sink: Sink) -> None:
@@ -443,7 +445,7 @@ class Dispatcher:
         request, worker = action.request, action.worker
         message = events.forward(request.key, request.command, request.data, self.channel,
                                  action.timeout, worker.worker_id, worker.channel,
-                                 request.stream)
+                                 request.stream, request.traceparent)
         local = self.local_workers.get(worker.channel)
         if local is None:
             await self.deliver(worker.inbox, message)
@@ -468,6 +470,13 @@ class Dispatcher:
                             attempts=request.attempts, workers_lost=request.workers_lost,
                             hedged=request.hedged, error=response.error,
                             worker_id=response.processed_by, request_id=request.request_id)
+        tracing.end_span(request.span, response.success, response.code,
+                         worker_id=response.processed_by, attempts=request.attempts)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s (%s) %s in %.1f ms by %s%s", protocol.quote(request.request_id),
+                      request.command, "answered" if response.success
+                      else f"failed ({response.code})", latency_ms, response.processed_by,
+                      f" trace {request.traceparent}" if request.traceparent else "")
         self.recorder.record_request(
             request_id=request.request_id, command=request.command,
             worker_id=response.processed_by, success=response.success, error=response.error,

@@ -31,12 +31,12 @@ INBOXES_GROUP = "dispatch.inboxes"
 
 
 def forward(key: str, action: str, params: dict[str, Any], reply_to: str,
-            timeout: float, worker_id: str, worker: str, stream: bool = False
-            ) -> dict[str, Any]:
+            timeout: float, worker_id: str, worker: str, stream: bool = False,
+            traceparent: str = "") -> dict[str, Any]:
     """``worker`` is the name of the worker's connection, in the receiving process."""
     return {"type": FORWARD, "key": key, "action": action, "params": params,
             "reply_to": reply_to, "timeout": timeout, "worker_id": worker_id,
-            "worker": worker, "stream": stream}
+            "worker": worker, "stream": stream, "traceparent": traceparent}
 
 
 def reply(key: str, worker_id: str, success: bool, data: Any, error: str | None,

@@ -12,6 +12,7 @@ what the broker does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -50,6 +51,13 @@ class WorkerSocket(Protocol):
 
     async def close(self, code: int | bool | None = None, reason: str | None = None
                     ) -> None: ...
+
+
+@functools.lru_cache(maxsize=64)
+def _shared(text: str) -> str:
+    """One copy of each distinct schemas text: a fleet registers the same few, and a
+    worker's entry then costs no more than before."""
+    return text
 
 
 #: Failure codes a handler did not mean: they worsen its worker's score.
@@ -131,7 +139,8 @@ class WorkerLink:
             process=dispatcher.process, address=str(self.socket.peer),
             session_id=self.session_id, no_retry=frozenset(reg.no_retry),
             inbox=dispatcher.channel, owner=self.grant.owner, leases=dict(reg.leases),
-            labels=dict(reg.labels), version=reg.version, hedge=frozenset(reg.hedge))
+            labels=dict(reg.labels), version=reg.version, hedge=frozenset(reg.hedge),
+            schemas=_shared(protocol.dumps(reg.schemas)) if reg.schemas else "")
         try:
             if await self.recorder.recent_owner_other_than(reg.worker_id, entry.owner):
                 raise WorkerIdTaken(reg.worker_id)
@@ -157,10 +166,15 @@ class WorkerLink:
                 replaced.channel, "Replaced by a newer connection with the same worker_id",
                 CloseCode.REPLACED))
         dispatcher.local_workers[self.channel] = self
-        await self.socket.send_frame(Message(MessageType.CONNECT.value, {
+        answer: dict[str, Any] = {
             "worker_id": reg.worker_id, "heartbeat_interval": conf.get("HEARTBEAT_INTERVAL"),
             "process": dispatcher.process, "weight": weight,
-            "max_concurrency": max_concurrency}))
+            "max_concurrency": max_concurrency}
+        if reg.schemas_dropped:  # it registered; it is told what describe will not show
+            answer["schemas_dropped"] = reg.schemas_dropped
+            self.socket.logs.log(log, logging.WARNING, "worker %s: schemas not kept: %s",
+                                 self.label, quote("; ".join(reg.schemas_dropped), 300))
+        await self.socket.send_frame(Message(MessageType.CONNECT.value, answer))
         self.recorder.worker_connected(
             session_id=self.session_id, worker_id=reg.worker_id, name=reg.name,
             address=str(self.socket.peer), process=dispatcher.process, commands=reg.commands,
@@ -219,7 +233,8 @@ class WorkerLink:
         now = time.monotonic()
         stream = message.get("stream", False)
         frame = Message.request(message["action"], message["params"], msg_id=message["key"],
-                                time_left=message["timeout"], stream=stream)
+                                time_left=message["timeout"], stream=stream,
+                                traceparent=message.get("traceparent"))
         text = frame.to_json()
         self.assignments[message["key"]] = Assignment(
             message["reply_to"], now, now + message["timeout"], len(text), stream,

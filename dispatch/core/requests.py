@@ -93,7 +93,9 @@ class Request:
     started: float  # wall time, for history
     opened: float = 0.0  # event-loop time it arrived
     placed: float = 0.0  # event-loop time it was first sent to a worker (0: not yet)
-    traceparent: str = ""  # the requester's W3C trace context, passed on to its workers
+    traceparent: str = ""  # the W3C trace context passed on to its workers (the requester's,
+    # or with OpenTelemetry the broker's span's, in the same trace)
+    span: Any = None  # the broker's OpenTelemetry span, when tracing is on
     target: str | None = None  # a worker chosen by the caller (broker -> worker `send`)
     owner: str = ""  # the credential that sent it (auth.Grant.owner): who may attach
     priority: int = 0
@@ -146,6 +148,8 @@ class Request:
             route["failover_from"] = list(self.lost_from)
         if self.hedged:
             route["hedged"] = True
+        if self.traceparent:
+            route["traceparent"] = self.traceparent
         return route or None
 
     @property

@@ -94,6 +94,10 @@ class WorkerEntry:
     ejected_until: float = 0.0  # wall time; 0: never ejected
     probing: bool = False  # ejected before: on trial until one request succeeds
     ejected_why: str = ""
+    #: Its commands' schemas as compact JSON ({command: schema}, "" for none): text is
+    #: cheap to copy in to_dict and to store; only describe reads it (in Redis it has a
+    #: key of its own, so that reserve, release and get never move it).
+    schemas: str = ""
 
     @property
     def state(self) -> str:
@@ -111,7 +115,7 @@ class WorkerEntry:
         data["no_retry"] = sorted(self.no_retry)
         data["hedge"] = sorted(self.hedge)
         data["state"] = self.state
-        del data["channel"], data["inbox"], data["owner"], data["leases"]
+        del data["channel"], data["inbox"], data["owner"], data["leases"], data["schemas"]
         return data
 
     def record(self, latency_ms: float | None, health: Health, now: float) -> bool:
@@ -262,6 +266,11 @@ class Registry(abc.ABC):
 
     async def count(self) -> int:
         return len(await self.all())
+
+    async def described(self) -> list[WorkerEntry]:
+        """Every live worker with its :attr:`~WorkerEntry.schemas` (which a shared
+        registry's other reads leave empty)."""
+        return await self.all()
 
     # Broker processes, for a registry shared by several (not ``local``):
 

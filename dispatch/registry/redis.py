@@ -18,6 +18,8 @@ Key layout, all under ``<prefix>:``::
     standing:<id>     hash    a worker's ejection record, kept as long as its claim
     label:<n>:<k>=<v> set     ids of the workers with label k=v (n: the length of k)
     ring:<command>    zset    the command's affinity ring: "<id>#<n>" -> point
+    schemas:<id>      string  its commands' schemas (WorkerEntry.schemas), apart from the
+                              hash so that only describe (:meth:`described`) reads them
 
 Every key also gets a Redis TTL of twice the worker ttl, refreshed by heartbeats: a
 safety net so nothing outlives a cluster that stopped for good.
@@ -92,10 +94,17 @@ _DECODERS: dict[str, Callable[[str], Any]] = {
 }
 
 
+#: WorkerEntry fields kept in keys of their own, not in the worker's hash.
+_APART = frozenset({"schemas"})
+
+
 def _encode(entry: WorkerEntry) -> dict[str, str]:
-    """Every field of ``entry`` as text; floats by repr, so they read back exactly."""
+    """Every field of ``entry`` but those :data:`_APART` as text; floats by repr, so
+    they read back exactly."""
     out = {}
     for f in fields(WorkerEntry):
+        if f.name in _APART:
+            continue
         value = getattr(entry, f.name)
         if isinstance(value, bool):
             out[f.name] = "1" if value else "0"
@@ -225,7 +234,8 @@ class RedisRegistry(Registry):
         pairs = [text for item in data.items() for text in item]
         old = await self._run(ADD, [self._worker_key(entry.worker_id)],
                               [entry.worker_id, now, self._key_ttl_ms(), data["commands"],
-                               entry.owner, self._claim_ms(), affinity_salt(), *pairs])
+                               entry.owner, self._claim_ms(), affinity_salt(), entry.schemas,
+                               *pairs])
         if old == 0:
             raise WorkerIdTaken(entry.worker_id)
         return _decode(old) if old else None
@@ -406,6 +416,17 @@ class RedisRegistry(Registry):
 
     async def count(self) -> int:
         return int(await self._run(COUNT, [], []))
+
+    async def described(self) -> list[WorkerEntry]:
+        """:meth:`all`, and one more round trip for their schemas."""
+        entries = await self.all()
+        if entries:
+            with _unavailable_on_error():
+                texts = await self._client().mget(
+                    [f"{self._p}schemas:{e.worker_id}" for e in entries])
+            for entry, text in zip(entries, texts):
+                entry.schemas = text or ""
+        return entries
 
     async def channels(self, worker_ids: Iterable[str]) -> dict[str, str]:
         """One round trip, however many ids."""

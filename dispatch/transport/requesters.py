@@ -106,7 +106,7 @@ class RequesterConsumer(BaseSocket):
             requester=str(self.peer), timeout=request.timeout, key=key,
             owner=self.grant.owner, stream=request.stream, priority=request.priority,
             select=selector(request.select), affinity=request.affinity,
-            hedge=request.hedge)
+            hedge=request.hedge, traceparent=request.traceparent or "")
 
     async def _cancel(self, frame: Cancel) -> None:
         """Cancel a request of this credential; its answer (``cancelled``) says it is done."""

@@ -3,7 +3,7 @@
 Daphne listens on the worker, requester and HTTP ports with one application, and
 ``scope["server"]`` tells which port a connection arrived on. The paths
 ``/ws/worker/`` and ``/ws/requester/`` work on any port, so a single port behind
-a proxy serves both kinds of peer.
+a proxy serves both kinds of peer; ``/ws/dashboard/`` is the live dashboard's.
 
 With the ``ECHO_ROUTE`` setting on (tests only), ``/ws/echo/`` echoes every frame
 back, so a protocol-conformance suite can exercise daphne and Channels directly.
@@ -14,18 +14,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from channels.auth import AuthMiddlewareStack
+
 from workers.protocol import CloseCode, quote
 
 from .. import conf
+from .dashboard import DashboardSocket
+from .echo import EchoConsumer
 from .requesters import RequesterConsumer
 from .workers import WorkerConsumer
-from .echo import EchoConsumer
 
 log = logging.getLogger("dispatch.routing")
 
 WORKER_PATH = "/ws/worker"
 REQUESTER_PATH = "/ws/requester"
 ECHO_PATH = "/ws/echo"
+DASHBOARD_PATH = "/ws/dashboard"
 
 
 class SocketRouter:
@@ -35,6 +39,8 @@ class SocketRouter:
         self.worker = WorkerConsumer.as_asgi()
         self.requester = RequesterConsumer.as_asgi()
         self.echo = EchoConsumer.as_asgi()
+        # The only socket that reads the session cookie (a staff login admits it).
+        self.dashboard = AuthMiddlewareStack(DashboardSocket.as_asgi())
 
     def choose(self, scope: dict[str, Any]) -> Any:
         path = scope.get("path", "/").rstrip("/")
@@ -42,6 +48,8 @@ class SocketRouter:
             return self.worker
         if path == REQUESTER_PATH:
             return self.requester
+        if path == DASHBOARD_PATH:
+            return self.dashboard
         if path == ECHO_PATH and conf.get("ECHO_ROUTE"):
             return self.echo
         if path == "":

@@ -1,14 +1,16 @@
 -- add: replace any entry with the same id, unless the id belongs to another owner.
 -- KEYS[2] the worker hash; ARGV[3] id, ARGV[4] heartbeat time, ARGV[5] key TTL (ms),
 -- ARGV[6] commands (JSON), ARGV[7] owner, ARGV[8] claim TTL (ms), ARGV[9] the affinity
--- salt, ARGV[10..] the entry as field/value pairs. Returns the replaced hash (empty if none), or 0 if the id is taken.
+-- salt, ARGV[10] its schemas (JSON, '' for none), ARGV[11..] the entry as field/value
+-- pairs. Returns the replaced hash (empty if none), or 0 if the id is taken.
 local id, now, key_ttl, owner = ARGV[3], ARGV[4], ARGV[5], ARGV[7]
 local held = redis.call('GET', claim_key(id))
 if alive(id) then held = redis.call('HGET', worker_key(id), 'owner') end
 if held and held ~= '' and held ~= owner then return 0 end
 redis.call('SET', claim_key(id), owner, 'PX', ARGV[8])
 local old = drop(id)
-redis.call('HSET', KEYS[2], unpack(ARGV, 10))
+redis.call('HSET', KEYS[2], unpack(ARGV, 11))
+if ARGV[10] ~= '' then redis.call('SET', schemas_key(id), ARGV[10], 'PX', key_ttl) end
 local standing = redis.call('HMGET', standing_key(id), 'ejections', 'ejected_until',
                             'ejected_why')
 if standing[1] then  -- an earlier connection's ejections (WorkerEntry.inherit)

@@ -11,6 +11,8 @@ local function command_key(command) return prefix .. 'command:' .. command end
 local function claim_key(id) return prefix .. 'claim:' .. id end
 -- A dropped worker's ejection record, kept as long as its id's claim (WorkerEntry.standing).
 local function standing_key(id) return prefix .. 'standing:' .. id end
+-- A worker's command schemas (JSON): only describe reads them, never the hot scripts.
+local function schemas_key(id) return prefix .. 'schemas:' .. id end
 -- The workers with label `name` = `value` (the name's length first: no ambiguity).
 local function label_key(name, value)
   return prefix .. 'label:' .. #name .. ':' .. name .. '=' .. value
@@ -63,7 +65,7 @@ local function drop(id)
                'ejected_why', f[3] or '')
     redis.call('PEXPIRE', standing_key(id), claimed)
   end
-  redis.call('DEL', key)
+  redis.call('DEL', key, schemas_key(id))
   redis.call('ZREM', beats, id)
   return old
 end

@@ -10,6 +10,7 @@ local key = worker_key(id)
 redis.call('ZADD', beats, now, id)
 redis.call('HSET', key, 'last_heartbeat', now)
 redis.call('PEXPIRE', key, key_ttl)
+redis.call('PEXPIRE', schemas_key(id), key_ttl)
 redis.call('PEXPIRE', beats, key_ttl)
 redis.call('PEXPIRE', claim_key(id), ARGV[6])
 for _, command in ipairs(cjson.decode(redis.call('HGET', key, 'commands'))) do

@@ -1,0 +1,284 @@
+// The live dashboard: one WebSocket, a snapshot a second, keyed table rows (no flicker),
+// SVG charts. Everything a peer sent is put in the page as text, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG = "http://www.w3.org/2000/svg";
+let socket = null;
+let retry = 500;
+let key = sessionStorage.getItem("dashboard-key") || "";
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  socket = new WebSocket(`${scheme}://${location.host}/ws/dashboard/`);
+  socket.onopen = () => status("connected", true);
+  socket.onmessage = (event) => receive(JSON.parse(event.data));
+  socket.onclose = (event) => {
+    status("disconnected", false);
+    if (event.code === 4401 || event.code === 4403) {
+      return; // refused: the auth panel (or the error) says why; no reconnect loop
+    }
+    setTimeout(connect, retry);
+    retry = Math.min(retry * 2, 8000);
+  };
+}
+
+function status(text, on) {
+  $("status").textContent = text;
+  $("status").className = "pill " + (on ? "on" : "off");
+}
+
+function receive(msg) {
+  if (msg.type === "auth_required") {
+    if (key) {
+      socket.send(JSON.stringify({type: "auth", key}));
+    } else {
+      showAuth("");
+    }
+  } else if (msg.type === "snapshot") {
+    retry = 500;
+    $("auth").hidden = true;
+    $("board").hidden = false;
+    render(msg);
+  } else if (msg.type === "done") {
+    toast(msg.message);
+  } else if (msg.type === "error") {
+    if (msg.code === "unauthorized" || msg.code === "not_allowed") {
+      sessionStorage.removeItem("dashboard-key");
+      key = "";
+      showAuth(msg.error);
+    } else {
+      toast(msg.error);
+    }
+  }
+}
+
+function showAuth(error) {
+  $("board").hidden = true;
+  $("auth").hidden = false;
+  $("auth-error").textContent = error || "";
+}
+
+$("auth-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  key = $("auth-key").value.trim();
+  sessionStorage.setItem("dashboard-key", key);
+  if (socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({type: "auth", key}));
+  } else {
+    connect();
+  }
+});
+
+function act(type, fields) {
+  if (socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({type, ...fields}));
+  }
+}
+
+let toastTimer = 0;
+function toast(text) {
+  $("toast").textContent = text;
+  $("toast").hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { $("toast").hidden = true; }, 4000);
+}
+
+// ------------------------------------------------------------------ formatting
+
+function ms(value) {
+  if (value === null || value === undefined) return "–";
+  if (value >= 1000) return (value / 1000).toFixed(value >= 10000 ? 0 : 1) + " s";
+  return (value >= 100 ? value.toFixed(0) : value >= 10 ? value.toFixed(1) : value.toFixed(2)) + " ms";
+}
+
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 60) return seconds.toFixed(seconds < 10 ? 1 : 0) + " s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + " min";
+  return (seconds / 3600).toFixed(1) + " h";
+}
+
+function clock(epoch) {
+  return new Date(epoch * 1000).toLocaleTimeString();
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function bar(fraction) {
+  const outer = el("span", null, "bar" + (fraction >= 0.9 ? " hot" : fraction >= 0.6 ? " warm" : ""));
+  const inner = el("i");
+  inner.style.width = Math.min(100, Math.round(fraction * 100)) + "%";
+  outer.appendChild(inner);
+  return outer;
+}
+
+// Rows keyed by id: an existing row is refilled in place, a new one appended, a gone one
+// removed; so a row under the pointer does not vanish and come back every second.
+function sync(tableId, items, keyOf, fill) {
+  const body = $(tableId).tBodies[0];
+  const seen = new Set();
+  items.forEach((item, index) => {
+    const id = keyOf(item);
+    seen.add(id);
+    let row = body.querySelector(`tr[data-key="${CSS.escape(id)}"]`);
+    if (!row) {
+      row = document.createElement("tr");
+      row.dataset.key = id;
+    }
+    if (body.children[index] !== row) body.insertBefore(row, body.children[index] || null);
+    row.replaceChildren(...fill(item));
+  });
+  [...body.children].forEach((row) => { if (!seen.has(row.dataset.key)) row.remove(); });
+}
+
+// ------------------------------------------------------------------ the page
+
+function render(s) {
+  $("process").textContent = `served by ${s.process}`;
+  const states = s.states || {};
+  $("t-workers").textContent = s.workers_total;
+  $("t-states").textContent = Object.entries(states).map(([k, v]) => `${v} ${k}`).join(", ");
+  const slots = s.slots;
+  $("t-slots").textContent = `${slots.in_flight}/${slots.capacity}`;
+  $("t-slots-bar").firstElementChild.style.width =
+    (slots.capacity ? Math.round(100 * slots.in_flight / slots.capacity) : 0) + "%";
+  const last = s.series.slice(-10);
+  const answered = last.reduce((a, r) => a + r.answered, 0) / last.length;
+  const failed = last.reduce((a, r) => a + r.failed, 0) / last.length;
+  $("t-rate").textContent = answered.toFixed(answered < 10 ? 1 : 0);
+  $("t-failed").textContent = failed ? `${failed.toFixed(1)}/s failed` : "no failures";
+  const lastP = [...s.series].reverse().find((r) => r.p99 !== null);
+  $("t-p99").textContent = lastP ? ms(lastP.p99) : "–";
+  $("t-p50").textContent = lastP ? `p50 ${ms(lastP.p50)}` : "";
+  $("t-waiting").textContent = s.queue.waiting;
+  $("t-oldest").textContent = s.queue.oldest_wait !== null
+    ? `oldest ${ago(s.queue.oldest_wait)}` : `${s.queue.pending} in progress`;
+
+  const err = $("registry-error");
+  err.hidden = !s.registry_error;
+  err.textContent = s.registry_error ? `Registry unreachable: ${s.registry_error}` : "";
+  $("workers-note").textContent = s.workers.length < s.workers_total
+    ? `(${s.workers.length} of ${s.workers_total} shown: troubled and busiest first)` : "";
+  sync("workers", s.workers, (w) => w.worker_id, workerCells);
+  sync("commands", s.commands, (c) => c.command, (c) => [
+    el("td", c.command, "mono"), el("td", c.workers, "num"), el("td", c.answered ?? 0, "num"),
+    el("td", c.failed ?? 0, "num" + (c.failed ? " bad" : "")), el("td", ms(c.p50_ms), "num"),
+    el("td", ms(c.p99_ms), "num")]);
+  $("running-note").textContent = s.queue.pending > s.running.length
+    ? `(oldest ${s.running.length} of ${s.queue.pending})` : "";
+  sync("running", s.running, (r) => r.request_id + "\u0000" + r.requester, (r) => {
+    const cancel = el("button", "Cancel", "danger");
+    cancel.dataset.action = "cancel";
+    cancel.onclick = () => act("cancel", {request_id: r.request_id});
+    const actions = el("td");
+    actions.appendChild(cancel);
+    return [el("td", r.request_id, "mono"), el("td", r.command, "mono"), el("td", r.state),
+            el("td", ago(r.age), "num"), el("td", r.workers.join(", ") || "–", "mono"), actions];
+  });
+  sync("failures", s.failures, (f) => `${f.at}\u0000${f.request_id}`, (f) => [
+    el("td", clock(f.at)), el("td", f.command, "mono"), el("td", f.code, "bad"),
+    el("td", f.worker_id || "–", "mono"), el("td", f.request_id, "mono"),
+    el("td", f.error, "error")]);
+  drawRate(s.series);
+  drawLatency(s.series);
+}
+
+function workerCells(w) {
+  const labels = el("td", null, "labels");
+  Object.entries(w.labels || {}).forEach(([k, v]) => labels.appendChild(el("span", `${k}=${v}`, "pill")));
+  if (w.version) labels.appendChild(el("span", `v${w.version}`, "pill"));
+  const state = el("td");
+  const pill = el("span", w.state, "pill " + w.state);
+  if (w.ejected_why) pill.title = `until ${clock(w.ejected_until)}: ${w.ejected_why}`;
+  state.appendChild(pill);
+  const load = el("td", null, "load");
+  load.appendChild(bar(w.max_concurrency ? w.in_flight / w.max_concurrency : 0));
+  load.appendChild(document.createTextNode(`${w.in_flight}/${w.max_concurrency}`));
+  const draining = w.state === "draining";
+  const button = el("button", draining ? "Undrain" : "Drain");
+  button.dataset.action = draining ? "undrain" : "drain";
+  button.onclick = () => act(draining ? "undrain" : "drain", {worker_id: w.worker_id});
+  const actions = el("td");
+  actions.appendChild(button);
+  return [el("td", w.worker_id, "mono"), el("td", w.name), labels, state, load,
+          el("td", ms(w.latency_ms), "num"),
+          el("td", (100 * w.error_rate).toFixed(1) + "%", "num" + (w.error_rate > 0.05 ? " bad" : "")),
+          el("td", w.completed, "num"), el("td", ago(w.seen_ago), "num"),
+          el("td", w.process, "mono"), actions];
+}
+
+// ------------------------------------------------------------------ charts
+
+const W = 600, H = 150, PAD = 18;
+
+function axes(svg, top, unit) {
+  svg.replaceChildren();
+  for (const f of [0, 0.5, 1]) {
+    const y = PAD + (H - 2 * PAD) * (1 - f);
+    const line = document.createElementNS(SVG, "line");
+    Object.entries({x1: 30, x2: W, y1: y, y2: y, class: "grid"}).forEach(([k, v]) => line.setAttribute(k, v));
+    svg.appendChild(line);
+    const label = document.createElementNS(SVG, "text");
+    label.setAttribute("x", 0);
+    label.setAttribute("y", y + 3);
+    label.textContent = unit(top * f);
+    svg.appendChild(label);
+  }
+}
+
+function path(svg, points, color, fill) {
+  if (points.length < 2) return;
+  const p = document.createElementNS(SVG, "path");
+  let d = points.map(([x, y], i) => `${i ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`).join("");
+  if (fill) d += `L${points[points.length - 1][0].toFixed(1)},${H - PAD}L${points[0][0].toFixed(1)},${H - PAD}Z`;
+  p.setAttribute("d", d);
+  p.setAttribute("fill", fill ? color : "none");
+  p.setAttribute("fill-opacity", fill ? "0.25" : "1");
+  p.setAttribute("stroke", color);
+  p.setAttribute("stroke-width", "1.5");
+  svg.appendChild(p);
+}
+
+function xy(series, value, top) {
+  const step = (W - 30) / Math.max(1, series.length - 1);
+  const out = [];
+  series.forEach((r, i) => {
+    const v = value(r);
+    if (v !== null && v !== undefined) out.push([30 + i * step, PAD + (H - 2 * PAD) * (1 - v / top)]);
+  });
+  return out;
+}
+
+function niceTop(max) {
+  if (max <= 0) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(max)));
+  return [1, 2, 5, 10].map((m) => m * p).find((t) => t >= max);
+}
+
+function css(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+}
+
+function drawRate(series) {
+  const svg = $("chart-rate");
+  const top = niceTop(Math.max(...series.map((r) => r.answered)));
+  axes(svg, top, (v) => v.toFixed(top < 5 ? 1 : 0));
+  path(svg, xy(series, (r) => r.answered, top), css("--ok"), true);
+  path(svg, xy(series, (r) => r.failed, top), css("--bad"), true);
+}
+
+function drawLatency(series) {
+  const svg = $("chart-latency");
+  const top = niceTop(Math.max(0, ...series.map((r) => r.p99 || 0)));
+  axes(svg, top, (v) => (v >= 1000 ? (v / 1000).toFixed(1) + "s" : v.toFixed(top < 5 ? 1 : 0)));
+  path(svg, xy(series, (r) => r.p50, top), css("--p50"), false);
+  path(svg, xy(series, (r) => r.p99, top), css("--p99"), false);
+}
+
+connect();

@@ -1,0 +1,174 @@
+"""The live dashboard in a real headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, through selenium) against a real broker and real workers.
+
+Without the two binaries the tests are skipped, saying so; with
+``REQUIRE_SERVICES=1`` (CI) they fail instead. ``DASHBOARD_SCREENSHOT=path.png``
+saves the page as the first test sees it (the README's picture comes from here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.procs import Broker, WorkerProc, wait_for
+from workers.requester import SyncRequester
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+HANDLERS = ("--handlers", "tests.sample_handlers")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    missing = [p for p in (CHROMIUM, DRIVER) if not shutil.which(p)]
+    if missing:
+        why = f"no {' or '.join(missing)} (apt install chromium chromium-driver)"
+        if os.environ.get("REQUIRE_SERVICES") == "1":
+            pytest.fail(f"BROWSER REQUIRED (REQUIRE_SERVICES=1) but {why}", pytrace=False)
+        pytest.skip(f"NO BROWSER: {why}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1400,1050", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def rows(driver: Any, table: str) -> list[list[str]]:
+    """The text of each cell of a dashboard table, row by row."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0] + ' tbody tr')]"
+        ".map(r => [...r.cells].map(c => c.textContent))", f"#{table}")
+
+
+def names(driver: Any) -> set[str]:
+    return {row[1] for row in rows(driver, "workers")}
+
+
+def until(driver: Any, predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> float:
+    """Seconds until ``predicate`` held (polled in the page's own time)."""
+    start = time.monotonic()
+    wait_for(predicate, timeout, f"{what}; the page shows {rows(driver, 'workers')}")
+    return time.monotonic() - start
+
+
+def click(driver: Any, table: str, key_text: str, action: str) -> None:
+    driver.execute_script(
+        "const row = [...document.querySelectorAll(arguments[0] + ' tbody tr')]"
+        ".find(r => r.textContent.includes(arguments[1]));"
+        "row.querySelector(`button[data-action='${arguments[2]}']`).click();",
+        f"#{table}", key_text, action)
+
+
+def test_the_fleet_lives_on_the_page(broker: Broker, spawn_worker, browser) -> None:
+    for name in ("gpu-1", "gpu-2", "cpu-1"):
+        spawn_worker(name, *HANDLERS, "--label", f"pool={name.split('-')[0]}")
+    with SyncRequester(broker.requester_url) as requester:  # something for the charts
+        for i in range(30):
+            requester.request("sleep_ms", {"ms": 5 + i % 10})
+        requester.request("explode", {})
+    browser.get(broker.http_url + "/dashboard/")
+    until(browser, lambda: names(browser) == {"gpu-1", "gpu-2", "cpu-1"}, "3 workers shown")
+    assert "pool=gpu" in " ".join(r[2] for r in rows(browser, "workers"))
+    assert any(r[0] == "sleep_ms" and r[2] == "30" for r in rows(browser, "commands"))
+    assert any(r[1] == "explode" for r in rows(browser, "failures"))
+    until(browser, lambda: browser.execute_script(
+        "return document.querySelectorAll('#chart-rate path').length") >= 1, "a chart drawn")
+    if os.environ.get("DASHBOARD_SCREENSHOT"):
+        time.sleep(1.5)  # a second snapshot, so that the charts have drawn
+        browser.save_screenshot(os.environ["DASHBOARD_SCREENSHOT"])
+
+    fourth = spawn_worker("edge-1", *HANDLERS, wait=False)
+    appeared = until(browser, lambda: "edge-1" in names(browser), "a 4th worker shown")
+    fourth.stop(signal.SIGKILL)
+    left = until(browser, lambda: "edge-1" not in names(browser), "the killed worker gone")
+    print(f"appeared within {appeared:.2f} s of starting, gone {left:.2f} s after kill -9")
+    assert browser.find_element("id", "status").text == "connected"  # never reloaded
+
+    click(browser, "workers", "gpu-2", "drain")
+    until(browser, lambda: next(w for w in broker.workers() if w["name"] == "gpu-2")
+          ["draining"], "gpu-2 drained in the registry")
+    until(browser, lambda: any(r[1] == "gpu-2" and r[3] == "draining"
+                               for r in rows(browser, "workers")), "gpu-2 shown draining")
+    click(browser, "workers", "gpu-2", "undrain")
+    until(browser, lambda: not next(w for w in broker.workers() if w["name"] == "gpu-2")
+          ["draining"], "gpu-2 back in rotation")
+
+
+def test_a_running_request_is_cancelled_from_the_page(broker: Broker, spawn_worker,
+                                                      browser) -> None:
+    spawn_worker("slowpoke", *HANDLERS)
+    answer: dict[str, Any] = {}
+
+    def call() -> None:
+        with SyncRequester(broker.requester_url) as requester:
+            answer["response"] = requester.request("slow", {"seconds": 60}, timeout=90)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    browser.get(broker.http_url + "/dashboard/")
+    until(browser, lambda: any(r[1] == "slow" for r in rows(browser, "running")),
+          "the running request shown")
+    click(browser, "running", "slow", "cancel")
+    caller.join(15)
+    assert answer["response"].code == "cancelled"
+    until(browser, lambda: not rows(browser, "running"), "the request gone from the page")
+
+
+def test_with_credentials_the_page_asks_for_a_key_or_a_staff_login(
+        broker_factory, browser, tmp_path: Path) -> None:
+    broker = broker_factory()
+    key = broker.manage("token", "create", "admin", "ops").stdout.strip()
+    made = broker.manage("createsuperuser", "--noinput", "--username", "root",
+                         "--email", "root@example.com",
+                         env={"DJANGO_SUPERUSER_PASSWORD": "a-long-test-password"})
+    assert made.returncode == 0, made.stderr
+    wait_for(lambda: not _protected(broker), 15, "protected mode to end")
+
+    browser.get(broker.http_url + "/dashboard/")
+    until(browser, lambda: browser.find_element("id", "auth").is_displayed(), "the key form")
+    assert not browser.find_element("id", "board").is_displayed()
+    browser.find_element("id", "auth-key").send_keys("not-the-key")
+    browser.find_element("css selector", "#auth-form button").click()
+    until(browser, lambda: browser.find_element("id", "auth-error").text, "the refusal shown")
+    assert not browser.find_element("id", "board").is_displayed()
+
+    browser.refresh()
+    until(browser, lambda: browser.find_element("id", "auth").is_displayed(), "the key form")
+    browser.find_element("id", "auth-key").send_keys(key)
+    browser.find_element("css selector", "#auth-form button").click()
+    until(browser, lambda: browser.find_element("id", "board").is_displayed(), "the board")
+
+    browser.delete_all_cookies()
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(broker.http_url + "/admin/login/?next=/dashboard/")
+    browser.find_element("name", "username").send_keys("root")
+    browser.find_element("name", "password").send_keys("a-long-test-password")
+    browser.find_element("css selector", "input[type=submit]").click()
+    until(browser, lambda: browser.find_element("id", "board").is_displayed(),
+          "the board for a staff login")
+
+
+def _protected(broker: Broker) -> bool:
+    try:
+        broker.workers()
+        return True
+    except OSError:  # 403 once credentials exist
+        return False
