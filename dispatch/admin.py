@@ -3,21 +3,75 @@
 History is a record of what happened; editing it by hand would only make it lie.
 Those admins therefore allow browsing, searching and deleting (to prune old rows),
 never adding or changing. Credentials are created and revoked here.
+
+The request history grows by millions of rows, so its pages never read the whole
+table: no date hierarchy nor DISTINCT over every row, filters listing the values of
+recent rows, exact search on indexed columns, sorting by time only
+(``python -m bench.admin_history`` measures it).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Iterator
+from urllib.parse import urlencode
 
 from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
-from django.http import HttpRequest
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
 from .auth import digest, new_token
 from .control import services
 from .management.base import worker_state
 from .models import Credential, RequestRecord, WorkerSession
+
+#: Rows whose values a history filter lists: the newest ones, never the whole table.
+RECENT_ROWS = 10_000
+#: Values one history filter lists at most.
+FILTER_CHOICES = 100
+
+
+def duration(ms: float | None) -> str:
+    """Milliseconds as people read them: 0.42 ms, 41.2 ms, 412 ms, 2.3 s, 4 min 05 s.
+
+    Three significant figures are all a measured latency carries; the sixteen digits
+    of a float only hide its size.
+    """
+    if ms is None:
+        return "-"
+    sign, ms = ("-" if ms < 0 else ""), abs(ms)
+    if ms < 9.995:
+        text = f"{ms:.2f} ms"
+    elif ms < 99.95:
+        text = f"{ms:.1f} ms"
+    elif ms < 999.5:
+        text = f"{ms:.0f} ms"
+    elif ms < 59_950:
+        text = f"{ms / 1000:.1f} s"
+    else:
+        seconds = round(ms / 1000)
+        text = f"{seconds // 60} min {seconds % 60:02d} s" if seconds < 3600 else \
+            f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return sign + text
+
+
+def percent(rate: float) -> str:
+    """A share as 0%, 0.4%, 12%: a tenth of a percent matters only below ten."""
+    return f"{rate * 100:.1f}%" if 0 < rate < 0.0995 else f"{rate:.0%}"
+
+
+def changelist_link(model: type, text: str, **query: str) -> SafeString:
+    """A link to ``model``'s admin list filtered by ``query``, all of it escaped: worker
+    ids and commands come from peers."""
+    url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_changelist")
+    return format_html('<a href="{}?{}">{}</a>', url, urlencode(query), text)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -35,18 +89,53 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 _live = threading.local()
 
 
+@contextmanager
+def live_workers() -> Iterator[None]:
+    """Read the registry once for the page rendered inside (its rows look it up)."""
+    _live.workers = {w["worker_id"]: w for w in async_to_sync(services.workers_list)()}
+    try:
+        yield
+    finally:
+        del _live.workers
+
+
+def live_entry(obj: WorkerSession) -> dict[str, Any] | None:
+    """The registry's entry for this row's connection, if it is the one online now."""
+    live = getattr(_live, "workers", {}).get(obj.worker_id)
+    if obj.status != WorkerSession.Status.ONLINE or live is None or \
+            live.get("session_id") != obj.session_id:
+        return None
+    return live
+
+
+def rendered(response: HttpResponse) -> HttpResponse:
+    """Render a template response now, while the live view it reads is set."""
+    if hasattr(response, "render"):
+        response.render()
+    return response
+
+
 @admin.register(WorkerSession)
 class WorkerSessionAdmin(ReadOnlyAdmin):
     list_display = (
-        "worker_id", "name", "status", "routing_state", "address", "process",
-        "max_concurrency", "weight", "requests_served", "connected_at", "last_seen",
-        "disconnected_at",
+        "worker_id", "name", "status", "routing_state", "requests", "served", "load",
+        "latency", "error_rate", "weight", "address", "process", "connected_at",
+        "last_seen", "disconnected_at",
     )
     list_filter = ("status", "process", "connected_at")
     search_fields = ("worker_id", "name", "address", "session_id", "process")
     date_hierarchy = "connected_at"
     ordering = ("-connected_at",)
     actions = ["drain", "undrain"]
+    readonly_fields = ("routing_state", "served", "load", "latency", "error_rate", "requests")
+    fieldsets = (
+        (None, {"fields": ("worker_id", "name", "status", "routing_state", "owner",
+                           "session_id")}),
+        ("Load", {"fields": ("served", "load", "latency", "error_rate", "requests")}),
+        ("Capacity", {"fields": ("commands", "weight", "max_concurrency")}),
+        ("Connection", {"fields": ("address", "process", "connected_at", "last_seen",
+                                   "disconnected_at")}),
+    )
 
     @admin.action(description="Drain: no new requests (work in hand finishes)")
     def drain(self, request: HttpRequest, queryset: Any) -> None:
@@ -57,24 +146,50 @@ class WorkerSessionAdmin(ReadOnlyAdmin):
         self._set_draining(request, queryset, False)
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
-        _live.workers = {w["worker_id"]: w for w in async_to_sync(services.workers_list)()}
-        try:
-            response = super().changelist_view(request, extra_context)
-            if hasattr(response, "render"):  # rendered here, while the live view is set
-                response.render()
-            return response
-        finally:
-            del _live.workers
+        with live_workers():
+            return rendered(super().changelist_view(request, extra_context))
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: Any = None) -> Any:
+        with live_workers():
+            return rendered(super().change_view(request, object_id, form_url, extra_context))
 
     @admin.display(description="routing")
     def routing_state(self, obj: WorkerSession) -> str:
         """What the balancer makes of an online worker now: online, draining, probing,
         or ejected until when and why."""
-        live = getattr(_live, "workers", {}).get(obj.worker_id)
-        if obj.status != WorkerSession.Status.ONLINE or live is None or \
-                live.get("session_id") != obj.session_id:
-            return "-"
-        return worker_state(live)
+        live = live_entry(obj)
+        return "-" if live is None else worker_state(live)
+
+    @admin.display(description="served")
+    def served(self, obj: WorkerSession) -> int:
+        """Requests it answered: counted by the registry while it is online (the row's
+        own count is written when it leaves, so it reads 0 until then)."""
+        live = live_entry(obj)
+        return obj.requests_served if live is None else int(live.get("completed") or 0)
+
+    @admin.display(description="load")
+    def load(self, obj: WorkerSession) -> str:
+        """Requests in flight of the most it may hold, as ``manage.py workers`` shows it."""
+        live = live_entry(obj)
+        return "-" if live is None else \
+            f"{live.get('in_flight') or 0}/{live.get('max_concurrency', obj.max_concurrency)}"
+
+    @admin.display(description="latency")
+    def latency(self, obj: WorkerSession) -> str:
+        """Its peak-EWMA latency, the balancer's; "-" until it answered once."""
+        live = live_entry(obj)
+        return duration(live["latency_ms"]) if live and live.get("latency_at") else "-"
+
+    @admin.display(description="error rate")
+    def error_rate(self, obj: WorkerSession) -> str:
+        live = live_entry(obj)
+        return "-" if live is None else percent(live.get("error_rate") or 0.0)
+
+    @admin.display(description="requests")
+    def requests(self, obj: WorkerSession) -> SafeString:
+        """Its request history (of every connection under this worker id)."""
+        return changelist_link(RequestRecord, "requests", worker_id=obj.worker_id)
 
     def _set_draining(self, request: HttpRequest, queryset: Any, draining: bool) -> None:
         ids = sorted(set(queryset.filter(status=WorkerSession.Status.ONLINE)
@@ -101,19 +216,130 @@ class TookDownWorkers(admin.SimpleListFilter):
         return queryset
 
 
+class RecentValuesFilter(admin.AllValuesFieldListFilter):
+    """Lists the values of the newest RECENT_ROWS requests, not of the whole table.
+
+    Django's own filter runs a DISTINCT over every row for each page: seconds on a
+    million. Recent values are the ones looked for; an older one still filters by URL
+    (``?command=resize``), and a selected value is always listed.
+    """
+
+    def __init__(self, field: Any, request: HttpRequest, params: dict[str, Any],
+                 model: type, model_admin: Any, field_path: str) -> None:
+        super().__init__(field, request, params, model, model_admin, field_path)
+        # Distinct here, not in SQL: given a DISTINCT, SQLite prefers reading a whole
+        # index that is in the field's order to the range of recent rows.
+        recent = newest_requests(request, model_admin.get_queryset(request)) \
+            .order_by().values_list(field.name, flat=True)
+        values = sorted(set(recent) - {""})[:FILTER_CHOICES]
+        self.lookup_choices = sorted({*values, *(self.lookup_val or ())})
+
+
+def newest_requests(request: HttpRequest, rows: QuerySet) -> QuerySet:
+    """``rows`` from the finish time of the RECENT_ROWS-th newest on: an index range.
+
+    (Not ``id IN (newest ids)``, which PostgreSQL joins against the whole table.) The
+    time is looked up once per page, for all the filters.
+    """
+    if not hasattr(request, "_newest_since"):
+        since = rows.values_list("finished_at", flat=True)[RECENT_ROWS - 1:RECENT_ROWS]
+        request._newest_since = next(iter(since), None)  # type: ignore[attr-defined]
+    since = request._newest_since  # type: ignore[attr-defined]
+    return rows if since is None else rows.filter(finished_at__gte=since)
+
+
 @admin.register(RequestRecord)
 class RequestRecordAdmin(ReadOnlyAdmin):
     list_display = (
-        "request_id", "command", "success", "code", "worker_id", "latency_ms", "attempts",
+        "request_id", "command", "success", "code", "worker", "latency", "attempts",
         "workers_lost", "requester", "process", "finished_at",
     )
-    # The detail page shows every field, ``routing`` (how its worker was chosen) too.
-    list_filter = ("success", "code", TookDownWorkers, "command", "process", "finished_at")
-    search_fields = ("request_id", "command", "worker_id", "requester", "error")
-    date_hierarchy = "finished_at"
+    list_filter = ("success", ("code", RecentValuesFilter), TookDownWorkers,
+                   ("command", RecentValuesFilter), ("process", RecentValuesFilter),
+                   "finished_at")
+    search_fields = ("request_id", "worker_id", "command")  # exact: get_search_results
+    search_help_text = "A request id, a worker id or a command, exactly."
     ordering = ("-finished_at",)
-    # The default count(*) for the paginator is slow on a large history table.
+    # Any other order would sort the whole table for one page.
+    sortable_by = ("finished_at",)
+    # The default count(*) for the paginator is slow on a large history table; so are
+    # facet counts, one per filter choice over the whole table.
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER
+    readonly_fields = ("timeline", "worker", "latency")
+    fieldsets = (
+        (None, {"fields": ("request_id", "command", "requester", "process", "traceparent")}),
+        ("Timeline", {"fields": ("timeline",)}),
+        ("Outcome", {"fields": ("success", "code", "error", "latency")}),
+        ("How its worker was chosen", {"fields": ("routing",)}),
+    )
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet,
+                           search_term: str) -> tuple[QuerySet, bool]:
+        """The rows of the request id, else of the worker id, else of the command.
+
+        Exact and on one indexed column at a time: the default substring search reads
+        every row, and an OR of columns cannot walk the index in time order.
+        """
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        for column in ("request_id", "worker_id"):
+            found = queryset.filter(**{column: term})
+            if found.exists():
+                return found, False
+        return queryset.filter(command=term), False
+
+    @admin.display(description="worker")
+    def worker(self, obj: RequestRecord) -> str:
+        """The worker that answered, linked to its registrations."""
+        if not obj.worker_id:
+            return "-"
+        return changelist_link(WorkerSession, obj.worker_id, worker_id=obj.worker_id)
+
+    @admin.display(description="latency")
+    def latency(self, obj: RequestRecord) -> str:
+        return duration(obj.latency_ms)
+
+    @admin.display(description="steps")
+    def timeline(self, obj: RequestRecord) -> SafeString:
+        """Submitted, placed, answered: when, by whom, and how long each step took."""
+        steps: list[tuple[Any, str, str]] = [("submitted", _moment(obj.started_at), "")]
+        answered_after = obj.started_at
+        if obj.placed_at is None:
+            steps.append(("never placed on a worker", "-", ""))
+        else:
+            first = "first placed on a worker" if obj.attempts > 1 else "placed on a worker"
+            steps.append((first, _moment(obj.placed_at, obj.started_at),
+                          _after(obj.started_at, obj.placed_at)))
+            answered_after = obj.placed_at
+        if obj.attempts > 1 or obj.workers_lost:
+            steps.append((f"{obj.attempts} attempts, {obj.workers_lost} worker(s) lost "
+                          f"under it", "", ""))
+        outcome = "ok" if obj.success else (obj.code or "failed")
+        by = format_html(" by {}", self.worker(obj)) if obj.worker_id else ""
+        steps.append((format_html("answered{}: {}", by, outcome),
+                      _moment(obj.finished_at, obj.started_at),
+                      _after(answered_after, obj.finished_at)))
+        total = obj.latency_ms if obj.latency_ms is not None else \
+            (obj.finished_at - obj.started_at).total_seconds() * 1000
+        steps.append(("total", "", duration(total)))
+        return format_html('<table class="timeline">{}</table>', format_html_join(
+            "", "<tr><th>{}</th><td>{}</td><td>{}</td></tr>", steps))
+
+
+def _moment(when: datetime, day_of: datetime | None = None) -> str:
+    """Local time to the millisecond; with its date unless that is ``day_of``'s."""
+    local = timezone.localtime(when)
+    text = f"{local:%H:%M:%S}.{local.microsecond // 1000:03d}"
+    if day_of is not None and timezone.localtime(day_of).date() == local.date():
+        return text
+    return f"{local:%Y-%m-%d} {text} {local:%Z}"
+
+
+def _after(earlier: datetime, later: datetime) -> str:
+    ms = (later - earlier).total_seconds() * 1000
+    return ("+" if ms >= 0 else "") + duration(ms)
 
 
 @admin.register(Credential)

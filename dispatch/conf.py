@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import uuid
 from functools import cache
@@ -114,6 +115,10 @@ class BrokerSettings(BaseModel):
                                        "dropped", ge=0)
     HISTORY_BUFFER_BYTES: int = _doc(64 * MiB, "bytes of history kept in memory at most; "
                                                "older records are dropped", ge=0)
+    HISTORY_RETENTION: float = _doc(0.0, "how long request history and offline worker "
+                                         "registrations are kept (30d, 12h, 2w; seconds "
+                                         "without a unit); older rows are deleted about "
+                                         "once an hour. 0: forever", ge=0)
     API_TOKEN: str = _doc("", "static bearer token for the HTTP control API (admin keys work "
                               "too); setting it ends protected mode")
     ALLOWED_ORIGINS: str = _doc("", "browser origins allowed on the worker and requester "
@@ -139,6 +144,30 @@ class BrokerSettings(BaseModel):
 
         parse_canaries(value)  # raises ValueError, which pydantic reports with the name
         return value
+
+    @field_validator("HISTORY_RETENTION", mode="before")
+    @classmethod
+    def _retention(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+
+#: Seconds per unit of a duration: ``90s``, ``15m``, ``12h``, ``30d``, ``2w``.
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30d``, ``12h``, ``2w``, ``1.5h`` or ``3600`` (no unit: seconds).
+
+    Retention is set by people in days and weeks; one number with one unit is all it
+    takes, and anything else is refused rather than guessed at.
+    """
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: a number and one of "
+                         f"{', '.join(DURATION_UNITS)} (e.g. 30d, 12h, 2w)")
+    number, unit = match.groups()
+    return float(number) * DURATION_UNITS[unit.lower() or "s"]
 
 
 #: Setting names, in the order the model declares them.

@@ -8,6 +8,10 @@ so the database sees a few bulk statements per second however busy the broker is
 History is best-effort by design: when the buffer is full the oldest records are
 dropped (and counted) rather than slowing requests down, and a database that fails
 is retried on the next flush rather than reported to any caller.
+
+With ``HISTORY_RETENTION`` set, the same task deletes what has grown older than that
+about once an hour, one short batch between two flushes (``manage.py prune_history``
+does it by hand).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Callable, Iterable
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import Case, CharField, F, Model, Value, When
+from django.db.models import Case, CharField, F, Model, QuerySet, Value, When
 
 from . import conf
 from .models import RequestRecord, WorkerSession
@@ -43,6 +47,11 @@ INSERT_CHUNK = 500
 #: every few seconds from every worker; writing each would cost a database update
 #: per worker per flush, for a column the admin shows to the minute.
 SEEN_EVERY = 60.0
+#: Rows one pruning DELETE removes at most: a short statement, so that the table is
+#: never locked for long (the writer's flushes and the admin get in between).
+PRUNE_BATCH = 10_000
+#: Seconds between two passes of pruning by the writer (``HISTORY_RETENTION``).
+PRUNE_EVERY = 3600.0
 
 _INT_MAX = 2**31 - 1
 _SMALLINT_MAX = 2**15 - 1
@@ -135,9 +144,13 @@ class HistoryRecorder:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._seen_noted: dict[str, float] = {}  # session -> last "seen" put in a batch
+        self._prune_cut: float | None = None  # what the pass under way deletes rows before
+        self._prune_due = 0.0  # monotonic time of the next pass: the first comes at once
+        self._pass_pruned = 0
         #: Totals since start, for health pages and tests.
         self.written = 0
         self.dropped = 0
+        self.pruned = 0
 
     # ----------------------------------------------------------- hot path, no await
 
@@ -276,13 +289,45 @@ class HistoryRecorder:
             self.written += written
             return written
 
+    async def prune_step(self) -> int:
+        """Delete one batch of rows older than ``HISTORY_RETENTION``, if a pass is due
+        or under way; return how many went.
+
+        A pass deletes what was older than the retention when it began, PRUNE_BATCH
+        rows per thread hop and one hop per flush, so flushes go on between batches
+        and even a backlog of millions drains without holding up the writer.
+        """
+        retention = conf.get("HISTORY_RETENTION")
+        if not retention or (self._prune_cut is None and time.monotonic() < self._prune_due):
+            return 0
+        if self._prune_cut is None:
+            self._prune_cut = time.time() - retention
+        async with self._lock:
+            try:
+                deleted = await database_sync_to_async(prune_batch)(_dt(self._prune_cut),
+                                                                    PRUNE_BATCH)
+            except DatabaseError as exc:
+                logger.warning("history: pruning failed, trying again in %.0f s: %s",
+                               PRUNE_EVERY, exc)
+                deleted = 0
+        self.pruned += deleted
+        self._pass_pruned += deleted
+        if not deleted:
+            if self._pass_pruned:
+                logger.info("history: deleted %d rows older than HISTORY_RETENTION (%.0f s)",
+                            self._pass_pruned, retention)
+            self._prune_cut, self._pass_pruned = None, 0
+            self._prune_due = time.monotonic() + PRUNE_EVERY
+        return deleted
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.flush_seconds)
             try:
                 await self.flush()
-            except Exception:  # flush() does not raise; this is a last line of defence
-                logger.exception("history flush failed unexpectedly")
+                await self.prune_step()
+            except Exception:  # neither raises; this is a last line of defence
+                logger.exception("history: flush or pruning failed unexpectedly")
 
     def _take(self) -> Batch:
         """Swap in a fresh buffer and return what was gathered, retry batch first."""
@@ -343,6 +388,9 @@ class NullRecorder(HistoryRecorder):
         pass
 
     async def flush(self) -> int:
+        return 0
+
+    async def prune_step(self) -> int:
         return 0
 
 
@@ -422,6 +470,39 @@ def _mark_offline(keep: list[str], connected_before: float) -> int:
         status=WorkerSession.Status.ONLINE, connected_at__lt=_dt(connected_before)
     ).exclude(process__in=keep).update(
         status=WorkerSession.Status.OFFLINE, disconnected_at=F("last_seen"))
+
+
+# --------------------------------------------------------------------------- pruning (sync)
+
+
+def old_rows(cut: datetime) -> dict[str, QuerySet]:
+    """What retention deletes, by name: requests answered before ``cut`` and the
+    registrations of connections that ended before it (an online one stays)."""
+    return {
+        "requests": RequestRecord.objects.filter(finished_at__lt=cut),
+        "worker registrations": WorkerSession.objects.filter(
+            status=WorkerSession.Status.OFFLINE, disconnected_at__lt=cut),
+    }
+
+
+def delete_batch(rows: QuerySet, batch: int) -> int:
+    """Delete at most ``batch`` of ``rows`` in one statement; return how many went.
+
+    ``DELETE ... WHERE id IN (SELECT id ... LIMIT batch)``: one short statement per
+    batch (each its own transaction), never one that holds the table for minutes.
+    """
+    chosen = rows.order_by().values("pk")[:batch]
+    deleted, _ = rows.model._default_manager.filter(pk__in=chosen).delete()
+    return deleted
+
+
+def prune_batch(cut: datetime, batch: int) -> int:
+    """One batch of what is older than ``cut``, requests first; 0 when none is left."""
+    for rows in old_rows(cut).values():
+        deleted = delete_batch(rows, batch)
+        if deleted:
+            return deleted
+    return 0
 
 
 # --------------------------------------------------------------------------- writing (sync)

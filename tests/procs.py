@@ -144,6 +144,10 @@ class Broker:
         with urllib.request.urlopen(self.http_url + path, timeout=5) as resp:
             return json.load(resp)
 
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.http_url + path, timeout=5) as resp:
+            return resp.read().decode()
+
     def workers(self) -> list[dict[str, Any]]:
         return self.get("/api/workers")["workers"]
 

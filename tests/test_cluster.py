@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+import websockets
 
 from tests.procs import ROOT, Broker, WorkerProc, free_port_rows, until, wait_for
 from workers.requester import Requester, SyncRequester
@@ -77,6 +78,17 @@ def test_worker_on_one_process_serves_requesters_and_commands_on_another(
     assert sent.returncode == 0 and '"data": 42' in sent.stdout
     assert b.manage("broadcast", "hello from b").returncode == 0
     wait_for(lambda: "hello from b" in worker.log(), 5, "worker on a to get b's broadcast")
+    # b's dashboard shows the fleet of every process; its metrics count its own workers
+    snapshot = asyncio.run(first_dashboard_snapshot(b))
+    assert [(w["name"], w["process"]) for w in snapshot["workers"]] == \
+        [("on-a", info["process"])]
+    assert "broker_workers{state=\"online\"} 0.0" in b.text("/metrics")
+    assert "broker_workers{state=\"online\"} 1.0" in a.text("/metrics")
+
+
+async def first_dashboard_snapshot(broker: Broker) -> dict:
+    async with websockets.connect(f"ws://{broker.host}:{broker.http_port}/ws/dashboard/") as ws:
+        return json.loads(await asyncio.wait_for(ws.recv(), 10))
 
 
 def test_round_robin_is_global(cluster, workers_started) -> None:

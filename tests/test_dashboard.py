@@ -86,6 +86,14 @@ async def test_a_remote_peer_without_a_credential_gets_no_data(broker_state) -> 
     assert code == 4401 and [f["type"] for f in frames] == ["error"]
 
 
+async def test_a_socket_that_never_logs_in_is_closed(broker_state, monkeypatch) -> None:
+    monkeypatch.setattr(dashboard, "AUTH_SECONDS", 0.2)
+    comm = await open_dashboard(client="203.0.113.7")
+    frames, code = await closed_with(comm)
+    assert code == 4401 and [f["type"] for f in frames] == ["auth_required", "error"]
+    assert not dashboard.DashboardSocket.waiting
+
+
 async def test_a_flood_of_sockets_waiting_to_log_in_is_turned_away(broker_state,
                                                                   monkeypatch) -> None:
     monkeypatch.setattr(dashboard, "MAX_UNAUTHENTICATED", 3)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.procs import Broker, WorkerProc, wait_for
+from tests.procs import Broker, wait_for
 from workers.requester import SyncRequester
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -77,6 +77,35 @@ def click(driver: Any, table: str, key_text: str, action: str) -> None:
         f"#{table}", key_text, action)
 
 
+def traffic(broker: Broker, seconds: float) -> None:
+    """A few callers with varied work for ``seconds``, a failure now and then; then a
+    few slow requests left running."""
+    stop = time.monotonic() + seconds
+
+    def caller(lane: int) -> None:
+        with SyncRequester(broker.requester_url) as requester:
+            i = 0
+            while time.monotonic() < stop:
+                i += 1
+                if i % 40 == 0:
+                    requester.request("explode", {})
+                else:
+                    requester.request("sleep_ms", {"ms": 2 + (i * 7 + lane * 13) % 40})
+
+    lanes = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(6)]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join(seconds + 10)
+
+    def slow() -> None:
+        with SyncRequester(broker.requester_url) as requester:
+            requester.request("slow", {"seconds": 8})
+
+    for _ in range(3):
+        threading.Thread(target=slow, daemon=True).start()
+    time.sleep(2.5)  # shown by the next snapshot
+
 def test_the_fleet_lives_on_the_page(broker: Broker, spawn_worker, browser) -> None:
     for name in ("gpu-1", "gpu-2", "cpu-1"):
         spawn_worker(name, *HANDLERS, "--label", f"pool={name.split('-')[0]}")
@@ -92,7 +121,7 @@ def test_the_fleet_lives_on_the_page(broker: Broker, spawn_worker, browser) -> N
     until(browser, lambda: browser.execute_script(
         "return document.querySelectorAll('#chart-rate path').length") >= 1, "a chart drawn")
     if os.environ.get("DASHBOARD_SCREENSHOT"):
-        time.sleep(1.5)  # a second snapshot, so that the charts have drawn
+        traffic(broker, seconds=45)  # something worth a picture on the charts
         browser.save_screenshot(os.environ["DASHBOARD_SCREENSHOT"])
 
     fourth = spawn_worker("edge-1", *HANDLERS, wait=False)
@@ -101,6 +130,7 @@ def test_the_fleet_lives_on_the_page(broker: Broker, spawn_worker, browser) -> N
     left = until(browser, lambda: "edge-1" not in names(browser), "the killed worker gone")
     print(f"appeared within {appeared:.2f} s of starting, gone {left:.2f} s after kill -9")
     assert browser.find_element("id", "status").text == "connected"  # never reloaded
+    assert len(rows(browser, "failures")) == 1  # one row per failure, however many pushes
 
     click(browser, "workers", "gpu-2", "drain")
     until(browser, lambda: next(w for w in broker.workers() if w["name"] == "gpu-2")
@@ -126,6 +156,8 @@ def test_a_running_request_is_cancelled_from_the_page(broker: Broker, spawn_work
     browser.get(broker.http_url + "/dashboard/")
     until(browser, lambda: any(r[1] == "slow" for r in rows(browser, "running")),
           "the running request shown")
+    time.sleep(2.5)  # more snapshots: its row is refilled, not repeated
+    assert len(rows(browser, "running")) == 1
     click(browser, "running", "slow", "cancel")
     caller.join(15)
     assert answer["response"].code == "cancelled"

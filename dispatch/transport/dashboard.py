@@ -49,6 +49,8 @@ class DashboardSocket(BaseSocket):
     how: str | None = None  # "session", "key" or "protected" once admitted
     key: str = ""
     checked = 0.0
+    _deadline: asyncio.TimerHandle | None = None  # closes it if no key comes in time
+    _closing: asyncio.Task[None] | None = None
     waiting: ClassVar[set[DashboardSocket]] = set()  # of the process: yet to send a key
 
     async def connect(self) -> None:
@@ -68,7 +70,8 @@ class DashboardSocket(BaseSocket):
         else:
             DashboardSocket.waiting.add(self)
             await self.send_text('{"type": "auth_required"}')
-            asyncio.get_running_loop().call_later(AUTH_SECONDS, self._auth_timeout)
+            self._deadline = asyncio.get_running_loop().call_later(AUTH_SECONDS,
+                                                                   self._auth_timeout)
 
     def _same_origin(self, origin: str) -> bool:
         host = header(self.scope.get("headers", ()), b"host")
@@ -88,6 +91,8 @@ class DashboardSocket(BaseSocket):
         return await self._ambient() == self.how
 
     async def _start(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         DashboardSocket.waiting.discard(self)
         self.checked = time.monotonic()
         await self.send_text(orjson.dumps(await snapshot(await get_dispatcher())).decode())
@@ -108,7 +113,8 @@ class DashboardSocket(BaseSocket):
 
     def _auth_timeout(self) -> None:
         if self.how is None and self.state is SocketState.OPEN:
-            asyncio.ensure_future(self._fail("No credential in time", CloseCode.UNAUTHORIZED))
+            self._closing = asyncio.get_running_loop().create_task(
+                self._fail("No credential in time", CloseCode.UNAUTHORIZED))
 
     async def _fail(self, error: str, code: CloseCode) -> None:
         await self.refuse(error, None, ErrorCode.UNAUTHORIZED
@@ -120,6 +126,8 @@ class DashboardSocket(BaseSocket):
         self._leave()
 
     def _leave(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         DashboardSocket.waiting.discard(self)
         get_feed().unsubscribe(self.push)
 

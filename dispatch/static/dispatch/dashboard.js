@@ -122,19 +122,21 @@ function bar(fraction) {
 // removed; so a row under the pointer does not vanish and come back every second.
 function sync(tableId, items, keyOf, fill) {
   const body = $(tableId).tBodies[0];
-  const seen = new Set();
+  const old = body.rowsByKey || new Map();
+  const rows = new Map();
   items.forEach((item, index) => {
     const id = keyOf(item);
-    seen.add(id);
-    let row = body.querySelector(`tr[data-key="${CSS.escape(id)}"]`);
+    let row = old.get(id) || rows.get(id);
     if (!row) {
       row = document.createElement("tr");
       row.dataset.key = id;
     }
+    rows.set(id, row);
     if (body.children[index] !== row) body.insertBefore(row, body.children[index] || null);
     row.replaceChildren(...fill(item));
   });
-  [...body.children].forEach((row) => { if (!seen.has(row.dataset.key)) row.remove(); });
+  [...body.children].forEach((row) => { if (rows.get(row.dataset.key) !== row) row.remove(); });
+  body.rowsByKey = rows;
 }
 
 // ------------------------------------------------------------------ the page
@@ -172,7 +174,7 @@ function render(s) {
     el("td", ms(c.p99_ms), "num")]);
   $("running-note").textContent = s.queue.pending > s.running.length
     ? `(oldest ${s.running.length} of ${s.queue.pending})` : "";
-  sync("running", s.running, (r) => r.request_id + "\u0000" + r.requester, (r) => {
+  sync("running", s.running, (r) => `${r.request_id} ${r.requester}`, (r) => {
     const cancel = el("button", "Cancel", "danger");
     cancel.dataset.action = "cancel";
     cancel.onclick = () => act("cancel", {request_id: r.request_id});
@@ -181,7 +183,7 @@ function render(s) {
     return [el("td", r.request_id, "mono"), el("td", r.command, "mono"), el("td", r.state),
             el("td", ago(r.age), "num"), el("td", r.workers.join(", ") || "–", "mono"), actions];
   });
-  sync("failures", s.failures, (f) => `${f.at}\u0000${f.request_id}`, (f) => [
+  sync("failures", s.failures, (f) => `${f.at} ${f.request_id}`, (f) => [
     el("td", clock(f.at)), el("td", f.command, "mono"), el("td", f.code, "bad"),
     el("td", f.worker_id || "–", "mono"), el("td", f.request_id, "mono"),
     el("td", f.error, "error")]);
