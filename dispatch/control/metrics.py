@@ -76,18 +76,10 @@ class _Snapshot:
             if event not in ("layer_errors", "registry_errors"):
                 events.add_metric([event], n)
         yield events
-        closed = CounterMetricFamily("broker_connections_closed", "Connections the broker "
-                                     "refused or closed, by socket and reason (close code)",
-                                     labels=["socket", "reason"])
-        for (kind, reason), n in sorted(m.closed.items()):
-            closed.add_metric([kind, reason], n)
-        yield closed
-        refused = CounterMetricFamily("broker_frames_refused", "Frames refused with an "
-                                      "error (the connection kept), by socket and code",
-                                      labels=["socket", "reason"])
-        for (kind, reason), n in sorted(m.refused_frames.items()):
-            refused.add_metric([kind, reason], n)
-        yield refused
+        yield _by_socket("broker_connections_closed", "Connections the broker refused or "
+                         "closed, by socket and reason (close code)", m.closed)
+        yield _by_socket("broker_frames_refused", "Frames refused with an error (the "
+                         "connection kept), by socket and code", m.refused_frames)
         oldest = d.table.waiting.oldest()
         loop_now = asyncio.get_running_loop().time()
         for name, value, text in (
@@ -106,6 +98,13 @@ class _Snapshot:
         for state in WORKER_STATES:
             workers.add_metric([state], self.workers.get(state, 0))
         yield workers
+
+
+def _by_socket(name: str, text: str, counts: Counter[tuple[str, str]]) -> Metric:
+    family = CounterMetricFamily(name, text, labels=["socket", "reason"])
+    for (kind, reason), n in sorted(counts.items()):
+        family.add_metric([kind, reason], n)
+    return family
 
 
 def _le(bound: float) -> str:
