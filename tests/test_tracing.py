@@ -78,6 +78,7 @@ async def test_a_trace_context_reaches_the_worker_the_answer_and_history(
 def test_with_opentelemetry_the_broker_span_is_a_child_of_the_requesters() -> None:
     """In a fresh interpreter: a tracer provider is process-wide and set only once."""
     script = textwrap.dedent(f"""
+        import time
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -89,6 +90,7 @@ def test_with_opentelemetry_the_broker_span_is_a_child_of_the_requesters() -> No
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
+        time.sleep(1.1)  # noticed within a second
         span, passed_on = tracing.start_span("dispatch echo", "{TRACE}", command="echo")
         tracing.end_span(span, False, "timeout", worker_id="w1")
         with trace.get_tracer("t").start_as_current_span("caller"):

@@ -11,6 +11,7 @@ Without a configured provider every function here is a cheap no-op.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 try:
@@ -22,11 +23,22 @@ except ImportError:  # the optional package is absent: tracing is off
 _propagator = TraceContextTextMapPropagator() if trace is not None else None
 
 
+_checked = (-1.0, False)  # (monotonic time, answer): asked at most once a second
+
+
 def enabled() -> bool:
-    """A tracer provider is configured (the API alone only has its no-op proxy)."""
-    return trace is not None and not isinstance(trace.get_tracer_provider(),
-                                                (trace.ProxyTracerProvider,
-                                                 trace.NoOpTracerProvider))
+    """A tracer provider is configured (the API alone only has its no-op proxy).
+
+    Asked on every request, so the answer is kept for a second: a provider set up
+    after start is noticed within a second."""
+    global _checked
+    if trace is None:
+        return False
+    now = time.monotonic()
+    if now - _checked[0] > 1.0:
+        _checked = (now, not isinstance(trace.get_tracer_provider(),
+                                        (trace.ProxyTracerProvider, trace.NoOpTracerProvider)))
+    return _checked[1]
 
 
 def current_traceparent() -> str | None:
