@@ -28,7 +28,8 @@ from websockets.uri import parse_uri
 
 from .errors import ConnectionLost, RegistrationFailed, RequestFailed, describe
 from .handlers import CommandRegistry
-from .protocol import CloseCode, Message, MessageType, Registration, quote, random_id
+from .protocol import (CloseCode, ErrorCode, Message, MessageType, Registration, quote,
+                       random_id)
 from .address import auth_headers
 from .session import (CLOSE_TIMEOUT, SHUTTING_DOWN, STOPPED, MessageHandler, Session)
 
@@ -134,6 +135,7 @@ class Worker:
 
         self._worker_id = random_id()
         self._interval = heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
+        self._describe = True  # send the commands' schemas (until a broker finds them too big)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._handlers: dict[str, list[MessageHandler]] = {}
         self._session: Session | None = None
@@ -292,6 +294,13 @@ class Worker:
         except RegistrationFailed as exc:
             logger.error("Registration of worker %s with %s failed: %s", self._worker_id, url,
                          exc)
+            if exc.code == ErrorCode.TOO_LARGE.value and self._describe:
+                # A broker with a small MAX_MESSAGE_BYTES: its limit is on every frame,
+                # and the commands' descriptions are what can be done without.
+                self._describe = False
+                logger.warning("Registering without command schemas from now on: the "
+                               "broker's frame limit is too small for them")
+                return False, "registration too large"
             if exc.close_code == CloseCode.WORKER_ID_TAKEN:
                 old, self._worker_id = self._worker_id, random_id()
                 logger.warning("Worker id %s belongs to another credential; registering as "
@@ -311,7 +320,8 @@ class Worker:
         return Registration(self._worker_id, self.name, self.registry.names(), self.weight,
                             self.max_concurrency, self.registry.not_idempotent(),
                             self.registry.leases(), self.labels, self.version,
-                            self.registry.hedged(), self.registry.schemas())
+                            self.registry.hedged(),
+                            self.registry.schemas() if self._describe else {})
 
     def _adopt(self, data: dict[str, Any]) -> None:
         """The broker's answer to ``connect``: its id for us, and its heartbeat interval."""

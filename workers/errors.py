@@ -127,12 +127,14 @@ class RegistrationFailed(Exception):
     """The broker answered our ``connect`` frame with an ``error``, or not at all.
 
     ``close_code`` is the code the broker closed with, when it did (4409: the worker
-    id belongs to another credential).
+    id belongs to another credential); ``code`` the error code of its answer.
     """
 
-    def __init__(self, reason: str, close_code: int | None = None) -> None:
+    def __init__(self, reason: str, close_code: int | None = None,
+                 code: str | None = None) -> None:
         super().__init__(reason)
         self.close_code = close_code
+        self.code = code
 
 
 __all__ = ["AllBusy", "BrokerUnavailable", "Cancelled", "CommandFailed", "ConnectionLost", "NoWorkers",

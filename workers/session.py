@@ -220,8 +220,9 @@ class Session:
                     if msg.type == MessageType.ERROR.value:
                         reason = str(msg.data.get("error") or "no reason given")
                         await self._closed_quietly()
-                        code = self.ws.close_code
-                        raise RegistrationFailed(reason, code)
+                        code = msg.data.get("code")
+                        raise RegistrationFailed(reason, self.ws.close_code,
+                                                 code if isinstance(code, str) else None)
                     await self._carry_out(msg)
         except TimeoutError:
             raise RegistrationFailed(
