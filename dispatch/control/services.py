@@ -7,12 +7,11 @@ so they reach every worker whichever broker process holds it.
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import time
 from collections import Counter
 from typing import Any
 
+import orjson
 from channels.layers import get_channel_layer
 
 from workers.protocol import ApiResponse, new_id
@@ -35,14 +34,23 @@ async def workers_list() -> list[dict[str, Any]]:
 async def describe(command: str | None = None) -> dict[str, Any]:
     """Every command the online workers offer (or only ``command``), sorted: by which
     workers, its schema as most of them sent it at registration (``schemas_differ``
-    when others sent another; None when none sent one), and its ``stats``."""
+    when others sent another; None when none sent one), and its ``stats``.
+
+    Reading a big fleet's schemas is CPU work (up to 16 KB of JSON per worker): it
+    is done in a thread, so the event loop keeps serving meanwhile."""
+    entries = await get_registry().described()
+    return await asyncio.to_thread(_describe, entries, command, command_stats())
+
+
+def _describe(entries: list[WorkerEntry], command: str | None,
+              stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
     offering: dict[str, list[WorkerEntry]] = {}
-    for entry in await get_registry().described():
+    for entry in entries:
         for name in entry.commands:
             if command is None or name == command:
                 offering.setdefault(name, []).append(entry)
-    stats = command_stats()
-    return {"commands": [_command(name, offering[name], stats.get(name, {}))
+    parsed: dict[str, dict[str, tuple[bytes, dict[str, Any]]]] = {}  # each text once
+    return {"commands": [_command(name, offering[name], stats.get(name, {}), parsed)
                          for name in sorted(offering)]}
 
 
@@ -52,12 +60,16 @@ def command_stats() -> dict[str, dict[str, Any]]:
     return meter.command_summary()
 
 
-def _command(name: str, entries: list[WorkerEntry], stats: dict[str, Any]) -> dict[str, Any]:
+def _command(name: str, entries: list[WorkerEntry], stats: dict[str, Any],
+             parsed: dict[str, dict[str, tuple[bytes, dict[str, Any]]]]) -> dict[str, Any]:
     entries.sort(key=lambda e: (e.name, e.worker_id))
-    votes: Counter[str] = Counter()
-    schemas: dict[str, dict[str, Any]] = {}
+    votes: Counter[bytes] = Counter()
+    schemas: dict[bytes, dict[str, Any]] = {}
     for entry in entries:
-        found = _schemas(entry.schemas).get(name)
+        mine = parsed.get(entry.schemas)
+        if mine is None:
+            mine = parsed[entry.schemas] = _schemas(entry.schemas)
+        found = mine.get(name)
         if found is not None:
             votes[found[0]] += 1
             schemas[found[0]] = found[1]
@@ -69,14 +81,12 @@ def _command(name: str, entries: list[WorkerEntry], stats: dict[str, Any]) -> di
             "schemas_differ": len(votes) > 1, "stats": stats}
 
 
-@functools.lru_cache(maxsize=256)
-def _schemas(text: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """A worker's schemas by command, each with a key that equal schemas share; parsed
-    once per distinct text, as a fleet registers few (shared: never changed)."""
+def _schemas(text: str) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    """A worker's schemas by command, each with a key that equal schemas share."""
     if not text:
         return {}
-    return {command: (json.dumps(schema, sort_keys=True), schema)
-            for command, schema in json.loads(text).items()}
+    return {command: (orjson.dumps(schema, option=orjson.OPT_SORT_KEYS), schema)
+            for command, schema in orjson.loads(text).items()}
 
 
 async def broadcast(message: Any) -> int:
