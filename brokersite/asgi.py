@@ -10,9 +10,9 @@ django_asgi_app = get_asgi_application()  # sets Django up before consumers are 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from dispatch.transport.routing import SocketRouter  # noqa: E402
+from dispatch.transport.routing import HttpPorts, SocketRouter  # noqa: E402
 
 application = ProtocolTypeRouter({
-    "http": ASGIStaticFilesHandler(django_asgi_app),
+    "http": HttpPorts(ASGIStaticFilesHandler(django_asgi_app)),
     "websocket": SocketRouter(),
 })

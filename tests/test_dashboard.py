@@ -37,9 +37,9 @@ async def broker_state(async_db: None) -> AsyncIterator[None]:
     registry_module.reset_registry()
 
 
-async def open_dashboard(*, client: str = "127.0.0.1", origin: str | None = None
-                         ) -> WebsocketCommunicator:
-    headers = [(b"host", b"broker.test:8000")]
+async def open_dashboard(*, client: str = "127.0.0.1", origin: str | None = None,
+                         host: str = "broker.test:8000") -> WebsocketCommunicator:
+    headers = [(b"host", host.encode())]
     if origin:
         headers.append((b"origin", origin.encode()))
     comm = WebsocketCommunicator(app, "/ws/dashboard/", headers=headers)
@@ -142,9 +142,22 @@ async def test_a_page_of_another_site_is_refused_before_any_data(broker_state) -
     comm = await open_dashboard(origin="https://evil.example")
     frames, code = await closed_with(comm)
     assert code == 4403 and [f["type"] for f in frames] == ["error"]
+    # DNS rebinding: a name of the attacker's resolved to the broker; page and Host agree
+    rebound = await open_dashboard(origin="http://evil.example:8000", host="evil.example:8000")
+    _, code = await closed_with(rebound)
+    assert code == 4403
     own = await open_dashboard(origin="http://broker.test:8000")
     assert (await own.receive_json_from(3))["type"] == "snapshot"
     await own.disconnect()
+
+
+async def test_no_dashboard_on_the_ports_that_face_the_fleet(broker_state) -> None:
+    from dispatch import conf
+
+    for port in (conf.get("WORKER_PORT"), conf.get("REQUESTER_PORT")):
+        comm = WebsocketCommunicator(app, "/ws/dashboard/", headers=[(b"host", b"broker.test")])
+        comm.scope["server"] = ("127.0.0.1", port)
+        assert await comm.connect(timeout=3) == (False, 4404)
 
 
 async def test_drain_undrain_and_bad_actions(broker_state) -> None:

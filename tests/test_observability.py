@@ -97,6 +97,23 @@ def test_metrics_need_the_api_credential_once_there_is_one(broker_factory) -> No
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_the_fleets_ports_answer_the_probes_and_nothing_else(broker: Broker) -> None:
+    for port in (broker.worker_port, broker.requester_port):
+        base = f"http://{broker.host}:{port}"
+        for path in ("/admin/login/", "/dashboard/", "/api/workers", "/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(base + path, timeout=5)
+            assert refused.value.code == 404, path
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as resp:
+            assert json.load(resp)["status"] == "ok"
+        with urllib.request.urlopen(base + "/readyz", timeout=5) as resp:
+            assert json.load(resp)["status"] == "ready"
+    with urllib.request.urlopen(broker.http_url + "/admin/login/", timeout=5) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_readyz_fails_with_the_reason_while_redis_is_down(broker_factory, redis_server) -> None:
     broker = broker_factory(env={"REDIS_URL": redis_server.url})

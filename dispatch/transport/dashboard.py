@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import orjson
 from channels.auth import get_user
+from django.conf import settings
+from django.http.request import split_domain_port, validate_host
 
 from workers import protocol
 from workers.protocol import CloseCode, ErrorCode, ProtocolError
@@ -74,8 +76,11 @@ class DashboardSocket(BaseSocket):
                                                                    self._auth_timeout)
 
     def _same_origin(self, origin: str) -> bool:
+        """The page is the broker's own: its Origin is this Host, and the Host is one
+        of ALLOWED_HOSTS (else a rebound DNS name would count as the broker's own)."""
         host = header(self.scope.get("headers", ()), b"host")
-        return host is not None and urlsplit(origin).netloc == host
+        return host is not None and urlsplit(origin).netloc == host and \
+            validate_host(split_domain_port(host)[0], settings.ALLOWED_HOSTS)
 
     async def _ambient(self) -> str | None:
         """What admits this socket without a key: a staff session, or protected mode."""

@@ -3,7 +3,10 @@
 Daphne listens on the worker, requester and HTTP ports with one application, and
 ``scope["server"]`` tells which port a connection arrived on. The paths
 ``/ws/worker/`` and ``/ws/requester/`` work on any port, so a single port behind
-a proxy serves both kinds of peer; ``/ws/dashboard/`` is the live dashboard's.
+a proxy serves both kinds of peer. The worker and requester ports, which face the
+fleet (often the internet), serve nothing else: no dashboard socket, and of HTTP
+only ``/healthz`` and ``/readyz`` (:class:`HttpPorts`); the admin, the control API
+and the dashboard are on the HTTP port.
 
 With the ``ECHO_ROUTE`` setting on (tests only), ``/ws/echo/`` echoes every frame
 back, so a protocol-conformance suite can exercise daphne and Channels directly.
@@ -26,10 +29,38 @@ from .workers import WorkerConsumer
 
 log = logging.getLogger("dispatch.routing")
 
+#: HTTP paths the worker and requester ports answer (for load balancers' probes).
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 WORKER_PATH = "/ws/worker"
 REQUESTER_PATH = "/ws/requester"
 ECHO_PATH = "/ws/echo"
 DASHBOARD_PATH = "/ws/dashboard"
+
+
+def on_fleet_port(scope: dict[str, Any]) -> bool:
+    """The connection came in on the worker or the requester port."""
+    port = (scope.get("server") or (None, None))[1]
+    return port is not None and port != conf.get("HTTP_PORT") and \
+        port in (conf.get("WORKER_PORT"), conf.get("REQUESTER_PORT"))
+
+
+class HttpPorts:
+    """ASGI app for HTTP scopes: everything on the HTTP port, only the probes on the
+    worker and requester ports (404 for the rest, before Django sees it)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("path", "").rstrip("/") in PROBE_PATHS or not on_fleet_port(scope):
+            await self.app(scope, receive, send)
+            return
+        body = b"Not found: this port serves workers or requesters; the admin, the " \
+               b"control API and the dashboard are on the HTTP port\n"
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class SocketRouter:
@@ -49,7 +80,7 @@ class SocketRouter:
         if path == REQUESTER_PATH:
             return self.requester
         if path == DASHBOARD_PATH:
-            return self.dashboard
+            return None if on_fleet_port(scope) else self.dashboard
         if path == ECHO_PATH and conf.get("ECHO_ROUTE"):
             return self.echo
         if path == "":
