@@ -94,19 +94,44 @@ async def test_a_socket_that_never_logs_in_is_closed(broker_state, monkeypatch) 
     assert not dashboard.DashboardSocket.waiting
 
 
-async def test_a_flood_of_sockets_waiting_to_log_in_is_turned_away(broker_state,
+async def test_one_peer_cannot_take_every_place_waiting_to_log_in(broker_state,
                                                                   monkeypatch) -> None:
-    monkeypatch.setattr(dashboard, "MAX_UNAUTHENTICATED", 3)
+    monkeypatch.setattr(dashboard, "MAX_UNAUTHENTICATED_PER_PEER", 3)
     waiting = [await open_dashboard(client="203.0.113.7") for _ in range(3)]
     for comm in waiting:
         assert await comm.receive_json_from(3) == {"type": "auth_required"}
-    _, code = await closed_with(await open_dashboard(client="203.0.113.7"))
-    assert code == 4429
+    frames, code = await closed_with(await open_dashboard(client="203.0.113.7"))
+    assert code == 4429 and frames[0]["code"] == "limit_exceeded"
+    other = await open_dashboard(client="198.51.100.9")  # another peer still gets a place
+    assert await other.receive_json_from(3) == {"type": "auth_required"}
     await waiting[0].disconnect()  # a place frees
     again = await open_dashboard(client="203.0.113.7")
     assert await again.receive_json_from(3) == {"type": "auth_required"}
-    for comm in (*waiting[1:], again):
+    for comm in (*waiting[1:], other, again):
         await comm.disconnect()
+
+
+async def test_logging_out_closes_an_open_dashboard(broker_state, monkeypatch) -> None:
+    from django.contrib.auth.models import User
+    from django.contrib.sessions.models import Session
+    from django.test import Client
+
+    monkeypatch.setattr(dashboard, "RECHECK_SECONDS", 0.0)
+    await admin_key()  # protected mode ends: only the session admits it
+
+    def login() -> str:
+        client = Client()
+        client.force_login(User.objects.create_user("boss", is_staff=True))
+        return client.cookies["sessionid"].value
+
+    session = await database_sync_to_async(login)()
+    comm = WebsocketCommunicator(app, "/ws/dashboard/", headers=[
+        (b"host", b"broker.test:8000"), (b"cookie", f"sessionid={session}".encode())])
+    assert (await comm.connect(timeout=3))[0]
+    assert (await comm.receive_json_from(3))["type"] == "snapshot"
+    await database_sync_to_async(Session.objects.filter(session_key=session).delete)()
+    frames, code = await closed_with(comm)  # what /admin/logout/ does to the session
+    assert code == 4401 and frames[-1]["type"] == "error"
 
 
 async def test_an_admin_key_admits_and_a_wrong_one_does_not(broker_state) -> None:

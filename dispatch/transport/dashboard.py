@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from importlib import import_module
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -33,7 +34,7 @@ from ..control import services
 from ..control.fleetview import get_feed, snapshot
 from ..core.dispatcher import get_dispatcher
 from ..core.metering import meter
-from .sockets import BaseSocket, SocketState
+from .sockets import REFUSAL_LOG, BaseSocket, SocketState
 
 log = logging.getLogger("dispatch.dashboard")
 
@@ -41,9 +42,11 @@ log = logging.getLogger("dispatch.dashboard")
 AUTH_SECONDS = 10.0
 #: Seconds between checks that the credential still admits the socket.
 RECHECK_SECONDS = 5.0
-#: Sockets of the process that may wait for their key at once: a flood of them is
-#: turned away at once instead of each holding memory for AUTH_SECONDS.
-MAX_UNAUTHENTICATED = 64
+#: Sockets of the process that may wait for their key at once, and of those, from one
+#: peer address: a flood is turned away at once instead of each holding memory for
+#: AUTH_SECONDS, and one peer cannot take every place and lock operators out.
+MAX_UNAUTHENTICATED = 256
+MAX_UNAUTHENTICATED_PER_PEER = 4
 
 
 class DashboardSocket(BaseSocket):
@@ -66,7 +69,9 @@ class DashboardSocket(BaseSocket):
         self.how = await self._ambient()
         if self.how is not None:
             await self._start()
-        elif len(DashboardSocket.waiting) >= MAX_UNAUTHENTICATED:
+        elif len(DashboardSocket.waiting) >= MAX_UNAUTHENTICATED or sum(
+                s.peer.host == self.peer.host for s in DashboardSocket.waiting
+        ) >= MAX_UNAUTHENTICATED_PER_PEER:
             await self._fail("Too many dashboards are waiting to log in; try again later",
                              CloseCode.TOO_MANY_CONNECTIONS)
         else:
@@ -83,10 +88,17 @@ class DashboardSocket(BaseSocket):
             validate_host(split_domain_port(host)[0], settings.ALLOWED_HOSTS)
 
     async def _ambient(self) -> str | None:
-        """What admits this socket without a key: a staff session, or protected mode."""
-        user = await get_user(self.scope) if "session" in self.scope else None
-        if user is not None and user.is_active and user.is_staff:
-            return "session"
+        """What admits this socket without a key: a staff session, or protected mode.
+
+        The session is read from its store each time, not from the copy loaded at
+        connect: a logout (or an expiry) deletes it there, and must end the dashboard."""
+        session = self.scope.get("session")
+        key = getattr(session, "session_key", None) if session is not None else None
+        if key:
+            store = import_module(settings.SESSION_ENGINE).SessionStore(key)
+            user = await get_user({"session": store})
+            if user.is_active and user.is_staff:
+                return "session"
         guard = await get_guard()
         return "protected" if guard.protected_mode and self.peer.local else None
 
@@ -122,8 +134,7 @@ class DashboardSocket(BaseSocket):
                 self._fail("No credential in time", CloseCode.UNAUTHORIZED))
 
     async def _fail(self, error: str, code: CloseCode) -> None:
-        await self.refuse(error, None, ErrorCode.UNAUTHORIZED
-                          if code is CloseCode.UNAUTHORIZED else ErrorCode.NOT_ALLOWED)
+        await self.refuse(error, None, _ERRORS.get(code, ErrorCode.NOT_ALLOWED))
         self._leave()
         await self.close(code)
 
@@ -156,6 +167,8 @@ class DashboardSocket(BaseSocket):
                 self.how, self.key = "key", key
                 await self._start()
             else:
+                REFUSAL_LOG.log(log, logging.INFO, "dashboard from %s: wrong or no key",
+                                self.peer)
                 await self._fail("Send {\"type\": \"auth\", \"key\": \"<admin key>\"} first, "
                                  "or log in to the admin as staff", CloseCode.UNAUTHORIZED)
             return
@@ -185,6 +198,10 @@ class DashboardSocket(BaseSocket):
                     else f"No request {protocol.quote(request_id)} is running")
         raise ProtocolError(f"Unknown action {protocol.quote(kind)}: expected drain, "
                             "undrain or cancel")
+
+
+_ERRORS = {CloseCode.UNAUTHORIZED: ErrorCode.UNAUTHORIZED,
+           CloseCode.TOO_MANY_CONNECTIONS: ErrorCode.LIMIT_EXCEEDED}
 
 
 def _text(frame: dict[str, Any], name: str) -> str:

@@ -43,10 +43,12 @@ function receive(msg) {
   } else if (msg.type === "done") {
     toast(msg.message);
   } else if (msg.type === "error") {
-    if (msg.code === "unauthorized" || msg.code === "not_allowed") {
+    if (msg.code === "unauthorized") {
       sessionStorage.removeItem("dashboard-key");
       key = "";
       showAuth(msg.error);
+    } else if (msg.code === "not_allowed" || msg.code === "limit_exceeded") {
+      showAuth(msg.error);  // the key may be fine: keep it for the next try
     } else {
       toast(msg.error);
     }
