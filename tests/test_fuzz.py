@@ -214,13 +214,17 @@ def test_object_parsers_take_any_json_object(name: str, obj: dict[str, Any]) -> 
 
 
 nonempty_text = wire_text.filter(bool)
+#: Names (commands, worker names) must be printable text: the protocol refuses others.
+name_text = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cf", "Co", "Cn", "Zs",
+                                                        "Zl", "Zp"),
+                                  whitelist_characters=" "), min_size=1, max_size=30)
 finite = st.floats(allow_nan=False, allow_infinity=False)
 
 
 @FUZZ
 @given(m=st.builds(Message, type=nonempty_text, data=json_objects, msg_id=nonempty_text,
                    timestamp=finite),
-       req=st.builds(ApiRequest, command=nonempty_text, data=json_objects,
+       req=st.builds(ApiRequest, command=name_text, data=json_objects,
                      request_id=nonempty_text,
                      timeout=st.none() | st.floats(min_value=1e-6, max_value=86400)),
        resp=st.builds(ApiResponse, request_id=st.none() | wire_text, success=st.booleans(),
@@ -228,11 +232,11 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
                       processed_by=st.none() | wire_text),
        reg=st.builds(Registration,
                      worker_id=st.from_regex(r"[A-Za-z0-9._:@-]{1,40}", fullmatch=True),
-                     name=nonempty_text,
-                     commands=st.lists(nonempty_text, min_size=1, max_size=4),
+                     name=name_text,
+                     commands=st.lists(name_text, min_size=1, max_size=4),
                      weight=st.floats(min_value=1e-9, max_value=1e9),
                      max_concurrency=st.integers(1, 2**63 - 1),
-                     no_retry=st.lists(nonempty_text, max_size=3)))
+                     no_retry=st.lists(name_text, max_size=3)))
 def test_what_is_serialized_parses_back_to_the_same_object(
         m: Message, req: ApiRequest, resp: ApiResponse, reg: Registration) -> None:
     check_message(m)

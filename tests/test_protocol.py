@@ -309,3 +309,15 @@ def test_worker_ids_that_could_pass_for_others_are_refused(worker_id: str) -> No
     with pytest.raises(ProtocolError, match="may hold only letters, digits"):
         Registration.from_data({"worker_id": worker_id, "commands": ["echo"]})
     assert Registration.from_data({"worker_id": "gpu-1.eu:a@b_c", "commands": ["x"]})
+
+
+@pytest.mark.parametrize("bad", ["\x1b[31mred", "c1\u009b2J", "rtl\u202eevil", "line\nbreak"])
+def test_names_that_could_take_over_a_terminal_are_refused(bad: str) -> None:
+    with pytest.raises(ProtocolError, match="printable"):
+        Registration.from_data({"worker_id": "w1", "name": bad, "commands": ["echo"]})
+    with pytest.raises(ProtocolError, match="printable"):
+        Registration.from_data({"worker_id": "w1", "commands": ["echo", bad]})
+    with pytest.raises(ProtocolError, match="printable"):
+        ApiRequest.from_dict({"command": bad})
+    assert Registration.from_data({"worker_id": "w1", "name": "GPU box 1",
+                                   "commands": ["ok name"]}).name == "GPU box 1"

@@ -309,6 +309,10 @@ def _names(obj: dict[str, Any], name: str, default: Any = ...) -> list[str]:
     if long is not None:
         raise ProtocolError(f"Field '{name}' has a name of {len(long)} characters (limit "
                             f"{MAX_NAME_CHARS}): '{quote(long, 40)}'")
+    odd = next((c for c in value if not c.isprintable()), None)
+    if odd is not None:
+        raise ProtocolError(f"Field '{name}' has a name that is not printable text: "
+                            f"'{quote(odd, 40)}'")
     return value
 
 
@@ -739,7 +743,10 @@ class Registration:
         if not WORKER_ID.fullmatch(worker_id):
             raise ProtocolError("Field 'worker_id' may hold only letters, digits and . _ : @ -"
                                 f", got '{quote(worker_id, 40)}'")
-        return cls(worker_id=worker_id, name=_text(data, "name", MAX_NAME_CHARS, None) or worker_id,
+        name = _text(data, "name", MAX_NAME_CHARS, None) or worker_id
+        if not name.isprintable():
+            raise ProtocolError(f"Field 'name' must be printable text, got '{quote(name, 40)}'")
+        return cls(worker_id=worker_id, name=name,
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
                    no_retry=no_retry, leases={k: float(v) for k, v in leases.items()},
                    labels=labels, version=version, hedge=hedge, schemas=schemas,
@@ -809,6 +816,9 @@ class ApiRequest:
         command = _text(obj, "command", MAX_NAME_CHARS, request_id=rid)
         if not command:
             raise ProtocolError("Field 'command' must not be empty", request_id=rid)
+        if not command.isprintable():
+            raise ProtocolError(f"Field 'command' must be printable text, got "
+                                f"'{quote(command, 40)}'", request_id=rid)
         timeout = _field(obj, "timeout", (int, float), None, request_id=rid)
         if timeout is not None and not 0 < timeout <= MAX_PROTOCOL_TIMEOUT:
             raise ProtocolError(f"Field 'timeout' must be between 0 and "
