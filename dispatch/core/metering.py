@@ -19,6 +19,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.protocol import ErrorCode
+
 #: Upper bounds of the latency buckets Prometheus is shown, in ms (the last: +Inf).
 BUCKETS_MS: tuple[float, ...] = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000,
                                  10_000, 30_000, 60_000, 300_000)
@@ -35,6 +37,7 @@ RECENT_FAILURES = 50
 #: The outcome label of a successful answer (a failure's is its ErrorCode, or FAILED).
 OK = "ok"
 FAILED = "error"
+
 
 
 class Histogram:
@@ -129,10 +132,10 @@ class Meter:
                  error: str | None = None, worker_id: str | None = None,
                  request_id: str = "") -> None:
         """One request answered; a failure without an error code counts as ``error``."""
+        outcome = OK if success else code or FAILED
         meter = self.commands.get(command)
         if meter is None:
-            meter = self._new_command(command)
-        outcome = OK if success else code or FAILED
+            meter = self._new_command(command, outcome)
         meter.outcomes[outcome] += 1
         meter.latency.observe(latency_ms)
         now = self.clock()
@@ -153,8 +156,10 @@ class Meter:
             self.failures.append(Failure(now, command, outcome, (error or "")[:200],
                                          worker_id or "", request_id[:64]))
 
-    def _new_command(self, command: str) -> CommandMeter:
-        if len(self.commands) >= MAX_COMMANDS:
+    def _new_command(self, command: str, outcome: str) -> CommandMeter:
+        """A command's own counts from its first answer, unless that answer says no
+        worker offers it: made-up names must not take the places of real commands."""
+        if len(self.commands) >= MAX_COMMANDS or outcome == ErrorCode.NO_WORKERS.value:
             return self.commands.setdefault(OTHER, CommandMeter())
         return self.commands.setdefault(command, CommandMeter())
 
