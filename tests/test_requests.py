@@ -89,6 +89,11 @@ def test_a_failure_answer_keeps_the_workers_code_or_says_worker_error() -> None:
     placed(table, request("c"), worker())
     assert answer_of(table.replied("c", "w1", False, None, "nope", "made-up")).code == \
         "worker_error"
+    for i, borrowed in enumerate(("broker_unavailable", "timeout", "no_workers",
+                                  "unauthorized", "worker_lost")):  # the broker's own codes
+        placed(table, request(f"d{i}"), worker())
+        answer = answer_of(table.replied(f"d{i}", "w1", False, None, "lie", borrowed))
+        assert (answer.code, answer.error) == ("worker_error", "lie")
 
 
 def test_an_answer_from_another_worker_is_dropped() -> None:

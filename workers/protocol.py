@@ -118,12 +118,29 @@ class ErrorCode(str, Enum):
     WORKER_ERROR = "worker_error"  # a failure from a worker that gives no code
 
     @classmethod
+    def from_worker(cls, value: Any) -> ErrorCode:
+        """The code of a worker's failed answer: one of those a worker may give
+        (:data:`WORKER_ANSWER_CODES`), else WORKER_ERROR. A worker cannot pass its
+        failure off as the broker's (``broker_unavailable`` reads as worth retrying,
+        ``timeout`` or ``no_workers`` would mislead alerts)."""
+        code = cls.of(value, cls.WORKER_ERROR)
+        return code if code in WORKER_ANSWER_CODES else cls.WORKER_ERROR
+
+    @classmethod
     def of(cls, value: Any, default: ErrorCode) -> ErrorCode:
         """The code named by a peer's ``code`` field; ``default`` for one we do not know."""
         try:
             return cls(value)
         except ValueError:
             return default
+
+
+#: The codes a worker's failed answer may carry: it ran the command and it failed, or
+#: it confirms a cancel.
+WORKER_ANSWER_CODES = frozenset({
+    ErrorCode.COMMAND_ERROR, ErrorCode.BAD_PARAMS, ErrorCode.UNKNOWN_COMMAND,
+    ErrorCode.HANDLER_FAILED, ErrorCode.NOT_SERIALIZABLE, ErrorCode.WORKER_STOPPING,
+    ErrorCode.WORKER_ERROR, ErrorCode.CANCELLED})
 
 
 #: Priorities a request may carry; higher is served first, 0 when it names none.

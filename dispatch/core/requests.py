@@ -458,7 +458,7 @@ class RequestTable:
             response = ApiResponse(request.request_id, True, data, None, worker_id)
         else:
             response = ApiResponse.failure(request.request_id, error or "Request failed",
-                                           ErrorCode.of(code, ErrorCode.WORKER_ERROR),
+                                           ErrorCode.from_worker(code),
                                            worker_id)
         return [*actions, self._finish(request, response)]
 
