@@ -18,7 +18,7 @@ from dispatch import registry as registry_module
 from dispatch.auth import stop_guard
 from dispatch.core.dispatcher import get_dispatcher, stop_dispatcher
 from dispatch.transport.routing import SocketRouter
-from workers.protocol import Message, Registration
+from workers.protocol import ErrorCode, Message, Registration
 
 TIMEOUT = 3
 
@@ -115,6 +115,25 @@ async def test_request_is_forwarded_and_answered_with_processed_by() -> None:
     assert await r.receive_json_from(TIMEOUT) == {
         "request_id": "r1", "success": True, "data": "Echo: hi", "error": None,
         "processed_by": "w1"}
+
+
+async def test_a_malformed_answer_still_ends_its_request_at_once() -> None:
+    """A worker's answer with a wrong-typed field: the requester is answered now (not
+    at its timeout), the worker told why; a borrowed broker code reads worker_error."""
+    w, r = await worker("w1"), await requester()
+    await ask(r, "echo", data={"message": "hi"})
+    request = await frame(w, "request")
+    await w.send_to(text_data=Message("response", {
+        "request_id": request.msg_id, "success": False, "error": "x", "code": 123}).to_json())
+    reply = await r.receive_json_from(TIMEOUT)
+    assert (reply["success"], reply["code"]) == (False, "worker_error")
+    assert "Malformed answer" in reply["error"]
+    assert (await frame(w, "error")).data["code"] == "bad_request"
+    await ask(r, "echo", request_id="r2")
+    request = await frame(w, "request")
+    await w.send_to(text_data=Message.response(request.msg_id, False, None, "lie",
+                                               ErrorCode.BROKER_UNAVAILABLE).to_json())
+    assert (await r.receive_json_from(TIMEOUT))["code"] == "worker_error"
 
 
 async def test_a_batch_from_another_process_reaches_its_workers_and_answers_come_back(

@@ -111,6 +111,20 @@ async def test_one_peer_cannot_take_every_place_waiting_to_log_in(broker_state,
         await comm.disconnect()
 
 
+async def test_a_flood_from_many_addresses_makes_the_oldest_waiting_socket_go(
+        broker_state, monkeypatch) -> None:
+    monkeypatch.setattr(dashboard, "MAX_UNAUTHENTICATED", 3)
+    flood = [await open_dashboard(client=f"203.0.113.{i}") for i in range(3)]
+    for comm in flood:
+        assert await comm.receive_json_from(3) == {"type": "auth_required"}
+    operator = await open_dashboard(client="198.51.100.9")
+    assert await operator.receive_json_from(3) == {"type": "auth_required"}
+    frames, code = await closed_with(flood[0])  # the longest-waiting one made room
+    assert code == 4429 and frames[-1]["code"] == "limit_exceeded"
+    for comm in (*flood[1:], operator):
+        await comm.disconnect()
+
+
 async def test_logging_out_closes_an_open_dashboard(broker_state, monkeypatch) -> None:
     from django.contrib.auth.models import User
     from django.contrib.sessions.models import Session

@@ -225,7 +225,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 @given(m=st.builds(Message, type=nonempty_text, data=json_objects, msg_id=nonempty_text,
                    timestamp=finite),
        req=st.builds(ApiRequest, command=name_text, data=json_objects,
-                     request_id=nonempty_text,
+                     request_id=name_text,
                      timeout=st.none() | st.floats(min_value=1e-6, max_value=86400)),
        resp=st.builds(ApiResponse, request_id=st.none() | wire_text, success=st.booleans(),
                       data=json_values, error=st.none() | wire_text,

@@ -111,6 +111,9 @@ def test_the_fleets_ports_answer_the_probes_and_nothing_else(broker: Broker) -> 
             assert json.load(resp)["status"] == "ok"
         with urllib.request.urlopen(base + "/readyz", timeout=5) as resp:
             assert json.load(resp)["status"] == "ready"
+        probe = urllib.request.Request(base + "/healthz", method="HEAD")  # as some LBs do
+        with urllib.request.urlopen(probe, timeout=5) as resp:
+            assert resp.status == 200
     with urllib.request.urlopen(broker.http_url + "/admin/login/", timeout=5) as resp:
         assert resp.status == 200
 

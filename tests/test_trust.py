@@ -423,11 +423,14 @@ def test_hostile_text_cannot_flood_or_forge_the_log(broker_factory, record_prope
     huge = "y" * (1_000_000 - 200)
 
     async def scenario() -> int:
-        # Worker ids are plain ASCII now; a name is free text, and escaped.
+        # Worker ids are plain ASCII; a name must be printable: a forged line is refused.
         ws, answer = await register(broker, None, Registration(
             "noisy", "n\r\nWARNING forged", ["echo"]))
+        assert answer.type == "error" and "printable" in answer.data["error"]
+        await ws.close()
+        ws, answer = await register(broker, None, Registration("noisy", "noisy", ["echo"]))
         assert answer.type == "connect"
-        frames = 0
+        frames = 1
         for i in range(10):
             await ws.send(Message("notification", {
                 "message": f"hello\n2026-01-01 00:00:00,000 WARNING dispatch.auth: forged {i}"

@@ -135,12 +135,12 @@ class ErrorCode(str, Enum):
             return default
 
 
-#: The codes a worker's failed answer may carry: it ran the command and it failed, or
-#: it confirms a cancel.
+#: The codes a worker's failed answer may carry: it ran the command and it failed. (A
+#: cancel is answered by the broker; the worker's confirmation only frees the slot.)
 WORKER_ANSWER_CODES = frozenset({
     ErrorCode.COMMAND_ERROR, ErrorCode.BAD_PARAMS, ErrorCode.UNKNOWN_COMMAND,
     ErrorCode.HANDLER_FAILED, ErrorCode.NOT_SERIALIZABLE, ErrorCode.WORKER_STOPPING,
-    ErrorCode.WORKER_ERROR, ErrorCode.CANCELLED})
+    ErrorCode.WORKER_ERROR})
 
 
 #: Priorities a request may carry; higher is served first, 0 when it names none.
@@ -830,6 +830,9 @@ class ApiRequest:
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> ApiRequest:
         rid = _text(obj, "request_id", MAX_ID_CHARS, None) or str(uuid.uuid4())
+        if not rid.isprintable():
+            raise ProtocolError(f"Field 'request_id' must be printable text, got "
+                                f"'{quote(rid, 40)}'")
         command = _text(obj, "command", MAX_NAME_CHARS, request_id=rid)
         if not command:
             raise ProtocolError("Field 'command' must not be empty", request_id=rid)

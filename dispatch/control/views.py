@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_POST, require_safe
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from workers import protocol
@@ -131,7 +131,7 @@ def _timeout(body: dict[str, Any]) -> float | None:
     return float(value)
 
 
-@require_GET
+@require_safe  # GET or HEAD: load balancers probe with either
 async def healthz(request: HttpRequest) -> JsonResponse:
     """200 while the process serves HTTP (liveness: it asks nothing of Redis); to
     callers the API admits, also how many workers are online (null when the registry
@@ -147,7 +147,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
                          "pending": dispatcher.pending, "waiting": dispatcher.waiting})
 
 
-@require_GET
+@require_safe
 async def readyz(request: HttpRequest) -> JsonResponse:
     """200 when this process can route a request end to end (a round trip through the
     channel layer to its own inbox, and the registry); 503 with the reason when it

@@ -56,7 +56,8 @@ class DashboardSocket(BaseSocket):
     checked = 0.0
     _deadline: asyncio.TimerHandle | None = None  # closes it if no key comes in time
     _closing: asyncio.Task[None] | None = None
-    waiting: ClassVar[set[DashboardSocket]] = set()  # of the process: yet to send a key
+    #: Of the process, those yet to send a key, oldest first (a dict: an ordered set).
+    waiting: ClassVar[dict[DashboardSocket, None]] = {}
 
     async def connect(self) -> None:
         await self.accept()
@@ -69,13 +70,19 @@ class DashboardSocket(BaseSocket):
         self.how = await self._ambient()
         if self.how is not None:
             await self._start()
-        elif len(DashboardSocket.waiting) >= MAX_UNAUTHENTICATED or sum(
-                s.peer.host == self.peer.host for s in DashboardSocket.waiting
-        ) >= MAX_UNAUTHENTICATED_PER_PEER:
+        elif sum(s.peer.host == self.peer.host
+                 for s in DashboardSocket.waiting) >= MAX_UNAUTHENTICATED_PER_PEER:
             await self._fail("Too many dashboards are waiting to log in; try again later",
                              CloseCode.TOO_MANY_CONNECTIONS)
         else:
-            DashboardSocket.waiting.add(self)
+            if len(DashboardSocket.waiting) >= MAX_UNAUTHENTICATED:
+                # Full (a flood from many addresses): the one that waited longest goes.
+                # An operator's page sends its key as soon as it is asked, so a flood
+                # must outrun that to keep it out.
+                oldest = next(iter(DashboardSocket.waiting))
+                await oldest._fail("Too many dashboards are waiting to log in; try again "
+                                   "later", CloseCode.TOO_MANY_CONNECTIONS)
+            DashboardSocket.waiting[self] = None
             await self.send_text('{"type": "auth_required"}')
             self._deadline = asyncio.get_running_loop().call_later(AUTH_SECONDS,
                                                                    self._auth_timeout)
@@ -110,7 +117,7 @@ class DashboardSocket(BaseSocket):
     async def _start(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        DashboardSocket.waiting.discard(self)
+        DashboardSocket.waiting.pop(self, None)
         self.checked = time.monotonic()
         await self.send_text(orjson.dumps(await snapshot(await get_dispatcher())).decode())
         get_feed().subscribe(self.push)
@@ -144,7 +151,7 @@ class DashboardSocket(BaseSocket):
     def _leave(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        DashboardSocket.waiting.discard(self)
+        DashboardSocket.waiting.pop(self, None)
         get_feed().unsubscribe(self.push)
 
     async def refuse(self, error: str, request_id: str | None = None,
@@ -171,6 +178,10 @@ class DashboardSocket(BaseSocket):
                                 self.peer)
                 await self._fail("Send {\"type\": \"auth\", \"key\": \"<admin key>\"} first, "
                                  "or log in to the admin as staff", CloseCode.UNAUTHORIZED)
+            return
+        if not await self._still_admitted():  # a logout or revocation since the last look
+            await self._fail("Your credential no longer admits this dashboard",
+                             CloseCode.UNAUTHORIZED)
             return
         try:
             message = await self._act(kind, frame)

@@ -128,7 +128,21 @@ class WorkerConsumer(BaseSocket):
         await link.heartbeat(msg)
 
     async def on_response(self, link: WorkerLink, msg: Message) -> None:
-        await link.answer(ResponseBody.from_message(msg), msg.msg_id)
+        """The worker's answer. One that names its request but is otherwise malformed
+        still ends that request (as a failure), so its requester does not wait for the
+        timeout; the worker is told what was wrong."""
+        try:
+            body = ResponseBody.from_message(msg)
+        except ProtocolError as exc:
+            request_id = msg.data.get("request_id")
+            if not isinstance(request_id, str) or request_id not in link.assignments:
+                raise  # about no request of its: refused like any bad frame
+            await link.answer(ResponseBody(request_id, False, None, f"Malformed answer from "
+                                           f"the worker: {exc}", ErrorCode.WORKER_ERROR.value),
+                              msg.msg_id)
+            await self.refuse(str(exc), msg.msg_id)
+            return
+        await link.answer(body, msg.msg_id)
 
     async def on_request(self, link: WorkerLink, msg: Message) -> None:
         """A worker asks the broker itself (server actions); answers are bounded too."""
