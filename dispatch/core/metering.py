@@ -6,8 +6,10 @@ integers in dicts and a bisect into fixed buckets: about a microsecond. Turning
 counts into Prometheus text or chart series happens only when someone looks.
 
 Everything is per process. Command names come from requesters, so at most
-:data:`MAX_COMMANDS` distinct ones are kept apart; the rest count as ``(other)``,
-which keeps a flood of made-up names from growing memory or the metrics' labels.
+:data:`MAX_COMMANDS` distinct ones are kept apart, and a name gets its own counts
+only once an answer did not say that no worker offers it; the rest count as
+``(other)``, which keeps a flood of made-up names from growing memory or the
+metrics' labels, or from taking the places of real commands.
 """
 
 from __future__ import annotations
