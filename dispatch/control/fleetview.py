@@ -20,6 +20,7 @@ import orjson
 
 from ..core.balancing import decayed
 from ..core.dispatcher import Dispatcher, get_dispatcher
+from ..core.loops import PerLoop
 from ..core.metering import meter
 from ..registry import get_registry
 
@@ -114,6 +115,14 @@ class Feed:
     def unsubscribe(self, send: Send) -> None:
         self.subscribers.discard(send)
 
+    async def start(self) -> None:
+        """Nothing to start: the push loop runs while someone subscribes."""
+
+    async def stop(self) -> None:
+        self.subscribers.clear()
+        if self._task is not None:
+            self._task.cancel()
+
     async def _run(self) -> None:
         dispatcher = await get_dispatcher()
         while self.subscribers:
@@ -130,15 +139,6 @@ class Feed:
             await asyncio.sleep(PUSH_SECONDS)
 
 
-_feeds: dict[asyncio.AbstractEventLoop, Feed] = {}
-
-
-def get_feed() -> Feed:
-    """This event loop's feed (one per process in production; tests run several loops)."""
-    loop = asyncio.get_running_loop()
-    feed = _feeds.get(loop)
-    if feed is None:
-        for stale in [lp for lp in _feeds if lp.is_closed()]:
-            del _feeds[stale]
-        feed = _feeds[loop] = Feed()
-    return feed
+_feeds: PerLoop[Feed] = PerLoop(Feed)
+#: This event loop's feed (one per process in production; tests run several loops).
+get_feed = _feeds.get

@@ -120,12 +120,12 @@ class DashboardSocket(BaseSocket):
         DashboardSocket.waiting.pop(self, None)
         self.checked = time.monotonic()
         await self.send_text(orjson.dumps(await snapshot(await get_dispatcher())).decode())
-        get_feed().subscribe(self.push)
+        (await get_feed()).subscribe(self.push)
 
     async def push(self, text: str) -> None:
         """The feed's call, once a second: the snapshot, if the credential still holds."""
         if self.state is not SocketState.OPEN:
-            get_feed().unsubscribe(self.push)
+            await self._leave()
             return
         if time.monotonic() - self.checked > RECHECK_SECONDS:
             self.checked = time.monotonic()
@@ -142,17 +142,17 @@ class DashboardSocket(BaseSocket):
 
     async def _fail(self, error: str, code: CloseCode) -> None:
         await self.refuse(error, None, _ERRORS.get(code, ErrorCode.NOT_ALLOWED))
-        self._leave()
+        await self._leave()
         await self.close(code)
 
     async def disconnect(self, code: int) -> None:
-        self._leave()
+        await self._leave()
 
-    def _leave(self) -> None:
+    async def _leave(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
         DashboardSocket.waiting.pop(self, None)
-        get_feed().unsubscribe(self.push)
+        (await get_feed()).unsubscribe(self.push)
 
     async def refuse(self, error: str, request_id: str | None = None,
                      code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
