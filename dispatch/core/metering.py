@@ -122,7 +122,8 @@ class Meter:
         self.commands: dict[str, CommandMeter] = {}
         self.series: deque[Second] = deque(maxlen=SERIES_SECONDS)
         self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)
-        #: retries, failovers, hedges, timeouts, layer_errors, registry_errors, ...
+        #: retries, failovers and hedges (the dispatcher's own stats count layer and
+        #: registry errors)
         self.events: Counter[str] = Counter()
         #: (socket kind, CloseCode name): connections the broker refused or closed
         self.closed: Counter[tuple[str, str]] = Counter()
@@ -164,10 +165,6 @@ class Meter:
         if len(self.commands) >= MAX_COMMANDS or outcome == ErrorCode.NO_WORKERS.value:
             return self.commands.setdefault(OTHER, CommandMeter())
         return self.commands.setdefault(command, CommandMeter())
-
-    def count(self, event: str, n: int = 1) -> None:
-        """A rare event: a layer or registry error, a refused request, ..."""
-        self.events[event] += n
 
     def window(self, seconds: int = SERIES_SECONDS) -> list[dict[str, Any]]:
         """Per second of the last ``seconds`` (quiet seconds as zeros): answers,
