@@ -269,12 +269,26 @@ class BaseSocket(AsyncWebsocketConsumer):
     async def _emit(self, message: dict[str, Any]) -> None:
         """Straight to the server when it can take it now; else into the outbox, in order."""
         if not self.outbox and not self.probe.would_wait():
-            await self.base_send(message)
+            await self._to_server(message)
             return
         self.outbox.append(message)
         self.outbox_bytes += len(message.get("text") or "")
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _to_server(self, message: dict[str, Any]) -> None:
+        """Hand a frame to the server. A peer that is gone but whose disconnect is not
+        yet read makes the server raise (daphne: autobahn's ``Disconnected``): the frame
+        had nowhere to go, and the socket is closing; nothing else is wrong."""
+        try:
+            await self.base_send(message)
+        except Exception as exc:  # noqa: BLE001 - the server's own exception types vary
+            if self.state is not SocketState.CLOSING:
+                log.debug("%s %s: frame not sent, the connection is gone: %s", self.kind,
+                          self.peer, exc)
+            self.state = SocketState.CLOSING
+            self.outbox.clear()
+            self.outbox_bytes = 0
 
     async def _write(self) -> None:
         try:
@@ -282,7 +296,7 @@ class BaseSocket(AsyncWebsocketConsumer):
                 message = self.outbox.popleft()
                 self.outbox_bytes -= len(message.get("text") or "")
                 message.pop(MERGE_KEY, None)
-                await self.base_send(message)
+                await self._to_server(message)
         finally:
             self._writer = None
 
