@@ -69,6 +69,12 @@ def raise_fd_limit(want: int) -> tuple[int, int]:
     Returns ``(soft, hard)`` after the change; the soft limit never exceeds the hard one.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:  # root may raise the hard limit too (up to fs.nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, want))
+            hard = want
+        except (ValueError, OSError):
+            pass
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -25,7 +25,9 @@ def _spawn_workers(url: str, total: int, workdir: Path, tag: str, dial: int = 10
         count = total // nproc + (1 if k < total % nproc else 0)
         procs.append(Proc(f"{tag}-workers-{k}", [
             python(), "-m", "bench.worker", "--url", url, "--count", str(count),
-            "--prefix", f"{tag}{k}", "--dial-concurrency", str(dial), "--max-seconds", "900"],
+            "--prefix", f"{tag}{k}", "--dial-concurrency", str(dial), "--max-seconds", "900",
+            # 20,000 connections per source address, well inside its ~28,000 ports
+            "--source", ",".join(f"127.0.0.{2 + i}" for i in range(1 + total // 20_000))],
             log_dir=workdir))
     return procs
 

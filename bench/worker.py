@@ -60,6 +60,8 @@ class Fleet:
         self.errors = 0
         self.first_error = ""
         self.sessions = 0
+        #: worker id -> when the broker said to come back (its ``disconnect`` frame)
+        self.retry_after: dict[str, float] = {}
         # Bounds concurrent first dials (10,000 workers would otherwise storm the listen backlog).
         self.dial_gate = asyncio.Semaphore(args.dial_concurrency)
 
@@ -101,8 +103,12 @@ class Fleet:
                 break
             if registered or delays is None:
                 delays = backoff(self.args.backoff_initial, self.args.backoff_max)
+            delay = next(delays)
+            told = self.retry_after.pop(f"{self.args.prefix}-{idx}", None)
+            if told is not None:  # the broker said when: come back then, not at once
+                delay = min(told, self.args.backoff_max)
             try:
-                await asyncio.wait_for(self.stop.wait(), next(delays))
+                await asyncio.wait_for(self.stop.wait(), delay)
             except asyncio.TimeoutError:
                 pass
 
@@ -117,15 +123,18 @@ class WsWorkerSession:
     async def open(self, idx: int) -> "WsWorkerConn":
         from websockets.asyncio.client import connect
 
+        sources = self.args.source
         ws = await connect(self.args.url, compression=None, max_size=None, ping_interval=None,
-                           proxy=None, open_timeout=30, close_timeout=1)
+                           proxy=None, open_timeout=30, close_timeout=1,
+                           local_addr=(sources[idx % len(sources)], 0) if sources else None)
         worker_id = f"{self.args.prefix}-{idx}"
+        data = {"worker_id": worker_id, "name": worker_id, "commands": [COMMAND],
+                "weight": 1.0, "max_concurrency": self.args.max_concurrency}
+        if self.args.features:
+            data["features"] = self.args.features
         try:
             await ws.send(dumps({"type": "connect", "msg_id": f"{worker_id}.c",
-                                 "timestamp": time.time(),
-                                 "data": {"worker_id": worker_id, "name": worker_id,
-                                          "commands": [COMMAND], "weight": 1.0,
-                                          "max_concurrency": self.args.max_concurrency}}))
+                                 "timestamp": time.time(), "data": data}))
             while True:
                 answer = loads(await asyncio.wait_for(ws.recv(), 30))
                 if answer.get("type") == "connect":
@@ -135,48 +144,76 @@ class WsWorkerSession:
         except BaseException:
             await ws.close()
             raise
+        granted = (answer.get("data") or {}).get("features") or []
         interval = float((answer.get("data") or {}).get("heartbeat_interval") or 5.0)
-        return WsWorkerConn(ws, worker_id, interval)
+        return WsWorkerConn(ws, worker_id, interval, granted)
 
 
 class WsWorkerConn:
-    def __init__(self, ws, worker_id: str, interval: float) -> None:  # type: ignore[no-untyped-def]
+    """One connection. With the features the broker granted (as the official worker
+    does): heartbeats asking for an ack only after three silent intervals, and a
+    batch frame (a JSON array) answered with one batch frame."""
+
+    def __init__(self, ws, worker_id: str, interval: float,  # type: ignore[no-untyped-def]
+                 granted: list[str]) -> None:
         self.ws = ws
         self.worker_id = worker_id
         self.interval = interval
+        self.quiet = "quiet_heartbeat" in granted
         self.ids = itertools.count()
+        self.heard = time.monotonic()
 
     async def _beat(self) -> None:
         ws, wid = self.ws, self.worker_id
         # Spread the fleet's heartbeats over the interval instead of beating in step.
         await asyncio.sleep(random.uniform(0, self.interval))
         while True:
+            data: dict = {"in_flight": 0}
+            if self.quiet and time.monotonic() - self.heard >= 3 * self.interval:
+                data["want_ack"] = True
             await ws.send(dumps({"type": "heartbeat", "msg_id": f"{wid}.{next(self.ids)}",
-                                 "timestamp": time.time(), "data": {"in_flight": 0}}))
+                                 "timestamp": time.time(), "data": data}))
             await asyncio.sleep(self.interval)
 
-    async def serve(self, fleet: Fleet) -> None:
-        ws, wid, ids = self.ws, self.worker_id, self.ids
-        beater = asyncio.create_task(self._beat())
-        try:
-            async for text in ws:
-                msg = loads(text)
-                kind = msg.get("type")
-                if kind == "request":
-                    params = msg["data"].get("params") or {}
-                    fleet.served += 1
-                    await ws.send(dumps({
-                        "type": "response", "msg_id": f"{wid}.{next(ids)}",
+    def _react(self, msg: dict, fleet: Fleet, out: list) -> None:
+        kind = msg.get("type")
+        wid, ids = self.worker_id, self.ids
+        if kind == "request":
+            params = msg["data"].get("params") or {}
+            fleet.served += 1
+            out.append({"type": "response", "msg_id": f"{wid}.{next(ids)}",
                         "timestamp": time.time(),
                         "data": {"request_id": msg["msg_id"], "success": True,
-                                 "data": params.get("payload"), "error": None}}))
-                elif kind == "heartbeat":
-                    if "ack" not in msg.get("data", {}):
-                        await ws.send(dumps({"type": "heartbeat", "msg_id": f"{wid}.{next(ids)}",
-                                             "timestamp": time.time(),
-                                             "data": {"ack": msg.get("msg_id")}}))
-                elif kind == "error":
-                    fleet.note_error(f"{wid}: broker error frame: {msg.get('data')}")
+                                 "data": params.get("payload"), "error": None}})
+        elif kind == "heartbeat":
+            if "ack" not in msg.get("data", {}):
+                out.append({"type": "heartbeat", "msg_id": f"{wid}.{next(ids)}",
+                            "timestamp": time.time(), "data": {"ack": msg.get("msg_id")}})
+        elif kind == "error":
+            fleet.note_error(f"{wid}: broker error frame: {msg.get('data')}")
+        elif kind == "disconnect":
+            delay = (msg.get("data") or {}).get("retry_after")
+            if isinstance(delay, (int, float)):
+                fleet.retry_after[wid] = float(delay)
+
+    async def serve(self, fleet: Fleet) -> None:
+        ws = self.ws
+        beater = asyncio.create_task(self._beat())
+        out: list = []
+        try:
+            async for text in ws:
+                self.heard = time.monotonic()
+                msg = loads(text)
+                if isinstance(msg, list):  # a batch: answered with one
+                    for one in msg:
+                        self._react(one, fleet, out)
+                    if out:
+                        await ws.send(dumps(out) if len(out) > 1 else dumps(out[0]))
+                else:
+                    self._react(msg, fleet, out)
+                    for one in out:
+                        await ws.send(dumps(one))
+                out.clear()
         finally:
             beater.cancel()
             await ws.close()
@@ -340,6 +377,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first reconnect delay is random in [0, this] (workers.client default)")
     p.add_argument("--backoff-max", type=float, default=30.0, help="longest reconnect delay")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="exit after this long")
+    p.add_argument("--features", type=lambda v: [f for f in v.split(",") if f],
+                   default=["quiet_heartbeat", "batch"],
+                   help="features asked for at registration, comma-separated ('' for none: "
+                        "a worker written from the seed)")
+    p.add_argument("--source", type=lambda v: v.split(","), default=[],
+                   help="local addresses to dial from, round robin (e.g. 127.0.0.2,127.0.0.3:"
+                        " one address has about 28,000 ports per broker port)")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     p.add_argument("-v", "--verbose", action="store_true", help="log connection failures")
     return p.parse_args(argv)

@@ -109,6 +109,9 @@ class BrokerSettings(BaseModel):
                            ge=0)
     SHUTDOWN_GRACE: float = _doc(10.0, "seconds SIGTERM waits for requests in flight to "
                                        "finish", ge=0)
+    RECONNECT_RATE: float = _doc(2000.0, "workers a second a stopping broker asks to come "
+                                         "back at: each is told a random delay within "
+                                         "workers / rate seconds", gt=0)
     HISTORY: bool = _doc(True, "record request history in the database (batched)")
     HISTORY_FLUSH_SECONDS: float = _doc(1.0, "how often buffered history is written", gt=0)
     HISTORY_BUFFER: int = _doc(50_000, "history records kept in memory at most; older are "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import weakref
 from collections import deque
@@ -147,6 +148,11 @@ class HistoryRecorder:
         self._prune_cut: float | None = None  # what the pass under way deletes rows before
         self._prune_due = 0.0  # monotonic time of the next pass: the first comes at once
         self._pass_pruned = 0
+        #: worker id -> (owner, until when the claim holds): who registered each id
+        #: lately, read from the database once, then kept here (None: not read yet).
+        self._claims: dict[str, tuple[str, float]] | None = None
+        self._claims_lock = asyncio.Lock()
+        self._claims_failed = 0.0
         #: Totals since start, for health pages and tests.
         self.written = 0
         self.dropped = 0
@@ -195,6 +201,9 @@ class HistoryRecorder:
         At most COMMANDS_KEPT commands are kept in the row (a registration may list a
         thousand: a row per connection of that size would fill the disk).
         """
+        if self._claims is not None:
+            self._claims[worker_id] = (owner, math.inf)  # held while it is connected
+        self._seen_noted[session_id] = connected_at  # its row says so: the next in a while
         listed = sorted(commands)
         if len(listed) > COMMANDS_KEPT:
             listed = listed[:COMMANDS_KEPT] + [f"... and {len(listed) - COMMANDS_KEPT} more"]
@@ -210,19 +219,35 @@ class HistoryRecorder:
         by another owner than ``owner``.
 
         The registry keeps claims while it lives; this is what keeps them across a
-        broker (or Redis) restart: the last registration row of the id.
+        broker (or Redis) restart: the registration rows of the claim window, read
+        once (a query per registration held 10,000 dialling workers to ~40 a second),
+        then this process's own registrations and departures.
         """
-        for connect in reversed(list(self._batch.connects.values())):
-            if connect["worker_id"] == worker_id:
-                return connect["owner"] not in ("", owner)
-        since = time.time() - conf.get("WORKER_ID_CLAIM_SECONDS")
-        try:
-            last = await database_sync_to_async(_last_owner)(worker_id, since)
-        except DatabaseError as exc:
-            logger.warning("history: could not check who registered %s last: %s",
-                           worker_id, exc)
+        claims = self._claims if self._claims is not None else await self._load_claims()
+        claim = claims.get(worker_id) if claims is not None else None
+        if claim is None or claim[1] < time.time():
             return False
-        return last not in (None, "", owner)
+        return claim[0] not in ("", owner)
+
+    async def _load_claims(self) -> dict[str, tuple[str, float]] | None:
+        async with self._claims_lock:
+            if self._claims is not None or time.monotonic() - self._claims_failed < 10:
+                return self._claims
+            hold = conf.get("WORKER_ID_CLAIM_SECONDS")
+            try:
+                rows = await database_sync_to_async(_recent_owners)(time.time() - hold)
+            except DatabaseError as exc:
+                self._claims_failed = time.monotonic()
+                logger.warning("history: could not read who registered which worker ids "
+                               "lately (tried again in 10 s): %s", exc)
+                return None
+            self._claims = {worker_id: (owner, seen + hold) for worker_id, owner, seen in rows}
+            return self._claims
+
+    def _prune_claims(self) -> None:
+        if self._claims:
+            now = time.time()
+            self._claims = {k: v for k, v in self._claims.items() if v[1] >= now}
 
     def worker_seen(self, session_id: str, when: float) -> None:
         """Note a sign of life; at most one per SEEN_EVERY seconds reaches the database."""
@@ -233,8 +258,12 @@ class HistoryRecorder:
         if when > seen.get(session_id, 0.0):
             seen[session_id] = when
 
-    def worker_disconnected(self, session_id: str, when: float, requests_served: int) -> None:
+    def worker_disconnected(self, session_id: str, when: float, requests_served: int,
+                            worker_id: str = "") -> None:
         """Note that a connection ended; its row goes offline at the next flush."""
+        claim = self._claims.get(worker_id) if self._claims is not None else None
+        if claim is not None:
+            self._claims[worker_id] = (claim[0], when + conf.get("WORKER_ID_CLAIM_SECONDS"))
         self._seen_noted.pop(session_id, None)
         seen = self._batch.seen
         seen[session_id] = max(when, seen.get(session_id, 0.0))
@@ -326,6 +355,7 @@ class HistoryRecorder:
             try:
                 await self.flush()
                 await self.prune_step()
+                self._prune_claims()
             except Exception:  # neither raises; this is a last line of defence
                 logger.exception("history: flush or pruning failed unexpectedly")
 
@@ -375,7 +405,8 @@ class NullRecorder(HistoryRecorder):
     def worker_seen(self, session_id: str, when: float) -> None:
         pass
 
-    def worker_disconnected(self, session_id: str, when: float, requests_served: int) -> None:
+    def worker_disconnected(self, session_id: str, when: float, requests_served: int,
+                            worker_id: str = "") -> None:
         pass
 
     async def recent_owner_other_than(self, worker_id: str, owner: str) -> bool:
@@ -460,9 +491,12 @@ async def mark_processes_offline(*, keep: Iterable[str], older_than: float = 0.0
     return count
 
 
-def _last_owner(worker_id: str, since: float) -> str | None:
-    return WorkerSession.objects.filter(worker_id=worker_id, last_seen__gte=_dt(since)).order_by(
-        "-connected_at").values_list("owner", flat=True).first()
+def _recent_owners(since: float) -> list[tuple[str, str, float]]:
+    """(worker id, owner, last seen) of the registrations seen since ``since``, oldest
+    first, so that the last one of each id wins."""
+    return [(worker_id, owner, seen.timestamp()) for worker_id, owner, seen in
+            WorkerSession.objects.filter(last_seen__gte=_dt(since)).order_by(
+                "connected_at").values_list("worker_id", "owner", "last_seen").iterator()]
 
 
 def _mark_offline(keep: list[str], connected_before: float) -> int:

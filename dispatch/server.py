@@ -59,8 +59,12 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
     from .control.actions import load_action_modules
 
     load_action_modules()
+    raise_open_files()
+    quiet_autobahn_debug()
     worker_port, requester_port, http_port = ports
-    endpoints = [e for port in ports
+    # Twisted listens with a backlog of 50: a fleet dialling back after a restart
+    # overflows it, and every dropped SYN costs its worker a second or more.
+    endpoints = [f"{e}:backlog={LISTEN_BACKLOG}" for port in ports
                  for e in build_endpoint_description_strings(host=host, port=port)]
     limit = conf.get("MAX_MESSAGE_BYTES")
 
@@ -87,6 +91,60 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
     ).run()
     finish_loop()
     log.info("broker stopped")
+
+
+#: Connections the kernel may hold for each port before daphne accepts them (capped
+#: by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+#: Open files kept for other uses than worker connections (database, Redis, logs).
+RESERVED_FILES = 256
+
+
+def raise_open_files() -> int:
+    """Raise the soft open-files limit to the hard one: each worker is a socket, and
+    the usual soft limit (1,024) would cap a broker at about a thousand workers.
+    Returns the limit; says how many workers it allows, and warns when that is few."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard,
+                        exc)
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    workers = max(0, soft - RESERVED_FILES)
+    if workers < 10_000:
+        log.warning("open-files limit %d: room for about %d worker connections in this "
+                    "process; raise the hard limit (ulimit -Hn, LimitNOFILE= in systemd) for "
+                    "more", soft, workers)
+    else:
+        log.info("open-files limit %d: room for about %d worker connections", soft, workers)
+    return soft
+
+
+def quiet_autobahn_debug() -> None:
+    """autobahn (daphne's websocket layer) formats its debug lines before it knows
+    they are dropped: colour codes for two names on every frame read and written, a
+    pretty-printed settings list for every connection (12% of the broker's CPU while
+    a fleet registers). Unless its debug log is on, those formatters return ''."""
+    import txaio
+    from autobahn.twisted import websocket as tx_websocket
+    from autobahn.websocket import protocol as ws_protocol
+
+    if txaio.get_global_log_level() in ("debug", "trace"):
+        return
+
+    def unformatted(*_args: Any, **_kwargs: Any) -> str:
+        return ""
+
+    for module in (ws_protocol, tx_websocket):
+        for name in ("hltype", "hlval", "hlid", "pformat"):
+            if hasattr(module, name):
+                setattr(module, name, unformatted)
 
 
 def finish_loop(wait: float = 2.0) -> None:

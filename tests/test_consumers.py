@@ -18,7 +18,7 @@ from dispatch import registry as registry_module
 from dispatch.auth import stop_guard
 from dispatch.core.dispatcher import get_dispatcher, stop_dispatcher
 from dispatch.transport.routing import SocketRouter
-from workers.protocol import ErrorCode, Message, Registration
+from workers.protocol import CloseCode, ErrorCode, Feature, Message, Registration
 
 TIMEOUT = 3
 
@@ -76,11 +76,11 @@ async def no_request(comm: WebsocketCommunicator, seconds: float) -> bool:
     return True
 
 
-async def worker(worker_id: str, *commands: str, max_concurrency: int = 4
-                 ) -> WebsocketCommunicator:
+async def worker(worker_id: str, *commands: str, max_concurrency: int = 4,
+                 features: frozenset[Feature] = frozenset()) -> WebsocketCommunicator:
     comm = await open_socket("/ws/worker/")
     reg = Registration(worker_id, worker_id, list(commands or ("echo",)),
-                       max_concurrency=max_concurrency)
+                       max_concurrency=max_concurrency, features=features)
     await comm.send_to(text_data=Message("connect", reg.to_data()).to_json())
     ack = await frame(comm, "connect")
     assert ack.data["worker_id"] == worker_id and ack.data["heartbeat_interval"] == 0.2
@@ -328,6 +328,79 @@ async def test_heartbeats_are_answered_and_sent() -> None:
     assert (await frame(w, "heartbeat")).data.get("ack") == ping.msg_id
     broker_ping = await frame(w, "heartbeat")  # the broker pings every interval (0.2 s)
     assert "ack" not in broker_ping.data
+
+
+async def frames_within(comm: WebsocketCommunicator, seconds: float) -> list[str]:
+    """Every frame (as text) the broker sends in ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline, texts = loop.time() + seconds, []
+    while loop.time() < deadline:
+        if not await comm.receive_nothing(0.02):
+            texts.append(await comm.receive_from(TIMEOUT))
+    return texts
+
+
+async def test_a_quiet_worker_that_beats_is_sent_nothing_while_idle() -> None:
+    w = await worker("w1", features=frozenset({Feature.QUIET_HEARTBEAT}))
+    heard = []
+    for _ in range(8):  # 1.6 s = 8 intervals, a beat each, none asking
+        await w.send_to(text_data=Message.heartbeat(in_flight=0).to_json())
+        heard += await frames_within(w, 0.2)
+    assert heard == []  # no acks, no pings: one frame per interval in all
+    asking = Message.heartbeat(in_flight=0, want_ack=True)
+    await w.send_to(text_data=asking.to_json())
+    assert Message.from_json(await w.receive_from(TIMEOUT)).data["ack"] == asking.msg_id
+
+
+async def test_a_quiet_worker_that_falls_silent_is_pinged_then_dropped() -> None:
+    w = await worker("w1", features=frozenset({Feature.QUIET_HEARTBEAT}))
+    ping = Message.from_json(await w.receive_from(TIMEOUT))  # silent 1.5 intervals
+    assert ping.type == "heartbeat" and "ack" not in ping.data
+    await w.send_to(text_data=Message.heartbeat(ack=ping.msg_id).to_json())
+    for _ in range(40):  # answers nothing more: dropped after 3 silent intervals
+        out = await w.receive_output(TIMEOUT)
+        if out["type"] == "websocket.close":
+            assert out["code"] == CloseCode.HEARTBEAT_TIMEOUT
+            return
+    raise AssertionError("a silent worker was not dropped")
+
+
+async def test_batch_frames_both_ways() -> None:
+    w = await worker("w1", features=frozenset({Feature.BATCH}), max_concurrency=8)
+    r = await requester()
+    for i in range(6):
+        await ask(r, "echo", request_id=f"r{i}", data={"i": i})
+    requests: list[dict] = []
+    frames_seen = 0
+    while len(requests) < 6:
+        await w.send_to(text_data=Message.heartbeat().to_json())
+        text = await w.receive_from(TIMEOUT)
+        got = json.loads(text)
+        got = got if isinstance(got, list) else [got]
+        frames_seen += 1
+        requests += [m for m in got if m["type"] == "request"]
+        for m in got:
+            if m["type"] == "heartbeat" and "ack" not in m["data"]:
+                await w.send_to(text_data=Message.heartbeat(ack=m["msg_id"]).to_json())
+    assert frames_seen < 6  # several requests in one frame
+    # All six answered in one frame; one envelope in it is malformed (refused alone).
+    answers = [Message.response(m["msg_id"], True, m["data"]["params"]).to_json()
+               for m in requests]
+    await w.send_to(text_data="[" + ",".join(answers + ['{"type": 7}']) + "]")
+    got = sorted([(await r.receive_json_from(TIMEOUT))["request_id"] for _ in range(6)])
+    assert got == [f"r{i}" for i in range(6)]
+    assert "Field 'type'" in (await frame(w, "error")).data["error"]
+
+
+async def test_batches_are_refused_from_a_worker_that_did_not_ask() -> None:
+    w = await worker("w1")
+    await w.send_to(text_data="[" + Message.heartbeat().to_json() + "]")
+    error = await frame(w, "error")
+    assert "Expected a JSON object" in error.data["error"]
+    await w.send_to(text_data="[]")  # and an empty batch from one that did
+    b = await worker("w2", features=frozenset({Feature.BATCH}))
+    await b.send_to(text_data="[]")
+    assert "empty array" in (await frame(b, "error")).data["error"]
 
 
 async def test_silent_worker_is_dropped_and_its_request_fails_over() -> None:

@@ -170,16 +170,17 @@ async def test_seen_and_disconnect_fold_into_a_buffered_connect(
         recorder: HistoryRecorder, monkeypatch: pytest.MonkeyPatch) -> None:
     hops = count_hops(monkeypatch)
     connect(recorder)
-    recorder.worker_seen("s1", T0 + 5)
-    recorder.worker_seen("s1", T0 + 3)  # late and older: ignored
-    recorder.worker_disconnected("s1", T0 + 10, 7)
+    recorder.worker_seen("s1", T0 + 5)  # within SEEN_EVERY of its connect: not noted
+    recorder.worker_seen("s1", T0 + 3 + history.SEEN_EVERY)
+    recorder.worker_seen("s1", T0 + 2 + history.SEEN_EVERY)  # late and older: ignored
+    recorder.worker_disconnected("s1", T0 + 10 + history.SEEN_EVERY, 7)
 
     assert await recorder.flush() == 1  # one row, born offline
     row = await session("s1")
     assert hops == [3]
     assert row.status == WorkerSession.Status.OFFLINE
-    assert row.last_seen.timestamp() == T0 + 10
-    assert row.disconnected_at.timestamp() == T0 + 10
+    assert row.last_seen.timestamp() == T0 + 10 + history.SEEN_EVERY
+    assert row.disconnected_at.timestamp() == T0 + 10 + history.SEEN_EVERY
     assert row.requests_served == 7
     assert row.commands == ["echo", "get_time"] and row.max_concurrency == 8
 
@@ -191,22 +192,26 @@ async def test_seen_is_coalesced_and_disconnect_updates_a_written_row(
     connect(recorder, "s2", worker_id="w2")
     await recorder.flush()
 
-    for i in range(1, 50):  # heartbeats: only the first of each SEEN_EVERY is written
+    every = history.SEEN_EVERY
+    for i in range(1, 50):  # heartbeats: none in the first SEEN_EVERY (the row is new)
         recorder.worker_seen("s1", T0 + i)
-        recorder.worker_seen("s2", T0 + i / 10)
+    assert recorder.pending == 0
+    for i in range(1, 50):  # then only the first of each SEEN_EVERY is written
+        recorder.worker_seen("s1", T0 + every + i)
+        recorder.worker_seen("s2", T0 + every + i / 10)
     assert recorder.pending == 2
     assert await recorder.flush() == 2
-    assert (await session("s1")).last_seen.timestamp() == T0 + 1
-    assert (await session("s2")).last_seen.timestamp() == pytest.approx(T0 + 0.1)
+    assert (await session("s1")).last_seen.timestamp() == T0 + every + 1
+    assert (await session("s2")).last_seen.timestamp() == pytest.approx(T0 + every + 0.1)
 
-    recorder.worker_seen("s1", T0 + 1 + history.SEEN_EVERY)  # a minute on: written again
+    recorder.worker_seen("s1", T0 + 1 + 2 * every)  # a minute on: written again
     assert recorder.pending == 1
-    recorder.worker_disconnected("s1", T0 + 65, 3)
+    recorder.worker_disconnected("s1", T0 + 5 + 2 * every, 3)
     assert await recorder.flush() == 1
     row = await session("s1")
     assert row.status == WorkerSession.Status.OFFLINE and row.requests_served == 3
-    assert row.disconnected_at.timestamp() == T0 + 65
-    assert row.last_seen.timestamp() == T0 + 65
+    assert row.disconnected_at.timestamp() == T0 + 5 + 2 * every
+    assert row.last_seen.timestamp() == T0 + 5 + 2 * every
     assert (await session("s2")).status == WorkerSession.Status.ONLINE
 
 

@@ -321,3 +321,42 @@ def test_names_that_could_take_over_a_terminal_are_refused(bad: str) -> None:
         ApiRequest.from_dict({"command": bad})
     assert Registration.from_data({"worker_id": "w1", "name": "GPU box 1",
                                    "commands": ["ok name"]}).name == "GPU box 1"
+
+
+# --------------------------------------------------------------------------- features, batches
+
+
+def test_features_are_parsed_and_unknown_ones_ignored() -> None:
+    data = Registration("w", "w", ["echo"], features=frozenset(protocol.Feature)).to_data()
+    assert data["features"] == ["batch", "quiet_heartbeat"]
+    data["features"] = ["batch", "teleport", 7]
+    assert Registration.from_data(data).features == {protocol.Feature.BATCH}
+    data["features"] = "batch"
+    with pytest.raises(ProtocolError, match="features"):
+        Registration.from_data(data)
+    assert "features" not in Registration("w", "w", ["echo"]).to_data()  # a seed worker
+
+
+def test_batch_frames_keep_order_and_size() -> None:
+    texts = [json.dumps({"type": "x", "n": i}) for i in range(10)]
+    frames = list(protocol.batch_frames(texts, limit=60))
+    assert all(len(f) <= 60 or not f.startswith("[") for f in frames) and len(frames) > 1
+    flat = [m for f in frames for m in protocol.loads_frames(f)]
+    assert [m["n"] for m in flat] == list(range(10))
+    assert list(protocol.batch_frames(["x" * 100], limit=60)) == ["x" * 100]  # alone
+    with pytest.raises(ProtocolError, match="at most"):
+        protocol.loads_frames(json.dumps([{}] * (protocol.MAX_BATCH + 1)))
+
+
+def test_disconnect_says_when_to_come_back() -> None:
+    from workers.session import Leave, react
+
+    def leave(data: dict) -> Leave:
+        reaction = react(Message("disconnect", data), stopping=False, handled=set())
+        assert isinstance(reaction, Leave)
+        return reaction
+
+    assert leave({"reason": "bye", "retry_after": 3.5}).retry_after == 3.5
+    assert leave({"reason": "bye", "retry_after": 1e9}).retry_after == 120.0  # capped
+    assert leave({"reason": "bye", "retry_after": "soon"}).retry_after is None
+    assert leave({"reason": "bye"}).retry_after is None

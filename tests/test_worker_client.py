@@ -101,7 +101,8 @@ async def test_registers_with_its_commands_and_settings(broker: FakeBroker,
     schemas = conn.hello.data.pop("schemas")
     assert conn.hello.data == {"worker_id": worker.worker_id, "name": "test-worker",
                                "commands": ["boom", "echo", "not_json", "sleep_then"],
-                               "weight": 2.5, "max_concurrency": 3, "no_retry": []}
+                               "weight": 2.5, "max_concurrency": 3, "no_retry": [],
+                               "features": ["batch", "quiet_heartbeat"]}
     assert sorted(schemas) == ["boom", "echo", "not_json", "sleep_then"]
     assert schemas["sleep_then"] == {"params": [
         {"name": "value", "type": "Any", "required": True},

@@ -28,7 +28,7 @@ from websockets.uri import parse_uri
 
 from .errors import ConnectionLost, RegistrationFailed, RequestFailed, describe
 from .handlers import CommandRegistry
-from .protocol import (CloseCode, ErrorCode, Message, MessageType, Registration, quote,
+from .protocol import (CloseCode, ErrorCode, Feature, Message, MessageType, Registration, quote,
                        random_id)
 from .address import auth_headers
 from .session import (CLOSE_TIMEOUT, SHUTTING_DOWN, STOPPED, MessageHandler, Session)
@@ -135,6 +135,7 @@ class Worker:
 
         self._worker_id = random_id()
         self._interval = heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
+        self._retry_after: float | None = None  # what the last broker to leave asked
         self._describe = True  # send the commands' schemas (until a broker finds them too big)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._handlers: dict[str, list[MessageHandler]] = {}
@@ -215,6 +216,8 @@ class Worker:
                 if registered or delays is None:
                     delays = backoff(self.backoff_initial, self.backoff_max)
                 delay = next(delays)
+                if self._retry_after is not None:  # the broker said when: then, not before
+                    delay, self._retry_after = self._retry_after, None
                 logger.info("%s: %s; reconnecting in %.2fs to %s",
                             url, reason, delay, self.urls[self._url_index])
                 await self._sleep_unless_stopped(delay)
@@ -291,6 +294,7 @@ class Worker:
                 finally:
                     self.connected.clear()
                     self._session = None
+                    self._retry_after = session.retry_after
         except RegistrationFailed as exc:
             logger.error("Registration of worker %s with %s failed: %s", self._worker_id, url,
                          exc)
@@ -321,7 +325,8 @@ class Worker:
                             self.max_concurrency, self.registry.not_idempotent(),
                             self.registry.leases(), self.labels, self.version,
                             self.registry.hedged(),
-                            self.registry.schemas() if self._describe else {})
+                            self.registry.schemas() if self._describe else {},
+                            features=frozenset(Feature))
 
     def _adopt(self, data: dict[str, Any]) -> None:
         """The broker's answer to ``connect``: its id for us, and its heartbeat interval."""

@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any
+from typing import Any, Iterator
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 #: What the stdlib parser raises on bad input: ValueError also covers integers over
@@ -237,6 +237,28 @@ class MessageType(str, Enum):
     CHUNK_ACK = "chunk_ack"  # broker -> worker: a chunk was passed on; send more
 
 
+class Feature(str, Enum):
+    """What a worker may ask for at registration (``"features": [...]``); the broker's
+    answer lists those it grants. A worker written from the seed asks for none and
+    is served as before; a name this side does not know is ignored, not refused."""
+
+    #: Heartbeats are acked only when they carry ``"want_ack": true``, and the broker
+    #: pings only when the worker falls silent: one frame per idle interval, not four.
+    QUIET_HEARTBEAT = "quiet_heartbeat"
+    #: Several frames in one: a JSON array of envelopes, either way (requests to the
+    #: worker, answers back). Under load the broker then writes fewer frames.
+    BATCH = "batch"
+
+    @classmethod
+    def parse(cls, value: Any) -> frozenset[Feature]:
+        if value is None:
+            return frozenset()
+        if not isinstance(value, list):
+            raise ProtocolError("Field 'features' must be a list of names")
+        known = {f.value: f for f in cls}
+        return frozenset(known[v] for v in value[:32] if isinstance(v, str) and v in known)
+
+
 class ProtocolError(ValueError):
     """A frame that breaks the protocol.
 
@@ -285,6 +307,42 @@ def loads_object(text: str | bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError(f"Expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+#: Envelopes in one batch frame (:attr:`Feature.BATCH`), and the size a sender keeps a
+#: batch frame under (a larger envelope still goes alone, in its own frame).
+MAX_BATCH = 256
+BATCH_BYTES = 64 * 1024
+
+
+def loads_frames(text: str | bytes) -> list[dict[str, Any]]:
+    """One frame's envelopes: an object, or a batch (a JSON array of objects)."""
+    try:
+        obj = _loads(text)
+    except _DecodeError as exc:
+        raise ProtocolError(f"Malformed JSON: {exc}") from None
+    if isinstance(obj, dict):
+        return [obj]
+    if not isinstance(obj, list) or not obj:
+        raise ProtocolError(f"Expected a JSON object or a non-empty array of them, got "
+                            f"{type(obj).__name__ if obj != [] else 'an empty array'}")
+    if len(obj) > MAX_BATCH:
+        raise ProtocolError(f"Batch of {len(obj)} frames (at most {MAX_BATCH})")
+    return obj
+
+
+def batch_frames(texts: list[str], limit: int = BATCH_BYTES) -> Iterator[str]:
+    """Encoded envelopes joined into as few frames as ``limit`` allows, in order."""
+    run: list[str] = []
+    size = 0
+    for text in texts:
+        if run and (size + len(text) + 1 > limit or len(run) == MAX_BATCH):
+            yield run[0] if len(run) == 1 else "[" + ",".join(run) + "]"
+            run, size = [], 0
+        run.append(text)
+        size += len(text) + 1
+    if run:
+        yield run[0] if len(run) == 1 else "[" + ",".join(run) + "]"
 
 
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...,
@@ -414,11 +472,15 @@ class Message:
         return cls(MessageType.ERROR.value, body)
 
     @classmethod
-    def heartbeat(cls, ack: str | None = None, **stats: Any) -> Message:
-        """A ping (``ack`` unset) or the answer to the ping whose msg_id is ``ack``."""
+    def heartbeat(cls, ack: str | None = None, want_ack: bool = False, **stats: Any
+                  ) -> Message:
+        """A ping (``ack`` unset) or the answer to the ping whose msg_id is ``ack``;
+        ``want_ack``: a quiet-heartbeat worker asks for an answer this time."""
         data: dict[str, Any] = dict(stats)
         if ack is not None:
             data["ack"] = ack
+        if want_ack:
+            data["want_ack"] = True
         return cls(MessageType.HEARTBEAT.value, data)
 
     @classmethod
@@ -721,6 +783,8 @@ class Registration:
     hedge: list[str] = field(default_factory=list)
     #: What each command takes and does, for ``describe`` (see :func:`parse_schema`).
     schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: What it asks of the broker beyond the seed's protocol (:class:`Feature`).
+    features: frozenset[Feature] = frozenset()
     #: Parsed only: why schemas the worker sent were not kept (its answer says so).
     schemas_dropped: list[str] = field(default_factory=list, compare=False)
 
@@ -732,6 +796,8 @@ class Registration:
         for name in ("leases", "labels", "version", "hedge", "schemas"):
             if getattr(self, name):
                 data[name] = getattr(self, name)
+        if self.features:
+            data["features"] = sorted(f.value for f in self.features)
         return data
 
     @classmethod
@@ -767,7 +833,7 @@ class Registration:
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
                    no_retry=no_retry, leases={k: float(v) for k, v in leases.items()},
                    labels=labels, version=version, hedge=hedge, schemas=schemas,
-                   schemas_dropped=dropped)
+                   features=Feature.parse(data.get("features")), schemas_dropped=dropped)
 
 
 # --------------------------------------------------------------------------- requester API

@@ -25,13 +25,21 @@ from . import tracing
 from .errors import ConnectionLost, RegistrationFailed, describe
 from .handlers import CommandRegistry, run_safely
 from .jobs import JobContext
-from .protocol import (CANCELLED, ChunkBody, ErrorCode, Message, MessageType, ProtocolError,
-                       Registration, RequestBody, ResponseBody)
+from .protocol import (BATCH_BYTES, CANCELLED, ChunkBody, ErrorCode, Feature, Message,
+                       MessageType, ProtocolError, Registration, RequestBody, ResponseBody,
+                       batch_frames, loads_frames)
 
 logger = logging.getLogger("workers.client")
 
 #: Heartbeat intervals of silence after which the connection is presumed dead.
 DEAD_AFTER_MISSES = 3
+#: With quiet heartbeats (the broker answers a beat only when asked), a beat asks once
+#: the broker has been silent this many intervals, and the connection is presumed dead
+#: after QUIET_DEAD_AFTER: one frame per idle interval and an answer every third.
+ASK_AFTER_MISSES = 3
+QUIET_DEAD_AFTER = 5
+#: Longest wait a broker's ``retry_after`` may ask for, in seconds.
+MAX_RETRY_AFTER = 120.0
 #: Seconds the broker has to answer our ``connect`` frame.
 REGISTER_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
@@ -71,9 +79,11 @@ class Resolve:
 
 @dataclass(frozen=True, slots=True)
 class Leave:
-    """The broker is going away: close; the worker reconnects."""
+    """The broker is going away: close; the worker reconnects (after ``retry_after``
+    seconds when the broker says when, so that a fleet does not come back at once)."""
 
     reason: str
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +158,10 @@ def react(msg: Message, *, stopping: bool, handled: Collection[str],
     if kind == MessageType.NOTIFICATION.value:
         return Handle(msg, reply_on_error=False)
     if kind == MessageType.DISCONNECT.value:
-        return Leave(str(msg.data.get("reason") or "no reason"))
+        delay = msg.data.get("retry_after")
+        ok = isinstance(delay, (int, float)) and not isinstance(delay, bool) and 0 <= delay
+        return Leave(str(msg.data.get("reason") or "no reason"),
+                     min(float(delay), MAX_RETRY_AFTER) if ok else None)
     if kind == MessageType.CONNECT.value:
         return Ignore("extra 'connect' answer")
     if kind == MessageType.CANCEL.value:
@@ -191,6 +204,15 @@ class Session:
         self.jobs: dict[str, tuple[JobContext, asyncio.Task[Any], bool]] = {}
         self.pending: dict[str, asyncio.Future[ResponseBody]] = {}
         self.last_ping: tuple[str, float] | None = None
+        #: What the broker granted of what we asked (its answer to ``connect``).
+        self.features: frozenset[Feature] = frozenset()
+        #: loop.time() of the last frame from the broker.
+        self.heard = 0.0
+        #: Frames to send in one batch frame once this turn of the loop ends.
+        self.gathered: list[str] = []
+        self.batch_limit = BATCH_BYTES
+        #: Seconds the broker asked us to wait before dialling again (its disconnect).
+        self.retry_after: float | None = None
 
     # ------------------------------------------------------------------ registration
 
@@ -216,6 +238,7 @@ class Session:
                     if msg is None:
                         continue
                     if msg.type == MessageType.CONNECT.value:
+                        self._granted(msg.data)
                         return msg.data
                     if msg.type == MessageType.ERROR.value:
                         reason = str(msg.data.get("error") or "no reason given")
@@ -227,6 +250,17 @@ class Session:
         except TimeoutError:
             raise RegistrationFailed(
                 f"no answer to 'connect' within {REGISTER_TIMEOUT:.0f}s") from None
+
+    def _granted(self, answer: dict[str, Any]) -> None:
+        try:
+            self.features = Feature.parse(answer.get("features"))
+        except ProtocolError:
+            self.features = frozenset()
+        limit = answer.get("max_message_bytes")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            # Characters, not bytes, are counted while gathering: a quarter is safe.
+            self.batch_limit = min(BATCH_BYTES, limit // 4)
+        self.heard = asyncio.get_running_loop().time()
 
     async def _closed_quietly(self) -> None:
         """Wait a moment for the close that follows a refusal (to read its code)."""
@@ -273,11 +307,12 @@ class Session:
 
     async def _read_loop(self) -> str:
         """Hand every frame to its reaction; return why the connection ended."""
+        quiet = Feature.QUIET_HEARTBEAT in self.features
         while True:
-            dead_after = DEAD_AFTER_MISSES * self.interval
+            dead_after = (QUIET_DEAD_AFTER if quiet else DEAD_AFTER_MISSES) * self.interval
             try:
                 async with asyncio.timeout(dead_after):
-                    msg = await self._receive()
+                    msgs = await self._receive_all()
             except TimeoutError:
                 logger.warning("Nothing from the broker for %.1fs; dropping the connection",
                                dead_after)
@@ -285,22 +320,47 @@ class Session:
                 return "broker silent"
             except ConnectionClosed as exc:
                 return f"connection closed ({describe(exc)})"
-            if msg is None:
-                continue
-            if await self._carry_out(msg):
-                await self.ws.close()
-                return "broker sent disconnect"
+            for msg in msgs:
+                if await self._carry_out(msg):
+                    await self.ws.close()
+                    return "broker sent disconnect"
+
+    async def _receive_all(self) -> list[Message]:
+        """The next frame's envelopes: one, several (a batch, if granted), or none (a
+        frame that does not parse, already answered with an error)."""
+        raw = await self.ws.recv()
+        self.heard = asyncio.get_running_loop().time()
+        if Feature.BATCH not in self.features or raw[:1] not in ("[", b"["):
+            msg = self._parse(raw)
+            return [] if msg is None else [msg]
+        try:
+            frames = loads_frames(raw)
+        except ProtocolError as exc:
+            await self._unreadable(exc)
+            return []
+        msgs = []
+        for obj in frames:
+            try:
+                msgs.append(Message.from_dict(obj if isinstance(obj, dict) else {}))
+            except ProtocolError as exc:
+                await self._unreadable(exc)
+        return msgs
 
     async def _receive(self) -> Message | None:
         """Next frame, or None for one that does not parse (already answered with an error)."""
-        raw = await self.ws.recv()
+        return self._parse(await self.ws.recv())
+
+    def _parse(self, raw: str | bytes) -> Message | None:
         try:
             return Message.from_json(raw)
         except ProtocolError as exc:
-            logger.warning("Unreadable frame from the broker: %s", exc)
-            await self.send(Message.error(f"Unreadable frame: {exc}",
-                                          code=ErrorCode.BAD_REQUEST).to_json())
+            self.spawn(self._unreadable(exc))
             return None
+
+    async def _unreadable(self, exc: ProtocolError) -> None:
+        logger.warning("Unreadable frame from the broker: %s", exc)
+        await self.send(Message.error(f"Unreadable frame: {exc}",
+                                      code=ErrorCode.BAD_REQUEST).to_json())
 
     async def _carry_out(self, msg: Message) -> bool:
         """Do what :func:`react` says; True when the session must end (Leave)."""
@@ -322,7 +382,10 @@ class Session:
         elif isinstance(reaction, Handle):
             self._run_handlers(reaction.message, reply_on_error=reaction.reply_on_error)
         elif isinstance(reaction, Leave):
-            logger.warning("Broker is going away: %s", reaction.reason)
+            logger.warning("Broker is going away: %s%s", reaction.reason,
+                           "" if reaction.retry_after is None else
+                           f"; coming back in {reaction.retry_after:.1f}s, as it asks")
+            self.retry_after = reaction.retry_after
             return True
         elif reaction.why == "heartbeat ack" and self.last_ping is not None and \
                 msg.data.get("ack") == self.last_ping[0]:
@@ -415,11 +478,14 @@ class Session:
     # ------------------------------------------------------------------ heartbeats
 
     async def _heartbeat_loop(self) -> str:
-        """Tell the broker we are alive and how busy; the broker acks each beat."""
+        """Tell the broker we are alive and how busy; the broker acks each beat (with
+        quiet heartbeats: only the beats that ask, after a silence)."""
         loop = asyncio.get_running_loop()
+        quiet = Feature.QUIET_HEARTBEAT in self.features
         while True:
             await asyncio.sleep(self.interval)
-            ping = Message.heartbeat(in_flight=self.in_flight)
+            ask = quiet and loop.time() - self.heard >= ASK_AFTER_MISSES * self.interval - 0.5
+            ping = Message.heartbeat(in_flight=self.in_flight, want_ack=ask)
             self.last_ping = (ping.msg_id, loop.time())
             if not await self.send(ping.to_json()):
                 return "heartbeat could not be sent"
@@ -457,7 +523,29 @@ class Session:
     # ------------------------------------------------------------------ plumbing
 
     async def send(self, text: str) -> bool:
-        """Send one frame; False (and a log line) if the connection is gone."""
+        """Send one frame; False (and a log line) if the connection is gone.
+
+        With batches granted and other requests still running, the frame waits for the
+        end of this turn of the loop and goes with the others' answers in one frame
+        (True then means: queued). Alone, it goes at once: no latency added.
+        """
+        if self.gathered:
+            self.gathered.append(text)
+            return True
+        if Feature.BATCH in self.features and self.in_flight > 0:
+            self.gathered.append(text)
+            self.spawn(self._send_gathered())
+            return True
+        return await self._send_now(text)
+
+    async def _send_gathered(self) -> None:
+        await asyncio.sleep(0)  # let the other answers of this turn join
+        texts, self.gathered = self.gathered, []
+        for frame in batch_frames(texts, self.batch_limit):
+            if not await self._send_now(frame):
+                return
+
+    async def _send_now(self, text: str) -> bool:
         try:
             await self.ws.send(text)
         except ConnectionClosed as exc:

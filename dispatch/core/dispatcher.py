@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from typing import Any, Callable, Iterable, Protocol
@@ -68,7 +69,7 @@ class LocalWorker(Protocol):
 
     async def stop_taking_work(self) -> None: ...
 
-    async def leave(self, reason: str) -> None: ...
+    async def leave(self, reason: str, retry_after: float | None = None) -> None: ...
 
 
 class Dispatcher:
@@ -142,8 +143,12 @@ class Dispatcher:
         while loop.time() < deadline and (
                 len(self.table) or any(w.busy for w in self.local_workers.values())):
             await asyncio.sleep(0.05)
-        for worker in list(self.local_workers.values()):
-            await worker.leave(protocol.SHUTTING_DOWN)
+        # Each worker is told when to come back, spread so that the fleet's return
+        # comes at RECONNECT_RATE registrations a second, not all in the first one.
+        leaving = list(self.local_workers.values())
+        spread = len(leaving) / conf.get("RECONNECT_RATE")
+        for worker in leaving:
+            await worker.leave(protocol.SHUTTING_DOWN, round(random.uniform(0, spread), 2))
 
     async def stop(self) -> None:
         """Answer whatever is still pending, stop the loops, flush history."""

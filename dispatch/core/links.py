@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from workers import protocol
-from workers.protocol import (ChunkBody, CloseCode, ErrorCode, Message, MessageType,
-                              ProgressBody, Registration, ResponseBody, quote)
+from workers.protocol import (ChunkBody, CloseCode, ErrorCode, Feature, Message,
+                              MessageType, ProgressBody, Registration, ResponseBody, quote)
 
 from .. import conf
 from ..auth import Grant
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dispatch.links")
 
+#: Lines about workers coming and going, for the whole process: a fleet of thousands
+#: dialling back after a restart gets a few lines and counts, not a line each.
+FLEET_LOG = LogBudget(burst=50, refill_seconds=0.1)
+
 
 class WorkerSocket(Protocol):
     """What a link needs of its socket."""
@@ -45,6 +49,8 @@ class WorkerSocket(Protocol):
     async def send_frame(self, msg: Message) -> None: ...
 
     async def send_text(self, text: str) -> None: ...
+
+    def gather(self, text: str) -> None: ...
 
     async def refuse(self, error: str, request_id: str | None = None,
                      code: ErrorCode | None = None) -> None: ...
@@ -59,6 +65,10 @@ def _shared(text: str) -> str:
     worker's entry then costs no more than before."""
     return text
 
+
+#: Heartbeat intervals of silence after which a quiet-heartbeat worker is pinged: it
+#: beats every interval, so one that is this late has missed a beat.
+QUIET_PING_AFTER = 1.5
 
 #: Failure codes a handler did not mean: they worsen its worker's score.
 UNMEANT_ERRORS = frozenset({None, ErrorCode.HANDLER_FAILED.value, ErrorCode.WORKER_ERROR.value})
@@ -96,8 +106,12 @@ class WorkerLink:
         self.entry: WorkerEntry | None = None
         self.assignments: dict[str, Assignment] = {}
         self.assigned_chars = 0
-        self.opened = self.last_frame = self.last_ack = time.monotonic()
+        self.opened = self.last_frame = time.monotonic()
         self.next_ping = self.opened + conf.get("HEARTBEAT_INTERVAL")
+        #: When the oldest ping still unanswered was sent (None: all answered).
+        self.ping_out: float | None = None
+        #: What it asked for at registration (:class:`Feature`), all granted.
+        self.features: frozenset[Feature] = frozenset()
         self.closed = False
 
     @property
@@ -128,10 +142,10 @@ class WorkerLink:
         weight = min(reg.weight, conf.get("MAX_WORKER_WEIGHT"))
         max_concurrency = min(reg.max_concurrency, conf.get("MAX_WORKER_CONCURRENCY"))
         if (weight, max_concurrency) != (reg.weight, reg.max_concurrency):
-            log.warning("worker %s asked for weight %s and max_concurrency %s; capped to %s "
-                        "and %s (BROKER_MAX_WORKER_WEIGHT, BROKER_MAX_WORKER_CONCURRENCY)",
-                        quote(reg.worker_id), reg.weight, reg.max_concurrency, weight,
-                        max_concurrency)
+            FLEET_LOG.log(log, logging.WARNING, "worker %s asked for weight %s and "
+                          "max_concurrency %s; capped to %s and %s (BROKER_MAX_WORKER_WEIGHT, "
+                          "BROKER_MAX_WORKER_CONCURRENCY)", quote(reg.worker_id), reg.weight,
+                          reg.max_concurrency, weight, max_concurrency)
         dispatcher = self.dispatcher
         entry = WorkerEntry(
             worker_id=reg.worker_id, name=reg.name, channel=self.channel,
@@ -166,10 +180,14 @@ class WorkerLink:
                 replaced.channel, "Replaced by a newer connection with the same worker_id",
                 CloseCode.REPLACED))
         dispatcher.local_workers[self.channel] = self
+        self.features = reg.features
         answer: dict[str, Any] = {
             "worker_id": reg.worker_id, "heartbeat_interval": conf.get("HEARTBEAT_INTERVAL"),
             "process": dispatcher.process, "weight": weight,
             "max_concurrency": max_concurrency}
+        if reg.features:
+            answer["features"] = sorted(f.value for f in reg.features)
+            answer["max_message_bytes"] = conf.get("MAX_MESSAGE_BYTES")
         if reg.schemas_dropped:  # it registered; it is told what describe will not show
             answer["schemas_dropped"] = reg.schemas_dropped
             self.socket.logs.log(log, logging.WARNING, "worker %s: schemas not kept: %s",
@@ -181,8 +199,9 @@ class WorkerLink:
             weight=weight, max_concurrency=max_concurrency, connected_at=entry.connected_at,
             owner=entry.owner)
         dispatcher.kick()
-        log.info("worker %s (%s) registered from %s: %s", quote(reg.worker_id),
-                 quote(reg.name), self.socket.peer, quote(", ".join(reg.commands), 300))
+        FLEET_LOG.log(log, logging.INFO, "worker %s (%s) registered from %s: %s",
+                      quote(reg.worker_id), quote(reg.name), self.socket.peer,
+                      quote(", ".join(reg.commands), 300))
 
     async def _refuse_registration(self, error: str, msg_id: str, code: ErrorCode,
                                    close: CloseCode) -> None:
@@ -192,10 +211,11 @@ class WorkerLink:
     async def heartbeat(self, msg: Message) -> None:
         entry = self.entry
         assert entry is not None
-        # The socket is alive whatever the registry says: ack first.
+        # The socket is alive whatever the registry says: ack first (a quiet worker's
+        # beat only when it asks: it has heard nothing from us for a while).
         if "ack" in msg.data:
-            self.last_ack = time.monotonic()
-        else:
+            self.ping_out = None
+        elif msg.data.get("want_ack") is True or Feature.QUIET_HEARTBEAT not in self.features:
             await self.socket.send_frame(Message.heartbeat(ack=msg.msg_id))
         self.recorder.worker_seen(self.session_id, time.time())
         try:
@@ -240,7 +260,12 @@ class WorkerLink:
             message["reply_to"], now, now + message["timeout"], len(text), stream,
             self.entry.leases.get(message["action"]), now)
         self.assigned_chars += len(text)
-        await self.socket.send_text(text)
+        if Feature.BATCH in self.features and len(self.assignments) > 1:
+            # Under load (it holds others): this one goes with those sent it this turn
+            # of the loop, in one frame. Alone, it goes at once: no latency added.
+            self.socket.gather(text)
+        else:
+            await self.socket.send_text(text)
 
     def _take(self, key: str) -> Assignment | None:
         assignment = self.assignments.pop(key, None)
@@ -338,6 +363,14 @@ class WorkerLink:
 
     # ------------------------------------------------------------------ liveness
 
+    def idle_and_well(self, now: float, interval: float) -> bool:
+        """Nothing for :meth:`check` to do: registered, heard within the interval, no
+        ping due or unanswered, nothing held. The common case, kept cheap: with tens
+        of thousands of idle workers, these checks are most of what the broker does."""
+        return (self.entry is not None and not self.assignments and self.ping_out is None
+                and now - self.last_frame < QUIET_PING_AFTER * interval
+                and (Feature.QUIET_HEARTBEAT in self.features or now < self.next_ping))
+
     async def check(self, now: float) -> None:
         """The fleet's periodic look: drop the silent and the deaf, ping, expire slots."""
         interval = conf.get("HEARTBEAT_INTERVAL")
@@ -353,17 +386,21 @@ class WorkerLink:
                         now - self.last_frame)
             await self.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
             return
-        if now - self.last_ack > silence_limit + interval:
+        if self.ping_out is not None and now - self.ping_out > silence_limit:
             # It talks but does not answer our pings: it is not reading its socket,
             # and what we send it would pile up in memory.
             log.warning("worker %s has not answered a ping for %.1fs: dropping it",
-                        self.label, now - self.last_ack)
+                        self.label, now - self.ping_out)
             await self.close(CloseCode.HEARTBEAT_TIMEOUT, "not answering pings")
             return
-        if now >= self.next_ping:
-            # Every other interval: a ping answered within two intervals keeps last_ack
-            # well inside its limit.
+        # A seed worker is pinged every other interval; a quiet one only once it has
+        # missed a beat (one that beats is never pinged).
+        quiet = Feature.QUIET_HEARTBEAT in self.features
+        if now >= self.next_ping and (
+                not quiet or now - self.last_frame >= QUIET_PING_AFTER * interval):
             self.next_ping = now + 2 * interval
+            if self.ping_out is None:
+                self.ping_out = now
             await self.socket.send_frame(Message.heartbeat())
         await self._expire(now)
 
@@ -422,9 +459,10 @@ class WorkerLink:
             await dispatcher.deliver(assignment.reply_to,
                                      events.lost(key, self.entry.worker_id, reason))
         self.recorder.worker_disconnected(self.session_id, time.time(),
-                                          self.entry.completed + self.entry.errors)
-        log.info("worker %s left (%s); %d request(s) handed back", self.label, reason,
-                 len(assignments))
+                                          self.entry.completed + self.entry.errors,
+                                          self.entry.worker_id)
+        FLEET_LOG.log(log, logging.INFO, "worker %s left (%s); %d request(s) handed back",
+                      self.label, reason, len(assignments))
 
     # ------------------------------------------------------------------ from the dispatcher
 
@@ -448,19 +486,23 @@ class WorkerLink:
                 log.warning("worker %s: could not take it out of rotation: %s",
                             self.label, exc)
 
-    async def leave(self, reason: str) -> None:
-        """The broker is going away: tell the worker, then close."""
-        await self.socket.send_frame(Message(MessageType.DISCONNECT.value, {"reason": reason}))
+    async def leave(self, reason: str, retry_after: float | None = None) -> None:
+        """The broker is going away: tell the worker (and when to come back), then close."""
+        data: dict[str, Any] = {"reason": reason}
+        if retry_after is not None:
+            data["retry_after"] = retry_after
+        await self.socket.send_frame(Message(MessageType.DISCONNECT.value, data))
         await self.close(CloseCode.SHUTTING_DOWN, reason)
 
 
 async def watch(links: set[WorkerLink]) -> None:
     """Check every link of this process, twice per heartbeat interval, in one task."""
     while True:
-        await asyncio.sleep(conf.get("HEARTBEAT_INTERVAL") / 2)
+        interval = conf.get("HEARTBEAT_INTERVAL")
+        await asyncio.sleep(interval / 2)
         now = time.monotonic()
         for link in list(links):
-            if link.closed:
+            if link.closed or link.idle_and_well(now, interval):
                 continue
             try:
                 await link.check(now)

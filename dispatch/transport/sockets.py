@@ -18,7 +18,7 @@ from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from workers.protocol import CloseCode, ErrorCode
+from workers.protocol import CloseCode, ErrorCode, batch_frames
 
 from .. import conf
 from ..auth import Grant, get_guard, peer_of
@@ -74,6 +74,7 @@ class BaseSocket(AsyncWebsocketConsumer):
     _allowance: float | None = None
     _checked = 0.0
     _writer: asyncio.Task[None] | None = None
+    _gatherer: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Channels' consumer loop, leaner: one source, so no task and no
@@ -86,6 +87,8 @@ class BaseSocket(AsyncWebsocketConsumer):
         self.probe: Probe = probe_for(send)
         self.outbox: deque[dict[str, Any]] = deque()
         self.outbox_bytes = 0
+        #: Frames gathered into one batch frame, sent once this turn of the loop ends.
+        self.gathered: list[str] = []
         try:
             while True:
                 await self.dispatch(await receive())
@@ -148,8 +151,9 @@ class BaseSocket(AsyncWebsocketConsumer):
         if hasattr(self, "guard"):
             self.guard.detach(self.grant, self)
 
-    def within_rate(self) -> bool:
-        """Token bucket: RATE_LIMIT frames a second on average, bursts of twice that."""
+    def within_rate(self, extra: int = 0) -> bool:
+        """Token bucket: RATE_LIMIT frames a second on average, bursts of twice that;
+        ``extra``: more frames to count (the rest of a batch)."""
         rate = conf.get("RATE_LIMIT")
         if not rate:
             return True
@@ -159,21 +163,24 @@ class BaseSocket(AsyncWebsocketConsumer):
         else:
             self._allowance = min(2.0 * rate, self._allowance + (now - self._checked) * rate)
         self._checked = now
-        if self._allowance < 1:
+        if self._allowance < 1 + extra:
             return False
-        self._allowance -= 1
+        self._allowance -= 1 + extra
         return True
+
+    async def rate_limited(self) -> None:
+        log.warning("%s sends faster than %s frames/s: closing it", self.peer,
+                    conf.get("RATE_LIMIT"))
+        await self.refuse(f"Rate limit exceeded ({conf.get('RATE_LIMIT')} frames/s)", None,
+                          ErrorCode.LIMIT_EXCEEDED)
+        await self.close(CloseCode.RATE_LIMITED)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None
                       ) -> None:
         if self.state is not SocketState.OPEN:
             return  # refused, revoked or closing: nothing it sends is read
         if not self.within_rate():
-            log.warning("%s sends faster than %s frames/s: closing it", self.peer,
-                        conf.get("RATE_LIMIT"))
-            await self.refuse(f"Rate limit exceeded ({conf.get('RATE_LIMIT')} frames/s)", None,
-                              ErrorCode.LIMIT_EXCEEDED)
-            await self.close(CloseCode.RATE_LIMITED)
+            await self.rate_limited()
             return
         if text_data is None:
             await self.refuse("Binary frames are not supported: send JSON as text", None,
@@ -214,6 +221,12 @@ class BaseSocket(AsyncWebsocketConsumer):
         """
         if self.state is SocketState.CLOSING:
             return
+        if self.gathered:  # behind the gathered frames, in order
+            self.gathered.append(text)
+            return
+        await self._send(text, merge_key)
+
+    async def _send(self, text: str, merge_key: str | None = None) -> None:
         if merge_key is not None and self.outbox and self._merge(merge_key, text):
             return
         message = {"type": "websocket.send", "text": text}
@@ -222,6 +235,22 @@ class BaseSocket(AsyncWebsocketConsumer):
         await self._emit(message)
         if self.probe.unsent() + self.outbox_bytes > self.unsent_allowance():
             await self.too_slow()
+
+    def gather(self, text: str) -> None:
+        """Send ``text`` in a batch frame (a peer that accepts them): with whatever else
+        is sent to this peer before the loop's turn ends, in as few frames as fit."""
+        if self.state is SocketState.CLOSING:
+            return
+        self.gathered.append(text)
+        if len(self.gathered) == 1:
+            self._gatherer = asyncio.get_running_loop().create_task(self._send_gathered())
+
+    async def _send_gathered(self) -> None:
+        texts, self.gathered = self.gathered, []
+        for frame in batch_frames(texts):
+            if self.state is SocketState.CLOSING:
+                return
+            await self._send(frame)
 
     def _merge(self, key: str, text: str) -> bool:
         """Put ``text`` in place of the waiting frame with this key, if one is near the end."""
@@ -240,12 +269,26 @@ class BaseSocket(AsyncWebsocketConsumer):
     async def _emit(self, message: dict[str, Any]) -> None:
         """Straight to the server when it can take it now; else into the outbox, in order."""
         if not self.outbox and not self.probe.would_wait():
-            await self.base_send(message)
+            await self._to_server(message)
             return
         self.outbox.append(message)
         self.outbox_bytes += len(message.get("text") or "")
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _to_server(self, message: dict[str, Any]) -> None:
+        """Hand a frame to the server. A peer that is gone but whose disconnect is not
+        yet read makes the server raise (daphne: autobahn's ``Disconnected``): the frame
+        had nowhere to go, and the socket is closing; nothing else is wrong."""
+        try:
+            await self.base_send(message)
+        except Exception as exc:  # noqa: BLE001 - the server's own exception types vary
+            if self.state is not SocketState.CLOSING:
+                log.debug("%s %s: frame not sent, the connection is gone: %s", self.kind,
+                          self.peer, exc)
+            self.state = SocketState.CLOSING
+            self.outbox.clear()
+            self.outbox_bytes = 0
 
     async def _write(self) -> None:
         try:
@@ -253,7 +296,7 @@ class BaseSocket(AsyncWebsocketConsumer):
                 message = self.outbox.popleft()
                 self.outbox_bytes -= len(message.get("text") or "")
                 message.pop(MERGE_KEY, None)
-                await self.base_send(message)
+                await self._to_server(message)
         finally:
             self._writer = None
 

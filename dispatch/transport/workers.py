@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 
 from workers.handlers import run_safely
-from workers.protocol import (ChunkBody, ErrorCode, Message, MessageType, ProgressBody,
-                              ProtocolError, Registration, RequestBody, ResponseBody, quote)
+from workers.protocol import (ChunkBody, ErrorCode, Feature, Message, MessageType,
+                              ProgressBody, ProtocolError, Registration, RequestBody,
+                              ResponseBody, quote)
 
 from workers import protocol
 
@@ -23,7 +24,7 @@ from ..core.links import WorkerLink
 from ..core.metering import meter
 from ..history import get_recorder
 from ..registry import RegistryUnavailable
-from .sockets import BaseSocket
+from .sockets import BaseSocket, SocketState
 
 log = logging.getLogger("dispatch.sockets")
 
@@ -63,11 +64,37 @@ class WorkerConsumer(BaseSocket):
         link = self.link
         assert link is not None
         link.heard()
+        if text[:1] == "[" and Feature.BATCH in link.features:
+            try:
+                frames = protocol.loads_frames(text)
+            except ProtocolError as exc:
+                await self.refuse(str(exc))
+                return
+            if not self.within_rate(len(frames) - 1):  # each envelope counts as a frame
+                await self.rate_limited()
+                return
+            for obj in frames:
+                if self.state is not SocketState.OPEN:
+                    return
+                try:
+                    msg = Message.from_dict(obj) if isinstance(obj, dict) else None
+                except ProtocolError as exc:
+                    await self.refuse(str(exc))
+                    continue
+                if msg is None:
+                    await self.refuse("Each frame of a batch must be a JSON object")
+                    continue
+                await self.handle(link, msg)
+            return
         try:
             msg = Message.from_json(text)
         except ProtocolError as exc:
             await self.refuse(str(exc))
             return
+        await self.handle(link, msg)
+
+    async def handle(self, link: WorkerLink, msg: Message) -> None:
+        """One envelope, alone in its frame or one of a batch."""
         if msg.type != MessageType.CONNECT.value and link.entry is None:
             await self.refuse("Register first: send a 'connect' frame", msg.msg_id)
             return
