@@ -9,7 +9,7 @@ drive our broker and the baseline (same wire protocol). Prints a table and write
 Examples:
   python -m bench                 # full matrix, about 6-7 minutes
   python -m bench --quick         # smoke run, about 1-2 minutes
-  python -m bench --scale         # add 10,000 idle workers and the reconnect test
+  python -m bench --scale         # add 50,000 idle workers and the reconnect test
   python -m bench --profile       # add a py-spy profile of the broker (daphne, 64 in flight)
   python -m bench --systems baseline,daphne --points 64:4:100,1:4:100
   python -m bench --list          # show the scenarios without running them
@@ -115,10 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each scenario wait up to this long for the machine to be "
                         "quiet (other work under 40%% of a core), for a shared machine")
     p.add_argument("--scale", action="store_true",
-                   help="also run the scale scenarios (10,000 idle workers; 1,000 reconnecting)")
+                   help="also run the scale scenarios (50,000 idle workers; 10,000 reconnecting)")
     p.add_argument("--scale-only", action="store_true", help="run only the scale scenarios")
-    p.add_argument("--idle-workers", type=int, default=10_000, help="idle workers (scale)")
-    p.add_argument("--reconnect-workers", type=int, default=1_000,
+    p.add_argument("--idle-workers", type=int, default=50_000, help="idle workers (scale)")
+    p.add_argument("--reconnect-workers", type=int, default=10_000,
                    help="workers in the reconnect test (scale)")
     p.add_argument("--heartbeat", type=float, default=1.0,
                    help="short heartbeat interval of the extra idle run with 1,000 workers, "

@@ -52,7 +52,8 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
     """Run daphne until SIGINT/SIGTERM; ``say`` prints the ready line."""
     # daphne installs Twisted's asyncio reactor when imported: import it first.
     from daphne.endpoints import build_endpoint_description_strings
-    from daphne.server import Server
+
+    from .fleetserver import FleetServer
 
     from brokersite.asgi import application
 
@@ -75,9 +76,10 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
             f"(strategy {conf.get('STRATEGY')}, timeout {conf.get('TIMEOUT')}s, "
             f"process {conf.process_name()})")
 
-    Server(
+    FleetServer(
         application=application,
         endpoints=endpoints,
+        worker_port=worker_port,
         # Frames a little over our own limit still arrive, so the sender gets a clear
         # error; far larger ones are cut off by daphne with close code 1009.
         websocket_max_message_size=4 * limit + 65536,
