@@ -85,7 +85,6 @@ def targets(rows: list[Row], scale: dict[str, Any] | None) -> list[dict[str, Any
     """Each target: what, measured, goal, met (True/False/None for not measured)."""
     out: list[dict[str, Any]] = []
     ref = REFERENCE
-    base = _find(rows, "baseline", ref)
 
     def add(what: str, measured: str, goal: str, met: bool | None, note: str = "") -> None:
         out.append({"target": what, "measured": measured, "goal": goal, "met": met,
@@ -156,7 +155,7 @@ def targets(rows: list[Row], scale: dict[str, Any] | None) -> list[dict[str, Any
                 "–" if cpu is None else f"{cpu:.0f}% of a core ({idle.get('cpu_note', '')})"
                 + _idle_alternatives(idle),
                 "< 25%", None if cpu is None else (cpu < 25.0 and reached >= n))
-            took = idle["final"].get("connect_seconds")
+            took = idle.get("register_seconds")
             add(f"{n:,} idle workers: all registered",
                 f"in {took:.0f} s" if took is not None else
                 f"not all: {idle.get('saturated', 'saturated')}", "< 60 s",

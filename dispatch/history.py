@@ -22,6 +22,7 @@ import math
 import time
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cache
@@ -153,6 +154,7 @@ class HistoryRecorder:
         self._claims: dict[str, tuple[str, float]] | None = None
         self._claims_lock = asyncio.Lock()
         self._claims_failed = 0.0
+        self._writer: ThreadPoolExecutor | None = None
         #: Totals since start, for health pages and tests.
         self.written = 0
         self.dropped = 0
@@ -296,6 +298,20 @@ class HistoryRecorder:
             except asyncio.CancelledError:
                 pass
         await self.flush()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await asyncio.get_running_loop().run_in_executor(writer, _close_connection)
+            writer.shutdown(wait=False)
+
+    async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
+        """Run ``work`` in this recorder's own thread, whose database connection stays
+        open from one flush to the next. ``database_sync_to_async`` closes it after
+        every call, and closing SQLite's last connection checkpoints the WAL into the
+        database file: a quarter of the writer's time at 5,000 requests a second."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="history-writer")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._writer, _reconnect_after_failure, work, *args)
 
     async def flush(self) -> int:
         """Write everything buffered in one thread hop; return the rows written.
@@ -310,7 +326,7 @@ class HistoryRecorder:
             if not len(batch):
                 return 0
             try:
-                written = await database_sync_to_async(write_batch)(batch, self.process)
+                written = await self._write(write_batch, batch, self.process)
             except Exception as exc:
                 self._keep_for_retry(batch, exc)
                 return 0
@@ -333,8 +349,7 @@ class HistoryRecorder:
             self._prune_cut = time.time() - retention
         async with self._lock:
             try:
-                deleted = await database_sync_to_async(prune_batch)(_dt(self._prune_cut),
-                                                                    PRUNE_BATCH)
+                deleted = await self._write(prune_batch, _dt(self._prune_cut), PRUNE_BATCH)
             except DatabaseError as exc:
                 logger.warning("history: pruning failed, trying again in %.0f s: %s",
                                PRUNE_EVERY, exc)
@@ -542,6 +557,24 @@ def prune_batch(cut: datetime, batch: int) -> int:
 # --------------------------------------------------------------------------- writing (sync)
 
 
+def _close_connection() -> None:
+    """Close this thread's connection (``connection`` is per thread: look it up here)."""
+    try:
+        connection.close()
+    except DatabaseError:
+        pass
+
+
+def _reconnect_after_failure(work: Callable[..., Any], *args: Any) -> Any:
+    """``work(*args)``; if it fails, the connection is closed (it may be broken: the
+    database restarted, the network dropped), so the next call connects afresh."""
+    try:
+        return work(*args)
+    except Exception:
+        _close_connection()
+        raise
+
+
 def write_batch(batch: Batch, process: str) -> int:
     """Write one batch in one transaction; runs in a worker thread.
 
@@ -646,14 +679,27 @@ def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
     columns = ", ".join(ops.quote_name(meta.get_field(f).column) for f in _REQUEST_FIELDS)
     most_params = connection.features.max_query_params or INSERT_CHUNK * len(_REQUEST_FIELDS)
     per_statement = max(1, min(INSERT_CHUNK, most_params // len(_REQUEST_FIELDS)))
-    one_row = f"({', '.join(['%s'] * len(_REQUEST_FIELDS))})"
     with connection.cursor() as cursor:
+        execute, mark = _raw_execute(cursor)
+        one_row = f"({', '.join([mark] * len(_REQUEST_FIELDS))})"
         for start in range(0, len(rows), per_statement):
             chunk = rows[start:start + per_statement]
-            cursor.execute(f"INSERT INTO {ops.quote_name(meta.db_table)} ({columns}) "
-                           f"VALUES {', '.join([one_row] * len(chunk))}",
-                           [value for row in chunk for value in row])
+            execute(f"INSERT INTO {ops.quote_name(meta.db_table)} ({columns}) "
+                    f"VALUES {', '.join([one_row] * len(chunk))}",
+                    [value for row in chunk for value in row])
     return len(rows)
+
+
+def _raw_execute(cursor: Any) -> tuple[Callable[[str, list[Any]], Any], str]:
+    """The cursor's execute and its parameter mark. For SQLite, the driver's own:
+    Django's wrapper rewrites every ``%s`` into ``?`` with a regular expression, a
+    fifth of the writer's time (holding the GIL) for statements of a thousand marks."""
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        raw = cursor.cursor
+        return (lambda sql, params: sqlite3.Cursor.execute(raw, sql, params)), "?"
+    return cursor.execute, "%s"
 
 
 def _db_datetime() -> Callable[[float], Any]:

@@ -124,3 +124,43 @@ def test_open_worker_websockets_are_left_to_the_broker(server: FleetServer) -> N
     server.timeout_checker()
     assert (worker.checked, requester.checked, handshaking.checked, http.checked) == \
         (0, 1, 1, 1)
+
+
+class Transport:
+    """What :func:`send_at_once` reads of Twisted's TCP connection."""
+
+    def __init__(self, takes: int | None = None) -> None:
+        self.connected, self.disconnecting = True, False
+        self._tempDataLen, self.dataBuffer, self.offset = 0, b"", 0
+        self.takes = takes  # bytes the kernel accepts per send; None: all
+        self.sent: list[bytes] = []
+        self.buffered: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int | Exception:
+        if self.takes == -1:
+            return ConnectionError("lost")
+        n = len(data) if self.takes is None else min(self.takes, len(data))
+        self.sent.append(bytes(data[:n]))
+        return n
+
+    def write(self, data: bytes) -> None:  # Twisted's buffered path
+        self.buffered.append(bytes(data))
+        self._tempDataLen += len(data)
+
+
+def test_a_frame_is_sent_when_written_and_the_rest_keeps_its_order() -> None:
+    fast = Transport()
+    fleetserver.send_at_once(fast)  # type: ignore[arg-type]
+    fast.write(b"one")
+    fast.write(b"two")
+    assert (fast.sent, fast.buffered) == ([b"one", b"two"], [])
+    # The kernel takes part of a frame: the rest, and all after it, go Twisted's way.
+    full = Transport(takes=2)
+    fleetserver.send_at_once(full)  # type: ignore[arg-type]
+    full.write(b"three")
+    full.write(b"four")
+    assert (full.sent, full.buffered) == ([b"th"], [b"ree", b"four"])
+    lost = Transport(takes=-1)
+    fleetserver.send_at_once(lost)  # type: ignore[arg-type]
+    lost.write(b"five")
+    assert (lost.sent, lost.buffered) == ([], [b"five"])  # Twisted reports the loss

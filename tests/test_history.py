@@ -359,3 +359,34 @@ def test_recording_cost_is_small(recorder: HistoryRecorder) -> None:
     for i in range(10_000):
         record(recorder, i)
     assert time.perf_counter() - start < 1.0
+
+
+@db
+async def test_the_writer_keeps_its_connection_and_reconnects_after_a_failure(
+        recorder: HistoryRecorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import connection
+
+    def raw() -> Any:
+        return connection.connection  # the driver's connection, None when closed
+
+    record(recorder, 1)
+    await recorder.flush()
+    first = await recorder._write(raw)
+    record(recorder, 2)
+    await recorder.flush()
+    assert first is not None and await recorder._write(raw) is first  # not reopened
+
+    def broken(*_args: Any) -> int:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    closed: list[bool] = []
+    monkeypatch.setattr(history, "write_batch", broken)
+    # (The in-memory test database ignores close(): count the closing instead.)
+    monkeypatch.setattr(history, "_close_connection", lambda: closed.append(True))
+    record(recorder, 3)
+    assert await recorder.flush() == 0
+    assert closed == [True]  # the next flush connects afresh
+    monkeypatch.undo()
+    assert await recorder.flush() == 1  # the kept record
+    await recorder.stop()
+    assert [r.request_id for r in await requests_in_db()] == ["req-1", "req-2", "req-3"]
