@@ -9,7 +9,9 @@ most of what a request costs, and a process receives its messages one at a time.
 Here a send is one script. A receive on a process's channels takes everything
 waiting (up to :data:`RECEIVE_BATCH`) in one script, and hands what is for other
 channels of the process to their buffers, as channels-redis does with one message;
-only when nothing waits does it block, exactly as channels-redis does.
+only when nothing waits does it block, with one BZPOPMIN and without channels-redis's
+backup of the popped message (two more round trips, one of them before the message
+is handed over; see :meth:`RedisChannelLayer.receive_single`).
 
 Same keys, same data structures, same guarantees (capacity, expiry, the backup that
 protects a message from a cancelled receive): processes using this layer and ones
