@@ -45,6 +45,8 @@ MAX_REFUSED_FLUSHES = 3
 UPDATE_CHUNK = 500
 #: Rows per INSERT statement.
 INSERT_CHUNK = 500
+#: Seconds before reading the worker-id claims again after the database refused.
+CLAIMS_RETRY_SECONDS = 10.0
 #: Seconds between two "last seen" writes for one worker connection. Heartbeats come
 #: every few seconds from every worker; writing each would cost a database update
 #: per worker per flush, for a column the admin shows to the minute.
@@ -233,7 +235,8 @@ class HistoryRecorder:
 
     async def _load_claims(self) -> dict[str, tuple[str, float]] | None:
         async with self._claims_lock:
-            if self._claims is not None or time.monotonic() - self._claims_failed < 10:
+            if (self._claims is not None
+                    or time.monotonic() - self._claims_failed < CLAIMS_RETRY_SECONDS):
                 return self._claims
             hold = conf.get("WORKER_ID_CLAIM_SECONDS")
             try:
@@ -241,7 +244,7 @@ class HistoryRecorder:
             except DatabaseError as exc:
                 self._claims_failed = time.monotonic()
                 logger.warning("history: could not read who registered which worker ids "
-                               "lately (tried again in 10 s): %s", exc)
+                               "lately (tried again in %.0f s): %s", CLAIMS_RETRY_SECONDS, exc)
                 return None
             self._claims = {worker_id: (owner, seen + hold) for worker_id, owner, seen in rows}
             return self._claims

@@ -348,6 +348,15 @@ def test_batch_frames_keep_order_and_size() -> None:
         protocol.loads_frames(json.dumps([{}] * (protocol.MAX_BATCH + 1)))
 
 
+def test_a_bad_envelope_of_a_batch_is_an_error_of_its_own() -> None:
+    good = Message.heartbeat().to_json()
+    frames = protocol.loads_frames(f'[{good}, 7, {{"type": 7}}, {good}]')
+    parsed = list(protocol.batch_messages(frames))
+    assert [type(p).__name__ for p in parsed] == ["Message", "ProtocolError", "ProtocolError",
+                                                   "Message"]
+    assert "must be a JSON object" in str(parsed[1]) and "Field 'type'" in str(parsed[2])
+
+
 def test_disconnect_says_when_to_come_back() -> None:
     from workers.session import Leave, react
 

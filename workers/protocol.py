@@ -249,6 +249,11 @@ class Feature(str, Enum):
     #: worker, answers back). Under load the broker then writes fewer frames.
     BATCH = "batch"
 
+    @staticmethod
+    def listed(features: frozenset[Feature]) -> list[str]:
+        """The wire form of a set of features: their names, sorted."""
+        return sorted(f.value for f in features)
+
     @classmethod
     def parse(cls, value: Any) -> frozenset[Feature]:
         if value is None:
@@ -331,18 +336,35 @@ def loads_frames(text: str | bytes) -> list[dict[str, Any]]:
     return obj
 
 
+def batch_messages(frames: list[Any]) -> Iterator[Message | ProtocolError]:
+    """Each envelope of a batch (:func:`loads_frames`) on its own: a bad one becomes
+    its error, and the others still count."""
+    for obj in frames:
+        if not isinstance(obj, dict):
+            yield ProtocolError("Each frame of a batch must be a JSON object")
+            continue
+        try:
+            yield Message.from_dict(obj)
+        except ProtocolError as exc:
+            yield exc
+
+
 def batch_frames(texts: list[str], limit: int = BATCH_BYTES) -> Iterator[str]:
     """Encoded envelopes joined into as few frames as ``limit`` allows, in order."""
+
+    def joined(run: list[str]) -> str:
+        return run[0] if len(run) == 1 else "[" + ",".join(run) + "]"
+
     run: list[str] = []
     size = 0
     for text in texts:
         if run and (size + len(text) + 1 > limit or len(run) == MAX_BATCH):
-            yield run[0] if len(run) == 1 else "[" + ",".join(run) + "]"
+            yield joined(run)
             run, size = [], 0
         run.append(text)
         size += len(text) + 1
     if run:
-        yield run[0] if len(run) == 1 else "[" + ",".join(run) + "]"
+        yield joined(run)
 
 
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...,
@@ -797,7 +819,7 @@ class Registration:
             if getattr(self, name):
                 data[name] = getattr(self, name)
         if self.features:
-            data["features"] = sorted(f.value for f in self.features)
+            data["features"] = Feature.listed(self.features)
         return data
 
     @classmethod

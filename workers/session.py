@@ -27,7 +27,7 @@ from .handlers import CommandRegistry, run_safely
 from .jobs import JobContext
 from .protocol import (BATCH_BYTES, CANCELLED, ChunkBody, ErrorCode, Feature, Message,
                        MessageType, ProtocolError, Registration, RequestBody, ResponseBody,
-                       batch_frames, loads_frames)
+                       batch_frames, batch_messages, loads_frames)
 
 logger = logging.getLogger("workers.client")
 
@@ -339,11 +339,11 @@ class Session:
             await self._unreadable(exc)
             return []
         msgs = []
-        for obj in frames:
-            try:
-                msgs.append(Message.from_dict(obj if isinstance(obj, dict) else {}))
-            except ProtocolError as exc:
-                await self._unreadable(exc)
+        for parsed in batch_messages(frames):
+            if isinstance(parsed, ProtocolError):
+                await self._unreadable(parsed)
+            else:
+                msgs.append(parsed)
         return msgs
 
     async def _receive(self) -> Message | None:

@@ -186,7 +186,7 @@ class WorkerLink:
             "process": dispatcher.process, "weight": weight,
             "max_concurrency": max_concurrency}
         if reg.features:
-            answer["features"] = sorted(f.value for f in reg.features)
+            answer["features"] = Feature.listed(reg.features)
             answer["max_message_bytes"] = conf.get("MAX_MESSAGE_BYTES")
         if reg.schemas_dropped:  # it registered; it is told what describe will not show
             answer["schemas_dropped"] = reg.schemas_dropped

@@ -73,18 +73,13 @@ class WorkerConsumer(BaseSocket):
             if not self.within_rate(len(frames) - 1):  # each envelope counts as a frame
                 await self.rate_limited()
                 return
-            for obj in frames:
+            for parsed in protocol.batch_messages(frames):
                 if self.state is not SocketState.OPEN:
                     return
-                try:
-                    msg = Message.from_dict(obj) if isinstance(obj, dict) else None
-                except ProtocolError as exc:
-                    await self.refuse(str(exc))
-                    continue
-                if msg is None:
-                    await self.refuse("Each frame of a batch must be a JSON object")
-                    continue
-                await self.handle(link, msg)
+                if isinstance(parsed, ProtocolError):
+                    await self.refuse(str(parsed))
+                else:
+                    await self.handle(link, parsed)
             return
         try:
             msg = Message.from_json(text)
