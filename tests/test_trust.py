@@ -26,7 +26,7 @@ import pytest
 from tests.netns import remote_host  # noqa: F401 - a fixture
 from tests.procs import Broker, wait_for
 from tests.rawws import CLOSE, RawClient
-from workers.protocol import Message, Registration
+from workers.protocol import CloseCode, Feature, Message, Registration
 from workers.requester import Requester
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -648,3 +648,35 @@ def test_bad_host_headers_cannot_flood_the_log(broker_factory, record_property) 
     report(record_property, bad_host_requests=300, log_bytes=grown)
     assert grown < 20_000, f"log grew {grown} bytes"
     assert "Traceback" not in broker.log()[before:]
+
+
+def test_worker_sockets_that_stop_talking_are_closed_by_the_broker(broker_factory,
+                                                                   record_property) -> None:
+    """daphne pings nobody on the worker port (the broker's liveness checks do the work):
+    a socket that never registers, and a quiet worker that registers and then says
+    nothing, are both closed, and the silent one no longer counts as a worker."""
+    broker = broker_factory(env={"BROKER_HEARTBEAT_INTERVAL": "0.5",
+                                 "BROKER_REGISTER_TIMEOUT": "1"})
+    mute = RawClient(broker.host, broker.worker_port, "/", timeout=10)
+    quiet = RawClient(broker.host, broker.worker_port, "/", timeout=10)
+    registration = Registration("hush", "hush", ["echo"], features=frozenset(Feature))
+    quiet.send_text(Message("connect", registration.to_data()).to_json())
+    answer = Message.from_json(quiet.recv().text)
+    assert answer.type == "connect" and "quiet_heartbeat" in answer.data["features"]
+    assert [w["worker_id"] for w in broker.workers()] == ["hush"]
+    started = time.monotonic()
+    quiet_frames = quiet.frames_until_close()
+    quiet_after = time.monotonic() - started
+    mute_frames = mute.frames_until_close()
+    mute.close()
+    quiet.close()
+    report(record_property, quiet_closed_after_s=round(quiet_after, 1),
+           quiet_frames=len(quiet_frames), mute_frames=len(mute_frames))
+    assert mute_frames[-1].close_code == CloseCode.BAD_REGISTRATION
+    assert "No 'connect' frame in time" in mute_frames[0].text
+    assert quiet_frames[-1].close_code == CloseCode.HEARTBEAT_TIMEOUT
+    # Before it was dropped it was pinged once it missed a beat (it never answered).
+    assert any(Message.from_json(f.text).type == "heartbeat" for f in quiet_frames[:-1])
+    assert quiet_after < 5.0
+    wait_for(lambda: broker.workers() == [], 5, "the silent worker still listed")
+
