@@ -25,7 +25,7 @@ django.setup()
 
 from django.test import override_settings  # noqa: E402
 
-from dispatch.core.balancing import Health, Wanted  # noqa: E402
+from dispatch.balancing import Health, Wanted  # noqa: E402
 from dispatch.registry import Registry, WorkerEntry  # noqa: E402
 from dispatch.registry.memory import MemoryRegistry  # noqa: E402
 

@@ -38,7 +38,7 @@ from django.db import DatabaseError
 from workers.protocol import CloseCode, ErrorCode
 
 from . import conf
-from .core.loops import PerLoop
+from .loops import PerLoop
 
 log = logging.getLogger("dispatch.auth")
 

@@ -143,7 +143,7 @@ class BrokerSettings(BaseModel):
     @field_validator("CANARY")
     @classmethod
     def _canary_rules(cls, value: str) -> str:
-        from .core.balancing import parse_canaries
+        from .balancing import parse_canaries
 
         parse_canaries(value)  # raises ValueError, which pydantic reports with the name
         return value

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from dispatch.core import hedging
-from dispatch.core.balancing import (LATENCY_DECAY_SECONDS, Health, RING_SUCCESSORS, STRATEGIES,
+from dispatch.balancing import (LATENCY_DECAY_SECONDS, Health, RING_SUCCESSORS, STRATEGIES,
                                      UNMEASURED_LATENCY_MS, Ring, by_affinity,
                                      Wanted, choose, decayed, ejection_due, ejection_seconds,
                                      get_strategy, least_loaded, load_score, parse_canaries,

@@ -143,15 +143,16 @@ async def test_a_batch_from_another_process_reaches_its_workers_and_answers_come
     from channels.layers import get_channel_layer
 
     from dispatch.core import events
+    from dispatch.core.events import Forward, Lost, Reply
 
     w = await worker("w1")
     dispatcher, layer = await get_dispatcher(), get_channel_layer()
     entry = await dispatcher.registry.get("w1")
-    assert entry is not None and entry.inbox == dispatcher.channel
+    assert entry is not None and entry.inbox == dispatcher.inbox
     other_inbox = await layer.new_channel()
-    await layer.send(dispatcher.channel, events.batch([
-        events.forward("k1", "echo", {"n": 1}, other_inbox, 5.0, "w1", entry.channel),
-        events.forward("k2", "echo", {"n": 2}, other_inbox, 5.0, "gone", "no-such-channel"),
+    await layer.send(dispatcher.inbox, events.batch_to_layer([
+        Forward("k1", "echo", {"n": 1}, other_inbox, 5.0, "w1", entry.connection),
+        Forward("k2", "echo", {"n": 2}, other_inbox, 5.0, "gone", "no-such-connection"),
     ]))
     request = await answer(w, "done")
     assert request.msg_id == "k1"
@@ -159,8 +160,8 @@ async def test_a_batch_from_another_process_reaches_its_workers_and_answers_come
     for _ in range(2):
         message = await asyncio.wait_for(layer.receive(other_inbox), TIMEOUT)
         got[message["key"]] = message
-    assert got["k1"]["type"] == events.REPLY and got["k1"]["data"] == "done"
-    assert got["k2"]["type"] == events.LOST and got["k2"]["worker_id"] == "gone"
+    assert got["k1"]["type"] == Reply.TYPE and got["k1"]["data"] == "done"
+    assert got["k2"]["type"] == Lost.TYPE and got["k2"]["worker_id"] == "gone"
 
 
 async def test_no_worker_answers_at_once() -> None:

@@ -71,6 +71,53 @@ def test_the_worker_side_imports_nothing_of_the_broker() -> None:
         assert "import django" not in text and "from django" not in text, path
 
 
+#: The broker's layers, from the top down: a module imports from its own layer and those
+#: below it, never from one above. Modules in no layer are leaves (settings, errors,
+#: models, history, auth, the pure balancing rules, loop helpers): any layer may use
+#: them, and they use no layer.
+LAYERS = [
+    ("dispatch.management", "dispatch.admin", "dispatch.server", "brokersite"),
+    ("dispatch.transport",),
+    ("dispatch.control",),
+    ("dispatch.core",),
+    ("dispatch.registry",),
+    ("dispatch.redis",),
+]
+
+
+def layer_of(module: str) -> int | None:
+    for depth, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return depth
+    return None
+
+
+def test_imports_flow_down_the_layers() -> None:
+    """transport -> control -> core -> registry -> redis, never back; leaves use none."""
+    wrong = []
+    for name, imports in graph().items():
+        if not name.startswith("dispatch"):
+            continue
+        here = layer_of(name)
+        for imported in imports:
+            there = layer_of(imported)
+            if there is not None and (here is None or there < here):
+                wrong.append(f"{name} -> {imported}")
+    assert not wrong, "imports against the layers:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_class_is_over_300_lines() -> None:
+    """A class that grows past this has taken on a second job: split it along its seam."""
+    long = []
+    for pkg in ("dispatch", "workers"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno >= 300:
+                    long.append(f"{path.relative_to(ROOT)}:{node.name} "
+                                f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
 def test_the_core_knows_no_sockets() -> None:
     """The request table and the routing core import no transport (sockets)."""
     for name, imports in graph().items():

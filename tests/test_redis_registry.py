@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from dispatch.core.balancing import Health, Wanted
+from dispatch.balancing import Health, Wanted
 from dispatch.registry.redis import RedisRegistry
 from dispatch.registry import RegistryUnavailable, WorkerEntry
 from dispatch.registry.memory import MemoryRegistry
@@ -72,7 +72,7 @@ async def test_release_keeps_the_same_statistics_as_the_memory_registry(
 # ------------------------------------------------------------- shared state
 
 async def test_an_entry_reads_back_field_for_field(registry: RedisRegistry) -> None:
-    original = WorkerEntry(worker_id="w:1", name="Wörker", channel="specific.abc!def",
+    original = WorkerEntry(worker_id="w:1", name="Wörker", connection="specific.abc!def",
                            commands=frozenset({"echo", "resize", "a b"}), weight=2.5,
                            max_concurrency=7, process="host:12:ab12", address="10.0.0.1:5",
                            session_id="s-1", connected_at=1700000000.125, latency_ms=0.1,
@@ -84,7 +84,7 @@ async def test_an_entry_reads_back_field_for_field(registry: RedisRegistry) -> N
     assert got is not None and got.last_heartbeat >= original.last_heartbeat  # set by add
     got.last_heartbeat = original.last_heartbeat
     assert got == original
-    assert await registry.channels(["w:1", "nobody"]) == {"w:1": "specific.abc!def"}
+    assert await registry.connections(["w:1", "nobody"]) == {"w:1": "specific.abc!def"}
 
 
 async def test_two_processes_never_exceed_max_concurrency(
@@ -202,7 +202,7 @@ async def test_a_worker_whose_heartbeats_stopped_is_pruned(
     assert [w.worker_id for w in await registry.all()] == ["steady"]
     assert await registry.count() == 1
     assert await registry.get("silent") is None
-    assert await registry.channels(["silent", "steady"]) == {"steady": "ch-steady"}
+    assert await registry.connections(["silent", "steady"]) == {"steady": "ch-steady"}
     assert (await registry.reserve("resize"))[:2] == (None, False)
     assert (await registry.reserve("x", worker_id="silent"))[:2] == (None, False)
     assert not await registry.touch("silent")  # dead stays dead until added again
@@ -271,7 +271,7 @@ async def test_connections_closed_by_a_redis_restart_are_not_reused(
 
 
 def test_the_lua_ring_has_as_many_points_as_the_python_one() -> None:
-    from dispatch.core.balancing import RING_POINTS
+    from dispatch.balancing import RING_POINTS
 
     prelude = (Path(__file__).parent.parent / "dispatch/redis/lua/prelude.lua").read_text()
     assert f"local RING_POINTS = {RING_POINTS}\n" in prelude

@@ -8,17 +8,17 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from dispatch.core.balancing import Health, Wanted
+from dispatch.balancing import Health, Wanted
 from dispatch.registry.redis import RedisRegistry
 from dispatch.registry import Registry, WorkerEntry
 from dispatch.registry.memory import MemoryRegistry
 
 
-def entry(worker_id: str, *commands: str, max_concurrency: int = 2, channel: str = "",
+def entry(worker_id: str, *commands: str, max_concurrency: int = 2, connection: str = "",
           weight: float = 1.0) -> WorkerEntry:
-    return WorkerEntry(worker_id=worker_id, name=worker_id, channel=channel or f"ch-{worker_id}",
-                       commands=frozenset(commands or ("echo",)),
-                       max_concurrency=max_concurrency, weight=weight)
+    return WorkerEntry(worker_id=worker_id, name=worker_id,
+                       connection=connection or f"ch-{worker_id}",
+                       commands=frozenset(commands or ("echo",)), max_concurrency=max_concurrency, weight=weight)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -89,9 +89,9 @@ async def test_draining_worker_gets_no_new_work(registry: Registry) -> None:
 
 
 async def test_takeover_keeps_the_newer_connection(registry: Registry) -> None:
-    await registry.add(entry("a", channel="old"))
-    replaced = await registry.add(entry("a", "resize", channel="new"))
-    assert replaced is not None and replaced.channel == "old"
+    await registry.add(entry("a", connection="old"))
+    replaced = await registry.add(entry("a", "resize", connection="new"))
+    assert replaced is not None and replaced.connection == "old"
     assert await registry.remove("a", "old") is None  # the old socket closing changes nothing
     assert (await registry.reserve("resize")).worker is not None
     assert (await registry.reserve("echo"))[:2] == (None, False)
@@ -183,7 +183,7 @@ async def test_never_more_than_the_max_share_of_the_fleet_is_ejected(
 
 async def test_a_selector_matches_labels_and_says_which_matched_nobody(
         registry: Registry) -> None:
-    await registry.add(WorkerEntry(worker_id="g", name="g", channel="ch-g",
+    await registry.add(WorkerEntry(worker_id="g", name="g", connection="ch-g",
                                    commands=frozenset({"train"}),
                                    labels={"gpu": "a100", "region": "eu"}, version="2.1"))
     await registry.add(entry("c", "train"))
@@ -211,7 +211,7 @@ async def test_explain_takes_no_slot_and_lists_every_candidate(registry: Registr
 async def test_a_selector_finds_its_few_workers_in_a_large_fleet_by_label(
         registry: Registry) -> None:
     for i in range(40):
-        await registry.add(WorkerEntry(worker_id=f"w{i}", name=f"w{i}", channel=f"ch-{i}",
+        await registry.add(WorkerEntry(worker_id=f"w{i}", name=f"w{i}", connection=f"ch-{i}",
                                        commands=frozenset({"train"}), max_concurrency=100,
                                        labels={"gpu": "a100" if i % 13 == 0 else "none"}))
     got = await registry.reserve_many([Wanted("train", select=(("gpu", "a100"),))] * 30)
@@ -263,7 +263,7 @@ async def test_reconnecting_neither_ends_an_ejection_nor_resets_its_doubling(
     await registry.add(entry("bad", max_concurrency=4))  # and registers again
     back = await registry.get("bad")
     assert back is not None and back.state == "ejected" and back.ejections == 1
-    await registry.add(entry("bad", max_concurrency=4, channel="ch-bad-2"))  # a takeover
+    await registry.add(entry("bad", max_concurrency=4, connection="ch-bad-2"))  # a takeover
     again = await registry.get("bad")
     assert again is not None and again.state == "ejected" and again.ejections == 1
 
@@ -282,9 +282,9 @@ async def test_schemas_read_back_for_describe_and_leave_with_their_worker(
     if isinstance(registry, RedisRegistry):  # apart from the hash: the hot path never reads it
         assert reserved.schemas == "" and (await registry.get("a")).schemas == ""  # type: ignore
     await registry.touch("a")
-    await registry.add(entry("a", "resize", channel="ch-a-2"))  # registers again, without
+    await registry.add(entry("a", "resize", connection="ch-a-2"))  # registers again, without
     assert {e.worker_id: e.schemas for e in await registry.described()} == {"a": "", "old": ""}
-    described.channel = "ch-a-3"
+    described.connection = "ch-a-3"
     await registry.add(described)
     assert await registry.remove("a", "ch-a-3") is not None
     assert [e.worker_id for e in await registry.described()] == ["old"]

@@ -18,9 +18,9 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from ..core.balancing import decayed
+from ..balancing import WorkerState, decayed
 from ..core.dispatcher import Dispatcher, get_dispatcher
-from ..core.loops import PerLoop
+from ..loops import PerLoop
 from ..core.metering import meter
 from ..registry import get_registry
 
@@ -51,7 +51,7 @@ def _worker_row(w: Any, now: float) -> dict[str, Any]:
 
 def _trouble_first(w: Any) -> tuple[int, float, str]:
     """Ejected and draining workers first, then the busiest."""
-    return (0 if w.state in ("ejected", "probing") else 1 if w.draining else 2,
+    return (0 if w.state in (WorkerState.EJECTED, WorkerState.PROBING) else 1 if w.draining else 2,
             -w.in_flight / max(1, w.max_concurrency), w.name or w.worker_id)
 
 
@@ -67,7 +67,7 @@ async def snapshot(dispatcher: Dispatcher) -> dict[str, Any]:
     offered: dict[str, int] = {}
     states: dict[str, int] = {}
     for w in entries:
-        states[w.state] = states.get(w.state, 0) + 1
+        states[w.state.value] = states.get(w.state.value, 0) + 1
         for command in w.commands:
             offered[command] = offered.get(command, 0) + 1
     summary = meter.command_summary()

@@ -18,11 +18,13 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily, Metric)
 from prometheus_client.process_collector import ProcessCollector
 
+from ..balancing import WorkerState
 from ..core.dispatcher import Dispatcher
 from ..core.metering import Meter, meter
 from ..registry import get_registry
 
-WORKER_STATES = ("online", "draining", "probing", "ejected")
+#: A worker's states, each a gauge (full is a moment's reason to pass one over, not a state).
+WORKER_STATES = [s for s in WorkerState if s is not WorkerState.FULL]
 #: The table's and dispatcher's own counts, exported as broker_events_total{event}.
 EVENT_HELP = "Rare things the broker noticed (late or duplicate answers, full channels, ...)"
 

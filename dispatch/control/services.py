@@ -12,14 +12,12 @@ from collections import Counter
 from typing import Any
 
 import orjson
-from channels.layers import get_channel_layer
 
 from workers.protocol import ApiResponse, new_id
 
-from ..core import events
-from ..core.balancing import (Wanted, decayed, eligible_state, load_score, matches,
-                              selector)
+from ..balancing import Wanted, decayed, load_score, matches, selector, unavailable
 from ..core.dispatcher import get_dispatcher
+from ..core.events import Notify
 from ..core.metering import meter
 from ..registry import WorkerEntry, get_registry
 
@@ -91,7 +89,7 @@ def _schemas(text: str) -> dict[str, tuple[bytes, dict[str, Any]]]:
 
 async def broadcast(message: Any) -> int:
     """Send a notification to every worker; returns how many were online."""
-    await get_channel_layer().group_send(events.INBOXES_GROUP, events.notify(message))
+    await (await get_dispatcher()).exchange.broadcast(Notify(message, {}))
     return await get_registry().count()
 
 
@@ -142,7 +140,7 @@ async def explain(command: str, *, select: dict[str, str] | None = None,
     rows = []
     for w in entries:
         rows.append({"worker_id": w.worker_id, "name": w.name,
-                     "state": eligible_state(w, now) or "eligible"
+                     "state": unavailable(w, now) or "eligible"
                      if matches(w, wanted.select) else "selector",
                      "in_flight": w.in_flight, "max_concurrency": w.max_concurrency,
                      "weight": w.weight, "latency_ms": round(decayed(

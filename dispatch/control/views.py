@@ -27,6 +27,7 @@ from workers import protocol
 
 from ..auth import Peer, get_guard, origin_listed, peer_of
 from ..core.dispatcher import get_dispatcher
+from ..errors import DispatchError
 from ..registry import get_registry
 from . import metrics, services
 
@@ -81,7 +82,8 @@ def _peer(request: HttpRequest) -> Peer:
 
 
 def api(view: View) -> View:
-    """Guard an API view: access check, JSON body, errors as ``{"error": ...}``.
+    """Guard an API view: access check, JSON body, errors as ``{"error": ...}`` (400 for
+    a bad request, 503 while the broker cannot reach its registry or layer).
 
     ``csrf_exempt`` because the check depends on how the caller authenticated:
     a bearer token is no ambient credential, a session cookie is (see _refusal).
@@ -96,6 +98,8 @@ def api(view: View) -> View:
             return await view(request)
         except BadRequest as exc:
             return JsonResponse({"error": str(exc)}, status=400)
+        except DispatchError as exc:  # Redis down, and the like: the caller may retry
+            return JsonResponse({"error": f"{protocol.BROKER_UNAVAILABLE}: {exc}"}, status=503)
 
     return csrf_exempt(wrapper)
 

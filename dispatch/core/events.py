@@ -1,104 +1,223 @@
-"""Channel-layer messages between broker processes, as plain dicts.
+"""What broker processes tell each other: one frozen dataclass per kind of event.
 
-Every one goes to a process's inbox (its dispatcher's channel) and is handled by
-:meth:`Dispatcher.handle <dispatch.core.dispatcher.Dispatcher.handle>`, which
-passes it on to a socket of its process where it is for one. Keeping their shapes
-here means the sender and the receiver of each one are written against one
-definition.
+Every event goes to a process's inbox and is handled there by whoever registered
+for its type with the :class:`~dispatch.core.exchange.Exchange`: the dispatcher
+(answers, progress, asks), or the process's worker connections (forwards, cancels,
+broadcasts). Within one process the event object itself is handed over; it becomes
+a plain dict only at the channel layer's edge (:func:`to_layer`,
+:func:`from_layer`), where several for one inbox travel as one batch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Iterator
 
-FORWARD = "broker.forward"  # dispatcher -> the worker's dispatcher: run this request
-REPLY = "broker.reply"  # worker consumer -> dispatcher: the worker's answer
-LOST = "broker.lost"  # worker consumer -> dispatcher: the worker went away mid-request
-NOTIFY = "broker.notify"  # anyone -> every dispatcher (group) -> its workers: a notification
-KICK = "broker.kick"  # a dispatcher -> the dispatcher holding one worker: close that socket
-BATCH = "broker.batch"  # dispatcher -> dispatcher: several of the above in one layer message
-CANCEL = "broker.cancel"  # the request's dispatcher -> the worker's: stop that request
-PROGRESS = "broker.progress"  # the worker's dispatcher -> the request's: how far it got
-CHUNK = "broker.chunk"  # the worker's dispatcher -> the request's: one partial result
-CHUNK_ACK = "broker.chunk_ack"  # the request's dispatcher -> the worker's: chunk passed on
-ASK = "broker.ask"  # anyone -> every dispatcher (group): cancel or attach a request by id
-ASKED = "broker.asked"  # a dispatcher -> who asked: what it found
-WATCHED = "broker.watched"  # the holder -> an attached process: an event or the answer
-
-#: Group every dispatcher's inbox joins, so one group_send reaches every broker process,
-#: which passes it on to the workers it holds.
+#: Group every process's inbox joins, so one group_send reaches every broker process.
 INBOXES_GROUP = "dispatch.inboxes"
+#: The layer message that carries several events for one inbox.
+BATCH = "broker.batch"
 
 
-def forward(key: str, action: str, params: dict[str, Any], reply_to: str,
-            timeout: float, worker_id: str, worker: str, stream: bool = False,
-            traceparent: str = "") -> dict[str, Any]:
-    """``worker`` is the name of the worker's connection, in the receiving process."""
-    return {"type": FORWARD, "key": key, "action": action, "params": params,
-            "reply_to": reply_to, "timeout": timeout, "worker_id": worker_id,
-            "worker": worker, "stream": stream, "traceparent": traceparent}
+class AskKind(enum.StrEnum):
+    """What a process asks the others about a request it does not hold."""
+
+    CANCEL = "cancel"  # cancel it wherever it runs
+    ATTACH = "attach"  # send me its events and answer
+    STATUS = "status"  # is it running anywhere?
 
 
-def reply(key: str, worker_id: str, success: bool, data: Any, error: str | None,
-          latency_ms: float, code: str | None = None) -> dict[str, Any]:
-    """``code``: the ErrorCode of a failure (the worker's, or the broker's about it)."""
-    return {"type": REPLY, "key": key, "worker_id": worker_id, "success": success,
-            "data": data, "error": error, "latency_ms": latency_ms, "code": code}
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The request's process -> the worker's: run this request on that connection."""
+
+    TYPE: ClassVar[str] = "broker.forward"
+    key: str  # the request's name inside the broker
+    command: str
+    data: dict[str, Any]
+    reply_to: str  # the inbox of the process that holds the request
+    timeout: float  # seconds it has left
+    worker_id: str
+    connection: str  # the worker's connection, in the receiving process
+    stream: bool = False
+    traceparent: str = ""
 
 
-def lost(key: str, worker_id: str, reason: str, code: str | None = None) -> dict[str, Any]:
-    """``code``: the ErrorCode to answer with if it is not re-sent (default worker_lost)."""
-    return {"type": LOST, "key": key, "worker_id": worker_id, "reason": reason, "code": code}
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The worker's process -> the request's: the worker's answer."""
+
+    TYPE: ClassVar[str] = "broker.reply"
+    key: str
+    worker_id: str
+    success: bool
+    data: Any
+    error: str | None
+    latency_ms: float
+    code: str | None = None  # the ErrorCode of a failure (the worker's, or ours about it)
 
 
-def cancel(key: str, worker: str, reason: str) -> dict[str, Any]:
-    return {"type": CANCEL, "key": key, "worker": worker, "reason": reason}
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The worker's process -> the request's: the worker went away mid-request (or
+    hung past its lease)."""
+
+    TYPE: ClassVar[str] = "broker.lost"
+    key: str
+    worker_id: str
+    reason: str
+    code: str | None = None  # to answer with if it is not re-sent (default worker_lost)
 
 
-def progress(key: str, worker_id: str, value: float | None, message: str | None
-             ) -> dict[str, Any]:
-    return {"type": PROGRESS, "key": key, "worker_id": worker_id, "progress": value,
-            "message": message}
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """The worker's process -> the request's: how far it got."""
+
+    TYPE: ClassVar[str] = "broker.progress"
+    key: str
+    worker_id: str
+    progress: float | None
+    message: str | None
 
 
-def chunk(key: str, worker_id: str, seq: int, data: Any, ack_to: str, worker: str
-          ) -> dict[str, Any]:
-    """``ack_to``/``worker``: the inbox and connection of the worker to acknowledge to."""
-    return {"type": CHUNK, "key": key, "worker_id": worker_id, "seq": seq, "data": data,
-            "ack_to": ack_to, "worker": worker}
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """The worker's process -> the request's: one partial result, acknowledged to
+    ``ack_to`` (the worker's process) once a watcher took it."""
+
+    TYPE: ClassVar[str] = "broker.chunk"
+    key: str
+    worker_id: str
+    seq: int
+    data: Any
+    ack_to: str
+    connection: str
 
 
-def chunk_ack(key: str, worker: str, seq: int) -> dict[str, Any]:
-    return {"type": CHUNK_ACK, "key": key, "worker": worker, "seq": seq}
+@dataclass(frozen=True, slots=True)
+class ChunkAck:
+    """The request's process -> the worker's: that chunk was passed on."""
+
+    TYPE: ClassVar[str] = "broker.chunk_ack"
+    key: str
+    connection: str
+    seq: int
 
 
-def ask(what: str, owner: str | None, request_id: str, reply_to: str, token: str,
-        **extra: Any) -> dict[str, Any]:
-    """``what``: "cancel" or "attach"; ``owner`` None: whoever's (an operator's cancel)."""
-    return {"type": ASK, "what": what, "owner": owner, "request_id": request_id,
-            "reply_to": reply_to, "token": token, **extra}
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The request's process -> the worker's: stop that request."""
+
+    TYPE: ClassVar[str] = "broker.cancel"
+    key: str
+    connection: str
+    reason: str
 
 
-def asked(token: str, found: int) -> dict[str, Any]:
-    return {"type": ASKED, "token": token, "found": found}
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Anyone -> every process (the group): about a request by its id. ``owner`` None:
+    whoever's (an operator's cancel)."""
+
+    TYPE: ClassVar[str] = "broker.ask"
+    kind: AskKind
+    owner: str | None
+    request_id: str
+    reply_to: str
+    token: str
+    reason: str = ""  # a cancel's
+    key: str = ""  # an attach's: the asker's name for the watcher
+    stream: bool = False  # an attach's: it wants progress and chunks
 
 
-def watched(key: str, text: str, final: bool = False,
-            mergeable: bool = False) -> dict[str, Any]:
-    """To a process attached to a request: ``text`` to pass on; ``final``: it is the
-    answer."""
-    return {"type": WATCHED, "key": key, "text": text, "final": final,
-            "mergeable": mergeable}
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """A process -> the asker: how many it found."""
+
+    TYPE: ClassVar[str] = "broker.asked"
+    token: str
+    found: int
 
 
-def batch(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": BATCH, "messages": messages}
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """The process holding a request -> a process attached to it: an event, or
+    (``final``) the answer, as the JSON text to pass on."""
+
+    TYPE: ClassVar[str] = "broker.watched"
+    key: str
+    text: str
+    final: bool = False
+    mergeable: bool = False
 
 
-def notify(message: Any, **extra: Any) -> dict[str, Any]:
-    return {"type": NOTIFY, "message": message, "extra": extra}
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Anyone -> every process (the group) -> its workers: a notification."""
+
+    TYPE: ClassVar[str] = "broker.notify"
+    message: Any
+    extra: dict[str, Any]
 
 
-def kick(worker: str, reason: str, code: int = 4000) -> dict[str, Any]:
-    """``worker`` is the name of the worker's consumer in the receiving process."""
-    return {"type": KICK, "worker": worker, "reason": reason, "code": code}
+@dataclass(frozen=True, slots=True)
+class CloseWorker:
+    """A process -> the one holding a worker's connection: close it, saying why (a newer
+    connection took its worker id)."""
+
+    TYPE: ClassVar[str] = "broker.close_worker"
+    connection: str
+    reason: str
+    code: int
+
+
+Event = (Forward | Reply | Lost | Progress | Chunk | ChunkAck | Cancel | Ask | Asked
+         | Watched | Notify | CloseWorker)
+
+_KINDS: dict[str, tuple[type[Any], tuple[str, ...]]] = {
+    kind.TYPE: (kind, tuple(f.name for f in fields(kind)))
+    for kind in (Forward, Reply, Lost, Progress, Chunk, ChunkAck, Cancel, Ask, Asked,
+                 Watched, Notify, CloseWorker)}
+
+
+class UnknownEvent(ValueError):
+    """A layer message of no kind this process knows (a newer process's, or garbage)."""
+
+
+def to_layer(event: Event) -> dict[str, Any]:
+    """The event as a channel-layer message."""
+    message = {name: getattr(event, name) for name in _KINDS[event.TYPE][1]}
+    message["type"] = event.TYPE
+    return message
+
+
+def batch_to_layer(events: list[Event]) -> dict[str, Any]:
+    """Events for one inbox as one layer message (one alone as itself)."""
+    if len(events) == 1:
+        return to_layer(events[0])
+    return {"type": BATCH, "messages": [to_layer(e) for e in events]}
+
+
+def from_layer(message: dict[str, Any]) -> Iterator[Event | UnknownEvent]:
+    """The events a layer message carries (a batch carries several); a message that
+    is no event this process knows comes as an :class:`UnknownEvent`, in its place."""
+    for one in message["messages"] if message.get("type") == BATCH else [message]:
+        try:
+            yield _one(one)
+        except UnknownEvent as exc:
+            yield exc
+
+
+def _one(message: dict[str, Any]) -> Event:
+    kind = _KINDS.get(message.get("type"))  # type: ignore[arg-type]
+    if kind is None:
+        raise UnknownEvent(f"unknown layer message type {message.get('type')!r}")
+    cls, names = kind
+    try:
+        values = [message[name] for name in names]
+        if cls is Ask:  # enums travel as their value
+            values[0] = AskKind(values[0])
+    except (KeyError, ValueError) as exc:
+        raise UnknownEvent(f"{cls.TYPE} with a missing or bad field: {exc}") from None
+    return cls(*values)

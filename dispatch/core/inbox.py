@@ -13,10 +13,14 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from channels.layers import BaseChannelLayer
+from redis.exceptions import RedisError
 
 log = logging.getLogger("dispatch.inbox")
 
 MAX_PAUSE = 2.0
+#: What a layer raises while its backend cannot be reached (Redis down, or failing
+#: over): socket errors and timeouts, and redis-py's own.
+OUTAGE = (OSError, RedisError)
 
 _down = False
 
@@ -28,9 +32,7 @@ async def receive(layer: BaseChannelLayer, channel: str) -> dict[str, Any]:
     while True:
         try:
             message = await layer.receive(channel)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the backend is down; keep trying
+        except OUTAGE as exc:
             if not _down:
                 _down = True
                 log.error("channel layer unavailable; retrying: %s", exc)
@@ -55,7 +57,12 @@ async def listen(layer: BaseChannelLayer, channel: str,
     such a listener would outlive its owner.
     """
     while wanted():
-        message = await receive(layer, channel)
+        try:
+            message = await receive(layer, channel)
+        except Exception:  # not an outage we know of: said loudly, and the listener lives
+            log.exception("%s: the channel layer's receive failed", who)
+            await asyncio.sleep(MAX_PAUSE)
+            continue
         if not wanted():
             return
         try:

@@ -7,9 +7,10 @@ lost, a deadline passed) and performs the actions it returns (reserve slots,
 forward to a worker, give a slot back, answer a requester). So every rule about a
 request's life lives here, in one place, and tests drive it with a fake clock:
 
-* submitted -> reserving -> placed (on a worker) -> answered;
-* no capable worker: answered at once; all capable workers full: waiting, in a
-  bounded queue, reserved again when a slot may have freed;
+* its :class:`State`: RESERVING (a slot is being reserved) -> PLACED (with a worker)
+  -> DONE (answered, once);
+* no capable worker: answered at once; all capable workers full: WAITING, in a
+  bounded queue (:mod:`.waiting`), RESERVING again when a slot may have freed;
 * the worker lost: reserving again, at most ``MAX_RETRIES`` times and only if its
   command may run twice (``no_retry``); else answered ``worker_lost``;
 * the deadline passed, anywhere: answered ``timeout``;
@@ -31,7 +32,7 @@ request's life lives here, in one place, and tests drive it with a fake clock:
 from __future__ import annotations
 
 import enum
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -40,8 +41,9 @@ from workers.protocol import ApiResponse, ErrorCode
 
 from .. import conf
 from ..registry import Reservation, WorkerEntry
-from .balancing import Wanted
+from ..balancing import Wanted
 from .hedging import HedgePolicy
+from .waiting import WaitQueue
 
 #: Characters of routing explanation kept per request (for its history row).
 MAX_ROUTING_CHARS = 500
@@ -63,6 +65,16 @@ class Watcher:
     stream: bool  # it wants progress and chunk events
 
 
+class Hedge(enum.Enum):
+    """Where a request stands with hedging: a second copy on another worker when the
+    first is slow (:mod:`.hedging`)."""
+
+    OFF = "off"  # not hedgeable (its worker does not allow it, a stream, a named worker)
+    ARMED = "armed"  # a copy goes when it is slow, if the budget allows
+    RESERVING = "reserving"  # a slot for its copy is being reserved
+    SENT = "sent"  # a copy went to a second worker
+
+
 class State(enum.Enum):
     RESERVING = "reserving"  # a slot is being reserved for it
     WAITING = "waiting"  # every capable worker is full: queued
@@ -75,7 +87,7 @@ class Placement:
     """A worker a request was forwarded to (two while it is hedged)."""
 
     worker_id: str
-    channel: str  # that worker's connection, to notice a reconnect elsewhere
+    connection: str  # that worker's connection, to notice a reconnect elsewhere
     inbox: str  # the dispatcher holding that connection
 
 
@@ -106,9 +118,7 @@ class Request:
     placements: list[Placement] = field(default_factory=list)  # the workers that have it
     tried: list[str] = field(default_factory=list)  # every worker it was placed on
     retry_safe: bool = True  # False: the worker said this command must not run twice
-    hedgeable: bool = False  # its first worker lets the broker hedge it
-    hedging: bool = False  # a slot for its second copy is being reserved
-    hedged: bool = False
+    hedging: Hedge = Hedge.OFF
     queued: bool = False  # it waited for a slot (a pass over the queue may take it)
     lost_because: str = ""  # why its last worker was lost, for the error text
     lost_code: ErrorCode = ErrorCode.WORKER_LOST  # and how (lease_expired)
@@ -127,6 +137,11 @@ class Request:
         return len(self.tried)
 
     @property
+    def hedged(self) -> bool:
+        """A second copy of it was sent."""
+        return self.hedging is Hedge.SENT
+
+    @property
     def worker_id(self) -> str | None:
         """The worker it is placed on (the first, while hedged)."""
         return self.placements[0].worker_id if self.placements else None
@@ -135,7 +150,7 @@ class Request:
         """What to ask of the registry for it: not a worker it hung on, and for a hedge
         anyone but its worker."""
         avoid = [*self.hung_on, *(p.worker_id for p in self.placements)] \
-            if self.hedging else self.hung_on
+            if self.hedging is Hedge.RESERVING else self.hung_on
         return Wanted(self.command, self.target, self.select, self.affinity,
                       frozenset(avoid))
 
@@ -243,65 +258,6 @@ class Wake:
 Action = Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker | ArmHedge | Wake
 
 
-# ---------------------------------------------------------------------------- the queue
-
-
-class WaitQueue:
-    """Requests waiting for a free slot: by priority, then round-robin by owner, then FIFO."""
-
-    def __init__(self) -> None:
-        self._levels: dict[int, dict[str, deque[Request]]] = {}
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __bool__(self) -> bool:
-        return self._size > 0
-
-    def append(self, request: Request) -> None:
-        owners = self._levels.setdefault(request.priority, {})
-        owners.setdefault(request.owner, deque()).append(request)
-        self._size += 1
-
-    def oldest(self) -> float | None:
-        """Event-loop time the longest-waiting request arrived (each owner's queue is
-        FIFO, so only its head is looked at)."""
-        return min((q[0].opened for owners in self._levels.values()
-                    for q in owners.values() if q), default=None)
-
-    def take_all(self) -> list[Request]:
-        """Everything, in the order it is to be served: highest priority first; within
-        one, one request of each owner in turn (the owner served least lately first)."""
-        out: list[Request] = []
-        for priority in sorted(self._levels, reverse=True):
-            owners = self._levels[priority]
-            while owners:
-                for owner in list(owners):
-                    queue = owners[owner]
-                    out.append(queue.popleft())
-                    if not queue:
-                        del owners[owner]
-        self._levels.clear()
-        self._size = 0
-        return out
-
-    def put_front(self, requests: list[Request]) -> None:
-        """Back where they were taken from, in their order, ahead of those that came
-        meanwhile: each owner's requests in front of its queue, and the owners' turns
-        as these requests had them (the owner that was next stays next)."""
-        levels: dict[int, dict[str, deque[Request]]] = {}
-        for request in requests:
-            levels.setdefault(request.priority, {}).setdefault(request.owner,
-                                                                deque()).append(request)
-        for priority, owners in self._levels.items():  # those that came meanwhile
-            front = levels.setdefault(priority, {})
-            for owner, queue in owners.items():
-                front.setdefault(owner, deque()).extend(queue)
-        self._levels = levels
-        self._size += len(requests)
-
-
 # ---------------------------------------------------------------------------- the table
 
 
@@ -344,27 +300,29 @@ class RequestTable:
                  ) -> list[Action]:
         """The registry's answer for a request that was being reserved."""
         worker = reservation.worker
-        if request.hedging:
+        if request.hedging is Hedge.RESERVING:
             return self._hedge_reserved(request, reservation, now)
         if request.state is not State.RESERVING:  # answered (timed out) meanwhile
             return [GiveBack(worker.worker_id)] if worker is not None else []
         if worker is None:
             if reservation.capable:
                 return self._wait(request)
-            return [self._unavailable(request, reservation)]
+            return [self._answer(request, *unavailable(request, reservation))]
         request.state = State.PLACED
         request.retry_safe = request.command not in worker.no_retry
-        request.hedgeable = request.retry_safe and request.target is None and \
-            not request.stream and (request.hedge or request.command in worker.hedge)
+        if request.hedging is not Hedge.SENT:
+            request.hedging = Hedge.ARMED if request.retry_safe and request.target is None \
+                and not request.stream and (request.hedge or request.command in worker.hedge) \
+                else Hedge.OFF
         actions: list[Action] = [self._place(request, worker, reservation.why, now)]
-        if request.hedgeable and len(request.tried) == 1:
+        if request.hedging is Hedge.ARMED and len(request.tried) == 1:
             delay = self.hedges.delay(request.command, conf.get("HEDGE_MAX_SHARE"))
             if delay is not None and now + delay < request.deadline:
                 actions.append(ArmHedge(request, delay))
         return actions
 
     def _place(self, request: Request, worker: WorkerEntry, why: str, now: float) -> Forward:
-        request.placements.append(Placement(worker.worker_id, worker.channel, worker.inbox))
+        request.placements.append(Placement(worker.worker_id, worker.connection, worker.inbox))
         request.tried.append(worker.worker_id)
         request.placed = request.placed or now
         if why and len(request.routing) < MAX_ROUTING_CHARS:
@@ -377,15 +335,15 @@ class RequestTable:
         allows, reserve a second worker for a copy."""
         request = self.requests.get(key)
         if request is None or request.state is not State.PLACED or \
-                len(request.placements) != 1 or request.hedging or not self.hedges.spend():
+                request.hedging is not Hedge.ARMED or not self.hedges.spend():
             return []
-        request.hedging = True
+        request.hedging = Hedge.RESERVING
         return [Reserve([request])]
 
     def _hedge_reserved(self, request: Request, reservation: Reservation, now: float
                         ) -> list[Action]:
         """The slot for a second copy: taken (forward it), or none free (no hedge)."""
-        request.hedging = False
+        request.hedging = Hedge.ARMED
         worker = reservation.worker
         self.stats["hedges_unplaced"] += worker is None
         if request.state is State.RESERVING:  # its worker was lost meanwhile: a retry
@@ -396,7 +354,7 @@ class RequestTable:
             # Answered meanwhile; or that worker says the command must not run twice.
             self.stats["hedges_unplaced"] += request.state is State.PLACED
             return [GiveBack(worker.worker_id)]
-        request.hedged = True
+        request.hedging = Hedge.SENT
         self.stats["hedged"] += 1
         return [self._place(request, worker, reservation.why, now)]
 
@@ -449,7 +407,7 @@ class RequestTable:
         if request is None:
             self.stats["late"] += 1
             return []
-        if request.hedgeable and not request.hedged and latency_ms is not None:
+        if request.hedging in (Hedge.ARMED, Hedge.RESERVING) and latency_ms is not None:
             self.hedges.record(request.command, latency_ms)
         actions: list[Action] = [
             CancelOnWorker(request, protocol.ANSWERED_ELSEWHERE, p)
@@ -499,7 +457,7 @@ class RequestTable:
                                  code)]
         self.stats["redispatched"] += 1
         request.state = State.RESERVING
-        if request.hedging:  # the slot being reserved for its copy will do for the retry
+        if request.hedging is Hedge.RESERVING:  # the slot reserved for its copy will do
             return []
         return [Reserve([request])]
 
@@ -586,24 +544,6 @@ class RequestTable:
         request.placements = [p for p in request.placements if p.worker_id != worker_id]
         return bool(request.placements)
 
-    def _unavailable(self, request: Request, reservation: Reservation) -> Answer:
-        """Why no worker could be reserved, in the words of what was tried."""
-        lost = request.lost_text
-        if request.target is not None:
-            if request.attempts:
-                return self._answer(request, lost, request.lost_code)
-            return self._answer(request, f"Unknown worker '{protocol.quote(request.target)}'",
-                                ErrorCode.UNKNOWN_WORKER)
-        if request.attempts:
-            return self._answer(request, f"{lost} and no other worker offers "
-                                         f"'{request.command}'", request.lost_code)
-        if reservation.unmatched:
-            return self._answer(request, f"{protocol.NO_WORKERS}: no worker offering "
-                                         f"'{protocol.quote(request.command)}' has "
-                                         f"{protocol.quote(reservation.unmatched)}",
-                                ErrorCode.NO_WORKERS)
-        return self._answer(request, protocol.NO_WORKERS, ErrorCode.NO_WORKERS)
-
     def _answer(self, request: Request, error: str, code: ErrorCode) -> Answer:
         return self._finish(request, ApiResponse.failure(request.request_id, error, code))
 
@@ -617,3 +557,19 @@ class RequestTable:
         request.state = State.DONE
         self.stats["answered"] += 1
         return Answer(request, response)
+
+
+def unavailable(request: Request, reservation: Reservation) -> tuple[str, ErrorCode]:
+    """Why no worker could be reserved for ``request``, in the words of what was tried."""
+    lost = request.lost_text
+    if request.target is not None:
+        if request.attempts:
+            return lost, request.lost_code
+        return f"Unknown worker '{protocol.quote(request.target)}'", ErrorCode.UNKNOWN_WORKER
+    if request.attempts:
+        return f"{lost} and no other worker offers '{request.command}'", request.lost_code
+    if reservation.unmatched:
+        return (f"{protocol.NO_WORKERS}: no worker offering "
+                f"'{protocol.quote(request.command)}' has "
+                f"{protocol.quote(reservation.unmatched)}", ErrorCode.NO_WORKERS)
+    return protocol.NO_WORKERS, ErrorCode.NO_WORKERS

@@ -19,7 +19,7 @@ from .. import conf
 from ..redis.connection import CLIENT_OPTIONS, Clients, RedisTarget
 from ..registry import Registry, RegistryUnavailable
 from ..registry.redis import RedisRegistry
-from .loops import Batcher
+from ..loops import Batcher
 
 log = logging.getLogger("dispatch.results")
 

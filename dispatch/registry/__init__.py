@@ -8,8 +8,8 @@ processes. :func:`get_registry` picks one from the settings.
 from __future__ import annotations
 
 from .. import conf
-from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEntry,
-                   WorkerIdTaken)
+from ..errors import RegistryUnavailable, WorkerIdTaken
+from .base import Outcome, Registry, Reservation, WorkerEntry
 
 __all__ = ["Outcome", "Registry", "RegistryUnavailable", "Reservation", "WorkerEntry",
            "WorkerIdTaken", "get_registry", "reset_registry"]

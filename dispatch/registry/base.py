@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 from .. import conf
-from ..core.balancing import (EWMA_ALPHA, Health, Wanted, ejection_due, ejection_seconds,
-                              parse_canaries, peak_ewma)
+from ..balancing import (EWMA_ALPHA, Health, Wanted, WorkerState, ejection_due,
+                         ejection_seconds, parse_canaries, peak_ewma, worker_state)
 
 log = logging.getLogger("dispatch.registry")
 
@@ -66,7 +66,7 @@ class WorkerEntry:
 
     worker_id: str
     name: str
-    channel: str  # the name of its connection (worker.<session>), not a layer channel
+    connection: str  # the name of its connection (worker.<session>) in its process
     commands: frozenset[str]
     weight: float = 1.0
     max_concurrency: int = 16
@@ -100,13 +100,8 @@ class WorkerEntry:
     schemas: str = ""
 
     @property
-    def state(self) -> str:
-        """online, draining, ejected or probing."""
-        if self.draining:
-            return "draining"
-        if self.ejected_until > time.time():
-            return "ejected"
-        return "probing" if self.probing else "online"
+    def state(self) -> WorkerState:
+        return worker_state(self, time.time())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view for the control API and management commands."""
@@ -115,7 +110,7 @@ class WorkerEntry:
         data["no_retry"] = sorted(self.no_retry)
         data["hedge"] = sorted(self.hedge)
         data["state"] = self.state
-        del data["channel"], data["inbox"], data["owner"], data["leases"], data["schemas"]
+        del data["connection"], data["inbox"], data["owner"], data["leases"], data["schemas"]
         return data
 
     def record(self, latency_ms: float | None, health: Health, now: float) -> bool:
@@ -189,19 +184,6 @@ class Reservation(NamedTuple):
 Outcome = tuple[str, "float | None", Health]
 
 
-class RegistryUnavailable(ConnectionError):
-    """The shared registry cannot be reached (Redis down): requests get an error answer."""
-
-
-class WorkerIdTaken(Exception):
-    """The worker id is registered, or was lately, by another credential.
-
-    An id stays with its owner while it is registered and for
-    ``WORKER_ID_CLAIM_SECONDS`` after it leaves, so that another credential cannot
-    slip in while the worker reconnects.
-    """
-
-
 class Registry(abc.ABC):
     """What the dispatcher needs to know and change about workers."""
 
@@ -216,8 +198,8 @@ class Registry(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
-        """Unregister, but only if ``channel`` still owns the id (a takeover keeps it)."""
+    async def remove(self, worker_id: str, connection: str) -> WorkerEntry | None:
+        """Unregister, but only if ``connection`` still owns the id (a takeover keeps it)."""
 
     @abc.abstractmethod
     async def touch(self, worker_id: str, when: float | None = None) -> bool:
@@ -239,7 +221,7 @@ class Registry(abc.ABC):
         """Give back a slot, folding the outcome into the worker's statistics.
 
         Enough :attr:`Health.FAULT` in a row eject the worker (see
-        :mod:`dispatch.core.balancing`); a handler's own error is no ill health.
+        :mod:`dispatch.balancing`); a handler's own error is no ill health.
         """
 
     @abc.abstractmethod
@@ -286,11 +268,12 @@ class Registry(abc.ABC):
         """Names of the processes whose last :meth:`process_alive` has not run out."""
         raise NotImplementedError
 
-    async def channels(self, worker_ids: Iterable[str]) -> dict[str, str]:
-        """Channel of each of these workers that is still live; the dead are left out."""
+    async def connections(self, worker_ids: Iterable[str]) -> dict[str, str]:
+        """The connection of each of these workers that is still live; the dead are left
+        out."""
         found = {}
         for worker_id in set(worker_ids):
             entry = await self.get(worker_id)
             if entry is not None:
-                found[worker_id] = entry.channel
+                found[worker_id] = entry.connection
         return found

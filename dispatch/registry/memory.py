@@ -6,9 +6,10 @@ import random
 import time
 
 from .. import conf
-from ..core.balancing import (SAMPLE, Choice, Health, Ring, Wanted, by_affinity, choose,
-                              matches, samples)
-from .base import (Registry, Reservation, Standing, WorkerEntry, WorkerIdTaken, affinity_salt,
+from ..balancing import (SAMPLE, Choice, Health, Ring, Wanted, by_affinity, choose, matches,
+                         samples)
+from ..errors import WorkerIdTaken
+from .base import (Registry, Reservation, Standing, WorkerEntry, affinity_salt,
                    canary_rules, ejection_reason, log_ejection)
 
 
@@ -55,9 +56,9 @@ class MemoryRegistry(Registry):
             self._labelled.setdefault(pair, {})[entry.worker_id] = entry
         return old
 
-    async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
+    async def remove(self, worker_id: str, connection: str) -> WorkerEntry | None:
         entry = self._workers.get(worker_id)
-        if entry is None or entry.channel != channel:
+        if entry is None or entry.connection != connection:
             return None
         self._claim(entry)
         return self._drop(worker_id)

@@ -29,7 +29,7 @@ too) takes two scripts rather than one: the first prunes and returns the stats o
 the candidates (and the next global sequence number): all of them, or a random
 sample when many offer the command, those with a selector's labels (by intersecting
 label sets), or an affinity key's next workers on the ring;
-:func:`dispatch.core.balancing.choose`, the same Python the in-process registry uses,
+:func:`dispatch.balancing.choose`, the same Python the in-process registry uses,
 chooses; the second script takes a slot only if the worker is still live and
 eligible, so ``max_concurrency`` holds across processes. If another process took the
 last slot in between, we fetch again, a bounded number of times. This keeps the
@@ -57,15 +57,14 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from .. import conf
-from ..core import balancing
-from ..core.balancing import (RING_SUCCESSORS, SAMPLE, Choice, Health, Ring, Wanted, by_affinity,
-                              choose, ejection_due, samples)
+from .. import balancing, conf
+from ..balancing import (RING_SUCCESSORS, SAMPLE, Choice, Health, Ring, Wanted, by_affinity,
+                         choose, ejection_due, samples)
+from ..errors import RegistryUnavailable, WorkerIdTaken
 from ..redis import scripts
 from ..redis.connection import CLIENT_OPTIONS, Clients, RedisTarget
-from .base import (Outcome, Registry, RegistryUnavailable, Reservation, WorkerEntry,
-                   WorkerIdTaken, affinity_salt, canary_rules, ejection_reason,
-                   log_ejection)
+from .base import (Outcome, Registry, Reservation, WorkerEntry, affinity_salt, canary_rules,
+                   ejection_reason, log_ejection)
 
 
 #: The workers one reservation chooses among: a command, a label selector, an
@@ -76,9 +75,9 @@ RESERVE_ATTEMPTS = 5
 # ---------------------------------------------------------------------------- Lua
 # The scripts are dispatch/redis/lua/*.lua; each says what its KEYS and ARGV are.
 (ADD, REMOVE, TOUCH, CANDIDATES, RESERVE, RESERVE_MANY, EJECT, SET_DRAINING, GET, ALL,
- COUNT, CHANNELS) = (scripts.load("prelude", name) for name in (
+ COUNT, CONNECTIONS) = (scripts.load("prelude", name) for name in (
     "add", "remove", "touch", "candidates", "reserve", "reserve_many", "eject",
-    "set_draining", "get", "all", "count", "channels"))
+    "set_draining", "get", "all", "count", "connections"))
 RELEASE = scripts.load("release")  # no prelude: it touches only the hashes it is given
 
 # ---------------------------------------------------------------------------- encoding
@@ -240,8 +239,8 @@ class RedisRegistry(Registry):
             raise WorkerIdTaken(entry.worker_id)
         return _decode(old) if old else None
 
-    async def remove(self, worker_id: str, channel: str) -> WorkerEntry | None:
-        old = await self._run(REMOVE, [], [worker_id, channel, self._claim_ms()])
+    async def remove(self, worker_id: str, connection: str) -> WorkerEntry | None:
+        old = await self._run(REMOVE, [], [worker_id, connection, self._claim_ms()])
         return _decode(old) if old else None
 
     async def touch(self, worker_id: str, when: float | None = None) -> bool:
@@ -428,9 +427,9 @@ class RedisRegistry(Registry):
                 entry.schemas = text or ""
         return entries
 
-    async def channels(self, worker_ids: Iterable[str]) -> dict[str, str]:
+    async def connections(self, worker_ids: Iterable[str]) -> dict[str, str]:
         """One round trip, however many ids."""
-        flat = await self._run(CHANNELS, [], list(set(worker_ids)))
+        flat = await self._run(CONNECTIONS, [], list(set(worker_ids)))
         return dict(zip(flat[::2], flat[1::2]))
 
     # ------------------------------------------------------------------ broker processes

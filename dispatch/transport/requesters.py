@@ -22,7 +22,7 @@ from workers.protocol import (ApiRequest, ApiResponse, Attach, Cancel, ErrorCode
                               ProtocolError, quote, requester_frame)
 
 from .. import conf
-from ..core.balancing import selector
+from ..balancing import selector
 from ..core.dispatcher import Dispatcher, get_dispatcher
 from ..core.metering import meter
 from .sockets import BaseSocket

@@ -1,8 +1,9 @@
 """What both sockets share: the admission gate, the frame checks, a bounded outbox.
 
-The sockets are thin edges: frames in, frames out, admission. What a frame means
-for the broker is decided in :mod:`dispatch.core` (the request table, the worker
-links); :mod:`.workers` and :mod:`.requesters` only parse and pass on.
+The sockets are the edges: frames in, frames out, admission and each connection's
+own limits. What a frame means for a request or a worker is decided in
+:mod:`dispatch.core` (the request table, the worker links); the worker socket also
+answers what a worker asks of the broker itself (:mod:`dispatch.control.actions`).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ class WorkerConsumer(BaseSocket):
     async def connect(self) -> None:
         dispatcher = await get_dispatcher()
         if await self.admit():
-            self.link = WorkerLink(self, dispatcher, self.grant, get_recorder())
-            dispatcher.add_link(self.link)
+            self.link = WorkerLink(self, dispatcher.workers, self.grant, get_recorder())
+            dispatcher.workers.add(self.link)
 
     async def disconnect(self, code: int) -> None:
         self.forget_grant()
@@ -57,7 +57,7 @@ class WorkerConsumer(BaseSocket):
 
     def unsent_allowance(self) -> int:
         """What the worker was sent to run may wait for it, and a few MB beside."""
-        assigned = self.link.assigned_chars if self.link is not None else 0
+        assigned = self.link.held.chars if self.link is not None else 0
         return conf.get("MAX_UNSENT_BYTES") + assigned
 
     async def receive_text(self, text: str) -> None:
@@ -157,7 +157,7 @@ class WorkerConsumer(BaseSocket):
             body = ResponseBody.from_message(msg)
         except ProtocolError as exc:
             request_id = msg.data.get("request_id")
-            if not isinstance(request_id, str) or request_id not in link.assignments:
+            if not isinstance(request_id, str) or request_id not in link.held:
                 raise  # about no request of its: refused like any bad frame
             await link.answer(ResponseBody(request_id, False, None, f"Malformed answer from "
                                            f"the worker: {exc}", ErrorCode.WORKER_ERROR.value),

@@ -10,7 +10,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dispatch import conf
-from dispatch.core.balancing import STRATEGIES
+from dispatch.balancing import STRATEGIES
 from dispatch.server import serve, supervise
 
 

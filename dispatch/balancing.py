@@ -139,17 +139,34 @@ def load_score(w: WorkerStats, now: float) -> float:
         (1.0 + 4.0 * w.error_rate) / w.weight
 
 
-def eligible_state(w: WorkerStats, now: float) -> str:
-    """Why ``w`` can take no request now ("" if it can)."""
+class WorkerState(enum.StrEnum):
+    """A worker's place in rotation, as the registries, the pages and the tables say it."""
+
+    ONLINE = "online"
+    DRAINING = "draining"  # leaving: what it holds finishes, nothing new comes
+    EJECTED = "ejected"  # out of rotation after infrastructure faults
+    PROBING = "probing"  # back from an ejection, on trial: one request at a time
+    FULL = "full"  # as many requests as its max_concurrency (a reason to pass it over)
+
+
+def worker_state(w: WorkerStats, now: float) -> WorkerState:
+    """Where ``w`` stands (wall time ``now``), whatever it holds."""
     if w.draining:
-        return "draining"
+        return WorkerState.DRAINING
     if w.ejected_until > now:
-        return "ejected"
-    if w.probing and w.in_flight:
-        return "probing"  # on trial: one request at a time until it succeeds
-    if w.in_flight >= w.max_concurrency:
-        return "full"
-    return ""
+        return WorkerState.EJECTED
+    return WorkerState.PROBING if w.probing else WorkerState.ONLINE
+
+
+def unavailable(w: WorkerStats, now: float) -> WorkerState | None:
+    """Why ``w`` can take no request now (None: it can)."""
+    if w.draining:  # worker_state's tests, inline: this runs for every candidate
+        return WorkerState.DRAINING
+    if w.ejected_until > now:
+        return WorkerState.EJECTED
+    if w.probing and w.in_flight:  # on trial: one request at a time until it succeeds
+        return WorkerState.PROBING
+    return WorkerState.FULL if w.in_flight >= w.max_concurrency else None
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -351,8 +368,8 @@ def choose(candidates: Iterable[WorkerStats], wanted: Wanted, strategy_name: str
             excluded["avoided"] = excluded.get("avoided", 0) + 1
             continue
         matched += 1
-        state = eligible_state(w, now)
-        if state:
+        state = unavailable(w, now)
+        if state is not None:
             excluded[state] = excluded.get(state, 0) + 1
         else:
             eligible.append(w)

@@ -1,0 +1,141 @@
+"""Requests by their id, wherever they are: here, in another process, or finished.
+
+A requester may cancel or attach to a request from any connection, on any process
+of a cluster (its first connection may have dropped, or landed on another process).
+So each of these looks in this process's table first, then in the kept answers,
+then asks every process (:meth:`~.exchange.Exchange.ask_all`); a process holding
+the request answers an attach by sending its events and answer to the asker
+(:class:`RemoteSink`), which passes them to its watcher.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable
+
+from workers import protocol
+
+from .events import Ask, AskKind, Asked, Watched
+from .exchange import Exchange
+from .requests import Action, Answer, RequestTable, Sink
+from .results import Results
+
+log = logging.getLogger("dispatch.elsewhere")
+
+Perform = Callable[[list[Action]], Awaitable[None]]
+
+
+class Elsewhere:
+    """Cancel, attach and status by request id, across the processes of a cluster."""
+
+    def __init__(self, exchange: Exchange, table: RequestTable, results: Results,
+                 perform: Perform, alone: bool) -> None:
+        self.exchange = exchange
+        self.table = table
+        self.results = results
+        self._perform = perform
+        self.alone = alone  # no other process can hold a request (the in-process registry)
+        #: Requests of other processes this one is attached to: its key -> the watcher.
+        self.attached: dict[str, Sink] = {}
+        exchange.on(Ask, self._on_ask)
+        exchange.on(Watched, self._on_watched)
+
+    def unwatch(self, sink: Sink) -> None:
+        """The watcher left: stop passing on what other processes send for it."""
+        for key in [k for k, s in self.attached.items() if s is sink]:
+            del self.attached[key]
+
+    async def cancel(self, owner: str | None, request_id: str, reason: str) -> int:
+        found = self._cancel_here(owner, request_id, reason)
+        if found:
+            await self._perform(found)
+            return 1
+        if self.alone:
+            return 0
+        return await self.exchange.ask_all(AskKind.CANCEL, owner, request_id, reason=reason)
+
+    def _cancel_here(self, owner: str | None, request_id: str, reason: str) -> list[Action]:
+        return [a for r in self.table.find(owner, request_id)
+                for a in self.table.cancel(r.key, reason)]
+
+    async def attach(self, owner: str, request_id: str, sink: Sink, stream: bool) -> bool:
+        for request in self.table.find(owner, request_id):
+            return self.table.watch(request.key, sink, stream)
+        if await self._kept(owner, request_id, sink):
+            return True
+        if self.alone:
+            return False
+        key = protocol.new_id()
+        self.attached[key] = sink
+        if await self.exchange.ask_all(AskKind.ATTACH, owner, request_id, first=True,
+                                       key=key, stream=stream):
+            return True
+        del self.attached[key]
+        return await self._kept(owner, request_id, sink)  # it finished meanwhile
+
+    async def _kept(self, owner: str, request_id: str, sink: Sink) -> bool:
+        """Its kept answer to ``sink``, if it finished lately."""
+        kept = await self.results.get(owner, request_id)
+        if kept is None:
+            return False
+        await sink.answer(protocol.ApiResponse.from_json(kept), kept)
+        return True
+
+    async def status(self, owner: str, request_id: str) -> str | None:
+        if self.table.find(owner, request_id):
+            return "running"
+        kept = await self.results.get(owner, request_id)
+        if kept is not None:
+            return kept
+        if not self.alone and await self.exchange.ask_all(AskKind.STATUS, owner, request_id,
+                                                          first=True):
+            return "running"
+        return None
+
+    # ------------------------------------------------------------------ events
+
+    async def _on_ask(self, ask: Ask) -> None:
+        """Another process (or this one) asks about a request by its id."""
+        if ask.kind is AskKind.CANCEL:
+            actions = self._cancel_here(ask.owner, ask.request_id, ask.reason)
+            await self._perform(actions)
+            found = len([a for a in actions if isinstance(a, Answer)])
+        elif ask.kind is AskKind.ATTACH:
+            found = 0
+            if ask.reply_to != self.exchange.inbox:  # the asker looked here itself
+                for request in self.table.find(ask.owner, ask.request_id):
+                    found = int(self.table.watch(request.key, RemoteSink(
+                        self.exchange, ask.reply_to, ask.key), ask.stream))
+        else:
+            found = len(self.table.find(ask.owner, ask.request_id))
+        await self.exchange.deliver(ask.reply_to, Asked(ask.token, found))
+
+    async def _on_watched(self, event: Watched) -> None:
+        """An event, or the answer, of a request of another process we are attached to."""
+        sink = self.attached.get(event.key)
+        if sink is None:
+            return
+        if not event.final:
+            request_id = protocol.loads_object(event.text)["request_id"]
+            await sink.event(request_id, event.text, mergeable=event.mergeable)
+            return
+        del self.attached[event.key]
+        await sink.answer(protocol.ApiResponse.from_json(event.text), event.text)
+
+
+class RemoteSink:
+    """A watcher in another process: what it is told goes to that process's inbox."""
+
+    def __init__(self, exchange: Exchange, inbox: str, key: str) -> None:
+        self.exchange = exchange
+        self.inbox = inbox
+        self.key = key
+
+    async def answer(self, response: protocol.ApiResponse, text: str) -> None:
+        await self.exchange.deliver(self.inbox, Watched(self.key, text, final=True))
+
+    async def event(self, request_id: str, text: str, *, ack: Any = None,
+                    mergeable: bool = False) -> None:
+        await self.exchange.deliver(self.inbox, Watched(self.key, text, mergeable=mergeable))
+        if ack is not None:
+            await ack()

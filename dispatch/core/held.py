@@ -1,0 +1,85 @@
+"""The requests one worker holds, and when each is due for the broker to act on it.
+
+No I/O: the worker's link (:mod:`.links`) records what it sent and asks
+:meth:`Held.due` what the clock says, then does it (frees a slot, tells the worker to
+stop a hung job).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..balancing import Health
+
+
+@dataclass(slots=True)
+class Assignment:
+    """A request this worker has been given and has yet to answer."""
+
+    reply_to: str  # the inbox of the process that holds the request
+    started: float  # time.monotonic()
+    deadline: float  # time.monotonic()
+    size: int  # characters of the frame sent for it
+    stream: bool = False  # the requester wants its progress and chunks
+    lease: float | None = None  # seconds within which it must show life
+    last_life: float = 0.0  # time.monotonic() of its last progress, chunk or start
+    cancelled: float | None = None  # when the worker was told to stop it
+    #: What its slot's release will say about the worker, once it is cancelled: no
+    #: verdict for a requester's cancel, a fault for a lease that ran out.
+    verdict: Health = Health.UNKNOWN
+
+
+class Due(enum.Enum):
+    """What the clock says about one held request."""
+
+    UNCONFIRMED = "unconfirmed"  # told to stop, never confirmed within the grace: free it
+    TIMED_OUT = "timed out"  # past its deadline: free its slot
+    HUNG = "hung"  # a leased job that showed no life for its lease
+
+
+class Held:
+    """The requests of one worker connection, by key, and the characters sent for them
+    (what may wait unsent for the worker without cutting it off)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, Assignment] = {}
+        self.chars = 0
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.by_key
+
+    def get(self, key: str) -> Assignment | None:
+        return self.by_key.get(key)
+
+    def add(self, key: str, assignment: Assignment) -> None:
+        self.by_key[key] = assignment
+        self.chars += assignment.size
+
+    def take(self, key: str) -> Assignment | None:
+        """Forget one (it was answered, or is freed); None if not held."""
+        assignment = self.by_key.pop(key, None)
+        if assignment is not None:
+            self.chars -= assignment.size
+        return assignment
+
+    def take_all(self) -> dict[str, Assignment]:
+        taken, self.by_key, self.chars = self.by_key, {}, 0
+        return taken
+
+    def due(self, now: float, grace: float) -> Iterator[tuple[str, Assignment, Due]]:
+        """The held requests the broker must act on now; the freed ones are taken."""
+        for key, assignment in list(self.by_key.items()):
+            if assignment.cancelled is not None:
+                if now - assignment.cancelled > grace:
+                    self.take(key)
+                    yield key, assignment, Due.UNCONFIRMED
+            elif assignment.deadline < now:
+                self.take(key)
+                yield key, assignment, Due.TIMED_OUT
+            elif assignment.lease is not None and now - assignment.last_life > assignment.lease:
+                yield key, assignment, Due.HUNG
