@@ -1,7 +1,7 @@
 """A minimal job broker on plain ``websockets``: the yardstick, not a product.
 
 It follows the seed's design (one asyncio process, workers on one port, requesters
-on another) and speaks exactly the broker's wire protocol (``workers/protocol.py``),
+on another) and speaks exactly the broker's wire protocol (``workers/protocol/``),
 so the same bench worker and load generator drive it and our broker alike:
 
 * worker port: the envelope ``{"type","msg_id","timestamp","data"}``; a ``connect``

@@ -4,7 +4,7 @@
 
 Protocols:
 
-* ``ws``   the broker's worker envelope (``workers/protocol.py``): ``connect``, then
+* ``ws``   the broker's worker envelope (``workers/protocol/``): ``connect``, then
            ``request`` frames answered by ``response`` frames; heartbeats both ways
            (our own every ``heartbeat_interval`` the broker announces, and an ack to
            every broker ping). Serves our broker and ``bench/baseline_broker.py`` alike.

@@ -268,8 +268,8 @@ def test_an_integer_of_more_than_4300_digits_is_refused_not_mangled() -> None:
 @pytest.fixture
 def stdlib_json(monkeypatch: pytest.MonkeyPatch) -> None:
     """The parser as a worker machine without orjson runs it."""
-    monkeypatch.setattr(protocol, "_loads", json.loads)
-    monkeypatch.setattr(protocol, "_DecodeError", protocol.STDLIB_DECODE_ERRORS)
+    monkeypatch.setattr(protocol.codec, "_loads", json.loads)
+    monkeypatch.setattr(protocol.codec, "_DecodeError", protocol.STDLIB_DECODE_ERRORS)
 
 
 @pytest.mark.usefixtures("stdlib_json")

@@ -31,7 +31,8 @@ from .handlers import CommandRegistry
 from .protocol import (CloseCode, ErrorCode, Feature, Message, MessageType, Registration, quote,
                        random_id)
 from .address import auth_headers
-from .session import (CLOSE_TIMEOUT, SHUTTING_DOWN, STOPPED, MessageHandler, Session)
+from .runner import STOPPED
+from .session import CLOSE_TIMEOUT, SHUTTING_DOWN, MessageHandler, Session
 
 logger = logging.getLogger("workers.client")
 

@@ -16,14 +16,13 @@ Three ways in:
 
 * :class:`SyncRequester` – the same, blocking, for scripts and threads;
 * ``python -m workers.requester HOST PORT [COMMAND [JSON]]`` – one request from
-  the shell, or an interactive console like the seed's.
+  the shell, or an interactive console like the seed's (:mod:`workers.request_cli`).
 
 Nothing here imports Django: a requester machine needs only ``websockets``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -32,15 +31,13 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TextIO, TypeVar
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from . import tracing
-from .address import auth_headers, broker_url, default_token, is_url
-from .console import parse_data
-from .console import serve as console_lines
+from .address import auth_headers, broker_url  # noqa: F401 (importers build URLs from here)
 from .errors import (AllBusy, BrokerUnavailable, Cancelled, CommandFailed, ConnectionLost,
                      NoWorkers, Refused, RequestFailed, Timeout, WorkerLost, describe)
 from .protocol import (ApiRequest, ApiResponse, CloseCode, ErrorCode, ProtocolError,
@@ -64,6 +61,8 @@ DEFAULT_MARGIN = 5.0
 MAX_FRAME_BYTES = 16 * 2**20
 #: Close codes after which dialling again is no use: the credential is refused.
 FINAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.FORBIDDEN})
+#: What dialling the broker may raise when it cannot be reached (or refuses the handshake).
+CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, InvalidURI)
 
 
 # --------------------------------------------------------------------------- async client
@@ -181,6 +180,82 @@ def _data_of(call: _Call, response: ApiResponse) -> Any:
     return response.data
 
 
+class _Calls(dict[str, _Call]):
+    """A :class:`Requester`'s requests still waiting, by ``request_id``, and how each
+    frame that arrives settles one of them.
+
+    Apart from the requester, which owns the socket (dialling, re-dialling, sending):
+    matching frames to calls needs no socket, and the table outlives a reconnect.
+    """
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url  # for log lines and errors
+
+    def on_frame(self, raw: str | bytes) -> None:
+        """Settle what a frame from the broker is about: an event, or an answer."""
+        try:
+            obj = loads_object(raw)
+            if "event" in obj:
+                self._on_event(obj)
+                return
+            response = ApiResponse.from_json(raw)
+        except ProtocolError as exc:
+            logger.warning("Unreadable frame from %s: %s", self.url, exc)
+            return
+        call = self._match(response)
+        if call is None:
+            logger.debug("Answer to unknown request %s dropped", response.request_id)
+        elif response.code == ErrorCode.UNKNOWN_REQUEST.value and \
+                not call.future.done() and response.request_id is not None:
+            # A re-attach found nothing: it finished too long ago, or never arrived.
+            call.future.set_exception(ConnectionLost(
+                f"Connection to {self.url} was lost and its answer with it: "
+                f"{response.error}"))
+        elif not call.future.done():
+            call.future.set_result(response)
+
+    def _on_event(self, obj: dict[str, Any]) -> None:
+        call = self.get(obj.get("request_id"))  # type: ignore[arg-type]
+        if call is None:
+            return
+        if obj["event"] == "chunk":
+            event: Event = Chunk(call.request.request_id, obj.get("seq", 0), obj.get("data"))
+            call.chunks.append(event.data)
+        elif obj["event"] == "progress":
+            event = Progress(call.request.request_id, obj.get("progress"), obj.get("message"))
+        else:
+            return
+        if call.events is not None:
+            try:
+                call.events(event)
+            except Exception:  # a caller's callback must not stop the reader
+                logger.exception("on_event callback failed")
+
+    def _match(self, response: ApiResponse) -> _Call | None:
+        """The call an answer belongs to.
+
+        The broker answers with ``request_id`` null only when it could not read
+        the frame at all (for instance, one over its size limit). With exactly one
+        call waiting, that call is the only frame it can be about; with several,
+        nothing can be matched and the calls run into their wait limits.
+        """
+        if response.request_id is not None:
+            return self.get(response.request_id)
+        logger.warning("Broker refused a frame: %s", response.error)
+        if len(self) == 1:
+            return next(iter(self.values()))
+        return None
+
+    def fail_all(self, exc: Exception) -> None:
+        """The connection is gone for good: every call still waiting fails with ``exc``."""
+        for call in self.values():
+            if not call.future.done():
+                call.future.set_exception(exc)
+
+
 class Requester:
     """An asyncio client of the requester API; one connection, many requests in flight.
 
@@ -209,7 +284,7 @@ class Requester:
         self.reconnect_for = reconnect_for
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._calls: dict[str, _Call] = {}
+        self._calls = _Calls(url)
         self._lost: str | None = None
         self._closing = False
         self._connected = asyncio.Event()
@@ -382,7 +457,7 @@ class Requester:
                     not await self._redial(reason):
                 self._lost = reason
                 logger.debug("Connection to %s ended: %s", self.url, reason)
-                self._fail_all(ConnectionLost(f"Connection to {self.url} lost: {reason}"))
+                self._calls.fail_all(ConnectionLost(f"Connection to {self.url} lost: {reason}"))
                 return
 
     async def _redial(self, reason: str) -> bool:
@@ -416,69 +491,10 @@ class Requester:
         """Resolve waiting calls as answers arrive; return why the connection ended."""
         try:
             async for raw in ws:
-                self._on_frame(raw)
+                self._calls.on_frame(raw)
             return _close_reason(ws)
         except ConnectionClosed as exc:
             return describe(exc)
-
-    def _on_frame(self, raw: str | bytes) -> None:
-        try:
-            obj = loads_object(raw)
-            if "event" in obj:
-                self._on_event(obj)
-                return
-            response = ApiResponse.from_json(raw)
-        except ProtocolError as exc:
-            logger.warning("Unreadable frame from %s: %s", self.url, exc)
-            return
-        call = self._match(response)
-        if call is None:
-            logger.debug("Answer to unknown request %s dropped", response.request_id)
-        elif response.code == ErrorCode.UNKNOWN_REQUEST.value and \
-                not call.future.done() and response.request_id is not None:
-            # A re-attach found nothing: it finished too long ago, or never arrived.
-            call.future.set_exception(ConnectionLost(
-                f"Connection to {self.url} was lost and its answer with it: "
-                f"{response.error}"))
-        elif not call.future.done():
-            call.future.set_result(response)
-
-    def _on_event(self, obj: dict[str, Any]) -> None:
-        call = self._calls.get(obj.get("request_id"))  # type: ignore[arg-type]
-        if call is None:
-            return
-        if obj["event"] == "chunk":
-            event: Event = Chunk(call.request.request_id, obj.get("seq", 0), obj.get("data"))
-            call.chunks.append(event.data)
-        elif obj["event"] == "progress":
-            event = Progress(call.request.request_id, obj.get("progress"), obj.get("message"))
-        else:
-            return
-        if call.events is not None:
-            try:
-                call.events(event)
-            except Exception:  # a caller's callback must not stop the reader
-                logger.exception("on_event callback failed")
-
-    def _match(self, response: ApiResponse) -> _Call | None:
-        """The call an answer belongs to.
-
-        The broker answers with ``request_id`` null only when it could not read
-        the frame at all (for instance, one over its size limit). With exactly one
-        call waiting, that call is the only frame it can be about; with several,
-        nothing can be matched and the calls run into their wait limits.
-        """
-        if response.request_id is not None:
-            return self._calls.get(response.request_id)
-        logger.warning("Broker refused a frame: %s", response.error)
-        if len(self._calls) == 1:
-            return next(iter(self._calls.values()))
-        return None
-
-    def _fail_all(self, exc: Exception) -> None:
-        for call in self._calls.values():
-            if not call.future.done():
-                call.future.set_exception(exc)
 
 
 def _close_reason(ws: ClientConnection) -> str:
@@ -554,140 +570,6 @@ class SyncRequester:
         self.close()
 
 
-# --------------------------------------------------------------------------- CLI
-
-EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
-
-CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, InvalidURI)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.requester",
-        usage="%(prog)s [options] [HOST PORT | URL] [COMMAND [JSON]]",
-        description="Send commands to the broker's requester API. With COMMAND, send one "
-                    "request, print the answer as JSON and exit 0 on success, 1 on a failure "
-                    "answer, 2 when the broker cannot be reached or does not answer. Without "
-                    "COMMAND, start an interactive console reading standard input.",
-    )
-    parser.add_argument("args", nargs="*", metavar="ARG",
-                        help="broker host and requester port (default localhost 8766), or one "
-                             "ws:// URL in their place; then the command to send and its data "
-                             "as a JSON object, e.g. calculate '{\"a\": 1, \"b\": 2}'")
-    parser.add_argument("--url", help="broker URL such as ws://host:8766/ (then HOST PORT "
-                                      "are left out)")
-    parser.add_argument("--token", default=default_token(),
-                        help="API key, when the broker has credentials (default $BROKER_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds the broker may take for each request (default: the "
-                             "broker's own, normally 30)")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log level of messages on standard error (default WARNING)")
-    return parser
-
-
-def parse_target(parser: argparse.ArgumentParser, args: argparse.Namespace
-                 ) -> tuple[str, str | None, dict[str, Any]]:
-    """Split the positional arguments into (url, command, data)."""
-    rest = list(args.args)
-    if args.url:
-        url = args.url
-    elif rest and is_url(rest[0]):
-        url = rest.pop(0)
-    elif not rest:
-        url = broker_url("localhost", DEFAULT_PORT)
-    elif len(rest) >= 2 and rest[1].isdigit():
-        url = broker_url(rest[0], int(rest[1]))
-        rest = rest[2:]
-    else:
-        parser.error("expected HOST PORT (or a ws:// URL, or --url) before the command")
-    if len(rest) > 2:
-        parser.error("too many arguments: quote the JSON data as one argument")
-    command = rest[0] if rest else None
-    data: dict[str, Any] = {}
-    if len(rest) == 2:
-        try:
-            data = parse_data(rest[1])
-        except ValueError as exc:
-            parser.error(str(exc))
-    return url, command, data
-
-
-def format_response(response: ApiResponse) -> str:
-    return json.dumps(response.to_dict(), indent=2, ensure_ascii=False)
-
-
-async def open_or_say_why(url: str, token: str | None) -> Requester | None:
-    """A connected requester, or None after saying on stderr why there is none."""
-    try:
-        # A person at a console (or a script) wants to hear at once that the broker is
-        # gone, not a wait for it to come back.
-        return await Requester(url, token=token, reconnect=False).connect()
-    except CONNECT_ERRORS as exc:
-        print(f"Cannot reach the broker at {url}: {describe(exc)}", file=sys.stderr)
-        return None
-
-
-async def one_shot(url: str, command: str, data: dict[str, Any], timeout: float | None,
-                   out: TextIO, token: str | None = None) -> int:
-    """Send a single request and print its answer."""
-    requester = await open_or_say_why(url, token)
-    if requester is None:
-        return EXIT_UNREACHABLE
-    try:
-        response = await requester.request(command, data, timeout=timeout)
-    except (ConnectionLost, TimeoutError) as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_UNREACHABLE
-    finally:
-        await requester.close()
-    print(format_response(response), file=out)
-    return EXIT_OK if response.success else EXIT_FAILED
-
-
-async def console(requester: Requester, timeout: float | None, stdin: TextIO,
-                  out: TextIO) -> int:
-    """The seed's interactive console, one line at a time (works on a pipe too)."""
-
-    async def ask(command: str, data: dict[str, Any]) -> str:
-        try:
-            return format_response(await requester.request(command, data, timeout=timeout))
-        except TimeoutError as exc:
-            return str(exc)
-
-    try:
-        await console_lines(ask, stdin, out, "Connected. Type 'help' for commands.")
-    except ConnectionLost as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_UNREACHABLE
-    return EXIT_OK
-
-
-async def interactive(url: str, token: str | None, timeout: float | None) -> int:
-    requester = await open_or_say_why(url, token)
-    if requester is None:
-        return EXIT_UNREACHABLE
-    try:
-        return await console(requester, timeout, sys.stdin, sys.stdout)
-    finally:
-        await requester.close()
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    url, command, data = parse_target(parser, args)
-    if command is not None:
-        return asyncio.run(one_shot(url, command, data, args.timeout, sys.stdout, args.token))
-    return asyncio.run(interactive(url, args.token, args.timeout))
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the CLI has its own module; this keeps `python -m` working
+    from .request_cli import main
     sys.exit(main())

@@ -21,13 +21,13 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from . import tracing
 from .errors import ConnectionLost, RegistrationFailed, describe
-from .handlers import CommandRegistry, run_safely
-from .jobs import JobContext
-from .protocol import (BATCH_BYTES, CANCELLED, ChunkBody, ErrorCode, Feature, Message,
-                       MessageType, ProtocolError, Registration, RequestBody, ResponseBody,
-                       batch_frames, batch_messages, loads_frames)
+from .handlers import CommandRegistry
+from .outbox import Outbox
+from .protocol import (BATCH_BYTES, ChunkBody, ErrorCode, Feature, Message, MessageType,
+                       ProtocolError, Registration, RequestBody, ResponseBody, batch_messages,
+                       loads_frames)
+from .runner import Runner
 
 logger = logging.getLogger("workers.client")
 
@@ -45,7 +45,6 @@ REGISTER_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 
 SHUTTING_DOWN = "Worker shutting down"
-STOPPED = "Worker stopped before the command finished"
 
 #: ``fn(message)``, sync or async; may return a :class:`Message` to send back.
 MessageHandler = Callable[[Message], Any]
@@ -185,34 +184,40 @@ def react(msg: Message, *, stopping: bool, handled: Collection[str],
 
 
 class Session:
-    """One connection's state and work; made for it, dropped with it."""
+    """One connection's state and work; made for it, dropped with it.
+
+    What it sends goes through its :class:`~workers.outbox.Outbox`; the requests the
+    broker sends run in its :class:`~workers.runner.Runner`.
+    """
 
     def __init__(self, ws: ClientConnection, registry: CommandRegistry,
                  handlers: dict[str, list[MessageHandler]], slots: asyncio.Semaphore,
                  tasks: set[asyncio.Task[Any]], stopping: Callable[[], bool],
                  interval: float) -> None:
         self.ws = ws
-        self.registry = registry
         self.handlers = handlers
-        self.slots = slots  # shared by all sessions: max_concurrency holds across them
         self.tasks = tasks  # the worker's, so that stop() can wait for them
         self.stopping = stopping
         self.interval = interval
-        self.in_flight = 0
-        #: request id -> its context, its task, and whether cancelling the task stops it
-        #: (an async handler; a thread cannot be interrupted)
-        self.jobs: dict[str, tuple[JobContext, asyncio.Task[Any], bool]] = {}
         self.pending: dict[str, asyncio.Future[ResponseBody]] = {}
         self.last_ping: tuple[str, float] | None = None
         #: What the broker granted of what we asked (its answer to ``connect``).
         self.features: frozenset[Feature] = frozenset()
         #: loop.time() of the last frame from the broker.
         self.heard = 0.0
-        #: Frames to send in one batch frame once this turn of the loop ends.
-        self.gathered: list[str] = []
-        self.batch_limit = BATCH_BYTES
         #: Seconds the broker asked us to wait before dialling again (its disconnect).
         self.retry_after: float | None = None
+        self.outbox = Outbox(ws, self.spawn, self._gathering)
+        self.runner = Runner(registry, slots, self.spawn, self.outbox)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of the broker's running on this connection."""
+        return self.runner.in_flight
+
+    def _gathering(self) -> bool:
+        """Frames wait to go in one batch frame: batches granted, requests running."""
+        return Feature.BATCH in self.features and self.in_flight > 0
 
     # ------------------------------------------------------------------ registration
 
@@ -259,7 +264,7 @@ class Session:
         limit = answer.get("max_message_bytes")
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             # Characters, not bytes, are counted while gathering: a quarter is safe.
-            self.batch_limit = min(BATCH_BYTES, limit // 4)
+            self.outbox.batch_limit = min(BATCH_BYTES, limit // 4)
         self.heard = asyncio.get_running_loop().time()
 
     async def _closed_quietly(self) -> None:
@@ -300,8 +305,8 @@ class Session:
     async def _leave(self, finish: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Graceful stop on a live connection: say goodbye, let work finish, close."""
         logger.info("Stopping: leaving the broker, %d request(s) in flight", self.in_flight)
-        await self.send(Message(MessageType.DISCONNECT.value,
-                                {"reason": "worker stopping"}).to_json())
+        await self.outbox.send(Message(MessageType.DISCONNECT.value,
+                                       {"reason": "worker stopping"}).to_json())
         await finish()
         await self.ws.close()
 
@@ -359,24 +364,21 @@ class Session:
 
     async def _unreadable(self, exc: ProtocolError) -> None:
         logger.warning("Unreadable frame from the broker: %s", exc)
-        await self.send(Message.error(f"Unreadable frame: {exc}",
-                                      code=ErrorCode.BAD_REQUEST).to_json())
+        await self.outbox.send(Message.error(f"Unreadable frame: {exc}",
+                                             code=ErrorCode.BAD_REQUEST).to_json())
 
     async def _carry_out(self, msg: Message) -> bool:
         """Do what :func:`react` says; True when the session must end (Leave)."""
         reaction = react(msg, stopping=self.stopping(), handled=self.handlers.keys(),
                          in_flight=self.in_flight)
         if isinstance(reaction, Reply):
-            await self.send(reaction.message.to_json())
+            await self.outbox.send(reaction.message.to_json())
         elif isinstance(reaction, Run):
-            self.in_flight += 1
-            self._start(reaction.request_id, reaction.body)
+            self.runner.start(reaction.request_id, reaction.body)
         elif isinstance(reaction, CancelJob):
-            self._cancel(reaction.request_id, reaction.reason)
+            self.runner.cancel(reaction.request_id, reaction.reason)
         elif isinstance(reaction, Acked):
-            job = self.jobs.get(reaction.request_id)
-            if job is not None:
-                job[0].acked(reaction.seq)
+            self.runner.acked(reaction.request_id, reaction.seq)
         elif isinstance(reaction, Resolve):
             self._resolve(reaction)
         elif isinstance(reaction, Handle):
@@ -401,75 +403,14 @@ class Session:
             logger.warning("Error from the broker: %s (about %s)", reaction.body.error,
                            reaction.request_id)
 
-    # ------------------------------------------------------------------ requests
-
-    def _start(self, request_id: str, body: RequestBody) -> None:
-        ctx = JobContext(request_id, time_left=body.time_left, stream=body.stream,
-                         lease=self.registry.lease_of(body.action), send=self._send_frame,
-                         loop=asyncio.get_running_loop(), traceparent=body.traceparent)
-        task = self.spawn(self._run(request_id, body, ctx))
-        self.jobs[request_id] = (ctx, task, self.registry.runs_on_loop(body.action))
-
-    def _cancel(self, request_id: str, reason: str) -> None:
-        """Stop a job: an async handler gets CancelledError now; a thread sees
-        ``ctx.cancelled`` (it cannot be interrupted)."""
-        job = self.jobs.get(request_id)
-        if job is None:
-            return
-        ctx, task, on_loop = job
-        logger.info("Cancelling request %s: %s", request_id, reason)
-        ctx.cancel(reason)
-        if on_loop:
-            task.cancel()
-
-    async def _send_frame(self, msg: Message) -> bool:
-        return await self.send(msg.to_json())
-
-    async def _run(self, request_id: str, body: RequestBody, ctx: JobContext) -> None:
-        """Run one command in its own task and answer it, whatever happens."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        span, ctx.traceparent = tracing.start_span(f"run {body.action}", body.traceparent,
-                                                   "CONSUMER", command=body.action)
-        outcome = None
-        try:
-            async with self.slots:
-                outcome = await run_safely(self.registry, body.action, body.params, ctx)
-        except asyncio.CancelledError:
-            if ctx.cancelled:  # the broker asked: confirm, and stay up
-                await self.answer(request_id, False, None,
-                                  f"{CANCELLED}: {ctx.cancel_reason}", ErrorCode.CANCELLED)
-                return
-            await self.answer(request_id, False, None, STOPPED, ErrorCode.WORKER_STOPPING)
-            raise
-        finally:
-            self.in_flight -= 1
-            self.jobs.pop(request_id, None)
-            tracing.end_span(span, outcome is not None and outcome.ok,
-                             outcome.code.value if outcome is not None and outcome.code
-                             else None)
-        logger.debug("%s %s in %.1f ms%s%s", body.action, "done" if outcome.ok else "failed",
-                     (loop.time() - started) * 1000, "" if outcome.ok else f": {outcome.error}",
-                     f" (trace {body.traceparent})" if body.traceparent else "")
-        await self.answer(request_id, outcome.ok, outcome.data, outcome.error, outcome.code)
-
-    async def answer(self, request_id: str, ok: bool, data: Any, error: str | None,
-                     code: ErrorCode | None) -> None:
-        """Send a ``response``; a result that is not JSON becomes an error answer."""
-        try:
-            text = Message.response(request_id, ok, data, error, code).to_json()
-        except (TypeError, ValueError) as exc:
-            text = Message.response(request_id, False, None,
-                                    f"Result is not JSON serializable: {exc}",
-                                    ErrorCode.NOT_SERIALIZABLE).to_json()
-        await self.send(text)
+    # ------------------------------------------------------------------ our requests
 
     async def ask(self, msg: Message) -> ResponseBody:
         """Send a request of ours and wait for the broker's ``response`` to it."""
         future: asyncio.Future[ResponseBody] = asyncio.get_running_loop().create_future()
         self.pending[msg.msg_id] = future
         try:
-            if not await self.send(msg.to_json()):
+            if not await self.outbox.send(msg.to_json()):
                 raise ConnectionLost("Connection to the broker lost")
             return await future
         finally:
@@ -487,7 +428,7 @@ class Session:
             ask = quiet and loop.time() - self.heard >= ASK_AFTER_MISSES * self.interval - 0.5
             ping = Message.heartbeat(in_flight=self.in_flight, want_ack=ask)
             self.last_ping = (ping.msg_id, loop.time())
-            if not await self.send(ping.to_json()):
+            if not await self.outbox.send(ping.to_json()):
                 return "heartbeat could not be sent"
 
     # ------------------------------------------------------------------ custom handlers
@@ -513,45 +454,14 @@ class Session:
             logger.exception("Handler %s for '%s' frames failed",
                              getattr(func, "__name__", func), msg.type)
             if reply_on_error:
-                await self.send(Message.error(f"Handler for '{msg.type}' failed: "
-                                              f"{describe(exc)}", reply_to=msg.msg_id,
-                                              code=ErrorCode.HANDLER_FAILED).to_json())
+                await self.outbox.send(Message.error(f"Handler for '{msg.type}' failed: "
+                                                     f"{describe(exc)}", reply_to=msg.msg_id,
+                                                     code=ErrorCode.HANDLER_FAILED).to_json())
             return
         if isinstance(result, Message):
-            await self.send(result.to_json())
+            await self.outbox.send(result.to_json())
 
     # ------------------------------------------------------------------ plumbing
-
-    async def send(self, text: str) -> bool:
-        """Send one frame; False (and a log line) if the connection is gone.
-
-        With batches granted and other requests still running, the frame waits for the
-        end of this turn of the loop and goes with the others' answers in one frame
-        (True then means: queued). Alone, it goes at once: no latency added.
-        """
-        if self.gathered:
-            self.gathered.append(text)
-            return True
-        if Feature.BATCH in self.features and self.in_flight > 0:
-            self.gathered.append(text)
-            self.spawn(self._send_gathered())
-            return True
-        return await self._send_now(text)
-
-    async def _send_gathered(self) -> None:
-        await asyncio.sleep(0)  # let the other answers of this turn join
-        texts, self.gathered = self.gathered, []
-        for frame in batch_frames(texts, self.batch_limit):
-            if not await self._send_now(frame):
-                return
-
-    async def _send_now(self, text: str) -> bool:
-        try:
-            await self.ws.send(text)
-        except ConnectionClosed as exc:
-            logger.warning("Frame not sent, connection closed: %s", describe(exc))
-            return False
-        return True
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)

@@ -1,0 +1,108 @@
+"""The requests the broker sent over one connection, running: each command in a task
+of its own and a slot of the worker's, stopped when the broker cancels it, and always
+answered, whatever happens to it.
+
+Apart from :class:`~workers.session.Session`, which reads frames and decides (with
+:func:`~workers.session.react`) what to do: here the jobs are only carried out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from . import tracing
+from .handlers import CommandRegistry, run_safely
+from .jobs import JobContext
+from .outbox import Outbox, Spawn
+from .protocol import CANCELLED, ErrorCode, Message, RequestBody
+
+logger = logging.getLogger("workers.client")
+
+STOPPED = "Worker stopped before the command finished"
+
+
+class Runner:
+    """The jobs of one connection: started, cancelled, let stream on, answered."""
+
+    def __init__(self, registry: CommandRegistry, slots: asyncio.Semaphore, spawn: Spawn,
+                 outbox: Outbox) -> None:
+        self.registry = registry
+        self.slots = slots  # shared by all sessions: max_concurrency holds across them
+        self._spawn = spawn
+        self.outbox = outbox
+        #: Requests started and not yet answered (the broker hears it in heartbeats).
+        self.in_flight = 0
+        #: request id -> its context, its task, and whether cancelling the task stops it
+        #: (an async handler; a thread cannot be interrupted)
+        self.jobs: dict[str, tuple[JobContext, asyncio.Task[Any], bool]] = {}
+
+    def start(self, request_id: str, body: RequestBody) -> None:
+        """Run it in a task of its own, so that reading frames never waits for a job."""
+        self.in_flight += 1
+        ctx = JobContext(request_id, time_left=body.time_left, stream=body.stream,
+                         lease=self.registry.lease_of(body.action), send=self._send_frame,
+                         loop=asyncio.get_running_loop(), traceparent=body.traceparent)
+        task = self._spawn(self._run(request_id, body, ctx))
+        self.jobs[request_id] = (ctx, task, self.registry.runs_on_loop(body.action))
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        """Stop a job: an async handler gets CancelledError now; a thread sees
+        ``ctx.cancelled`` (it cannot be interrupted)."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return
+        ctx, task, on_loop = job
+        logger.info("Cancelling request %s: %s", request_id, reason)
+        ctx.cancel(reason)
+        if on_loop:
+            task.cancel()
+
+    def acked(self, request_id: str, seq: int) -> None:
+        """The broker passed chunk ``seq`` on: the job may send more."""
+        job = self.jobs.get(request_id)
+        if job is not None:
+            job[0].acked(seq)
+
+    async def _send_frame(self, msg: Message) -> bool:
+        return await self.outbox.send(msg.to_json())
+
+    async def _run(self, request_id: str, body: RequestBody, ctx: JobContext) -> None:
+        """Run one command in its own task and answer it, whatever happens."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        span, ctx.traceparent = tracing.start_span(f"run {body.action}", body.traceparent,
+                                                   "CONSUMER", command=body.action)
+        outcome = None
+        try:
+            async with self.slots:
+                outcome = await run_safely(self.registry, body.action, body.params, ctx)
+        except asyncio.CancelledError:
+            if ctx.cancelled:  # the broker asked: confirm, and stay up
+                await self.answer(request_id, False, None,
+                                  f"{CANCELLED}: {ctx.cancel_reason}", ErrorCode.CANCELLED)
+                return
+            await self.answer(request_id, False, None, STOPPED, ErrorCode.WORKER_STOPPING)
+            raise
+        finally:
+            self.in_flight -= 1
+            self.jobs.pop(request_id, None)
+            tracing.end_span(span, outcome is not None and outcome.ok,
+                             outcome.code.value if outcome is not None and outcome.code
+                             else None)
+        logger.debug("%s %s in %.1f ms%s%s", body.action, "done" if outcome.ok else "failed",
+                     (loop.time() - started) * 1000, "" if outcome.ok else f": {outcome.error}",
+                     f" (trace {body.traceparent})" if body.traceparent else "")
+        await self.answer(request_id, outcome.ok, outcome.data, outcome.error, outcome.code)
+
+    async def answer(self, request_id: str, ok: bool, data: Any, error: str | None,
+                     code: ErrorCode | None) -> None:
+        """Send a ``response``; a result that is not JSON becomes an error answer."""
+        try:
+            text = Message.response(request_id, ok, data, error, code).to_json()
+        except (TypeError, ValueError) as exc:
+            text = Message.response(request_id, False, None,
+                                    f"Result is not JSON serializable: {exc}",
+                                    ErrorCode.NOT_SERIALIZABLE).to_json()
+        await self.outbox.send(text)
