@@ -4,7 +4,8 @@ Reserve-and-release of one slot, timed in-process on both registries, with 10,
 1,000 and 10,000 workers offering the command: ``least_loaded`` (power of two choices
 over a sample of 8) beside ``round_robin`` (which must look at every worker), and
 requests with a label selector or an affinity key (which must too). The Redis rows need Redis
-(``REDIS_URL``, default 127.0.0.1:6379, database 15, flushed); without it they are
+(``REDIS_URL``, default 127.0.0.1:6379, database 15); they use keys of their own
+prefix and delete those, and nothing else, when done; without Redis they are
 reported as n/a. Prints a table and writes ``bench/results/choosing.md``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -81,10 +83,9 @@ async def make(kind: str) -> Registry | None:
     from dispatch.registry.redis import RedisRegistry
 
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
-    registry = RedisRegistry(url, prefix="bench-choosing", ttl=600.0)
+    registry = RedisRegistry(url, prefix=f"bench-choosing-{secrets.token_hex(6)}", ttl=600.0)
     try:
-        client = registry._client()  # noqa: SLF001 - a bench may reach in
-        await client.flushdb()
+        await registry._client().ping()  # noqa: SLF001 - a bench may reach in
     except Exception as exc:  # noqa: BLE001 - no Redis here: reported, not fatal
         print(f"redis: n/a ({exc})", file=sys.stderr)
         return None
@@ -92,6 +93,13 @@ async def make(kind: str) -> Registry | None:
 
 
 async def close(registry: Registry) -> None:
+    """Delete the keys this run made (its prefix's), and only those."""
+    prefix = getattr(registry, "prefix", None)
+    if prefix is not None:
+        client = registry._client()  # type: ignore[attr-defined]  # noqa: SLF001
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start:start + 1000])
     closer = getattr(registry, "close", None)
     if closer is not None:
         await closer()
