@@ -3,6 +3,7 @@ from django.urls import path
 from . import pages, views
 
 urlpatterns = [
+    path("", pages.home, name="home"),
     path("dashboard/", pages.dashboard, name="dashboard"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),

@@ -1,0 +1,27 @@
+"""Pages for people: the landing page says what this is and where to go."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+pytestmark = pytest.mark.django_db
+
+
+def test_the_landing_page_says_how_to_connect_and_links_everything(settings) -> None:
+    settings.ALLOWED_HOSTS = ["broker.example"]
+    response = Client(HTTP_HOST="broker.example:8000").get("/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "ws://broker.example:8765" in page and "ws://broker.example:8766" in page
+    assert "python -m workers broker.example 8765" in page
+    for link in ('href="/dashboard/"', 'href="/admin/"', 'href="/metrics"', 'href="/readyz"'):
+        assert link in page
+    assert "favicon.svg" in page
+
+
+def test_the_landing_page_shows_nothing_of_the_fleet_and_takes_no_posts() -> None:
+    client = Client(HTTP_HOST="localhost")
+    assert client.head("/").status_code == 200
+    assert client.post("/").status_code == 405
+    assert "worker_id" not in client.get("/").content.decode()
