@@ -41,6 +41,19 @@ class FleetServer(Server):
         self.worker_port = worker_port
         #: Connections the next application check looks at.
         self.settling: set[Any] = set()
+        #: One entry per endpoint, in the order given: the port it listens on, or why
+        #: it could not listen (a string). Filled before ``ready_callable`` is called.
+        self.bound: list[int | str] = []
+
+    def listen_success(self, port: Any) -> None:
+        super().listen_success(port)
+        self.bound.append(port.getHost().port)
+
+    def listen_error(self, failure: Any) -> None:
+        """Record why, and do not start: ``serve`` reports it and exits non-zero
+        (daphne logs it as CRITICAL and returns as if it had served)."""
+        self.bound.append(failure.getErrorMessage())
+        self.stop()
 
     def protocol_connected(self, protocol: Any) -> None:
         super().protocol_connected(protocol)

@@ -10,9 +10,15 @@ one machine.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 from django.conf import settings
@@ -22,34 +28,81 @@ from . import conf
 log = logging.getLogger("dispatch.server")
 
 
-def supervise(commands: list[list[str]], say: Callable[[str], Any]) -> int:
+def supervise(commands: list[list[str]], say: Callable[[str], Any],
+              ports_file: str | None = None) -> int:
     """Run one broker process per command until SIGINT/SIGTERM, passing signals on.
 
-    A process manager (systemd, supervisord) does this better in production: this
-    is for one machine and for trying a cluster out. A child that dies is logged,
-    not restarted; the others keep serving.
+    Each child is given a ``--ports-file`` of its own: the parent waits until every
+    child listens (and then writes ``ports_file``, if asked, with theirs). A child
+    that exits before it listens (its ports are taken, its settings are wrong) stops
+    the others, and the parent exits 1 at once. A process manager (systemd,
+    supervisord) does this better in production: this is for one machine and for
+    trying a cluster out. A child that dies later is logged, not restarted; the
+    others keep serving.
     """
-    children = [subprocess.Popen(cmd, cwd=settings.BASE_DIR) for cmd in commands]
+    scratch = Path(tempfile.mkdtemp(prefix="runbroker-"))
+    told = [scratch / f"process-{i}.json" for i in range(len(commands))]
+    children = [subprocess.Popen([*cmd, "--ports-file", str(path)], cwd=settings.BASE_DIR)
+                for cmd, path in zip(commands, told)]
     say(f"Started {len(children)} broker processes: pids "
         f"{', '.join(str(c.pid) for c in children)}")
+    signalled: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
+        signalled.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    codes = []
-    for child in children:
-        codes.append(child.wait())
-        if codes[-1] not in (0, -signal.SIGTERM, -signal.SIGINT):
-            log.error("broker process %d exited with %d", child.pid, codes[-1])
-    return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
+    try:
+        while not signalled and not all(path.exists() for path in told):
+            failed = next((c for c in children if c.poll() is not None), None)
+            if failed is not None:
+                log.error("broker process %d exited with %d before it listened: stopping "
+                          "the others", failed.pid, failed.returncode)
+                for child in children:
+                    if child.poll() is None:
+                        child.terminate()
+                for child in children:
+                    child.wait()
+                return 1
+            time.sleep(0.05)
+        if not signalled and ports_file:
+            write_json(ports_file, {"pid": os.getpid(), "processes": [
+                json.loads(path.read_text()) for path in told]})
+        codes = []
+        for child in children:
+            codes.append(child.wait())
+            if codes[-1] not in (0, -signal.SIGTERM, -signal.SIGINT):
+                log.error("broker process %d exited with %d", child.pid, codes[-1])
+        return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
-    """Run daphne until SIGINT/SIGTERM; ``say`` prints the ready line."""
+class CannotListen(Exception):
+    """A port could not be listened on (taken, not allowed, no such interface)."""
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Write ``path`` whole or not at all: a reader polling for it never sees half."""
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as out:
+        json.dump(data, out)
+    os.replace(partial, path)
+
+
+def serve(host: str, ports: list[int], say: Callable[[str], Any],
+          ports_file: str | None = None) -> None:
+    """Run daphne until SIGINT/SIGTERM; ``say`` prints the ready line.
+
+    A port of 0 takes one the system chooses; the ready line and ``ports_file``
+    (JSON: ``worker``, ``requester``, ``http``, ``pid``, ``process``, written once
+    every port listens) tell which. Raises :class:`CannotListen` when a port cannot
+    be listened on, before serving anything.
+    """
     # daphne installs Twisted's asyncio reactor when imported: import it first.
     from daphne.endpoints import build_endpoint_description_strings
 
@@ -62,7 +115,6 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
     load_action_modules()
     raise_open_files()
     quiet_autobahn_debug()
-    worker_port, requester_port, http_port = ports
     # Twisted listens with a backlog of 50: a fleet dialling back after a restart
     # overflows it, and every dropped SYN costs its worker a second or more.
     endpoints = [f"{e}:backlog={LISTEN_BACKLOG}" for port in ports
@@ -70,16 +122,30 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
     limit = conf.get("MAX_MESSAGE_BYTES")
 
     def ready() -> None:
+        if len(server.bound) != len(ports) or not all(isinstance(p, int) for p in server.bound):
+            from twisted.internet import reactor
+
+            reactor.callWhenRunning(reactor.stop)  # reported once run() returns
+            return
+        worker_port, requester_port, http_port = server.bound  # type: ignore[misc]
+        if list(server.bound) != list(ports):  # some were 0: routing goes by port
+            server.worker_port = worker_port
+            conf.override(WORKER_PORT=worker_port, REQUESTER_PORT=requester_port,
+                          HTTP_PORT=http_port)
         graceful_stop_on_signals(conf.get("SHUTDOWN_GRACE"))
         say(f"Broker ready: workers ws://{host}:{worker_port}  "
             f"requesters ws://{host}:{requester_port}  http://{host}:{http_port}  "
             f"(strategy {conf.get('STRATEGY')}, timeout {conf.get('TIMEOUT')}s, "
             f"process {conf.process_name()})")
+        if ports_file:
+            write_json(ports_file, {"worker": worker_port, "requester": requester_port,
+                                    "http": http_port, "pid": os.getpid(),
+                                    "process": conf.process_name()})
 
-    FleetServer(
+    server = FleetServer(
         application=application,
         endpoints=endpoints,
-        worker_port=worker_port,
+        worker_port=ports[0],
         # Frames a little over our own limit still arrive, so the sender gets a clear
         # error; far larger ones are cut off by daphne with close code 1009.
         websocket_max_message_size=4 * limit + 65536,
@@ -90,8 +156,12 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any]) -> None:
         ready_callable=ready,
         verbosity=0,
         signal_handlers=False,  # ours, below: finish requests in flight first
-    ).run()
+    )
+    server.run()
     finish_loop()
+    refused = [p for p in server.bound if isinstance(p, str)]
+    if refused or len(server.bound) != len(ports):
+        raise CannotListen(refused[0] if refused else "not every port listens")
     log.info("broker stopped")
 
 

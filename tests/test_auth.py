@@ -144,16 +144,9 @@ async def test_tokens_are_stored_hashed(broker_state) -> None:
 def test_real_broker_with_credentials(broker_factory, tmp_path: Path) -> None:
     """Tokens made with the management command, used by the real worker and requester."""
     broker = broker_factory(env={"BROKER_AUTH_REFRESH_SECONDS": "0.3"})
-
-    def token(*args: str) -> str:
-        out = broker.manage("token", "create", *args)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip()
-
-    worker_token = token("worker", "fleet")
-    api_key = token("requester", "app")
-    admin_key = token("admin", "ops")
-    time.sleep(1.0)  # the broker reloads credentials every 0.3 s
+    worker_token, api_key, admin_key = broker.tokens(
+        ["create", "worker", "fleet"], ["create", "requester", "app"], ["create", "admin", "ops"])
+    broker.wait_credentials(admin_key)  # the broker reloads credentials every 0.3 s
     anonymous = WorkerProc(broker, "anonymous").start()
     worker = WorkerProc(broker, "trusted", ["--token", worker_token]).start()
     try:
@@ -167,9 +160,8 @@ def test_real_broker_with_credentials(broker_factory, tmp_path: Path) -> None:
             cwd=ROOT, capture_output=True, text=True, timeout=30,
             env={**os.environ, "BROKER_TOKEN": api_key})
         assert answer.returncode == 0 and "Echo: signed" in answer.stdout
-        denied = broker.manage("workers")
+        denied, allowed = broker.manage_many(["workers"], ["workers", "--token", admin_key])
         assert denied.returncode != 0 and "Forbidden" in denied.stderr
-        allowed = broker.manage("workers", "--token", admin_key)
         assert allowed.returncode == 0 and "trusted" in allowed.stdout
 
         async def revoke_while_connected() -> float:

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.heavy, pytest.mark.integration, pytest.mark.timeout(90)]
 
 
 def test_harness_measures_baseline_and_our_broker(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import pytest
 import websockets
 
-from tests.procs import ROOT, Broker, WorkerProc, free_port_rows, until, wait_for
+from tests.procs import ROOT, Broker, WorkerProc, free_port_rows, scaled, until, wait_for
 from workers.requester import Requester, SyncRequester
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -72,11 +72,12 @@ def test_worker_on_one_process_serves_requesters_and_commands_on_another(
     assert answer.success and answer.data == "Echo: across"
     [info] = b.workers()  # b sees the worker a holds, and says which process holds it
     assert info["name"] == "on-a" and info["process"] == a.get("/healthz")["process"]
-    listing = b.manage("workers")
+    listing, sent, cast = b.manage_many(
+        ["workers"], ["send", info["worker_id"], "calculate", '{"a": 6, "b": 7, "op": "*"}'],
+        ["broadcast", "hello from b"])
     assert listing.returncode == 0 and "on-a" in listing.stdout
-    sent = b.manage("send", info["worker_id"], "calculate", '{"a": 6, "b": 7, "op": "*"}')
     assert sent.returncode == 0 and '"data": 42' in sent.stdout
-    assert b.manage("broadcast", "hello from b").returncode == 0
+    assert cast.returncode == 0
     wait_for(lambda: "hello from b" in worker.log(), 5, "worker on a to get b's broadcast")
     # b's dashboard shows the fleet of every process; its metrics count its own workers
     snapshot = asyncio.run(first_dashboard_snapshot(b))
@@ -176,28 +177,32 @@ def test_runbroker_processes_flag(tmp_path: Path, redis_url: str, stop_signal: i
            "BROKER_REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
            "BROKER_HEARTBEAT_INTERVAL": "0.5"}
+    ports_file = tmp_path / "ports.json"
     cmd = [sys.executable, "manage.py", "runbroker", "--processes", "2", "--port-step",
            str(step), "--worker-port", str(ports[0]), "--requester-port", str(ports[1]),
-           "--http-port", str(ports[2])]
+           "--http-port", str(ports[2]), "--ports-file", str(ports_file)]
     log_path = tmp_path / "cluster.log"
     parent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"),
                               stderr=subprocess.STDOUT)
-    first = Broker(tmp_path, worker_port=ports[0], requester_port=ports[1],
-                   http_port=ports[2])
-    second = Broker(tmp_path, worker_port=ports[0] + step, requester_port=ports[1] + step,
-                    http_port=ports[2] + step)
 
-    def up(broker: Broker) -> bool:
-        if parent.poll() is not None:
-            raise RuntimeError(f"runbroker exited with {parent.returncode}:\n"
-                               f"{log_path.read_text(errors='replace')}")
-        return broker.get("/healthz")["status"] == "ok"
+    def listening() -> dict | None:
+        if parent.poll() is not None:  # e.g. a port taken meanwhile: it says so at once
+            pytest.fail(f"runbroker exited with {parent.returncode}:\n"
+                        f"{log_path.read_text(errors='replace')}")
+        return json.loads(ports_file.read_text()) if ports_file.exists() else None
 
     worker = None
     try:
+        # Two processes importing Django at once on a loaded machine: give them time.
+        told = wait_for(listening, 60, "both processes to listen")["processes"]
+        assert [(p["worker"], p["requester"], p["http"]) for p in told] == [
+            (ports[0] + i * step, ports[1] + i * step, ports[2] + i * step) for i in range(2)]
+        first, second = (Broker(tmp_path, worker_port=p["worker"],
+                                requester_port=p["requester"], http_port=p["http"])
+                         for p in told)
         for broker in (first, second):
-            # Two processes importing Django at once on a loaded machine: give them time.
-            wait_for(lambda: up(broker), 60, f"process on port {broker.http_port}")
+            wait_for(lambda: broker.get("/healthz")["status"] == "ok", 10,
+                     f"process on port {broker.http_port}")
         assert first.get("/healthz")["process"] != second.get("/healthz")["process"]
         worker = WorkerProc(first, "w").start()
         wait_for(lambda: len(second.workers()) == 1, 15, "worker seen by the second")
@@ -210,6 +215,31 @@ def test_runbroker_processes_flag(tmp_path: Path, redis_url: str, stop_signal: i
         assert parent.wait(30) == 0, log_path.read_text(errors="replace")
     text = log_path.read_text(errors="replace")
     assert "Traceback" not in text and text.count("broker stopped") == 2, text
+
+
+def test_runbroker_processes_stop_at_once_when_one_cannot_listen(tmp_path: Path,
+                                                                redis_url: str) -> None:
+    import socket
+
+    step = 7
+    ports = free_port_rows(3, step, 2)
+    env = {**os.environ, "REDIS_URL": redis_url,
+           "BROKER_REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"}
+    with socket.socket() as taken:  # the second process's HTTP port
+        taken.bind(("127.0.0.1", ports[2] + step))
+        taken.listen()
+        started = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "manage.py", "runbroker", "--processes", "2", "--port-step",
+             str(step), "--worker-port", str(ports[0]), "--requester-port", str(ports[1]),
+             "--http-port", str(ports[2]), "--ports-file", str(tmp_path / "ports.json")],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=scaled(60))
+    took = time.monotonic() - started
+    assert out.returncode == 1, out
+    assert f"127.0.0.1:{ports[2] + step}" in out.stderr and "before it listened" in \
+        out.stderr, out.stderr
+    assert not (tmp_path / "ports.json").exists() and took < scaled(30), took
 
 
 @pytest.fixture

@@ -30,11 +30,15 @@ app = SocketRouter()
 @pytest.fixture
 async def broker_state(async_db: None) -> AsyncIterator[None]:
     registry_module.reset_registry()
+    # The sockets waiting to log in are the process's: one a test left behind (its
+    # communicator cancelled before it left the list) would be the next test's oldest.
+    dashboard.DashboardSocket.waiting.clear()
     with override_settings(BROKER={"HISTORY": False}, ALLOWED_HOSTS=["broker.test"]):
         yield
         await stop_dispatcher()
         await stop_guard()
     registry_module.reset_registry()
+    dashboard.DashboardSocket.waiting.clear()
 
 
 async def open_dashboard(*, client: str = "127.0.0.1", origin: str | None = None,
@@ -114,9 +118,11 @@ async def test_one_peer_cannot_take_every_place_waiting_to_log_in(broker_state,
 async def test_a_flood_from_many_addresses_makes_the_oldest_waiting_socket_go(
         broker_state, monkeypatch) -> None:
     monkeypatch.setattr(dashboard, "MAX_UNAUTHENTICATED", 3)
-    flood = [await open_dashboard(client=f"203.0.113.{i}") for i in range(3)]
-    for comm in flood:
+    flood = []
+    for i in range(3):  # one after the other: a socket joins the list when it is asked
+        comm = await open_dashboard(client=f"203.0.113.{i}")
         assert await comm.receive_json_from(3) == {"type": "auth_required"}
+        flood.append(comm)
     operator = await open_dashboard(client="198.51.100.9")
     assert await operator.receive_json_from(3) == {"type": "auth_required"}
     frames, code = await closed_with(flood[0])  # the longest-waiting one made room

@@ -21,7 +21,7 @@ import pytest
 from tests.procs import Broker, wait_for
 from workers.requester import SyncRequester
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.heavy, pytest.mark.integration, pytest.mark.timeout(120)]
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HANDLERS = ("--handlers", "tests.sample_handlers")

@@ -83,8 +83,9 @@ def test_help_says_what_it_shows() -> None:
     assert "(name: type = default)" in text and "--json" in text and "COMMAND" in text
 
 
-def test_a_real_workers_schemas_reach_the_api_and_describe(broker: Broker,
+def test_a_real_workers_schemas_reach_the_api_and_describe(shared_broker: Broker,
                                                            spawn_worker) -> None:
+    broker = shared_broker  # 'resize' and 'frames' are offered by this test's worker only
     spawn_worker("describer", "--handlers", "tests.described_handlers")
     with SyncRequester(broker.requester_url) as requester:
         assert requester.request("resize", {"url": "a.png"}).success
@@ -105,15 +106,14 @@ def test_a_real_workers_schemas_reach_the_api_and_describe(broker: Broker,
         broker.get("/api/commands?command=nothing")
     assert unknown.value.code == 404
 
-    as_json = broker.manage("describe", "--json")
+    as_json, table, detail = broker.manage_many(["describe", "--json"], ["describe"],
+                                                ["describe", "frames"])
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout) == {"commands": found}
-    table = broker.manage("describe")
     [row] = [line for line in table.stdout.splitlines() if line.startswith("resize ")]
     assert row.split(None, 3)[1:3] == ["1", "(describer)"]
     assert row.endswith('url: str, width: int = 640, fmt: str = "png"  '
                         "Resize the image at url to width pixels.")
-    detail = broker.manage("describe", "frames")
     assert detail.stdout.splitlines()[0] == "frames: Stream the frames of a video."
     assert "    every: float | None = null" in detail.stdout
 
@@ -128,14 +128,19 @@ async def test_describing_a_big_fleet_does_not_stall_the_event_loop() -> None:
                              for j in range(20)], "doc": f"w{w} " + "x" * 150}
         await registry.add(WorkerEntry(f"w{w}", f"w{w}", f"worker.{w}", frozenset(commands),
                                        schemas=json.dumps({c: schema for c in commands})))
+    # Each tick's gap in this process's CPU time: what held the loop up (our code, on the
+    # loop or holding the GIL, burns CPU meanwhile), not the wall-clock time another
+    # program on a loaded machine took from it.
     gaps: list[float] = []
+    wall: list[float] = []
 
     async def tick() -> None:
-        last = time.monotonic()
+        last, last_wall = time.process_time(), time.monotonic()
         while True:
             await asyncio.sleep(0.01)
-            gaps.append(time.monotonic() - last)
-            last = time.monotonic()
+            gaps.append(time.process_time() - last)
+            wall.append(time.monotonic() - last_wall)
+            last, last_wall = time.process_time(), time.monotonic()
 
     ticker = asyncio.ensure_future(tick())
     try:
@@ -145,4 +150,5 @@ async def test_describing_a_big_fleet_does_not_stall_the_event_loop() -> None:
         registry_module.reset_registry()
     assert [c["count"] for c in described["commands"]] == [1000] * 20
     assert described["commands"][0]["schemas_differ"] is True
-    assert max(gaps) < 0.25, f"the loop stalled {max(gaps):.2f} s"
+    assert max(gaps) < 0.25, (f"the loop stalled {max(gaps):.2f} s of CPU "
+                              f"({max(wall):.2f} s of wall-clock time)")

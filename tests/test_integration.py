@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 import websockets
 
-from tests.procs import ROOT, Broker, WorkerProc, free_port, until, wait_for
+from tests.procs import ROOT, Broker, WorkerProc, closed_port, until, wait_for
 from workers.requester import Requester, SyncRequester
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -26,22 +26,60 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 HANDLERS = ("--handlers", "tests.sample_handlers")
 
 
+@pytest.fixture
+def broker(shared_broker: Broker) -> Broker:
+    """The tests here that ask for ``broker`` share one (``shared_broker``: they read
+    only their own workers' state); those that stop, restart or configure a broker, or
+    count what it wrote, make their own with ``broker_factory``."""
+    return shared_broker
+
+
 # ---------------------------------------------------------------- start it
 
 
-def test_broker_starts_with_health_admin_and_migrations(broker: Broker) -> None:
+def test_broker_starts_with_health_admin_and_migrations(broker_factory) -> None:
+    broker = broker_factory()
     health = broker.get("/healthz")
     assert health["status"] == "ok" and health["workers"] == 0
     with urllib.request.urlopen(broker.http_url + "/admin/login/", timeout=5) as resp:
         assert resp.status == 200 and b"Django" in resp.read()  # tables migrated, admin served
     assert "Broker ready" in broker.log()
+    # it chose its ports (port 0), and says which
+    assert f"workers ws://127.0.0.1:{broker.worker_port} " in broker.log()
+    assert f"http://127.0.0.1:{broker.http_port} " in broker.log()
+
+
+def test_a_broker_that_cannot_listen_exits_1_at_once_saying_why(tmp_path: Path) -> None:
+    """What a process manager needs: not a log line and exit 0, but a failure."""
+    import shutil
+    import socket
+
+    from tests.procs import migrated_template, scaled
+
+    shutil.copyfile(migrated_template(), tmp_path / "db.sqlite3")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "manage.py", "runbroker", "--no-migrate", "--worker-port", "0",
+             "--requester-port", str(port), "--http-port", "0",
+             "--ports-file", str(tmp_path / "ports.json")],
+            cwd=ROOT, capture_output=True, text=True, timeout=scaled(60),
+            env={**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"})
+    assert out.returncode == 1, out
+    [line] = [x for x in out.stderr.splitlines() if "Cannot listen" in x]
+    assert f"127.0.0.1:{port}" in line and "Address already in use" in line, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "ports.json").exists()
+    assert time.monotonic() - started < scaled(30)
 
 
 def test_runbroker_help_lists_every_flag() -> None:
     out = subprocess.run([sys.executable, "manage.py", "runbroker", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60).stdout
     for flag in ("--host", "--worker-port", "--requester-port", "--http-port", "--strategy",
-                 "--timeout"):
+                 "--timeout", "--ports-file"):
         assert flag in out
 
 
@@ -96,11 +134,11 @@ def test_worker_side_imports_no_django() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_worker_reconnects_and_reregisters_after_broker_restart(broker: Broker,
+def test_worker_reconnects_and_reregisters_after_broker_restart(broker_factory,
                                                                 spawn_worker) -> None:
-    worker = spawn_worker("w1")
+    broker = broker_factory()
+    worker = spawn_worker("w1", target=broker)
     broker.stop(signal.SIGKILL)
-    time.sleep(0.5)
     broker.start()  # same ports
     broker.wait_workers(1, timeout=20)
     with SyncRequester(broker.requester_url) as r:
@@ -329,32 +367,33 @@ async def test_frozen_worker_is_detected_and_its_work_moves(broker: Broker,
 def test_management_commands_act_through_the_running_broker(broker: Broker,
                                                             spawn_worker) -> None:
     worker = spawn_worker("w1")
-    listing = broker.manage("workers")
-    assert listing.returncode == 0 and "w1" in listing.stdout
     [info] = broker.workers()
-    sent = broker.manage("send", info["worker_id"], "calculate", '{"a": 2, "b": 3, "op": "*"}')
+    # one process for the commands that read no input (a Django start each is a second)
+    listing, sent, called, cast, failing = broker.manage_many(
+        ["workers"], ["send", info["worker_id"], "calculate", '{"a": 2, "b": 3, "op": "*"}'],
+        ["call", "echo", '{"message": "hi"}'], ["broadcast", "maintenance at noon"],
+        ["call", "nope"])
+    assert listing.returncode == 0 and "w1" in listing.stdout
     assert sent.returncode == 0 and json.loads(sent.stdout)["data"] == 6
-    called = broker.manage("call", "echo", '{"message": "hi"}')
     assert called.returncode == 0 and json.loads(called.stdout)["data"] == "Echo: hi"
-    cast = broker.manage("broadcast", "maintenance at noon")
     assert cast.returncode == 0
     wait_for(lambda: "maintenance at noon" in worker.log(), 5, "worker to log the broadcast")
     console = broker.manage("console", input="list\nbroadcast hello all\nquit\n")
     assert console.returncode == 0 and "w1" in console.stdout
-    failing = broker.manage("call", "nope")
     assert failing.returncode != 0 and "No available workers" in failing.stdout + failing.stderr
 
 
 def test_management_command_without_broker_fails_loudly(tmp_path: Path) -> None:
-    dead = Broker(tmp_path, http_port=free_port())
-    out = dead.manage("workers")
+    with closed_port() as port:  # held, so nothing listens there meanwhile
+        out = Broker(tmp_path, http_port=port).manage("workers")
     assert out.returncode != 0 and "Cannot reach the broker" in out.stderr
 
 
-def test_history_and_registrations_land_in_the_database(broker: Broker, spawn_worker) -> None:
+def test_history_and_registrations_land_in_the_database(broker_factory, spawn_worker) -> None:
     import sqlite3
 
-    spawn_worker("w1")
+    broker = broker_factory()
+    spawn_worker("w1", target=broker)
     with SyncRequester(broker.requester_url) as r:
         for i in range(25):
             r.call("echo", message=i)

@@ -8,31 +8,39 @@ segmentation fault (exit 139) at interpreter exit.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import pytest
 
-from tests.procs import Broker, WorkerProc, wait_for
-from workers.requester import SyncRequester
+from tests.procs import Broker, WorkerProc, scaled, wait_for
+from tests.rawws import RawClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ROUNDS = 6
 
 
 def test_sigterm_and_sigint_exit_0_right_after_serving(broker_factory, tmp_path) -> None:
+    """The requester is a raw socket that stays open until the broker has exited (a
+    library client would have closed politely, or waited on its own close)."""
     for round_ in range(ROUNDS):
         stop_signal = signal.SIGTERM if round_ % 2 == 0 else signal.SIGINT
         broker: Broker = broker_factory(env={"BROKER_SHUTDOWN_GRACE": "2"})
         worker = WorkerProc(broker, f"w{round_}").start()
         try:
             wait_for(lambda: len(broker.workers()) == 1, 15, "the worker")
-            with SyncRequester(broker.requester_url) as requester:  # connected throughout
-                assert requester.call("echo", message="last") == "Echo: last"
+            with RawClient(broker.host, broker.requester_port,
+                           timeout=scaled(10)) as requester:  # connected throughout
+                requester.send_text(json.dumps({"request_id": f"last-{round_}",
+                                                "command": "echo",
+                                                "data": {"message": "last"}}))
+                answer = json.loads(requester.recv().text)
+                assert answer["data"] == "Echo: last", answer
                 started = time.monotonic()
                 broker.proc.send_signal(stop_signal)  # type: ignore[union-attr]
-                code = broker.proc.wait(30)  # type: ignore[union-attr]
+                code = broker.proc.wait(scaled(30))  # type: ignore[union-attr]
                 took = time.monotonic() - started
         finally:
             worker.stop(signal.SIGKILL)

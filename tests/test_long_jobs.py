@@ -19,7 +19,7 @@ import psutil
 import pytest
 import websockets
 
-from tests.procs import Broker, WorkerProc, until, wait_for
+from tests.procs import Broker, WorkerProc, scaled, until, wait_for
 from tests.rawws import RawClient
 from workers.errors import Cancelled, ConnectionLost, WorkerLost
 from workers.protocol import Message, Registration
@@ -32,6 +32,24 @@ HANDLERS = ("--handlers", "tests.sample_handlers")
 
 def in_flight(broker: Broker) -> int:
     return sum(w["in_flight"] for w in broker.workers())
+
+
+def queued(broker: Broker, admin: str) -> int:
+    """Requests waiting for a free slot (the health check tells an admin)."""
+    import urllib.request
+
+    request = urllib.request.Request(broker.http_url + "/healthz",
+                                     headers={"Authorization": f"Bearer {admin}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return json.load(resp)["waiting"]
+
+
+@pytest.fixture
+def broker(shared_broker: Broker) -> Broker:
+    """The tests here that ask for ``broker`` share one (``shared_broker``: they read
+    only their own worker's state); those that set a broker up their own way make it
+    with ``broker_factory``."""
+    return shared_broker
 
 
 @pytest.fixture
@@ -77,7 +95,7 @@ async def test_a_queued_request_cancelled_never_reaches_a_worker(broker: Broker,
         busy = [await requester.start("long_job", {"seconds": 3}) for _ in range(2)]
         await until(lambda: in_flight(broker) == 2, 10, "both slots taken")
         queued = await requester.start("whoami")
-        await asyncio.sleep(0.3)
+        await until(lambda: broker.get("/healthz")["waiting"] == 1, 10, "it to be queued")
         await queued.cancel()
         with pytest.raises(Cancelled):
             await queued.result()
@@ -155,6 +173,19 @@ def test_a_seed_client_gets_one_answer_frame_and_nothing_else(broker: Broker,
         assert json.loads(client.recv().text)["request_id"] == "seed2"  # nothing between
 
 
+def stalled(produced: Path, still: float = scaled(1.0), checks: int = 5) -> int | None:
+    """The count in ``produced`` once it stays the same for ``still`` seconds (a
+    worker held back), else None; a worker that is not held back finishes all of
+    them and stalls there."""
+    seen = []
+    for _ in range(checks + 1):
+        seen.append(produced.read_text() if produced.exists() else "")
+        if len(set(seen)) > 1 or not seen[-1]:
+            return None
+        time.sleep(still / checks)
+    return int(seen[-1])
+
+
 def test_a_slow_reader_holds_its_workers_back(broker: Broker, worker: WorkerProc,
                                               tmp_path: Path, record_property) -> None:
     """Back-pressure: neither the worker nor the broker buffers what it does not read."""
@@ -165,11 +196,13 @@ def test_a_slow_reader_holds_its_workers_back(broker: Broker, worker: WorkerProc
         client.send_text(json.dumps({"request_id": "flood", "command": "count", "stream": True,
                                      "data": {"n": 2000, "size": 32_000,
                                               "log": str(produced)}}))
-        time.sleep(3.0)  # reads nothing meanwhile
-        held_at = int(produced.read_text())
+        held_at = wait_for(lambda: stalled(produced), 20, "the worker to stop producing")
         grew_mb = (rss.memory_info().rss - before) / 2**20
-        frames = client.frames_until_close(limit=3000)
-    got = [json.loads(f.text) for f in frames if f.opcode == 1]
+        got: list[dict[str, Any]] = []
+        while len(got) < 3000 and "success" not in (got[-1] if got else {}):
+            frame = client.recv()  # to the answer (the socket stays open after it)
+            if frame.opcode == 1:
+                got.append(json.loads(frame.text))
     record_property("chunks_produced_while_unread", held_at)
     record_property("broker_rss_growth_mb", round(grew_mb, 1))
     assert held_at < 400, f"the worker produced {held_at} chunks nobody read"
@@ -213,12 +246,10 @@ def test_a_hung_leased_job_fails_over_then_expires(broker_factory, spawn_worker)
 async def test_a_new_connection_attaches_to_a_running_or_finished_request(
         broker_factory, spawn_worker) -> None:
     broker = broker_factory(env={"BROKER_AUTH_REFRESH_SECONDS": "0.3"})
-    keys = [(await asyncio.to_thread(broker.manage, "token", "create", "requester", name)
-             ).stdout.strip() for name in ("mine", "theirs")]
-    worker_token, admin = [(await asyncio.to_thread(broker.manage, "token", "create", kind,
-                                                    kind)).stdout.strip()
-                           for kind in ("worker", "admin")]
-    await asyncio.sleep(1.0)
+    *keys, worker_token, admin = await asyncio.to_thread(
+        broker.tokens, ["create", "requester", "mine"], ["create", "requester", "theirs"],
+        ["create", "worker", "worker"], ["create", "admin", "admin"])
+    await asyncio.to_thread(broker.wait_credentials, admin)
     await asyncio.to_thread(spawn_worker, "w", *HANDLERS, "--token", worker_token, wait=False,
                             target=broker)
     await until(lambda: len(broker.workers_as(admin)) == 1, 15, "the worker")
@@ -312,7 +343,7 @@ async def test_the_client_re_attaches_its_calls_after_a_reconnect(broker: Broker
                                                                        "Echo: quick"]
     async with Requester(f"ws://127.0.0.1:{port}/", reconnect=False) as fragile:
         call = asyncio.ensure_future(fragile.call("long_job", seconds=1.5))
-        await asyncio.sleep(0.3)
+        await until(lambda: in_flight(broker) == 1, 10, "the job running")
         proxy.cut()
         with pytest.raises(ConnectionLost):
             await call
@@ -331,10 +362,16 @@ def test_a_poison_request_takes_down_at_most_max_retries_plus_one_workers(
         async with Requester(broker.requester_url) as requester:
             with pytest.raises(WorkerLost, match="after 3 attempts"):
                 await requester.call("poison", timeout=30)
+            # A worker's socket closes a moment before its process is reaped; and one
+            # that is still up serves the next request.
+            await until(lambda: dead() >= 3, 10, "three workers gone")
+            assert await requester.call("echo", message="after") == "Echo: after"
+
+    def dead() -> int:
+        return sum(1 for v in victims if v.proc.poll() is not None)  # type: ignore[union-attr]
 
     asyncio.run(scenario())
-    dead = sum(1 for v in victims if v.proc.poll() is not None)  # type: ignore[union-attr]
-    assert dead == 3
+    assert dead() == 3
 
     def row() -> tuple | None:
         with sqlite3.connect(broker.workdir / "broker.sqlite3") as db:
@@ -346,13 +383,14 @@ def test_a_poison_request_takes_down_at_most_max_retries_plus_one_workers(
 
 def test_one_keys_burst_does_not_starve_another_key(broker_factory, spawn_worker) -> None:
     broker = broker_factory(env={"BROKER_AUTH_REFRESH_SECONDS": "0.3"})
-    tokens = {name: broker.manage("token", "create", "requester", name).stdout.strip()
-              for name in ("bulk", "small")}
-    worker_token = broker.manage("token", "create", "worker", "fleet").stdout.strip()
-    time.sleep(1.0)
+    bulk, small, worker_token, admin = broker.tokens(
+        ["create", "requester", "bulk"], ["create", "requester", "small"],
+        ["create", "worker", "fleet"], ["create", "admin", "ops"])
+    tokens = {"bulk": bulk, "small": small}
+    broker.wait_credentials(admin)
     spawn_worker("one", *HANDLERS, "--token", worker_token, "--max-concurrency", "1",
                  wait=False, target=broker)
-    time.sleep(2.0)
+    wait_for(lambda: len(broker.workers_as(admin)) == 1, 15, "the worker")
 
     async def scenario() -> tuple[int, int]:
         async with Requester(broker.requester_url, token=tokens["bulk"]) as bulk, \
@@ -364,7 +402,9 @@ def test_one_keys_burst_does_not_starve_another_key(broker_factory, spawn_worker
                 order.append(tag)
 
             burst = [asyncio.ensure_future(one(bulk, f"bulk-{i}")) for i in range(300)]
-            await asyncio.sleep(0.5)  # the burst is queued
+            # the whole burst has reached the broker: answered, running (1) or queued
+            await until(lambda: len(order) + 1 + queued(broker, admin) >= 300, 20,
+                        "the burst queued")
             mine = asyncio.ensure_future(one(small, "small"))
             urgent = asyncio.ensure_future(one(bulk, "urgent", priority=9))
             await asyncio.wait_for(asyncio.gather(*burst, mine, urgent), 60)
@@ -406,7 +446,7 @@ async def test_an_old_protocol_worker_serves_unchanged_and_survives_a_cancel(
         async with Requester(broker.requester_url) as requester:
             assert await requester.call("echo", message="old") == "Echo: old"
             job = await requester.start("echo", {"message": "slow", "wait": 1.0})
-            await asyncio.sleep(0.2)
+            await until(lambda: in_flight(broker) == 1, 10, "the job on its worker")
             await job.cancel()
             with pytest.raises(Cancelled):
                 await job.result()

@@ -100,7 +100,8 @@ def test_metrics_need_the_api_credential_once_there_is_one(broker_factory) -> No
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-def test_the_fleets_ports_answer_the_probes_and_nothing_else(broker: Broker) -> None:
+def test_the_fleets_ports_answer_the_probes_and_nothing_else(shared_broker: Broker) -> None:
+    broker = shared_broker
     for port in (broker.worker_port, broker.requester_port):
         base = f"http://{broker.host}:{port}"
         for path in ("/admin/login/", "/dashboard/", "/api/workers", "/metrics"):

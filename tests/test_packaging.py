@@ -17,7 +17,7 @@ import pytest
 
 from tests.procs import ROOT, Broker, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.heavy, pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def run(*args: str | Path, cwd: Path = ROOT, timeout: float = 240) -> str:

@@ -18,7 +18,8 @@ def entry(worker_id: str, *commands: str, max_concurrency: int = 2, connection: 
           weight: float = 1.0) -> WorkerEntry:
     return WorkerEntry(worker_id=worker_id, name=worker_id,
                        connection=connection or f"ch-{worker_id}",
-                       commands=frozenset(commands or ("echo",)), max_concurrency=max_concurrency, weight=weight)
+                       commands=frozenset(commands or ("echo",)),
+                       max_concurrency=max_concurrency, weight=weight)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -64,8 +65,9 @@ async def test_release_keeps_running_statistics(registry: Registry) -> None:
     # A fault counts toward ejection, a handler's unmeant error only in the error rate,
     # a timeout (no verdict) in neither, but its latency counts.
     assert (a.in_flight, a.completed, a.errors, a.failures) == (0, 2, 2, 1)
-    # A slower answer raises the estimate at once, by at most PEAK_STEP each time.
-    assert a.latency_ms == pytest.approx(12.0 * 1.5 * 1.5, rel=1e-3)
+    # A slower answer raises the estimate at once, by at most PEAK_STEP each time. (It
+    # also fades with the time between the samples: 2% is 200 ms of a loaded machine.)
+    assert a.latency_ms == pytest.approx(12.0 * 1.5 * 1.5, rel=2e-2)
     assert 0 < a.error_rate < 1
     before = a.latency_ms
     await registry.reserve("echo")

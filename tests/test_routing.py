@@ -27,6 +27,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 HANDLERS = ("--handlers", "tests.sample_handlers")
 
 
+@pytest.fixture
+def broker(shared_broker: Broker) -> Broker:
+    """The tests here that ask for ``broker`` share one (``shared_broker``: what they
+    measure is their own workers'); those that configure a broker, or read what it
+    learnt about a command (hedging) or wrote (history), make their own."""
+    return shared_broker
+
+
 def fleet(spawn: Callable[..., WorkerProc], *names: str, args: tuple[str, ...] = (),
           env: dict[str, dict[str, str]] | None = None, broker: Broker | None = None
           ) -> list[WorkerProc]:
@@ -112,12 +120,12 @@ def test_a_worker_whose_jobs_hang_is_ejected_then_probed_back(broker_factory,
 
     async def run() -> None:
         async with Requester(broker.requester_url) as requester:
-            for _ in range(3):  # timeouts: no verdict on the worker
-                answer = await _send_to(broker, hangs, "slow", {"seconds": 5}, 0.3)
+            # timeouts: no verdict on the worker
+            for answer in await _send_to(broker, hangs, "slow", {"seconds": 5}, 0.3, times=3):
                 assert answer["code"] == "timeout"
             assert state_of(broker, "hangs")["state"] == "online"
-            for _ in range(2):  # two leases run out in a row on the same worker
-                answer = await _send_to(broker, hangs, "hangs", {"seconds": 30}, 20)
+            # two leases run out in a row on the same worker
+            for answer in await _send_to(broker, hangs, "hangs", {"seconds": 30}, 20, times=2):
                 assert answer["code"] == "lease_expired", answer
             await asyncio.to_thread(wait_for, lambda: state_of(broker, "hangs")["state"]
                                     == "ejected", 10, "the worker ejected")
@@ -137,11 +145,12 @@ def test_a_worker_whose_jobs_hang_is_ejected_then_probed_back(broker_factory,
 
 
 async def _send_to(broker: Broker, worker_id: str, action: str, params: dict[str, Any],
-                   timeout: float) -> dict[str, Any]:
-    """``manage.py send``: a request for one named worker."""
-    done = await asyncio.to_thread(broker.manage, "send", worker_id, action,
-                                   json.dumps(params), "--timeout", str(timeout))
-    return json.loads(done.stdout)
+                   timeout: float, times: int) -> list[dict[str, Any]]:
+    """``manage.py send``, ``times`` times one after the other (in one process): a
+    request for one named worker."""
+    argv = ["send", worker_id, action, json.dumps(params), "--timeout", str(timeout)]
+    done = await asyncio.to_thread(broker.manage_many, *[argv] * times)
+    return [json.loads(d.stdout) for d in done]
 
 
 # ---------------------------------------------------------------------------- selectors
@@ -211,9 +220,10 @@ def test_a_canary_setting_routes_its_share_to_that_version(broker_factory,
 # ---------------------------------------------------------------------------- hedging
 
 
-async def test_a_slow_copy_is_hedged_and_the_first_answer_wins(broker: Broker,
+async def test_a_slow_copy_is_hedged_and_the_first_answer_wins(broker_factory,
                                                                spawn_worker) -> None:
-    workers = fleet(spawn_worker, "a", "b")
+    broker = broker_factory()  # its hedging budget and latency figures start from zero
+    workers = fleet(spawn_worker, "a", "b", broker=broker)
     async with Requester(broker.requester_url) as requester:
         await served_by(requester, "lookup", {"ms": 5}, 40)  # the command's p95 learnt
         answers: list[ApiResponse] = []
@@ -243,8 +253,9 @@ async def test_a_command_not_opted_in_is_never_hedged(broker: Broker, spawn_work
 
 
 async def test_a_failover_is_told_in_the_answer_and_the_history_row(
-        broker: Broker, spawn_worker) -> None:
-    workers = fleet(spawn_worker, "a", "b")
+        broker_factory, spawn_worker) -> None:
+    broker = broker_factory()  # the one history row of 'slow'
+    workers = fleet(spawn_worker, "a", "b", broker=broker)
     async with Requester(broker.requester_url) as requester:
         call = asyncio.ensure_future(requester.request("slow", {"seconds": 2}))
         await until(lambda: any(w["in_flight"] for w in broker.workers()), 10, "placed")
@@ -270,14 +281,15 @@ def test_explain_shows_the_next_choice_without_sending_anything(broker: Broker,
                                                                 spawn_worker) -> None:
     spawn_worker("gpu", *HANDLERS, "--label", "gpu=a100", env={"WORKER_TAG": "gpu"})
     spawn_worker("cpu", *HANDLERS, env={"WORKER_TAG": "cpu"})
-    broker.manage("drain", state_of(broker, "cpu")["worker_id"])
-    out = broker.manage("explain", "nap").stdout
+    drained, out, selected, found = (done.stdout for done in broker.manage_many(
+        ["drain", state_of(broker, "cpu")["worker_id"]], ["explain", "nap"],
+        ["explain", "nap", '{"select": {"gpu": "h100"}}'], ["explain", "nap", "--json"]))
+    assert "draining" in drained, drained
     gpu_id = state_of(broker, "gpu")["worker_id"]
     assert out.startswith(f"Next request goes to {gpu_id}\n  routing: least_loaded: 1 of 2; "
                           "1 draining; "), out
     assert "draining" in out and "gpu=a100" in out and "SCORE" in out, out
-    selected = broker.manage("explain", "nap", '{"select": {"gpu": "h100"}}').stdout
     assert "Next request fails: no worker offering it has gpu=h100" in selected, selected
-    found = json.loads(broker.manage("explain", "nap", "--json").stdout)
+    found = json.loads(found)
     assert found["worker_id"] == gpu_id and len(found["candidates"]) == 2
     assert all(w["in_flight"] == 0 for w in broker.workers())  # nothing was sent

@@ -22,7 +22,7 @@ from tests.procs import Broker, WorkerProc, wait_for
 from tests.sentinel_fixture import SentinelCluster
 from workers.requester import Requester
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.heavy, pytest.mark.integration, pytest.mark.timeout(180)]
 log = logging.getLogger("tests.sentinel")
 
 CALLERS = 8  # concurrent callers per requester

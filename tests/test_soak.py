@@ -1,4 +1,4 @@
-"""A 20 s run of the soak (``python -m bench.soak``): only with ``RUN_SLOW=1``.
+"""A 20 s run of the soak (``python -m bench.soak``): heavy, ``./test.sh --heavy`` runs it.
 
 Two brokers over Redis, six workers, load, a worker killed every 2-4 s and a broker
 killed about every 8 s: every request on a live connection must get exactly one
@@ -16,13 +16,7 @@ import pytest
 
 from tests.procs import ROOT
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.integration,
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1",
-                       reason="slow (about 1 min): set RUN_SLOW=1 to run the soak"),
-]
+pytestmark = [pytest.mark.heavy, pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def test_soak_20s(tmp_path: Path, redis_url: str) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -24,7 +25,7 @@ import psutil
 import pytest
 
 from tests.netns import remote_host  # noqa: F401 - a fixture
-from tests.procs import Broker, wait_for
+from tests.procs import Broker, scaled, wait_for
 from tests.rawws import CLOSE, RawClient
 from workers.protocol import CloseCode, Feature, Message, Registration
 from workers.requester import Requester
@@ -58,6 +59,27 @@ def served(broker: Broker, admin_key: str) -> int:
     return sum(w["completed"] + w["errors"] for w in broker.workers_as(admin_key))
 
 
+def answered_since(broker: Broker, key: str) -> None:
+    """A request sent now (``get_time``, with a requester ``key``) is answered: what the
+    broker received before it, it has dealt with (absence, proven without a sleep)."""
+    with RawClient(broker.host, broker.requester_port, "/",
+                   {"Authorization": f"Bearer {key}"}) as client:
+        client.send_text(json.dumps({"request_id": "later", "command": "get_time"}))
+        answer = json.loads(client.recv().text)
+    assert answer["request_id"] == "later" and answer["success"], answer
+
+
+def at_once(attacker: Callable[[Any], list[str]], cases: dict[str, Any]) -> dict[str, list[str]]:
+    """``attacker(case)`` for every case, on threads of their own: each attack ends when
+    the broker drops the connection, a second after its close frame (the close
+    handshake the attacker never answers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = {name: pool.submit(attacker, case) for name, case in cases.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def attack(client: RawClient, frame: Callable[[int], str] = echo_frame) -> list[str]:
     """Send frames at once (before the verdict can arrive), read to the close frame,
     then keep sending after it; return the text frames the broker sent."""
@@ -74,13 +96,15 @@ def attack(client: RawClient, frame: Callable[[int], str] = echo_frame) -> list[
 def guarded(broker_factory, spawn_worker) -> dict[str, Any]:
     """A broker with credentials and one worker that counts what it serves."""
     broker = broker_factory(env=FAST_AUTH)
-    keys = {"worker": make_token(broker, "worker", "fleet"),
-            "admin": make_token(broker, "admin", "ops"),
-            "requester": make_token(broker, "requester", "app", "--commands", "get_time"),
-            "limited": make_token(broker, "requester", "single", "--max-connections", "1"),
-            "revoked": make_token(broker, "requester", "gone")}
-    assert broker.manage("token", "revoke", "gone").returncode == 0
-    time.sleep(1.0)  # credentials are reloaded every 0.3 s
+    worker, requester, limited, revoked, _, admin = broker.tokens(
+        ["create", "worker", "fleet"],
+        ["create", "requester", "app", "--commands", "get_time"],
+        ["create", "requester", "single", "--max-connections", "1"],
+        ["create", "requester", "gone"], ["revoke", "gone"],
+        ["create", "admin", "ops"])
+    keys = {"worker": worker, "admin": admin, "requester": requester, "limited": limited,
+            "revoked": revoked}
+    broker.wait_credentials(admin)  # credentials are reloaded every 0.3 s
     spawn_worker("counter", "--token", keys["worker"], wait=False, target=broker)
     wait_for(lambda: len(broker.workers_as(keys["admin"])) == 1, 15, "the worker to register")
     return {"broker": broker, **keys}
@@ -104,14 +128,16 @@ def test_a_refused_requester_runs_nothing(guarded, record_property) -> None:
                                {"Authorization": f"Bearer {guarded['requester']}",
                                 "Origin": "https://evil.example"}),
     }
-    answers: dict[str, list[str]] = {}
-    for name, (port, path, headers) in cases.items():
+    def one(case: tuple[int, str, dict[str, str]]) -> list[str]:
+        port, path, headers = case
         with RawClient(broker.host, port, path, headers) as client:
-            assert client.status == 101, name
-            answers[name] = attack(client)
+            assert client.status == 101, case
+            return attack(client)
+
+    answers = at_once(one, cases)
     held.close()
-    time.sleep(1.0)  # anything that got through would have been answered by now
-    ran = served(broker, guarded["admin"])
+    answered_since(broker, guarded["requester"])  # so anything that got through was too
+    ran = served(broker, guarded["admin"]) - 1
     report(record_property, frames_sent_after_refusal=HOSTILE_FRAMES * len(cases),
            frames_run_after_refusal=ran)
     assert ran == 0
@@ -133,8 +159,9 @@ def test_a_key_limited_to_commands_gets_no_others_even_while_closing(guarded) ->
 
 def test_a_revoked_connection_runs_nothing_after_its_close(guarded) -> None:
     broker: Broker = guarded["broker"]
-    key = make_token(broker, "requester", "temporary")
-    time.sleep(1.0)
+    key, admin = broker.tokens(["create", "requester", "temporary"],
+                               ["create", "admin", "ops-2"])
+    broker.wait_credentials(admin)
     with RawClient(broker.host, broker.requester_port, "/",
                    {"Authorization": f"Bearer {key}"}) as client:
         client.send_text(json.dumps({"request_id": "before", "command": "echo",
@@ -145,8 +172,8 @@ def test_a_revoked_connection_runs_nothing_after_its_close(guarded) -> None:
         assert frames[-1].opcode == CLOSE and frames[-1].close_code == 4401
         for i in range(HOSTILE_FRAMES):
             client.send_text(echo_frame(i))
-        time.sleep(1.0)
-    assert served(broker, guarded["admin"]) == 1
+    answered_since(broker, guarded["requester"])
+    assert served(broker, guarded["admin"]) == 1 + 1  # before the revocation, and since
 
 
 def test_a_refused_worker_registers_nothing(guarded) -> None:
@@ -158,13 +185,16 @@ def test_a_refused_worker_registers_nothing(guarded) -> None:
             return registration.to_json()
         return Message("heartbeat", {}).to_json()
 
-    for headers in ({}, {"Authorization": f"Bearer {guarded['requester']}"},
-                    {"Authorization": f"Bearer {guarded['worker']}",
-                     "Origin": "https://evil.example"}):
+    def one(headers: dict[str, str]) -> list[str]:
         with RawClient(broker.host, broker.worker_port, "/", headers) as client:
-            texts = attack(client, frame)
-        assert len(texts) == 1 and json.loads(texts[0])["type"] == "error", (headers, texts)
-    time.sleep(0.5)
+            return attack(client, frame)
+
+    cases = {"no token": {}, "requester key": {"Authorization": f"Bearer {guarded['requester']}"},
+             "bad origin": {"Authorization": f"Bearer {guarded['worker']}",
+                            "Origin": "https://evil.example"}}
+    for name, texts in at_once(one, cases).items():
+        assert len(texts) == 1 and json.loads(texts[0])["type"] == "error", (name, texts)
+    answered_since(broker, guarded["requester"])
     assert [w["name"] for w in broker.workers_as(guarded["admin"])] == ["counter"]
 
 
@@ -185,9 +215,10 @@ async def register(broker: Broker, token: str | None, registration: Registration
 def test_a_worker_id_belongs_to_the_credential_that_registered_it(broker_factory,
                                                                  spawn_worker) -> None:
     broker = broker_factory(env=FAST_AUTH)
-    mine, theirs = make_token(broker, "worker", "fleet-a"), make_token(broker, "worker", "fleet-b")
-    admin, key = make_token(broker, "admin", "ops"), make_token(broker, "requester", "app")
-    time.sleep(1.0)
+    mine, theirs, key, admin = broker.tokens(
+        ["create", "worker", "fleet-a"], ["create", "worker", "fleet-b"],
+        ["create", "requester", "app"], ["create", "admin", "ops"])
+    broker.wait_credentials(admin)
     spawn_worker("victim", "--token", mine, wait=False, target=broker)
     victim = wait_for(lambda: broker.workers_as(admin), 15, "the victim to register")[0]
 
@@ -215,9 +246,9 @@ def test_a_worker_id_belongs_to_the_credential_that_registered_it(broker_factory
 def test_a_worker_token_registers_only_its_commands_and_within_the_caps(broker_factory,
                                                                        spawn_worker) -> None:
     broker = broker_factory(env=FAST_AUTH)
-    limited = make_token(broker, "worker", "echo-only", "--commands", "echo")
-    admin = make_token(broker, "admin", "ops")
-    time.sleep(1.0)
+    limited, admin = broker.tokens(["create", "worker", "echo-only", "--commands", "echo"],
+                                   ["create", "admin", "ops"])
+    broker.wait_credentials(admin)
 
     async def scenario() -> None:
         ws, answer = await register(broker, limited, Registration(
@@ -316,15 +347,17 @@ def test_any_credential_ends_protected_mode_for_good(broker_factory, spawn_worke
     wait_for(lambda: broker.workers_as(admin) == [], 10, "the anonymous worker to be closed")
     # Revoking every credential does not reopen the broker...
     assert broker.manage("token", "revoke", "first").returncode == 0
-    time.sleep(1.0)
+    wait_for(lambda: not broker.accepts(admin), 10, "the revocation to be loaded")
     with RawClient(broker.host, broker.requester_port, "/") as client:
         [refusal] = attack(client)
     assert "Missing credentials" in json.loads(refusal)["error"]
     # ...deleting the last one does, when asked for in so many words.
-    refused = broker.manage("token", "delete", "first")
+    refused, reopened = broker.manage_many(
+        ["token", "delete", "first"], ["token", "delete", "first", "--reopen-protected-mode"])
     assert refused.returncode != 0 and "--reopen-protected-mode" in refused.stderr
-    assert broker.manage("token", "delete", "first", "--reopen-protected-mode").returncode == 0
-    time.sleep(1.0)
+    assert reopened.returncode == 0
+    wait_for(lambda: http(broker, "GET", "/api/workers")[0] == 200, 10,
+             "protected mode again (a local peer needs no key)")
     with RawClient(broker.host, broker.requester_port, "/") as client:
         client.send_text(echo_frame(1))
         answer = json.loads(client.recv().text)  # served, or no worker back yet: admitted
@@ -440,12 +473,17 @@ def test_hostile_text_cannot_flood_or_forge_the_log(broker_factory, record_prope
             frames += 3
         await ws.send(Message("notification", {"message": huge}).to_json())
         frames += 1
-        await asyncio.sleep(1.0)
+        # Frames of one socket are handled in order: once this is answered, the broker
+        # has dealt with (and logged) every one before it.
+        await ws.send(Message.request("get_client_info").to_json())
+        while Message.from_json(await asyncio.wait_for(ws.recv(), scaled(10))).type != \
+                "response":
+            pass
         await ws.close()
         return frames
 
     frames = asyncio.run(scenario())
-    time.sleep(0.5)
+    wait_for(lambda: broker.workers() == [], 10, "the noisy worker's close to be handled")
     text = broker.log()[before:]
     grown = broker.log_path.stat().st_size - before
     report(record_property, hostile_frames=frames, log_bytes=grown,
@@ -457,8 +495,8 @@ def test_hostile_text_cannot_flood_or_forge_the_log(broker_factory, record_prope
 
 def test_tokens_in_urls_are_never_logged(broker_factory) -> None:
     broker = broker_factory(env={"BROKER_LOG_LEVEL": "DEBUG"})
-    key = make_token(broker, "requester", "app")
-    time.sleep(1.0)
+    key, admin = broker.tokens(["create", "requester", "app"], ["create", "admin", "ops"])
+    broker.wait_credentials(admin)
     for token in (key, "req_0123_not-a-real-token"):
         with RawClient(broker.host, broker.requester_port, f"/?token={token}") as client:
             client.send_text(echo_frame(0))
@@ -556,13 +594,20 @@ def test_a_worker_id_stays_with_its_credential_across_a_broker_restart(broker_fa
                                                                      spawn_worker) -> None:
     """The claim must not live only in the registry that a restart empties."""
     first = broker_factory(env=FAST_AUTH)
-    mine, theirs = make_token(first, "worker", "fleet-a"), make_token(first, "worker", "fleet-b")
-    admin = make_token(first, "admin", "ops")
-    time.sleep(1.0)
+    mine, theirs, admin = first.tokens(["create", "worker", "fleet-a"],
+                                       ["create", "worker", "fleet-b"],
+                                       ["create", "admin", "ops"])
+    first.wait_credentials(admin)
     victim = spawn_worker("victim", "--token", mine, wait=False, target=first)
     worker_id = wait_for(lambda: first.workers_as(admin), 15,
                          "the victim")[0]["worker_id"]
-    time.sleep(1.0)  # its registration row is written (history flushes every 0.2 s)
+
+    def registration_row() -> list[tuple[str]]:
+        with sqlite3.connect(first.db_path) as db:
+            return db.execute("SELECT owner FROM dispatch_workersession WHERE worker_id = ?",
+                              (worker_id,)).fetchall()
+
+    wait_for(registration_row, 10, "its registration row (history flushes every 0.2 s)")
     victim.stop(signal.SIGKILL)
     first.stop()
     second = broker_factory(env=FAST_AUTH)  # same database, empty registry
@@ -581,8 +626,9 @@ def test_a_worker_id_stays_with_its_credential_across_a_broker_restart(broker_fa
 def test_get_client_info_is_no_amplifier(broker_factory, record_property) -> None:
     """Fat registrations and a reader that never reads must not blow the broker up."""
     broker = broker_factory(env=FAST_AUTH)
-    tokens = [make_token(broker, "worker", name) for name in ("fat", "greedy")]
-    time.sleep(1.0)
+    *tokens, admin = broker.tokens(["create", "worker", "fat"], ["create", "worker", "greedy"],
+                                   ["create", "admin", "ops"])
+    broker.wait_credentials(admin)
     commands = [f"{i:03d}" + "c" * 196 for i in range(1000)]
     rss = PeakRss(broker.proc.pid)  # type: ignore[union-attr]
 
@@ -621,7 +667,17 @@ def test_get_client_info_is_no_amplifier(broker_factory, record_property) -> Non
             if not deaf.send_text(Message.request("get_client_info").to_json()):
                 break
             frames.append(i)
-        time.sleep(1.0)
+        # Until the broker has answered them all (or cut the reader off): read only now.
+        answered = 0
+        try:
+            while answered < len(frames):
+                frame = deaf.recv()
+                if frame.opcode == CLOSE:
+                    break
+                answered += frame.opcode == 1 and Message.from_json(frame.text).type == \
+                    "response"
+        except (OSError, ConnectionError):
+            pass
     for ws, _ in fat:
         loop.run_until_complete(ws.close())
     loop.close()
@@ -643,7 +699,7 @@ def test_bad_host_headers_cannot_flood_the_log(broker_factory, record_property) 
         response.read()
         assert response.status == 400
     conn.close()
-    time.sleep(0.3)
+    assert broker.get("/healthz")["status"] == "ok"  # a later request: the others are done
     grown = broker.log_path.stat().st_size - before
     report(record_property, bad_host_requests=300, log_bytes=grown)
     assert grown < 20_000, f"log grew {grown} bytes"

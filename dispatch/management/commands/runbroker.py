@@ -11,12 +11,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from dispatch import conf
 from dispatch.balancing import STRATEGIES
-from dispatch.server import serve, supervise
+from dispatch.server import CannotListen, serve, supervise
 
 
 class Command(BaseCommand):
     help = ("Run the broker: worker socket, requester socket and HTTP (admin, /healthz, "
-            "control API) served by daphne. Applies database migrations first.")
+            "control API) served by daphne. Applies database migrations first. Exits 1, "
+            "saying why in one line, when a port cannot be listened on.")
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -24,12 +25,20 @@ class Command(BaseCommand):
                             help=f"interface to listen on (default {conf.get('HOST')}; "
                                  "0.0.0.0 for every interface)")
         parser.add_argument("--worker-port", type=int, default=None,
-                            help=f"port for workers (default {conf.get('WORKER_PORT')})")
+                            help=f"port for workers (default {conf.get('WORKER_PORT')}; "
+                                 "0: one the system chooses, see --ports-file)")
         parser.add_argument("--requester-port", type=int, default=None,
-                            help=f"port for requesters (default {conf.get('REQUESTER_PORT')})")
+                            help=f"port for requesters (default {conf.get('REQUESTER_PORT')}; "
+                                 "0: one the system chooses)")
         parser.add_argument("--http-port", type=int, default=None,
                             help=f"port for HTTP: admin, /healthz, control API "
-                                 f"(default {conf.get('HTTP_PORT')})")
+                                 f"(default {conf.get('HTTP_PORT')}; 0: one the system "
+                                 "chooses)")
+        parser.add_argument("--ports-file", metavar="PATH", default=None,
+                            help="once every port listens, write them to PATH as JSON "
+                                 '({"worker": 8765, "requester": 8766, "http": 8000, "pid": '
+                                 '...}; with --processes, {"processes": [one such object per '
+                                 "process]})")
         parser.add_argument("--strategy", choices=sorted(STRATEGIES), default=None,
                             help=f"load balancing strategy (default {conf.get('STRATEGY')})")
         parser.add_argument("--timeout", type=float, default=None,
@@ -44,14 +53,19 @@ class Command(BaseCommand):
                             help="do not apply database migrations at start")
 
     def handle(self, *args: object, **options: object) -> None:
+        names = ("WORKER_PORT", "REQUESTER_PORT", "HTTP_PORT")
+        asked = [options["worker_port"], options["requester_port"], options["http_port"]]
+        if any(port is not None and not 0 <= port <= 65535 for port in asked):
+            raise CommandError(f"Ports are 0 to 65535 (0: any free one), got {asked}")
         overrides = {
-            "HOST": options["host"], "WORKER_PORT": options["worker_port"],
-            "REQUESTER_PORT": options["requester_port"], "HTTP_PORT": options["http_port"],
-            "STRATEGY": options["strategy"], "TIMEOUT": options["timeout"],
+            "HOST": options["host"], "STRATEGY": options["strategy"],
+            "TIMEOUT": options["timeout"],
+            **{name: port for name, port in zip(names, asked) if port},  # 0: chosen later
         }
         conf.override(**{k: v for k, v in overrides.items() if v is not None})
-        ports = [conf.get("WORKER_PORT"), conf.get("REQUESTER_PORT"), conf.get("HTTP_PORT")]
-        if len(set(ports)) != 3:
+        ports = [0 if port == 0 else conf.get(name) for name, port in zip(names, asked)]
+        chosen = [port for port in ports if port]
+        if len(set(chosen)) != len(chosen):
             raise CommandError(f"The three ports must differ, got {ports}")
         check_secret_key(conf.get("HOST"))
         processes = options["processes"]
@@ -60,10 +74,16 @@ class Command(BaseCommand):
         if processes > 1 and not settings.REDIS:
             raise CommandError("Several processes share their workers through Redis: "
                                "set REDIS_URL (e.g. redis://127.0.0.1:6379/0) or REDIS_SENTINELS")
+        if processes > 1 and 0 in ports:
+            raise CommandError("--processes derives each process's ports from the ports "
+                               "given (port + i x --port-step): give them, not 0")
         if not options["no_migrate"]:
             call_command("migrate", interactive=False, verbosity=0)
         if processes == 1:
-            serve(conf.get("HOST"), ports, self.stdout.write)
+            try:
+                serve(conf.get("HOST"), ports, self.stdout.write, options["ports_file"])
+            except CannotListen as exc:
+                raise CommandError(f"Cannot listen, not started: {exc}") from None
             return
         step = options["port_step"]
         every_port = [port + i * step for port in ports for i in range(processes)]
@@ -77,7 +97,7 @@ class Command(BaseCommand):
              "--worker-port", str(ports[0] + i * step),
              "--requester-port", str(ports[1] + i * step),
              "--http-port", str(ports[2] + i * step)]
-            for i in range(processes)], self.stdout.write))
+            for i in range(processes)], self.stdout.write, options["ports_file"]))
 
 
 def check_secret_key(host: str) -> None:
