@@ -30,7 +30,7 @@ from django.utils.safestring import SafeString
 from .auth import digest, new_token
 from .control import services
 from .management.base import worker_state
-from .models import Credential, RequestRecord, WorkerSession
+from .models import Credential, Job, RequestRecord, WorkerSession
 
 #: Rows whose values a history filter lists: the newest ones, never the whole table.
 RECENT_ROWS = 10_000
@@ -340,6 +340,31 @@ def _moment(when: datetime, day_of: datetime | None = None) -> str:
 def _after(earlier: datetime, later: datetime) -> str:
     ms = (later - earlier).total_seconds() * 1000
     return ("+" if ms >= 0 else "") + duration(ms)
+
+
+@admin.register(Job)
+class JobAdmin(ReadOnlyAdmin):
+    """The job store: requests not answered yet (and, a while, those just answered)."""
+
+    list_display = ("request_id", "command", "state", "worker_id", "restarts", "process",
+                    "created_at", "deadline")
+    list_filter = ("state", "command")
+    search_fields = ("request_id", "key", "worker_id")
+    ordering = ("-created_at",)
+    actions = ["cancel"]
+    exclude = ("request", "answer")
+    readonly_fields = ("answer_text",)
+
+    @admin.action(description="Cancel: answered 'cancelled' now, its worker told to stop")
+    def cancel(self, request: HttpRequest, queryset: Any) -> None:
+        ids = sorted(set(queryset.exclude(state=Job.State.DONE)
+                         .values_list("request_id", flat=True)))
+        done = [r for r in ids if async_to_sync(services.cancel)(r)]
+        self.message_user(request, f"Cancelled: {', '.join(done) or 'none of those runs'}")
+
+    @admin.display(description="answer")
+    def answer_text(self, obj: Job) -> str:
+        return obj.answer or "-"
 
 
 @admin.register(Credential)

@@ -116,7 +116,12 @@ class Refusal:
 
 
 class Revocable(Protocol):
+    kind: str  # "worker", "requester", "dashboard"
+
     async def revoke(self, reason: str) -> None: ...
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None
+                    ) -> None: ...
 
 
 # --------------------------------------------------------------------------- peers
@@ -290,6 +295,14 @@ class Guard:
         if entry is None or not hmac.compare_digest(entry[0], digest(token)):
             return None
         return entry[1]
+
+    async def close_all(self, kind: str, code: int, reason: str) -> int:
+        """Close every admitted connection of ``kind`` (a stopping broker sends its
+        requesters away: they come back to attach to their requests)."""
+        closing = [c for held in self._connections.values() for c in held if c.kind == kind]
+        for conn in closing:
+            await conn.close(code, reason)
+        return len(closing)
 
     def attach(self, grant: Grant, conn: Revocable) -> None:
         self._connections[grant.credential_id].add(conn)

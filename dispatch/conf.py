@@ -112,6 +112,15 @@ class BrokerSettings(BaseModel):
     RECONNECT_RATE: float = _doc(2000.0, "workers a second a stopping broker asks to come "
                                          "back at: each is told a random delay within "
                                          "workers / rate seconds", gt=0)
+    JOB_STORE: bool = _doc(True, "keep every accepted request in the database until it is "
+                                 "answered, so that a broker restart or crash loses none")
+    STORE_COMMIT_SECONDS: float = _doc(0.005, "how long the job store gathers changes before "
+                                              "it commits them: a request is safe from a "
+                                              "crash this long after it arrived", gt=0, le=1)
+    ADOPT_GRACE: float = _doc(30.0, "seconds a job that was running when the broker stopped "
+                                    "waits for its worker to come back and report it, before "
+                                    "it is run again (or, if not idempotent, answered "
+                                    "worker_lost)", ge=0)
     HISTORY: bool = _doc(True, "record request history in the database (batched)")
     HISTORY_FLUSH_SECONDS: float = _doc(1.0, "how often buffered history is written", gt=0)
     HISTORY_BUFFER: int = _doc(50_000, "history records kept in memory at most; older are "

@@ -22,18 +22,17 @@ import math
 import time
 import weakref
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import cache
 from typing import Any, Callable, Iterable
 
 from channels.db import database_sync_to_async
-from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.db.models import Case, CharField, F, Model, QuerySet, Value, When
 
 from . import conf
+from .dbthread import DbThread, db_datetime, insert_rows, utc as _dt
 from .models import RequestRecord, WorkerSession
 
 logger = logging.getLogger("dispatch.history")
@@ -156,7 +155,7 @@ class HistoryRecorder:
         self._claims: dict[str, tuple[str, float]] | None = None
         self._claims_lock = asyncio.Lock()
         self._claims_failed = 0.0
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer = DbThread("history-writer")
         #: Totals since start, for health pages and tests.
         self.written = 0
         self.dropped = 0
@@ -301,20 +300,10 @@ class HistoryRecorder:
             except asyncio.CancelledError:
                 pass
         await self.flush()
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            await asyncio.get_running_loop().run_in_executor(writer, _close_connection)
-            writer.shutdown(wait=False)
+        await self._writer.close()
 
     async def _write(self, work: Callable[..., Any], *args: Any) -> Any:
-        """Run ``work`` in this recorder's own thread, whose database connection stays
-        open from one flush to the next. ``database_sync_to_async`` closes it after
-        every call, and closing SQLite's last connection checkpoints the WAL into the
-        database file: a quarter of the writer's time at 5,000 requests a second."""
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="history-writer")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._writer, _reconnect_after_failure, work, *args)
+        return await self._writer.run(work, *args)
 
     async def flush(self) -> int:
         """Write everything buffered in one thread hop; return the rows written.
@@ -560,24 +549,6 @@ def prune_batch(cut: datetime, batch: int) -> int:
 # --------------------------------------------------------------------------- writing (sync)
 
 
-def _close_connection() -> None:
-    """Close this thread's connection (``connection`` is per thread: look it up here)."""
-    try:
-        connection.close()
-    except DatabaseError:
-        pass
-
-
-def _reconnect_after_failure(work: Callable[..., Any], *args: Any) -> Any:
-    """``work(*args)``; if it fails, the connection is closed (it may be broken: the
-    database restarted, the network dropped), so the next call connects afresh."""
-    try:
-        return work(*args)
-    except Exception:
-        _close_connection()
-        raise
-
-
 def write_batch(batch: Batch, process: str) -> int:
     """Write one batch in one transaction; runs in a worker thread.
 
@@ -666,9 +637,8 @@ def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
     while SQLite works): thousands of forced switches a second, each one a pause of
     the event loop. One statement per few dozen rows keeps that to a handful.
     """
-    ops = connection.ops
     proc = process[:_REQUEST_LIMITS["process"]]
-    moment = _db_datetime()
+    moment = db_datetime()
     # One pass, no helper calls per field: this runs for every request, beside the loop.
     # (Strings were cut to their columns when recorded.)
     rows = [(
@@ -679,61 +649,13 @@ def _insert_requests(requests: Iterable[dict[str, Any]], process: str) -> int:
         None if r["placed_at"] is None else moment(r["placed_at"]), r["traceparent"],
     ) for r in requests]
     meta = RequestRecord._meta
-    columns = ", ".join(ops.quote_name(meta.get_field(f).column) for f in _REQUEST_FIELDS)
-    most_params = connection.features.max_query_params or INSERT_CHUNK * len(_REQUEST_FIELDS)
-    per_statement = max(1, min(INSERT_CHUNK, most_params // len(_REQUEST_FIELDS)))
-    with connection.cursor() as cursor:
-        execute, mark = _raw_execute(cursor)
-        one_row = f"({', '.join([mark] * len(_REQUEST_FIELDS))})"
-        for start in range(0, len(rows), per_statement):
-            chunk = rows[start:start + per_statement]
-            execute(f"INSERT INTO {ops.quote_name(meta.db_table)} ({columns}) "
-                    f"VALUES {', '.join([one_row] * len(chunk))}",
-                    [value for row in chunk for value in row])
-    return len(rows)
-
-
-def _raw_execute(cursor: Any) -> tuple[Callable[[str, list[Any]], Any], str]:
-    """The cursor's execute and its parameter mark. For SQLite, the driver's own:
-    Django's wrapper rewrites every ``%s`` into ``?`` with a regular expression, a
-    fifth of the writer's time (holding the GIL) for statements of a thousand marks."""
-    if connection.vendor == "sqlite":
-        import sqlite3
-
-        raw = cursor.cursor
-        return (lambda sql, params: sqlite3.Cursor.execute(raw, sql, params)), "?"
-    return cursor.execute, "%s"
-
-
-def _db_datetime() -> Callable[[float], Any]:
-    """Timestamp -> what the database takes for a DateTimeField.
-
-    Django's generic adapter costs a settings lookup and two conversions per value;
-    for SQLite this writes the same naive UTC text directly (to the microsecond,
-    truncated rather than rounded).
-    """
-    ops = connection.ops
-    if not (connection.vendor == "sqlite" and settings.USE_TZ):
-        return lambda ts: ops.adapt_datetimefield_value(_dt(ts))
-    seconds: dict[int, str] = {}  # a batch spans a second or two: format each once
-
-    def moment(ts: float) -> str:
-        whole = int(ts)
-        text = seconds.get(whole)
-        if text is None:
-            text = seconds[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
-        return f"{text}.{int((ts - whole) * 1e6):06d}"
-
-    return moment
+    return insert_rows(meta.db_table, tuple(meta.get_field(f).column for f in _REQUEST_FIELDS),
+                       rows, INSERT_CHUNK)
 
 
 def _case(values: dict[str, Any]) -> Case:
     """``CASE session_id WHEN ... THEN ...`` for a per-row value in one UPDATE."""
     return Case(*(When(session_id=s, then=Value(v)) for s, v in values.items()))
-
-
-def _dt(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
 
 
 def _clamp(value: int, highest: int) -> int:

@@ -1,8 +1,12 @@
-"""What the broker remembers in the database: worker registrations and request history.
+"""What the broker remembers in the database: worker registrations, request history,
+credentials, and the job store.
 
-Neither table is on the request path. Live state (who is online, who is busy) lives
-in the registry; these rows are written in batches by :mod:`dispatch.history` so
-the admin can answer "who was connected when" and "what happened to request X".
+Live state (who is online, who is busy) lives in the registry. Registrations and
+history are written in batches by :mod:`dispatch.history` so the admin can answer
+"who was connected when" and "what happened to request X". The job store
+(:class:`Job`, written by :mod:`dispatch.store` in commits a few milliseconds apart)
+keeps every accepted request until it is answered and its answer a while after, so
+that a broker restart loses none.
 
 Integer fields are plain (not ``Positive*``) on purpose: a database CHECK constraint
 that one odd value violates would fail a whole batch of history, not one row.
@@ -139,3 +143,51 @@ class Credential(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind}{'' if self.active else ', revoked'})"
+
+
+class Job(models.Model):
+    """An accepted request, from its arrival until its answer is no longer kept.
+
+    Written when the request arrives (``queued``), when it is given to a worker
+    (``running``) and when it is answered (``done``, with the answer's JSON text);
+    deleted ``RESULT_TTL`` seconds after that. A broker that starts (or takes over a
+    process that died) serves again what is not done.
+    """
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "queued"
+        RUNNING = "running", "running"
+        DONE = "done", "done"
+
+    key = models.CharField(max_length=64, unique=True,
+                           help_text="the request's name inside the broker")
+    request_id = models.CharField(max_length=128)
+    owner = models.CharField(max_length=40, blank=True,
+                             help_text="the credential that sent it (credential:<id>, or "
+                                       "anonymous): who may attach to it")
+    command = models.CharField(max_length=200)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
+    #: The request as the broker needs it to run it again: its data and routing (JSON).
+    request = models.TextField()
+    worker_id = models.CharField(max_length=128, blank=True,
+                                 help_text="the worker it was last given to")
+    retry_safe = models.BooleanField(default=True, help_text="its command may run twice "
+                                                            "(not in the worker's no_retry)")
+    process = models.CharField(max_length=200, blank=True,
+                               help_text="the broker process that holds it")
+    restarts = models.IntegerField(default=0, help_text="broker restarts it lived through")
+    created_at = models.DateTimeField(help_text="when the broker received it")
+    deadline = models.DateTimeField(help_text="when it times out")
+    finished_at = models.DateTimeField(null=True, blank=True)
+    answer = models.TextField(blank=True, help_text="its answer, as sent (JSON)")
+
+    class Meta:
+        verbose_name = "job"
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["owner", "request_id"], name="job_owner_request"),
+                   models.Index(fields=["state", "process"], name="job_state_process"),
+                   models.Index(fields=["finished_at"], name="job_finished")]
+
+    def __str__(self) -> str:
+        return f"{self.command} [{self.request_id}]: {self.state}"
+

@@ -253,16 +253,27 @@ def graceful_stop_on_signals(grace: float) -> None:
     from daphne.server import twisted_loop as loop
     from twisted.internet import reactor
 
-    from .auth import stop_guard
+    from workers import protocol
+    from workers.protocol import CloseCode
+
+    from .auth import get_guard, stop_guard
     from .core.dispatcher import get_dispatcher, stop_dispatcher
 
     stopping: list[asyncio.Task[None]] = []
 
     async def drain_and_stop() -> None:
         try:
-            log.warning("stopping: finishing requests in flight (up to %.0fs)", grace)
-            await (await get_dispatcher()).drain(grace)
-            await stop_dispatcher()  # answers what is left, flushes history
+            dispatcher = await get_dispatcher()
+            if dispatcher.keeper.store is not None:
+                log.warning("stopping: what is in flight stays in the job store and with "
+                            "its workers, for the next start")
+            else:
+                log.warning("stopping: finishing requests in flight (up to %.0fs)", grace)
+            await dispatcher.drain(grace)
+            if dispatcher.handing_over:  # they come back and attach to their requests
+                await (await get_guard()).close_all("requester", CloseCode.SHUTTING_DOWN,
+                                                    protocol.SHUTTING_DOWN)
+            await stop_dispatcher()  # commits the job store (without one: answers all)
             await stop_guard()
         except Exception:
             log.exception("graceful stop failed; stopping now")

@@ -140,3 +140,30 @@ async def lookup(ms: float = 5.0, slow_on: str = "") -> str:
 async def trace_seen(*, ctx: JobContext) -> str | None:
     """The trace context the worker was given with the request."""
     return ctx.traceparent
+
+
+# ---------------------------------------------------------------------------- durability
+
+
+def _note(runs: str, line: str) -> None:
+    if runs:
+        with open(runs, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+@command()
+async def job(seconds: float = 1.0, tag: str = "", runs: str = "") -> str:
+    """Notes each start and end in the file ``runs``: tests count how often it ran."""
+    _note(runs, f"start {tag}")
+    await asyncio.sleep(seconds)
+    _note(runs, f"end {tag}")
+    return f"done {tag}"
+
+
+@command(idempotent=False)
+async def job_once(seconds: float = 1.0, tag: str = "", runs: str = "") -> str:
+    """As ``job``, for a command that must never run twice."""
+    _note(runs, f"start {tag}")
+    await asyncio.sleep(seconds)
+    _note(runs, f"end {tag}")
+    return f"done {tag}"

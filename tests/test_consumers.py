@@ -22,11 +22,12 @@ from workers.protocol import CloseCode, ErrorCode, Feature, Message, Registratio
 
 TIMEOUT = 3
 
-pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("async_db")]
+pytestmark = [pytest.mark.timeout(30)]
 
 
 @pytest.fixture(autouse=True)
-async def fresh_broker() -> AsyncIterator[None]:
+async def fresh_broker(async_db: None) -> AsyncIterator[None]:
+    """A fresh registry and dispatcher per test, stopped before the database goes."""
     registry_module.reset_registry()
     with override_settings(BROKER={"HISTORY": False, "HEARTBEAT_INTERVAL": 0.2,
                                    "MAX_MESSAGE_BYTES": 4096}):

@@ -141,9 +141,9 @@ async def test_no_worker_error_is_fast(broker: Broker, record_property) -> None:
            no_worker_p99_ms=round(p99, 2))
 
 
-async def test_graceful_shutdown_finishes_work_and_exits_0(broker_factory, spawn_worker,
-                                                           record_property) -> None:
-    broker = broker_factory()
+async def test_without_a_job_store_sigterm_finishes_work_and_exits_0(
+        broker_factory, spawn_worker, record_property) -> None:
+    broker = broker_factory(env={"BROKER_JOB_STORE": "0"})
     worker = spawn_worker("w1", *HANDLERS, target=broker)
     async with Requester(broker.requester_url) as r:
         calls = [asyncio.ensure_future(r.request("slow", {"seconds": 1.0})) for _ in range(5)]
@@ -161,6 +161,33 @@ async def test_graceful_shutdown_finishes_work_and_exits_0(broker_factory, spawn
     assert code == 0 and took < 5
     wait_for(lambda: "Broker shutting down" in worker.log(), 5, "the worker to be told")
     report(record_property, in_flight_at_sigterm=5, finished=5, exit_code=code,
+           shutdown_seconds=round(took, 2))
+
+
+async def test_sigterm_hands_over_and_every_call_is_answered_after_the_restart(
+        broker: Broker, spawn_worker, tmp_path, record_property) -> None:
+    """With the job store (the default), a stopping broker does not wait for work in
+    flight nor fail it: it exits at once, its workers go on; once it is back, the
+    client, which reconnected by itself, gets every answer, and each job ran once."""
+    worker = spawn_worker("w1", *HANDLERS)
+    log = tmp_path / "runs.txt"
+    async with Requester(broker.requester_url, reconnect_for=60) as r:
+        calls = [asyncio.ensure_future(r.call("job", seconds=2.0, tag=str(i), runs=str(log),
+                                              timeout=60)) for i in range(5)]
+        await until(lambda: log.exists() and log.read_text().count("start") == 5, 5,
+                    "5 running")
+        started = time.monotonic()
+        broker.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        code = await asyncio.to_thread(broker.proc.wait, 15)  # type: ignore[union-attr]
+        took = time.monotonic() - started
+        await asyncio.to_thread(broker.start)
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert code == 0 and took < 3, (code, took)
+    assert answers == [f"done {i}" for i in range(5)]
+    assert sorted(log.read_text().split()) == sorted(
+        [w for i in range(5) for w in ("start", str(i), "end", str(i))])  # each ran once
+    wait_for(lambda: "Broker shutting down" in worker.log(), 5, "the worker to be told")
+    report(record_property, in_flight_at_sigterm=5, answered_after_restart=5, exit_code=code,
            shutdown_seconds=round(took, 2))
 
 

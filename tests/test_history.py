@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from django.db import IntegrityError, OperationalError
 from django.test import override_settings
 
-from dispatch import history
+from dispatch import dbthread, history
 from dispatch.history import (HistoryRecorder, NullRecorder, get_recorder,
                               mark_processes_offline)
 from dispatch.models import RequestRecord, WorkerSession
@@ -382,7 +382,7 @@ async def test_the_writer_keeps_its_connection_and_reconnects_after_a_failure(
     closed: list[bool] = []
     monkeypatch.setattr(history, "write_batch", broken)
     # (The in-memory test database ignores close(): count the closing instead.)
-    monkeypatch.setattr(history, "_close_connection", lambda: closed.append(True))
+    monkeypatch.setattr(dbthread, "close_connection", lambda: closed.append(True))
     record(recorder, 3)
     assert await recorder.flush() == 0
     assert closed == [True]  # the next flush connects afresh

@@ -328,13 +328,22 @@ def test_names_that_could_take_over_a_terminal_are_refused(bad: str) -> None:
 
 def test_features_are_parsed_and_unknown_ones_ignored() -> None:
     data = Registration("w", "w", ["echo"], features=frozenset(protocol.Feature)).to_data()
-    assert data["features"] == ["batch", "quiet_heartbeat"]
+    assert data["features"] == ["batch", "quiet_heartbeat", "resume"]
     data["features"] = ["batch", "teleport", 7]
     assert Registration.from_data(data).features == {protocol.Feature.BATCH}
     data["features"] = "batch"
     with pytest.raises(ProtocolError, match="features"):
         Registration.from_data(data)
     assert "features" not in Registration("w", "w", ["echo"]).to_data()  # a seed worker
+
+
+def test_a_worker_that_comes_back_lists_the_jobs_it_holds() -> None:
+    data = Registration("w", "w", ["echo"], jobs=["k1", "k2"]).to_data()
+    assert data["jobs"] == ["k1", "k2"] and Registration.from_data(data).jobs == ["k1", "k2"]
+    assert "jobs" not in Registration("w", "w", ["echo"]).to_data()
+    for bad in ("k1", ["k1", 7], [""], ["x" * 200], ["k"] * (protocol.MAX_JOBS + 1)):
+        with pytest.raises(ProtocolError, match="jobs"):
+            Registration.from_data({**data, "jobs": bad})
 
 
 def test_batch_frames_keep_order_and_size() -> None:

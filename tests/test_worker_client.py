@@ -102,7 +102,7 @@ async def test_registers_with_its_commands_and_settings(broker: FakeBroker,
     assert conn.hello.data == {"worker_id": worker.worker_id, "name": "test-worker",
                                "commands": ["boom", "echo", "not_json", "sleep_then"],
                                "weight": 2.5, "max_concurrency": 3, "no_retry": [],
-                               "features": ["batch", "quiet_heartbeat"]}
+                               "features": ["batch", "quiet_heartbeat", "resume"]}
     assert sorted(schemas) == ["boom", "echo", "not_json", "sleep_then"]
     assert schemas["sleep_then"] == {"params": [
         {"name": "value", "type": "Any", "required": True},

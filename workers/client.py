@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -28,10 +28,11 @@ from websockets.uri import parse_uri
 
 from .errors import ConnectionLost, RegistrationFailed, RequestFailed, describe
 from .handlers import CommandRegistry
-from .protocol import (CloseCode, ErrorCode, Feature, Message, MessageType, Registration, quote,
-                       random_id)
+from .protocol import (MAX_JOBS, CloseCode, ErrorCode, Feature, Message, MessageType,
+                       Registration, quote, random_id)
 from .address import auth_headers
-from .runner import STOPPED
+from .relay import Relay, adopted_jobs
+from .runner import STOPPED, Runner
 from .session import CLOSE_TIMEOUT, SHUTTING_DOWN, MessageHandler, Session
 
 logger = logging.getLogger("workers.client")
@@ -142,6 +143,9 @@ class Worker:
         self._handlers: dict[str, list[MessageHandler]] = {}
         self._session: Session | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: The jobs and what they send: they outlive a connection (Feature.RESUME).
+        self._relay = Relay()
+        self._runner = Runner(self.registry, self._slots, self._spawn, self._relay)
         self._url_index = 0
         self._stop_requested = asyncio.Event()
         self._stop_deadline = stop_timeout
@@ -161,7 +165,19 @@ class Worker:
     @property
     def in_flight(self) -> int:
         """Requests being run right now."""
-        return self._session.in_flight if self._session is not None else 0
+        return self._runner.in_flight
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task of the worker's: stop() waits for it (a job runs in one)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("Worker task failed", exc_info=task.exception())
 
     def on(self, kind: str) -> Callable[[MessageHandler], MessageHandler]:
         """Decorator: call ``fn(message)`` for every frame of type ``kind``.
@@ -282,9 +298,12 @@ class Worker:
             async with connect(url, max_size=MAX_FRAME_BYTES, open_timeout=OPEN_TIMEOUT,
                                close_timeout=CLOSE_TIMEOUT, ping_interval=None,
                                additional_headers=auth_headers(self.token)) as ws:
-                session = Session(ws, self.registry, self._handlers, self._slots, self._tasks,
+                session = Session(ws, self._runner, self._handlers, self._tasks,
                                   self._stop_requested.is_set, self._interval)
-                self._adopt(await session.register(self._registration()))
+                self._relay.attach(session.outbox)
+                answer = await session.register(self._registration())
+                self._adopt(answer)
+                await self._resume(session, answer)
                 session.interval = self._interval
                 registered = True
                 self._session = session
@@ -296,6 +315,7 @@ class Worker:
                     self.connected.clear()
                     self._session = None
                     self._retry_after = session.retry_after
+                    self._relay.detach()
         except RegistrationFailed as exc:
             logger.error("Registration of worker %s with %s failed: %s", self._worker_id, url,
                          exc)
@@ -322,12 +342,21 @@ class Worker:
             return registered, f"cannot connect ({describe(exc)})"
 
     def _registration(self) -> Registration:
+        held = [*self._runner.jobs, *(k for k in self._relay.held_ids()
+                                      if k not in self._runner.jobs)]
         return Registration(self._worker_id, self.name, self.registry.names(), self.weight,
                             self.max_concurrency, self.registry.not_idempotent(),
                             self.registry.leases(), self.labels, self.version,
                             self.registry.hedged(),
                             self.registry.schemas() if self._describe else {},
-                            features=frozenset(Feature))
+                            features=frozenset(Feature), jobs=held[:MAX_JOBS])
+
+    async def _resume(self, session: Session, answer: dict[str, Any]) -> None:
+        """Registered again: go on with the jobs the broker adopted, stop the others (a
+        broker that cannot adopt has none: what ran before is answered to nobody)."""
+        adopted = adopted_jobs(answer) if Feature.RESUME in session.features else set()
+        self._runner.resumed(adopted)
+        await self._relay.resume(adopted)
 
     def _adopt(self, data: dict[str, Any]) -> None:
         """The broker's answer to ``connect``: its id for us, and its heartbeat interval."""

@@ -66,6 +66,7 @@ class JobContext:
         self._loop = loop
         self._cancelled = threading.Event()  # read from handler threads
         self._credit = asyncio.Semaphore(CHUNK_WINDOW)
+        self._unacked = 0  # chunks sent and not acknowledged
         self._seq = 0
         self._last_progress = 0.0
         self._later: asyncio.TimerHandle | None = None
@@ -107,9 +108,11 @@ class JobContext:
         """One partial result to a requester that asked; waits while CHUNK_WINDOW are
         unacknowledged. (Generator handlers do this for each ``yield``.)"""
         await self._credit.acquire()
+        self._unacked += 1
         seq, self._seq = self._seq, self._seq + 1
-        if not await self._send(Message.chunk(self.request_id, seq, data)):
-            self._credit.release()
+        # Held while away from the broker, it still counts against the window: a job
+        # cannot pile up more while nobody reads (the window starts afresh on resume).
+        await self._send(Message.chunk(self.request_id, seq, data))
 
     # ------------------------------------------------------------------ from the session
 
@@ -118,7 +121,16 @@ class JobContext:
         self._cancelled.set()
 
     def acked(self, seq: int) -> None:
-        self._credit.release()
+        if self._unacked:
+            self._unacked -= 1
+            self._credit.release()
+
+    def resumed(self) -> None:
+        """On a new connection: the chunks in flight on the old one will get no
+        acknowledgement; the window starts afresh."""
+        for _ in range(self._unacked):
+            self._credit.release()
+        self._unacked = 0
 
     # ------------------------------------------------------------------ plumbing
 

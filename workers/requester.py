@@ -117,13 +117,18 @@ class Route:
 class _Call:
     """One request in flight: its answer to come, and what to do with its events."""
 
-    __slots__ = ("request", "future", "events", "chunks")
+    __slots__ = ("request", "future", "accepted", "events", "chunks", "attaching")
 
     def __init__(self, request: ApiRequest, on_event: Callable[[Event], Any] | None) -> None:
         self.request = request
-        self.future: asyncio.Future[ApiResponse] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[ApiResponse] = loop.create_future()
+        #: Done once the broker stored it (its "accepted" event), if it was asked to say.
+        self.accepted: asyncio.Future[None] = loop.create_future()
         self.events = on_event
         self.chunks: list[Any] = []
+        #: Re-attached after a reconnect: a broker that never had it gets it again.
+        self.attaching = False
 
 
 class Job:
@@ -188,11 +193,13 @@ class _Calls(dict[str, _Call]):
     matching frames to calls needs no socket, and the table outlives a reconnect.
     """
 
-    __slots__ = ("url",)
+    __slots__ = ("url", "resend")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, resend: Callable[[_Call], Any]) -> None:
         super().__init__()
         self.url = url  # for log lines and errors
+        #: Sends a call's request again: re-attached, it was unknown (it never arrived).
+        self.resend = resend
 
     def on_frame(self, raw: str | bytes) -> None:
         """Settle what a frame from the broker is about: an event, or an answer."""
@@ -210,7 +217,11 @@ class _Calls(dict[str, _Call]):
             logger.debug("Answer to unknown request %s dropped", response.request_id)
         elif response.code == ErrorCode.UNKNOWN_REQUEST.value and \
                 not call.future.done() and response.request_id is not None:
-            # A re-attach found nothing: it finished too long ago, or never arrived.
+            if call.attaching:  # re-attached, unknown: it never arrived; it goes now
+                call.attaching = False
+                self.resend(call)
+                return
+            # It finished too long ago for its answer to be kept.
             call.future.set_exception(ConnectionLost(
                 f"Connection to {self.url} was lost and its answer with it: "
                 f"{response.error}"))
@@ -220,6 +231,10 @@ class _Calls(dict[str, _Call]):
     def _on_event(self, obj: dict[str, Any]) -> None:
         call = self.get(obj.get("request_id"))  # type: ignore[arg-type]
         if call is None:
+            return
+        if obj["event"] == "accepted":
+            if not call.accepted.done():
+                call.accepted.set_result(None)
             return
         if obj["event"] == "chunk":
             event: Event = Chunk(call.request.request_id, obj.get("seq", 0), obj.get("data"))
@@ -284,7 +299,8 @@ class Requester:
         self.reconnect_for = reconnect_for
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._calls = _Calls(url)
+        self._calls = _Calls(url, self._resend)
+        self._sending: set[asyncio.Task[None]] = set()  # requests sent again
         self._lost: str | None = None
         self._closing = False
         self._connected = asyncio.Event()
@@ -366,11 +382,21 @@ class Requester:
     async def start(self, command: str, data: dict[str, Any] | None = None, *,
                     timeout: float | None = None, priority: int = 0,
                     stream: bool = False, route: Route | None = None) -> Job:
-        """Start a request and return its :class:`Job` at once (``job.result()``,
-        ``job.cancel()``, and with ``stream`` ``job.events()``)."""
+        """Start a request and return its :class:`Job` (``job.result()``, ``job.cancel()``,
+        and with ``stream`` ``job.events()``) once the broker has stored it: from then
+        on no broker restart or crash loses it (or once it is answered, if sooner)."""
         queue: asyncio.Queue[Event] | None = asyncio.Queue() if stream else None
         call = await self._send(command, data, timeout, priority,
-                                queue.put_nowait if queue is not None else None, route)
+                                queue.put_nowait if queue is not None else None, route,
+                                accepted=True)
+        try:
+            async with asyncio.timeout(self._limit(call)):
+                await asyncio.wait({call.accepted, call.future},
+                                   return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            self._calls.pop(call.request.request_id, None)
+            raise TimeoutError(f"'{command}' was not accepted by {self.url} within "
+                               f"{self._limit(call):.1f}s") from None
         return Job(self, call, queue)
 
     async def stream(self, command: str, /, *, timeout: float | None = None,
@@ -391,14 +417,15 @@ class Requester:
 
     async def _send(self, command: str, data: dict[str, Any] | None, timeout: float | None,
                     priority: int, on_event: Callable[[Event], Any] | None,
-                    route: Route | None) -> _Call:
+                    route: Route | None, accepted: bool = False) -> _Call:
         ws = await self._connection()
         route = route or Route()
         req = ApiRequest(command, dict(data or {}), timeout=timeout,
                          stream=on_event is not None, priority=priority,
                          select=dict(route.select or {}), affinity=route.affinity,
                          hedge=route.hedge,
-                         traceparent=route.traceparent or tracing.current_traceparent())
+                         traceparent=route.traceparent or tracing.current_traceparent(),
+                         accepted=accepted)
         call = self._calls[req.request_id] = _Call(req, on_event)
         try:
             await ws.send(req.to_json())
@@ -422,11 +449,29 @@ class Requester:
             return await self._connection()
         return self._ws
 
+    def _limit(self, call: _Call) -> float:
+        """How long to wait for a call: the broker's own limit for it, and a margin."""
+        timeout = call.request.timeout
+        return (self.default_timeout if timeout is None else timeout) + self.margin
+
+    def _resend(self, call: _Call) -> None:
+        """Send a request again, with its id: unknown after a reconnect, it never arrived
+        (a broker that has it attaches this to it instead: it never runs twice)."""
+        async def send() -> None:
+            try:
+                if self._ws is not None:
+                    await self._ws.send(call.request.to_json())
+            except ConnectionClosed:
+                pass  # the next reconnect attaches it again
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
     async def _wait(self, call: _Call) -> ApiResponse:
         """Wait for the answer, but never longer than the broker's own limit plus a
         margin; a cancelled wait cancels the request."""
-        timeout = call.request.timeout
-        limit = (self.default_timeout if timeout is None else timeout) + self.margin
+        limit = self._limit(call)
         try:
             async with asyncio.timeout(limit):
                 return await asyncio.shield(call.future)
@@ -475,6 +520,7 @@ class Requester:
                 continue
             try:
                 for call in list(self._calls.values()):
+                    call.attaching = True
                     await self._ws.send(json.dumps({"attach": call.request.request_id,
                                                     "stream": call.events is not None}))
             except ConnectionClosed:  # refused or dropped at once: try again

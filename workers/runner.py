@@ -1,6 +1,7 @@
-"""The requests the broker sent over one connection, running: each command in a task
-of its own and a slot of the worker's, stopped when the broker cancels it, and always
-answered, whatever happens to it.
+"""The requests the broker sent, running: each command in a task of its own and a slot
+of the worker's, stopped when the broker cancels it, and always answered, whatever
+happens to it. One runner per worker, not per connection: its jobs outlive a
+connection, and what they send goes through the :class:`~workers.relay.Relay`.
 
 Apart from :class:`~workers.session.Session`, which reads frames and decides (with
 :func:`~workers.session.react`) what to do: here the jobs are only carried out.
@@ -15,8 +16,9 @@ from typing import Any
 from . import tracing
 from .handlers import CommandRegistry, run_safely
 from .jobs import JobContext
-from .outbox import Outbox, Spawn
-from .protocol import CANCELLED, ErrorCode, Message, RequestBody
+from .outbox import Spawn
+from .protocol import CANCELLED, ErrorCode, Message, MessageType, RequestBody
+from .relay import Kind, Relay
 
 logger = logging.getLogger("workers.client")
 
@@ -27,11 +29,11 @@ class Runner:
     """The jobs of one connection: started, cancelled, let stream on, answered."""
 
     def __init__(self, registry: CommandRegistry, slots: asyncio.Semaphore, spawn: Spawn,
-                 outbox: Outbox) -> None:
+                 relay: Relay) -> None:
         self.registry = registry
-        self.slots = slots  # shared by all sessions: max_concurrency holds across them
+        self.slots = slots
         self._spawn = spawn
-        self.outbox = outbox
+        self.relay = relay
         #: Requests started and not yet answered (the broker hears it in heartbeats).
         self.in_flight = 0
         #: request id -> its context, its task, and whether cancelling the task stops it
@@ -59,6 +61,16 @@ class Runner:
         if on_loop:
             task.cancel()
 
+    def resumed(self, adopted: set[str]) -> None:
+        """Registered again: the broker adopted these jobs (their chunk windows start
+        afresh; acknowledgements lost with the connection will not come); the others
+        it no longer has, and they stop."""
+        for request_id, (ctx, _, _) in list(self.jobs.items()):
+            if request_id in adopted:
+                ctx.resumed()
+            else:
+                self.cancel(request_id, "the broker no longer has this request")
+
     def acked(self, request_id: str, seq: int) -> None:
         """The broker passed chunk ``seq`` on: the job may send more."""
         job = self.jobs.get(request_id)
@@ -66,7 +78,8 @@ class Runner:
             job[0].acked(seq)
 
     async def _send_frame(self, msg: Message) -> bool:
-        return await self.outbox.send(msg.to_json())
+        kind = Kind.PROGRESS if msg.type == MessageType.PROGRESS.value else Kind.CHUNK
+        return await self.relay.send(str(msg.data.get("request_id")), kind, msg.to_json())
 
     async def _run(self, request_id: str, body: RequestBody, ctx: JobContext) -> None:
         """Run one command in its own task and answer it, whatever happens."""
@@ -105,4 +118,4 @@ class Runner:
             text = Message.response(request_id, False, None,
                                     f"Result is not JSON serializable: {exc}",
                                     ErrorCode.NOT_SERIALIZABLE).to_json()
-        await self.outbox.send(text)
+        await self.relay.send(request_id, Kind.ANSWER, text)

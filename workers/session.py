@@ -22,7 +22,6 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from .errors import ConnectionLost, RegistrationFailed, describe
-from .handlers import CommandRegistry
 from .outbox import Outbox
 from .protocol import (BATCH_BYTES, ChunkBody, ErrorCode, Feature, Message, MessageType,
                        ProtocolError, Registration, RequestBody, ResponseBody, batch_messages,
@@ -187,13 +186,12 @@ class Session:
     """One connection's state and work; made for it, dropped with it.
 
     What it sends goes through its :class:`~workers.outbox.Outbox`; the requests the
-    broker sends run in its :class:`~workers.runner.Runner`.
+    broker sends run in the worker's :class:`~workers.runner.Runner`, which outlives it.
     """
 
-    def __init__(self, ws: ClientConnection, registry: CommandRegistry,
-                 handlers: dict[str, list[MessageHandler]], slots: asyncio.Semaphore,
-                 tasks: set[asyncio.Task[Any]], stopping: Callable[[], bool],
-                 interval: float) -> None:
+    def __init__(self, ws: ClientConnection, runner: Runner,
+                 handlers: dict[str, list[MessageHandler]], tasks: set[asyncio.Task[Any]],
+                 stopping: Callable[[], bool], interval: float) -> None:
         self.ws = ws
         self.handlers = handlers
         self.tasks = tasks  # the worker's, so that stop() can wait for them
@@ -208,11 +206,11 @@ class Session:
         #: Seconds the broker asked us to wait before dialling again (its disconnect).
         self.retry_after: float | None = None
         self.outbox = Outbox(ws, self.spawn, self._gathering)
-        self.runner = Runner(registry, slots, self.spawn, self.outbox)
+        self.runner = runner
 
     @property
     def in_flight(self) -> int:
-        """Requests of the broker's running on this connection."""
+        """Requests of the broker's running (on this connection, or kept from one before)."""
         return self.runner.in_flight
 
     def _gathering(self) -> bool:

@@ -157,9 +157,9 @@ async def explain(command: str, *, select: dict[str, str] | None = None,
 async def cancel(request_id: str) -> int:
     """Cancel every running request with this id, whoever sent it; how many were found."""
     dispatcher = await get_dispatcher()
-    return await dispatcher.cancel(None, request_id, "cancelled by an operator")
+    return await dispatcher.lookup.cancel(None, request_id, "cancelled by an operator")
 
 
 async def status(owner: str, request_id: str) -> str | None:
     """A request of ``owner``: "running", its kept answer (JSON), or None if unknown."""
-    return await (await get_dispatcher()).status(owner, request_id)
+    return await (await get_dispatcher()).lookup.status(owner, request_id)

@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from typing import Awaitable, Callable
 
 from workers import protocol
 
 from .. import conf
 from ..balancing import Health
-from ..registry import Registry
+from ..registry import Registry, WorkerEntry
 from . import links
 from .events import Cancel, ChunkAck, CloseWorker, Event, Forward, Lost, Notify
 from .exchange import Exchange
 from .links import WorkerLink
 from .slots import Slots
+
+Adopter = Callable[[WorkerEntry, list[str]], Awaitable[list[Forward]]]
 
 
 class WorkerConnections:
@@ -35,6 +38,9 @@ class WorkerConnections:
         self.registry = registry
         self.process = process
         self.stats = stats
+        #: Of the requests that ran on a worker before a restart, those it reports on
+        #: registering (set by the dispatcher): the forwards it holds again.
+        self.adopter: Adopter | None = None
         self.links: set[WorkerLink] = set()  # every worker connection, registered or not
         self.by_name: dict[str, WorkerLink] = {}  # the registered, by connection name
         for kind, handler in ((Forward, self._on_forward), (Cancel, self._on_cancel),
@@ -49,7 +55,7 @@ class WorkerConnections:
     @property
     def busy(self) -> int:
         """Requests the registered workers of this process hold (for any process)."""
-        return sum(link.busy for link in self.by_name.values())
+        return sum(len(link.held) for link in self.by_name.values())
 
     def watch(self) -> asyncio.Task[None]:
         """The task that checks every link's liveness."""
@@ -77,6 +83,9 @@ class WorkerConnections:
 
     def slot_freed(self) -> None:
         self.slots.slot_freed()
+
+    async def adopt(self, entry: WorkerEntry, reported: list[str]) -> list[Forward]:
+        return [] if self.adopter is None else await self.adopter(entry, reported)
 
     # ------------------------------------------------------------------ leaving
 

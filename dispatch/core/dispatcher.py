@@ -6,7 +6,8 @@ One :class:`Dispatcher` per broker process. Every rule about a request's life is
 the table returns and feeds it the events that come back. What it drives has a
 module each: the traffic between processes (:mod:`.exchange`), the worker slots
 and the queue (:mod:`.slots`), the process's worker connections
-(:mod:`.connections`), requests of other processes (:mod:`.elsewhere`).
+(:mod:`.connections`), requests by their id (:mod:`.lookup`), the job store
+(:mod:`.keeper`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from ..history import HistoryRecorder, get_recorder
 from ..loops import PerLoop
 from ..registry import Registry, get_registry
 from .connections import WorkerConnections
-from .elsewhere import Elsewhere
 from .events import Cancel, Chunk, ChunkAck, Event, Forward, Lost, Progress, Reply
 from .exchange import Exchange
 from .liveness import Liveness
+from .lookup import Lookup
 from .metering import meter
-from .requests import (Action, Answer, Arm, ArmHedge, CancelOnWorker, GiveBack, Notify,
-                       Request, RequestTable, Reserve, Sink, Wake, Watcher)
+from .keeper import Keeper
+from .requests import (Action, Answer, Arm, ArmHedge, AwaitWorker, CancelOnWorker, GiveBack,
+                       Notify, Request, RequestTable, Reserve, Sink, State, Wake, Watcher)
 from .requests import Forward as Place
 from .results import results_for
 from .slots import Slots
@@ -59,17 +61,22 @@ class Dispatcher:
         self.slots = Slots(registry, self.table, self._perform)
         self.workers = WorkerConnections(self.exchange, self.slots, registry, self.process,
                                          self.table.stats)
+        self.workers.adopter = lambda entry, jobs: self.keeper.adopt(entry, jobs, self.inbox)
         self.results = results_for(registry)
-        self.elsewhere = Elsewhere(self.exchange, self.table, self.results, self._perform,
-                                   registry.local)
+        self.keeper = Keeper(self.table, self.results, self._perform, self.process)
+        #: Cancel, attach, status by request id, wherever the request is.
+        self.lookup = Lookup(self.exchange, self.table, self.keeper.kept_answer,
+                             self.results.get, self._perform, registry.local)
         self.liveness = Liveness(registry, self.process)
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = False
+        #: Stopping with a job store: jobs whose workers leave stay as they are (kept).
+        self.handing_over = False
         self._actions: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
             Place: self._forward, Answer: self._answer, Arm: self._arm,
             Reserve: self._reserve, GiveBack: self._give_back, Notify: self._notify,
             CancelOnWorker: self._cancel_on_worker, ArmHedge: self._arm_hedge,
-            Wake: self._wake}
+            AwaitWorker: self._await_worker, Wake: self._wake}
         for kind, handler in ((Reply, self._on_reply), (Lost, self._on_lost),
                               (Progress, self._on_progress), (Chunk, self._on_chunk)):
             self.exchange.on(kind, handler)  # type: ignore[arg-type]
@@ -102,26 +109,33 @@ class Dispatcher:
                        self.workers.watch()]
         await self.recorder.start()
         await self.liveness.start()
+        await self.keeper.start(None if self.registry.local else [])
         log.debug("dispatcher %s listening on %s", self.process, self.inbox)
 
     async def drain(self, grace: float) -> None:
-        """Graceful shutdown: take no new requests, let those in flight finish.
-
-        Waits up to ``grace`` seconds for this process's requests and for the work its
-        workers hold for other processes, then tells those workers to go (they
+        """Graceful shutdown: take no new requests; tell the workers to go (they
         reconnect elsewhere, or when the broker is back).
+
+        With the job store, what is pending is handed over as it is: it stays in the
+        store for the next start (running jobs stay with their workers). Without it,
+        this waits up to ``grace`` seconds for this process's requests and for the work
+        its workers hold for other processes first.
         """
         self.table.accepting = False
+        self.handing_over = self.keeper.store is not None
         await self.workers.stop_taking_work()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        deadline = loop.time() + (0 if self.handing_over else grace)
         while loop.time() < deadline and (len(self.table) or self.workers.busy):
             await asyncio.sleep(0.05)
         await self.workers.send_away()
 
     async def stop(self) -> None:
-        """Answer whatever is still pending, stop the loops, flush history."""
-        await self._perform(self.table.stop())
+        """Stop the loops, flush history; what is still pending stays in the job store
+        for the next start (without one, it is answered now)."""
+        if self.keeper.store is None:
+            await self._perform(self.table.stop())
+        self.table.accepting = False
         self.stopped = True
         for task in self._tasks:
             task.cancel()
@@ -133,6 +147,7 @@ class Dispatcher:
             log.warning("task %s did not stop when cancelled; leaving it", task.get_name())
         await self.exchange.leave()
         await self.liveness.stop()
+        await self.keeper.stop()
         await self.recorder.stop()
 
     async def _look_around(self) -> None:
@@ -166,50 +181,29 @@ class Dispatcher:
         opened = asyncio.get_running_loop().time()
         span, traceparent = tracing.start_span(f"dispatch {command}", traceparent or None,
                                                command=command, request_id=request_id)
-        await self._perform(self.table.submit(Request(
+        request = Request(
             key, command, data, [Watcher(sink, stream)], request_id, requester,
             opened + (timeout or conf.get("TIMEOUT")), time.time(), opened,
             traceparent=traceparent or "", span=span, target=worker_id, owner=owner,
-            priority=priority, select=select, affinity=affinity, hedge=hedge)))
+            priority=priority, select=select, affinity=affinity, hedge=hedge,
+            patient_until=self.keeper.patient_until)
+        actions = self.table.submit(request)
+        if request.state is not State.DONE:  # accepted, not refused at once
+            self.keeper.accepted(request)
+        await self._perform(actions)
         return key
 
     def unwatch(self, keys: Iterable[str], sink: Sink) -> None:
         """A watcher left (its connection closed); the requests go on, and their answers
         are kept for it to attach again."""
         self.table.unwatch(keys, sink)
-        self.elsewhere.unwatch(sink)
-
-    async def cancel(self, owner: str | None, request_id: str, reason: str) -> int:
-        """Cancel the requests of ``owner`` (None: anyone's) with this id, in whichever
-        process holds them; returns how many were found."""
-        return await self.elsewhere.cancel(owner, request_id, reason)
-
-    async def attach(self, owner: str, request_id: str, sink: Sink, stream: bool) -> bool:
-        """Watch a request of ``owner``: running here or elsewhere (its remaining progress
-        and its answer), or finished lately (its kept answer). False: unknown."""
-        return await self.elsewhere.attach(owner, request_id, sink, stream)
-
-    async def status(self, owner: str, request_id: str) -> str | None:
-        """"running" (here or in another process), the kept answer (JSON text), or None."""
-        return await self.elsewhere.status(owner, request_id)
+        self.lookup.unwatch(sink)
 
     async def unready(self, timeout: float) -> str | None:
-        """Why this process cannot route now, or None when it can: an event sent
-        through the channel layer must come back to its inbox and be handled, and the
-        registry must answer."""
+        """Why this process cannot route now, or None when it can."""
         if not self.table.accepting:
             return "shutting down"
-        reason = await self.exchange.round_trip(timeout)
-        if reason is not None:
-            return reason
-        try:
-            async with asyncio.timeout(timeout):
-                await self.registry.count()
-        except TimeoutError:
-            return f"registry: no answer within {timeout:g} s"
-        except Exception as exc:  # noqa: BLE001 - the reason is the answer
-            return f"registry: {type(exc).__name__}: {exc}"
-        return None
+        return await unready(self.exchange, self.registry, timeout)
 
     # ------------------------------------------------------------------ events
 
@@ -220,6 +214,8 @@ class Dispatcher:
         self.slots.slot_freed()
 
     async def _on_lost(self, event: Lost) -> None:
+        if self.handing_over:  # it stays in the store, running, for the next start
+            return
         await self._perform(self.table.lost(event.key, event.worker_id, event.reason,
                                             ErrorCode.of(event.code, ErrorCode.WORKER_LOST)))
 
@@ -256,6 +252,7 @@ class Dispatcher:
         forward = Forward(request.key, request.command, request.data, self.inbox,
                           action.timeout, worker.worker_id, worker.connection, request.stream,
                           request.traceparent)
+        self.keeper.placed(request, worker.worker_id)
         try:
             await self.exchange.deliver(worker.inbox, forward)
         except Exception as exc:  # noqa: BLE001 - a worker of this process: answer, never hang
@@ -275,6 +272,7 @@ class Dispatcher:
         record(self.recorder, request, response, now, latency_ms)
         text = response.to_json()
         self.results.put(request.owner, request.request_id, text)
+        self.keeper.answered(request, text, now)
         for watcher in request.watchers:
             try:
                 await watcher.sink.answer(response, text)
@@ -319,6 +317,10 @@ class Dispatcher:
         await self.exchange.deliver(placement.inbox, Cancel(
             action.request.key, placement.connection, action.reason))
 
+    async def _await_worker(self, action: AwaitWorker) -> None:
+        action.request.wait_timer = asyncio.get_running_loop().call_later(
+            action.grace, self._timer_fired, self.keeper.recovery.not_back, action.request.key)
+
     async def _wake(self, action: Wake) -> None:
         self.slots.wake()
 
@@ -329,12 +331,28 @@ class Dispatcher:
             asyncio.ensure_future(self._perform(actions))
 
 
+async def unready(exchange: Exchange, registry: Registry, timeout: float) -> str | None:
+    """Why a process cannot route (None: it can): an event sent through the channel
+    layer must come back to its inbox and be handled, and the registry must answer."""
+    reason = await exchange.round_trip(timeout)
+    if reason is not None:
+        return reason
+    try:
+        async with asyncio.timeout(timeout):
+            await registry.count()
+    except TimeoutError:
+        return f"registry: no answer within {timeout:g} s"
+    except Exception as exc:  # noqa: BLE001 - the reason is the answer
+        return f"registry: {type(exc).__name__}: {exc}"
+    return None
+
+
 def disarm(request: Request) -> None:
     """Stop a request's timers (it is answered)."""
-    for timer in (request.timer, request.hedge_timer):
+    for timer in (request.timer, request.hedge_timer, request.wait_timer):
         if timer is not None:
             timer.cancel()
-    request.timer = request.hedge_timer = None
+    request.timer = request.hedge_timer = request.wait_timer = None
 
 
 def record(recorder: HistoryRecorder, request: Request, response: protocol.ApiResponse,

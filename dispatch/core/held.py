@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..balancing import Health
+from .events import Forward
 
 
 @dataclass(slots=True)
@@ -59,6 +60,11 @@ class Held:
     def add(self, key: str, assignment: Assignment) -> None:
         self.by_key[key] = assignment
         self.chars += assignment.size
+
+    def take_on(self, forward: Forward, size: int, lease: float | None, now: float) -> None:
+        """Hold a request given to the worker (``size``: characters of its frame)."""
+        self.add(forward.key, Assignment(forward.reply_to, now, now + forward.timeout, size,
+                                         forward.stream, lease, now))
 
     def take(self, key: str) -> Assignment | None:
         """Forget one (it was answered, or is freed); None if not held."""

@@ -80,6 +80,8 @@ class LinkHost(Protocol):
 
     def slot_freed(self) -> None: ...
 
+    async def adopt(self, entry: WorkerEntry, reported: list[str]) -> list[Forward]: ...
+
 
 #: Failure codes a handler did not mean: they worsen its worker's score.
 UNMEANT_ERRORS = frozenset({None, ErrorCode.HANDLER_FAILED.value, ErrorCode.WORKER_ERROR.value})
@@ -116,11 +118,6 @@ class WorkerLink:
     def label(self) -> str:
         return quote(self.entry.worker_id) if self.entry else f"(unregistered {self.socket.peer})"
 
-    @property
-    def busy(self) -> int:
-        """Requests this worker holds."""
-        return len(self.held)
-
     def heard(self) -> None:
         """Any frame from the worker: it is not silent."""
         self.pulse.last_frame = time.monotonic()
@@ -129,13 +126,16 @@ class WorkerLink:
 
     async def register(self, reg: Registration, msg_id: str) -> None:
         """A ``connect`` frame: register the worker, or refuse and close, saying why."""
-        entry = await registration.admit(self, reg, msg_id)
-        if entry is None:
+        admitted = await registration.admit(self, reg, msg_id)
+        if admitted is None:
             return
+        entry, adopted = admitted
         self.entry, self.state, self.features = entry, LinkState.REGISTERED, reg.features
+        for forward in adopted:  # running there since before the restart: held, not sent
+            self.held.take_on(forward, 0, entry.leases.get(forward.command), time.monotonic())
         self.host.registered(self)
         await self.socket.send_frame(Message(MessageType.CONNECT.value,
-                                             registration.welcome(reg, entry)))
+                                             registration.welcome(reg, entry, adopted)))
         self.recorder.worker_connected(
             session_id=self.session_id, worker_id=reg.worker_id, name=reg.name,
             address=entry.address, process=entry.process, commands=reg.commands,
@@ -180,9 +180,8 @@ class WorkerLink:
         text = Message.request(forward.command, forward.data, msg_id=forward.key,
                                time_left=forward.timeout, stream=forward.stream,
                                traceparent=forward.traceparent or None).to_json()
-        self.held.add(forward.key, Assignment(
-            forward.reply_to, now, now + forward.timeout, len(text), forward.stream,
-            self.entry.leases.get(forward.command), now))  # type: ignore[union-attr]
+        self.held.take_on(forward, len(text), self.entry.leases.get(  # type: ignore[union-attr]
+            forward.command), now)
         if Feature.BATCH in self.features and len(self.held) > 1:
             # Under load (it holds others): this one goes with those sent it this turn
             # of the loop, in one frame. Alone, it goes at once: no latency added.
@@ -349,9 +348,8 @@ class WorkerLink:
         """Leave the registry and hand every unanswered request back: once only."""
         if self.state is LinkState.CLOSED:
             return
-        self.state = LinkState.CLOSED
+        self.state, entry = LinkState.CLOSED, self.entry
         self.host.forget(self)
-        entry = self.entry
         if entry is None:  # it never registered
             return
         try:

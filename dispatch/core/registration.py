@@ -20,7 +20,7 @@ from ..auth import Grant
 from ..errors import RegistryUnavailable, WorkerIdTaken
 from ..logsafe import LogBudget
 from ..registry import WorkerEntry
-from .events import CloseWorker
+from .events import CloseWorker, Forward
 
 if TYPE_CHECKING:
     from .links import WorkerLink
@@ -74,8 +74,10 @@ def new_entry(reg: Registration, *, connection: str, session_id: str, process: s
         schemas=_shared(protocol.dumps(reg.schemas)) if reg.schemas else "")
 
 
-def welcome(reg: Registration, entry: WorkerEntry) -> dict[str, Any]:
-    """The data of the ``connect`` frame that answers a registration."""
+def welcome(reg: Registration, entry: WorkerEntry, adopted: list[Forward]
+            ) -> dict[str, Any]:
+    """The data of the ``connect`` frame that answers a registration (with
+    :attr:`Feature.RESUME`: which of the jobs it reported it goes on with)."""
     answer: dict[str, Any] = {
         "worker_id": entry.worker_id, "heartbeat_interval": conf.get("HEARTBEAT_INTERVAL"),
         "process": entry.process, "weight": entry.weight,
@@ -85,12 +87,17 @@ def welcome(reg: Registration, entry: WorkerEntry) -> dict[str, Any]:
         answer["max_message_bytes"] = conf.get("MAX_MESSAGE_BYTES")
     if reg.schemas_dropped:  # it registered; it is told what describe will not show
         answer["schemas_dropped"] = reg.schemas_dropped
+    if Feature.RESUME in reg.features:
+        answer["adopted"] = [f.key for f in adopted]
     return answer
 
 
-async def admit(link: WorkerLink, reg: Registration, msg_id: str) -> WorkerEntry | None:
-    """Register ``reg`` for ``link``; None if refused (the connection is then closed, the
-    worker told why). A connection that held the id before is told to close."""
+async def admit(link: WorkerLink, reg: Registration, msg_id: str
+                ) -> tuple[WorkerEntry, list[Forward]] | None:
+    """Register ``reg`` for ``link``, with the jobs of before a broker restart it reports
+    (and the broker still has) adopted: their forwards are returned beside its entry.
+    None if refused (the connection is then closed, the worker told why). A connection
+    that held the id before is told to close."""
     refused = refused_commands(link.grant, reg)
     if refused is not None:
         await _refuse(link, refused, msg_id, ErrorCode.NOT_ALLOWED, CloseCode.BAD_REGISTRATION)
@@ -102,6 +109,8 @@ async def admit(link: WorkerLink, reg: Registration, msg_id: str) -> WorkerEntry
     try:
         if await link.recorder.recent_owner_other_than(reg.worker_id, entry.owner):
             raise WorkerIdTaken(reg.worker_id)
+        adopted = await host.adopt(entry, reg.jobs if Feature.RESUME in reg.features else [])
+        entry.in_flight = len(adopted)  # their slots are taken
         replaced = await host.registry.add(entry)
     except WorkerIdTaken:
         link.socket.logs.log(log, logging.WARNING, "%s tried to register worker id %s, "
@@ -124,7 +133,7 @@ async def admit(link: WorkerLink, reg: Registration, msg_id: str) -> WorkerEntry
     if reg.schemas_dropped:
         link.socket.logs.log(log, logging.WARNING, "worker %s: schemas not kept: %s",
                              quote(reg.worker_id), quote("; ".join(reg.schemas_dropped), 300))
-    return entry
+    return entry, adopted
 
 
 async def _refuse(link: WorkerLink, error: str, msg_id: str, code: ErrorCode,
@@ -137,7 +146,7 @@ async def restore(link: WorkerLink, entry: WorkerEntry) -> None:
     """Put a live worker back after the shared state lost it (Redis restarted empty)."""
     log.warning("worker %s was missing from the registry; registering it again",
                 quote(entry.worker_id))
-    entry.in_flight = link.busy
+    entry.in_flight = len(link.held)
     try:
         await link.host.registry.add(entry)
     except WorkerIdTaken:  # another credential took the id meanwhile: it is theirs now

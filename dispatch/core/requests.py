@@ -90,6 +90,11 @@ class Placement:
     connection: str  # that worker's connection, to notice a reconnect elsewhere
     inbox: str  # the dispatcher holding that connection
 
+    @property
+    def awaited(self) -> bool:
+        """Read back after a restart: its worker has yet to come back and report it."""
+        return not self.connection
+
 
 @dataclass(slots=True, eq=False)
 class Request:
@@ -130,6 +135,10 @@ class Request:
     routing: str = ""  # how its workers were chosen (balancing's explanations)
     timer: Any = None  # the driver's deadline timer
     hedge_timer: Any = None
+    wait_timer: Any = None  # how long its worker has to come back after a restart
+    #: Event-loop time until which "no worker offers it" means "wait": the fleet is
+    #: coming back after a broker restart.
+    patient_until: float = 0.0
 
     @property
     def attempts(self) -> int:
@@ -251,11 +260,21 @@ class ArmHedge:
 
 
 @dataclass(slots=True)
+class AwaitWorker:
+    """In ``grace`` seconds, call :meth:`RequestTable.not_back` (its worker did not come
+    back to report it)."""
+
+    request: Request
+    grace: float
+
+
+@dataclass(slots=True)
 class Wake:
     """Requests are waiting: serve the queue."""
 
 
-Action = Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker | ArmHedge | Wake
+Action = (Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker | ArmHedge
+          | AwaitWorker | Wake)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -281,12 +300,16 @@ class RequestTable:
     def submit(self, request: Request) -> list[Action]:
         if not self.accepting:
             return [self._answer(request, protocol.SHUTTING_DOWN, ErrorCode.SHUTTING_DOWN)]
-        self.requests[request.key] = request
-        self.named[(request.owner, request.request_id)] = request.key
+        self.add(request)
         self.stats["submitted"] += 1
         if self.waiting:  # others wait for a slot: no jumping the queue
             return [Arm(request), *self._wait(request)]
         return [Arm(request), Reserve([request])]
+
+    def add(self, request: Request) -> None:
+        """Hold ``request`` (submitted, or read back from the job store)."""
+        self.requests[request.key] = request
+        self.named[(request.owner, request.request_id)] = request.key
 
     def find(self, owner: str | None, request_id: str) -> list[Request]:
         """The requests of ``owner`` (None: anyone's) with this request id."""
@@ -305,7 +328,7 @@ class RequestTable:
         if request.state is not State.RESERVING:  # answered (timed out) meanwhile
             return [GiveBack(worker.worker_id)] if worker is not None else []
         if worker is None:
-            if reservation.capable:
+            if reservation.capable or now < request.patient_until:
                 return self._wait(request)
             return [self._answer(request, *unavailable(request, reservation))]
         request.state = State.PLACED

@@ -157,4 +157,4 @@ class Slots:
 def vanished(request: Request, live: dict[str, str]) -> Iterable[str]:
     """The workers of ``request`` no longer registered on the connection it was sent to."""
     return [p.worker_id for p in list(request.placements)
-            if live.get(p.worker_id) != p.connection]
+            if not p.awaited and live.get(p.worker_id) != p.connection]

@@ -45,6 +45,7 @@ class RequesterConsumer(BaseSocket):
         self.in_flight_bytes = 0
         self.watching: set[str] = set()  # request ids attached to (not sent from here)
         self.held_acks: list[Ack] = []  # chunk acks waiting for the peer to read
+        self._telling: set[asyncio.Task[None]] = set()  # accepted events to come
         self._acker: asyncio.Task[None] | None = None
         await self.admit()
 
@@ -98,6 +99,15 @@ class RequesterConsumer(BaseSocket):
                               "with this id is still in flight", request.request_id,
                               ErrorCode.DUPLICATE)
             return
+        self.watching.add(request.request_id)
+        if await self.dispatcher.lookup.rejoin(self.grant.owner, request.request_id, self,
+                                        request.stream):
+            # Sent again (the first may have been lost with a connection): the same job,
+            # not a second run; its answer (kept or to come) is the answer to this one.
+            if request.accepted:
+                await self.send_text(protocol.event(request.request_id, "accepted"))
+            return
+        self.watching.discard(request.request_id)
         key = protocol.new_id()
         self.in_flight[request.request_id] = (key, size)
         self.in_flight_bytes += size
@@ -107,10 +117,24 @@ class RequesterConsumer(BaseSocket):
             owner=self.grant.owner, stream=request.stream, priority=request.priority,
             select=selector(request.select), affinity=request.affinity,
             hedge=request.hedge, traceparent=request.traceparent or "")
+        if request.accepted and request.request_id in self.in_flight:
+            self._tell_accepted(request.request_id, key)
+
+    def _tell_accepted(self, request_id: str, key: str) -> None:
+        """Send ``accepted`` once the job store has the request (unless answered first)."""
+        async def when_stored() -> None:
+            await committed
+            if self.in_flight.get(request_id, ("",))[0] == key:
+                await self.send_text(protocol.event(request_id, "accepted"))
+
+        committed = self.dispatcher.keeper.committed()
+        task = asyncio.get_running_loop().create_task(when_stored())
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
 
     async def _cancel(self, frame: Cancel) -> None:
         """Cancel a request of this credential; its answer (``cancelled``) says it is done."""
-        if not await self.dispatcher.cancel(self.grant.owner, frame.request_id,
+        if not await self.dispatcher.lookup.cancel(self.grant.owner, frame.request_id,
                                             "cancelled by the requester"):
             await self.refuse(f"No request '{quote(frame.request_id)}' of yours is running",
                               frame.request_id, ErrorCode.UNKNOWN_REQUEST)
@@ -119,7 +143,7 @@ class RequesterConsumer(BaseSocket):
         """Watch a request this credential sent on another connection (or on this one
         before it dropped): its remaining progress and its answer, or its kept answer."""
         self.watching.add(frame.request_id)
-        if not await self.dispatcher.attach(self.grant.owner, frame.request_id, self,
+        if not await self.dispatcher.lookup.attach(self.grant.owner, frame.request_id, self,
                                             frame.stream):
             self.watching.discard(frame.request_id)
             await self.refuse(f"No request '{quote(frame.request_id)}' of yours is running "

@@ -34,7 +34,7 @@ from .errors import ProtocolError
 from .fields import MAX_COMMANDS, MAX_ID_CHARS, MAX_NAME_CHARS, MAX_PROTOCOL_TIMEOUT
 from .ids import new_id, random_id
 from .labels import MAX_LABEL_CHARS, MAX_LABELS, label, parse_labels
-from .registration import WORKER_ID, Feature, Registration
+from .registration import MAX_JOBS, WORKER_ID, Feature, Registration
 from .schemas import (MAX_PARAMS, MAX_SCHEMA_CHARS, MAX_SCHEMA_REASONS, MAX_SCHEMAS_BYTES,
                       SchemaError, parse_schema, parse_schemas)
 from .text import quote
@@ -46,7 +46,8 @@ __all__ = [
     "MAX_ID_CHARS", "MAX_LABELS", "MAX_LABEL_CHARS", "MAX_NAME_CHARS", "MAX_PARAMS",
     "MAX_PROGRESS_MESSAGE", "MAX_PROTOCOL_TIMEOUT", "MAX_SCHEMAS_BYTES", "MAX_SCHEMA_CHARS",
     "MAX_SCHEMA_REASONS", "NO_WORKERS", "PRIORITIES", "ROUTE_FIELDS", "SHUTTING_DOWN",
-    "STDLIB_DECODE_ERRORS", "TIMEOUT", "WORKER_ANSWER_CODES", "WORKER_ID", "WORKER_LOST",
+    "MAX_JOBS", "STDLIB_DECODE_ERRORS", "TIMEOUT", "WORKER_ANSWER_CODES", "WORKER_ID",
+    "WORKER_LOST",
     "ApiRequest", "ApiResponse", "Attach", "Cancel", "ChunkBody", "CloseCode", "ErrorCode",
     "Feature", "Message", "MessageType", "ProgressBody", "ProtocolError", "Registration",
     "RequestBody", "ResponseBody", "SchemaError", "batch_frames", "batch_messages", "dumps",

@@ -29,9 +29,11 @@ class ApiRequest:
     """``{"request_id", "command", "data"}``, plus optional ``timeout`` (seconds),
     ``stream`` (send progress and chunk events before the answer), ``priority`` (0-9,
     higher first), ``select`` (labels its worker must have), ``affinity`` (a key:
-    requests with one key go to one worker), ``hedge`` and ``traceparent`` (a W3C
+    requests with one key go to one worker), ``hedge``, ``traceparent`` (a W3C
     trace context, passed on to the worker and given back in the answer; one that is
-    not well formed is ignored, as the W3C recommendation says, never refused)."""
+    not well formed is ignored, as the W3C recommendation says, never refused) and
+    ``accepted`` (send an ``accepted`` event once the broker has stored the request, so
+    that no broker restart or crash can lose it; none if its answer comes first)."""
 
     command: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -43,13 +45,15 @@ class ApiRequest:
     affinity: str | None = None  # requests with one key go to one worker
     hedge: bool = False  # may be sent to a second worker when the first is slow
     traceparent: str | None = None
+    accepted: bool = False  # wants an "accepted" event once the request is stored
 
     def to_json(self) -> str:
         obj: dict[str, Any] = {"request_id": self.request_id, "command": self.command,
                                "data": self.data}
         if self.timeout is not None:
             obj["timeout"] = self.timeout
-        for name in ("stream", "priority", "select", "affinity", "hedge", "traceparent"):
+        for name in ("stream", "priority", "select", "affinity", "hedge", "traceparent",
+                     "accepted"):
             if getattr(self, name):
                 obj[name] = getattr(self, name)
         return dumps(obj)
@@ -89,7 +93,8 @@ class ApiRequest:
                    priority=priority, select=select,
                    affinity=_text(obj, "affinity", MAX_ID_CHARS, None, request_id=rid),
                    hedge=_field(obj, "hedge", bool, False, request_id=rid),
-                   traceparent=parse_traceparent(obj.get("traceparent")))
+                   traceparent=parse_traceparent(obj.get("traceparent")),
+                   accepted=_field(obj, "accepted", bool, False, request_id=rid))
 
 
 @dataclass(slots=True)

@@ -24,6 +24,8 @@ from .text import quote
 #: pass for another in a log line or an admin page (a trailing zero-width space,
 #: a full-width digit).
 WORKER_ID = re.compile(r"[A-Za-z0-9._:@-]+")
+#: Requests a worker may list as held when it registers again.
+MAX_JOBS = 10_000
 
 
 class Feature(str, Enum):
@@ -37,6 +39,11 @@ class Feature(str, Enum):
     #: Several frames in one: a JSON array of envelopes, either way (requests to the
     #: worker, answers back). Under load the broker then writes fewer frames.
     BATCH = "batch"
+    #: Jobs outlive the connection: when it drops, the worker goes on with them and
+    #: keeps what they send; when it registers again (with any broker process) it lists
+    #: them (``"jobs"``), and the broker's answer says which it adopts (``"adopted"``):
+    #: their answers then go to the requesters, the others are cancelled.
+    RESUME = "resume"
 
     @staticmethod
     def listed(features: frozenset[Feature]) -> list[str]:
@@ -77,6 +84,9 @@ class Registration:
     schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: What it asks of the broker beyond the seed's protocol (:class:`Feature`).
     features: frozenset[Feature] = frozenset()
+    #: With :attr:`Feature.RESUME`: the requests it holds from an earlier connection
+    #: (running, or answered lately and perhaps not heard), by their ids.
+    jobs: list[str] = field(default_factory=list)
     #: Parsed only: why schemas the worker sent were not kept (its answer says so).
     schemas_dropped: list[str] = field(default_factory=list, compare=False)
 
@@ -85,7 +95,7 @@ class Registration:
                                 "commands": self.commands, "weight": self.weight,
                                 "max_concurrency": self.max_concurrency,
                                 "no_retry": self.no_retry}
-        for name in ("leases", "labels", "version", "hedge", "schemas"):
+        for name in ("leases", "labels", "version", "hedge", "schemas", "jobs"):
             if getattr(self, name):
                 data[name] = getattr(self, name)
         if self.features:
@@ -121,8 +131,13 @@ class Registration:
         name = _text(data, "name", MAX_NAME_CHARS, None) or worker_id
         if not name.isprintable():
             raise ProtocolError(f"Field 'name' must be printable text, got '{quote(name, 40)}'")
+        jobs = _field(data, "jobs", list, [])
+        if len(jobs) > MAX_JOBS or not all(
+                isinstance(j, str) and 0 < len(j) <= MAX_ID_CHARS for j in jobs):
+            raise ProtocolError(f"Field 'jobs' must list at most {MAX_JOBS} request ids")
         return cls(worker_id=worker_id, name=name,
                    commands=commands, weight=weight, max_concurrency=max_concurrency,
                    no_retry=no_retry, leases={k: float(v) for k, v in leases.items()},
                    labels=labels, version=version, hedge=hedge, schemas=schemas,
-                   features=Feature.parse(data.get("features")), schemas_dropped=dropped)
+                   features=Feature.parse(data.get("features")), jobs=jobs,
+                   schemas_dropped=dropped)

@@ -15,24 +15,28 @@ from typing import Any, Awaitable, Callable
 
 from workers import protocol
 
+from ..errors import RegistryUnavailable
 from .events import Ask, AskKind, Asked, Watched
 from .exchange import Exchange
 from .requests import Action, Answer, RequestTable, Sink
-from .results import Results
 
-log = logging.getLogger("dispatch.elsewhere")
+log = logging.getLogger("dispatch.lookup")
 
 Perform = Callable[[list[Action]], Awaitable[None]]
+#: The answer kept for a request of an owner, if it finished lately.
+KeptAnswer = Callable[[str, str], Awaitable["str | None"]]
 
 
-class Elsewhere:
-    """Cancel, attach and status by request id, across the processes of a cluster."""
+class Lookup:
+    """Cancel, attach, status and sending again, by request id, across the processes of
+    a cluster."""
 
-    def __init__(self, exchange: Exchange, table: RequestTable, results: Results,
-                 perform: Perform, alone: bool) -> None:
+    def __init__(self, exchange: Exchange, table: RequestTable, kept: KeptAnswer,
+                 recent: KeptAnswer, perform: Perform, alone: bool) -> None:
         self.exchange = exchange
         self.table = table
-        self.results = results
+        self.kept = kept  # any kept answer, the database's too
+        self.recent = recent  # a quick look: memory, or Redis
         self._perform = perform
         self.alone = alone  # no other process can hold a request (the in-process registry)
         #: Requests of other processes this one is attached to: its key -> the watcher.
@@ -46,6 +50,8 @@ class Elsewhere:
             del self.attached[key]
 
     async def cancel(self, owner: str | None, request_id: str, reason: str) -> int:
+        """Cancel the requests of ``owner`` (None: anyone's) with this id, in whichever
+        process holds them; returns how many were found."""
         found = self._cancel_here(owner, request_id, reason)
         if found:
             await self._perform(found)
@@ -59,6 +65,8 @@ class Elsewhere:
                 for a in self.table.cancel(r.key, reason)]
 
     async def attach(self, owner: str, request_id: str, sink: Sink, stream: bool) -> bool:
+        """Watch a request of ``owner``: running here or elsewhere (its remaining progress
+        and its answer), or finished lately (its kept answer). False: unknown."""
         for request in self.table.find(owner, request_id):
             return self.table.watch(request.key, sink, stream)
         if await self._kept(owner, request_id, sink):
@@ -75,16 +83,33 @@ class Elsewhere:
 
     async def _kept(self, owner: str, request_id: str, sink: Sink) -> bool:
         """Its kept answer to ``sink``, if it finished lately."""
-        kept = await self.results.get(owner, request_id)
+        kept = await self.kept(owner, request_id)
+        if kept is None:
+            return False
+        await sink.answer(protocol.ApiResponse.from_json(kept), kept)
+        return True
+
+    async def rejoin(self, owner: str, request_id: str, sink: Sink, stream: bool) -> bool:
+        """A request sent again with an id ``owner`` used lately: ``sink`` watches the
+        one running here, or gets its kept answer (memory, or Redis in a cluster); False
+        if there is none (a new request, then). Not asked of other processes, nor of
+        the database: this is on every request's path."""
+        for request in self.table.find(owner, request_id):
+            return self.table.watch(request.key, sink, stream)
+        try:
+            kept = await self.recent(owner, request_id)
+        except RegistryUnavailable:  # Redis down: it is taken for a new request
+            return False
         if kept is None:
             return False
         await sink.answer(protocol.ApiResponse.from_json(kept), kept)
         return True
 
     async def status(self, owner: str, request_id: str) -> str | None:
+        """"running" (here or in another process), the kept answer (JSON text), or None."""
         if self.table.find(owner, request_id):
             return "running"
-        kept = await self.results.get(owner, request_id)
+        kept = await self.kept(owner, request_id)
         if kept is not None:
             return kept
         if not self.alone and await self.exchange.ask_all(AskKind.STATUS, owner, request_id,
