@@ -175,6 +175,8 @@ class Job(models.Model):
                                                             "(not in the worker's no_retry)")
     process = models.CharField(max_length=200, blank=True,
                                help_text="the broker process that holds it")
+    inbox = models.CharField(max_length=200, blank=True,
+                             help_text="that process's channel, where its answers go")
     restarts = models.IntegerField(default=0, help_text="broker restarts it lived through")
     created_at = models.DateTimeField(help_text="when the broker received it")
     deadline = models.DateTimeField(help_text="when it times out")

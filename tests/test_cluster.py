@@ -380,3 +380,47 @@ def test_an_embedded_broker_tidies_the_rows_its_killed_predecessor_left(broker_f
     first.stop(signal.SIGKILL)
     second = broker_factory()  # same database
     assert ("orphan", process, "offline") in session_rows(second)
+
+
+async def test_a_rolling_restart_under_load_fails_nothing_and_runs_nothing_twice(
+        cluster, workers_started, postgres_url: str, tmp_path: Path, record_property) -> None:
+    """Two processes over Redis and PostgreSQL, two workers that know both; four clients
+    keep jobs of 0.5-2 s in flight while each process in turn is stopped (SIGTERM) and
+    started again: every job is answered successfully, and each ran once."""
+    a, b = cluster(2, env={"DATABASE_URL": postgres_url})
+    for name, home, other in (("w-a", a, b), ("w-b", b, a)):
+        start_worker(workers_started, home, name, "--url", other.worker_url,
+                     "--max-concurrency", "8")
+    log = tmp_path / "runs.txt"
+    outcomes: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def load(broker: Broker, n: int) -> None:
+        async with Requester(broker.requester_url, reconnect_for=60) as client:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                tag = f"{n}-{i}"
+                try:
+                    done = await client.call("job", seconds=0.5 + (i % 4) / 2, tag=tag,
+                                             runs=str(log), timeout=60)
+                    outcomes["ok" if done == f"done {tag}" else "wrong"] += 1
+                except Exception as exc:  # noqa: BLE001 - counted, shown below
+                    outcomes[f"{type(exc).__name__}: {exc}"[:120]] += 1
+
+    clients = [asyncio.ensure_future(load(broker, n)) for n, broker in enumerate((a, b, a, b))]
+    await asyncio.sleep(3)
+    for broker in (a, b):
+        broker.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert await asyncio.to_thread(broker.proc.wait, 15) == 0  # type: ignore[union-attr]
+        await asyncio.to_thread(broker.start)
+        await asyncio.sleep(4)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*clients), 90)
+    starts = Counter(line.split()[1] for line in log.read_text().splitlines()
+                     if line.startswith("start"))
+    twice = {tag: n for tag, n in starts.items() if n > 1}
+    report = {"jobs": sum(outcomes.values()), "ok": outcomes["ok"], "run_twice": len(twice)}
+    record_property("rolling_restart", json.dumps(report))
+    assert set(outcomes) == {"ok"} and outcomes["ok"] > 20, outcomes
+    assert not twice, twice

@@ -434,8 +434,10 @@ async def test_requester_socket_answers_every_frame_once_and_stays_usable(
                 (raw, reply)
         await answer_requests(w)
         assert await r.receive_nothing(0.01), "an extra answer arrived"
-        await r.send_json_to({"request_id": "after", "command": "echo", "data": {"ok": 1}})
-        assert await next_reply(r, w) == {"request_id": "after", "success": True,
+        # A fresh id: one sent lately is the same request (its kept answer comes back).
+        after = f"after-{worker_id}"
+        await r.send_json_to({"request_id": after, "command": "echo", "data": {"ok": 1}})
+        assert await next_reply(r, w) == {"request_id": after, "success": True,
                                           "data": echo_result({"ok": 1}), "error": None,
                                           "processed_by": worker_id}
     finally:

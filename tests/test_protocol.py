@@ -64,7 +64,7 @@ def test_bad_frames_are_refused_with_a_readable_reason(text: str | bytes, reason
 def test_message_types_are_the_seeds_and_the_long_jobs_ones() -> None:
     assert {t.value for t in MessageType} == {
         "connect", "disconnect", "heartbeat", "error", "request", "response", "notification",
-        "custom", "cancel", "progress", "chunk", "chunk_ack"}
+        "custom", "cancel", "progress", "chunk", "chunk_ack", "adopt"}
 
 
 def test_response_and_error_constructors() -> None:

@@ -31,7 +31,7 @@ from .handlers import CommandRegistry
 from .protocol import (MAX_JOBS, CloseCode, ErrorCode, Feature, Message, MessageType,
                        Registration, quote, random_id)
 from .address import auth_headers
-from .relay import Relay, adopted_jobs
+from .relay import Relay
 from .runner import STOPPED, Runner
 from .session import CLOSE_TIMEOUT, SHUTTING_DOWN, MessageHandler, Session
 
@@ -352,11 +352,7 @@ class Worker:
                             features=frozenset(Feature), jobs=held[:MAX_JOBS])
 
     async def _resume(self, session: Session, answer: dict[str, Any]) -> None:
-        """Registered again: go on with the jobs the broker adopted, stop the others (a
-        broker that cannot adopt has none: what ran before is answered to nobody)."""
-        adopted = adopted_jobs(answer) if Feature.RESUME in session.features else set()
-        self._runner.resumed(adopted)
-        await self._relay.resume(adopted)
+        await self._runner.resume(answer, Feature.RESUME in session.features)
 
     def _adopt(self, data: dict[str, Any]) -> None:
         """The broker's answer to ``connect``: its id for us, and its heartbeat interval."""

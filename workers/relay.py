@@ -14,7 +14,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict, deque
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .outbox import Outbox
 
@@ -50,6 +50,9 @@ class Relay:
         #: request id -> its held frames, in the order they were sent
         self.held: OrderedDict[str, list[tuple[Kind, str]]] = OrderedDict()
         self.held_chars = self.held_frames = 0
+        #: Jobs reported at registration that no broker process adopted yet: what they
+        #: send is held until one does (:meth:`adopt`) or the grace ends (:meth:`forget`).
+        self.pending: set[str] = set()
         self._recent: deque[tuple[float, str, str]] = deque(maxlen=MAX_RECENT)
 
     def attach(self, outbox: Outbox) -> None:
@@ -68,33 +71,46 @@ class Relay:
     def held_ids(self) -> list[str]:
         return list(self.held)
 
-    async def resume(self, adopted: Iterable[str]) -> None:
-        """The broker adopted these jobs: send what they hold; drop what others do."""
-        keep = set(adopted)
-        held = self.held
-        if held or keep:
-            logger.info("The broker adopted %d job(s) of before; %d with something to send",
-                        len(keep), len(keep & set(held)))
-        self.drop_all()
+    def resume(self, adopted: set[str], pending: set[str]) -> None:
+        """Registered again: from now on frames go out (but the ``pending`` jobs', which
+        another process may adopt yet); what jobs neither adopted nor pending held is
+        dropped. What the adopted held goes with :meth:`adopt`."""
+        self.pending = set(pending)
+        if self.held or adopted or pending:
+            logger.info("The broker adopted %d job(s) of before (%d more may be adopted)",
+                        len(adopted), len(pending))
+        self._drop(lambda request_id: request_id not in adopted | self.pending)
         self.live = self.outbox is not None
-        dropped = 0
-        for request_id, frames in held.items():
-            if request_id not in keep:
-                dropped += len(frames)
-                continue
-            for kind, text in frames:
+
+    async def adopt(self, adopted: Iterable[str]) -> None:
+        """Send what these jobs hold, and from now on what they send."""
+        for request_id in adopted:
+            self.pending.discard(request_id)
+            for kind, text in self._take(request_id):
                 await self.send(request_id, kind, text)
+
+    def forget(self) -> set[str]:
+        """The grace for adoption is over: what pending jobs held is dropped; returns
+        them (they are stopped)."""
+        pending, self.pending = self.pending, set()
+        self._drop(lambda request_id: request_id in pending)
+        return pending
+
+    def _take(self, request_id: str) -> list[tuple[Kind, str]]:
+        frames = self.held.pop(request_id, [])
+        for _, text in frames:
+            self._count(-1, text)
+        return frames
+
+    def _drop(self, which: Callable[[str], bool]) -> None:
+        dropped = sum(len(self._take(r)) for r in [r for r in self.held if which(r)])
         if dropped:
             logger.info("Dropped %d frame(s) of jobs the broker no longer has", dropped)
 
-    def drop_all(self) -> None:
-        """Forget what is held (the broker adopts none of it)."""
-        self.held = OrderedDict()
-        self.held_chars = self.held_frames = 0
-
     async def send(self, request_id: str, kind: Kind, text: str) -> bool:
         """Send now if live, else hold; False if it had to be held."""
-        if self.live and self.outbox is not None and await self.outbox.send(text):
+        if self.live and request_id not in self.pending and self.outbox is not None \
+                and await self.outbox.send(text):
             if kind is Kind.ANSWER:
                 self._recent.append((time.monotonic(), request_id, text))
             return True

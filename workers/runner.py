@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Iterable
 
 from . import tracing
 from .handlers import CommandRegistry, run_safely
 from .jobs import JobContext
 from .outbox import Spawn
 from .protocol import CANCELLED, ErrorCode, Message, MessageType, RequestBody
-from .relay import Kind, Relay
+from .relay import Kind, Relay, adopted_jobs
 
 logger = logging.getLogger("workers.client")
 
@@ -39,9 +39,15 @@ class Runner:
         #: request id -> its context, its task, and whether cancelling the task stops it
         #: (an async handler; a thread cannot be interrupted)
         self.jobs: dict[str, tuple[JobContext, asyncio.Task[Any], bool]] = {}
+        self._forgetting: asyncio.Task[None] | None = None  # ends the grace for adoption
 
     def start(self, request_id: str, body: RequestBody) -> None:
-        """Run it in a task of its own, so that reading frames never waits for a job."""
+        """Run it in a task of its own, so that reading frames never waits for a job.
+        One it runs already (sent again after a broker restart) is not run twice: it
+        is the broker's again, and its answer goes out."""
+        if request_id in self.jobs:
+            self._spawn(self.adopted([request_id]))
+            return
         self.in_flight += 1
         ctx = JobContext(request_id, time_left=body.time_left, stream=body.stream,
                          lease=self.registry.lease_of(body.action), send=self._send_frame,
@@ -61,15 +67,41 @@ class Runner:
         if on_loop:
             task.cancel()
 
-    def resumed(self, adopted: set[str]) -> None:
-        """Registered again: the broker adopted these jobs (their chunk windows start
-        afresh; acknowledgements lost with the connection will not come); the others
-        it no longer has, and they stop."""
-        for request_id, (ctx, _, _) in list(self.jobs.items()):
-            if request_id in adopted:
-                ctx.resumed()
-            else:
+    async def resume(self, answer: dict[str, Any], granted: bool) -> None:
+        """Registered again (``answer``: the broker's): go on with the jobs of before it
+        adopted; those it did not, another process may adopt within its grace (they go
+        on meanwhile, what they send held); a broker that cannot adopt (not
+        ``granted``) has none of them, and they stop, as they would after the grace."""
+        adopted = adopted_jobs(answer) if granted else set()
+        pending = (set(self.jobs) | set(self.relay.held)) - adopted if granted else set()
+        self.relay.resume(adopted, pending)
+        for request_id in list(self.jobs):
+            if request_id not in adopted | pending:
                 self.cancel(request_id, "the broker no longer has this request")
+        await self.adopted(adopted)
+        if pending:  # not a task the worker's stop waits for
+            grace = answer.get("adopt_grace")
+            if self._forgetting is not None:
+                self._forgetting.cancel()
+            self._forgetting = asyncio.get_running_loop().create_task(
+                self._forget_pending_after(float(grace) if isinstance(grace, (int, float))
+                                           else 30.0))
+
+    async def adopted(self, request_ids: Iterable[str]) -> None:
+        """These jobs are the broker's again: what they hold goes out, and their chunk
+        windows start afresh (acknowledgements lost with the old connection never come)."""
+        ids = list(request_ids)
+        for request_id in ids:
+            job = self.jobs.get(request_id)
+            if job is not None:
+                job[0].resumed()
+        await self.relay.adopt(ids)
+
+    async def _forget_pending_after(self, grace: float) -> None:
+        """The grace for adoption ends: the jobs no process adopted stop."""
+        await asyncio.sleep(grace)
+        for request_id in self.relay.forget():
+            self.cancel(request_id, "no broker process adopted this request")
 
     def acked(self, request_id: str, seq: int) -> None:
         """The broker passed chunk ``seq`` on: the job may send more."""

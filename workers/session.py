@@ -119,7 +119,14 @@ class Ignore:
     why: str
 
 
-Reaction = Reply | Run | Resolve | Leave | Handle | CancelJob | Acked | Ignore
+@dataclass(frozen=True, slots=True)
+class AdoptJobs:
+    """The broker adopted these jobs of before (reported when registering): go on."""
+
+    request_ids: list[str]
+
+
+Reaction = Reply | Run | Resolve | Leave | Handle | CancelJob | Acked | AdoptJobs | Ignore
 
 
 def react(msg: Message, *, stopping: bool, handled: Collection[str],
@@ -173,6 +180,11 @@ def react(msg: Message, *, stopping: bool, handled: Collection[str],
         except ProtocolError as exc:
             return Ignore(f"unreadable chunk_ack: {exc}")
         return Acked(body.request_id, body.seq)
+    if kind == MessageType.ADOPT.value:
+        jobs = msg.data.get("jobs")
+        if not isinstance(jobs, list):
+            return Ignore("adopt without jobs")
+        return AdoptJobs([j for j in jobs if isinstance(j, str)])
     if kind in handled:
         return Handle(msg, reply_on_error=True)
     return Reply(Message.error(f"Unknown message type '{kind}'", reply_to=msg.msg_id,
@@ -377,6 +389,8 @@ class Session:
             self.runner.cancel(reaction.request_id, reaction.reason)
         elif isinstance(reaction, Acked):
             self.runner.acked(reaction.request_id, reaction.seq)
+        elif isinstance(reaction, AdoptJobs):
+            await self.runner.adopted(reaction.request_ids)
         elif isinstance(reaction, Resolve):
             self._resolve(reaction)
         elif isinstance(reaction, Handle):

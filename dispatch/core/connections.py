@@ -20,7 +20,8 @@ from .. import conf
 from ..balancing import Health
 from ..registry import Registry, WorkerEntry
 from . import links
-from .events import Cancel, ChunkAck, CloseWorker, Event, Forward, Lost, Notify
+from .events import (Adopt, Adopted, Cancel, ChunkAck, CloseWorker, Event, Forward, Lost,
+                     Moved, Notify)
 from .exchange import Exchange
 from .links import WorkerLink
 from .slots import Slots
@@ -43,9 +44,12 @@ class WorkerConnections:
         self.adopter: Adopter | None = None
         self.links: set[WorkerLink] = set()  # every worker connection, registered or not
         self.by_name: dict[str, WorkerLink] = {}  # the registered, by connection name
+        #: Told when another process takes over one's requests (a stopping one listens).
+        self.on_moved: Callable[[Moved], None] | None = None
         for kind, handler in ((Forward, self._on_forward), (Cancel, self._on_cancel),
                               (ChunkAck, self._on_chunk_ack), (Notify, self._on_notify),
-                              (CloseWorker, self._on_close)):
+                              (CloseWorker, self._on_close), (Adopt, self._on_adopt),
+                              (Moved, self._on_moved)):
             exchange.on(kind, handler)  # type: ignore[arg-type]
 
     @property
@@ -128,7 +132,19 @@ class WorkerConnections:
         for link in list(self.by_name.values()):
             await link.notify(event.message, event.extra)
 
+    async def _on_adopt(self, event: Adopt) -> None:
+        link = self.by_name.get(event.connection)
+        held = link is not None and await link.adopt(event)
+        await self.exchange.deliver(event.reply_to, Adopted(
+            event.key, event.worker_id, event.connection, self.inbox, held))
+
+    async def _on_moved(self, event: Moved) -> None:
+        for link in self.by_name.values():
+            link.held.moved(event.old, event.new)
+        if self.on_moved is not None:
+            self.on_moved(event)
+
     async def _on_close(self, event: CloseWorker) -> None:
         link = self.by_name.get(event.connection)
         if link is not None:
-            await link.close_saying(event.reason, event.code)
+            await link.close(event.code, event.reason, tell=True)

@@ -34,6 +34,7 @@ from .exchange import Exchange
 from .liveness import Liveness
 from .lookup import Lookup
 from .metering import meter
+from .handover import Handover
 from .keeper import Keeper
 from .requests import (Action, Answer, Arm, ArmHedge, AwaitWorker, CancelOnWorker, GiveBack,
                        Notify, Request, RequestTable, Reserve, Sink, State, Wake, Watcher)
@@ -61,16 +62,19 @@ class Dispatcher:
         self.slots = Slots(registry, self.table, self._perform)
         self.workers = WorkerConnections(self.exchange, self.slots, registry, self.process,
                                          self.table.stats)
-        self.workers.adopter = lambda entry, jobs: self.keeper.adopt(entry, jobs, self.inbox)
         self.results = results_for(registry)
-        self.keeper = Keeper(self.table, self.results, self._perform, self.process)
+        self.keeper = Keeper(self.table, self.results, self._perform, self.process,
+                             self.exchange, registry)
+        self.workers.adopter = self.keeper.adopt
+        self.handover = Handover(self.exchange, self.process)
+        self.workers.on_moved = self.handover.moved
         #: Cancel, attach, status by request id, wherever the request is.
         self.lookup = Lookup(self.exchange, self.table, self.keeper.kept_answer,
                              self.results.get, self._perform, registry.local)
-        self.liveness = Liveness(registry, self.process)
+        self.liveness = Liveness(registry, self.process, self.keeper.take_over_dead)
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = False
-        #: Stopping with a job store: jobs whose workers leave stay as they are (kept).
+        #: Stopping with a job store: its requests are handed over (:mod:`.handover`).
         self.handing_over = False
         self._actions: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
             Place: self._forward, Answer: self._answer, Arm: self._arm,
@@ -109,7 +113,7 @@ class Dispatcher:
                        self.workers.watch()]
         await self.recorder.start()
         await self.liveness.start()
-        await self.keeper.start(None if self.registry.local else [])
+        await self.keeper.start()
         log.debug("dispatcher %s listening on %s", self.process, self.inbox)
 
     async def drain(self, grace: float) -> None:
@@ -122,8 +126,12 @@ class Dispatcher:
         its workers hold for other processes first.
         """
         self.table.accepting = False
-        self.handing_over = self.keeper.store is not None
         await self.workers.stop_taking_work()
+        if self.keeper.store is not None:
+            self.handing_over = True
+            self.handover.freeze()
+            await self.liveness.stop()  # gone: no other process waits for it to come back
+            await self.handover.give_away(self.keeper.store, self.registry.local)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (0 if self.handing_over else grace)
         while loop.time() < deadline and (len(self.table) or self.workers.busy):
@@ -214,7 +222,9 @@ class Dispatcher:
         self.slots.slot_freed()
 
     async def _on_lost(self, event: Lost) -> None:
-        if self.handing_over:  # it stays in the store, running, for the next start
+        if event.resumable and (waiting := self.keeper.recovery.away(event.key,
+                                                                     event.worker_id)):
+            await self._perform(waiting)
             return
         await self._perform(self.table.lost(event.key, event.worker_id, event.reason,
                                             ErrorCode.of(event.code, ErrorCode.WORKER_LOST)))

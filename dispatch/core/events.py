@@ -68,6 +68,8 @@ class Lost:
     worker_id: str
     reason: str
     code: str | None = None  # to answer with if it is not re-sent (default worker_lost)
+    #: The connection dropped, and the worker keeps its jobs (resume): it may come back.
+    resumable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +174,73 @@ class CloseWorker:
     code: int
 
 
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """A stopping process -> every process (the group): take over my unanswered jobs
+    (from the job store); the first that does answers ``Asked(token, 1)``."""
+
+    TYPE: ClassVar[str] = "broker.gone"
+    process: str
+    reply_to: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """Every process (the group): the requests of the process at inbox ``old`` are now
+    held by the one at ``new``; answers for them go there."""
+
+    TYPE: ClassVar[str] = "broker.moved"
+    old: str
+    new: str
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """The process holding a request -> the one holding its worker's connection: the
+    worker was running it before a restart (or a takeover): hold it for ``reply_to``."""
+
+    TYPE: ClassVar[str] = "broker.adopt"
+    key: str
+    worker_id: str
+    connection: str
+    reply_to: str
+    command: str
+    timeout: float
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """The answer to :class:`Adopt`: whether the worker holds it (``held``), and where."""
+
+    TYPE: ClassVar[str] = "broker.adopted"
+    key: str
+    worker_id: str
+    connection: str
+    inbox: str
+    held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """The process a worker registered with -> every process (the group): it reports
+    these jobs of before, which this process does not hold; their holders adopt them."""
+
+    TYPE: ClassVar[str] = "broker.holding"
+    worker_id: str
+    connection: str
+    inbox: str
+    keys: list[str]
+
+
 Event = (Forward | Reply | Lost | Progress | Chunk | ChunkAck | Cancel | Ask | Asked
-         | Watched | Notify | CloseWorker)
+         | Watched | Notify | CloseWorker | Gone | Moved | Adopt | Adopted | Holding)
 
 _KINDS: dict[str, tuple[type[Any], tuple[str, ...]]] = {
     kind.TYPE: (kind, tuple(f.name for f in fields(kind)))
     for kind in (Forward, Reply, Lost, Progress, Chunk, ChunkAck, Cancel, Ask, Asked,
-                 Watched, Notify, CloseWorker)}
+                 Watched, Notify, CloseWorker, Gone, Moved, Adopt, Adopted, Holding)}
 
 
 class UnknownEvent(ValueError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..balancing import Health
-from .events import Forward
+from .events import Adopt, Forward
 
 
 @dataclass(slots=True)
@@ -47,6 +47,9 @@ class Held:
     def __init__(self) -> None:
         self.by_key: dict[str, Assignment] = {}
         self.chars = 0
+        #: Jobs of before a restart the worker reported and no process adopted yet: the
+        #: one that takes them over may still ask (:meth:`adopt`).
+        self.pending: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -65,6 +68,26 @@ class Held:
         """Hold a request given to the worker (``size``: characters of its frame)."""
         self.add(forward.key, Assignment(forward.reply_to, now, now + forward.timeout, size,
                                          forward.stream, lease, now))
+
+    def adopt(self, adopt: Adopt, lease: float | None, now: float) -> bool:
+        """Another process holds this request now: answers for it go there. True if the
+        worker has it (held already, or reported at registration)."""
+        assignment = self.by_key.get(adopt.key)
+        if assignment is not None:
+            assignment.reply_to = adopt.reply_to
+            return True
+        if adopt.key not in self.pending:
+            return False
+        self.pending.discard(adopt.key)
+        self.add(adopt.key, Assignment(adopt.reply_to, now, now + adopt.timeout, 0,
+                                       adopt.stream, lease, now))
+        return True
+
+    def moved(self, old: str, new: str) -> None:
+        """The process at ``old`` handed its requests over to the one at ``new``."""
+        for assignment in self.by_key.values():
+            if assignment.reply_to == old:
+                assignment.reply_to = new
 
     def take(self, key: str) -> Assignment | None:
         """Forget one (it was answered, or is freed); None if not held."""

@@ -1,10 +1,14 @@
-"""What the dispatcher tells the job store, and what it reads back at start.
+"""What the dispatcher tells the job store, and what comes back from it.
 
 The dispatcher calls :meth:`Keeper.accepted`, :meth:`~Keeper.placed` and
 :meth:`~Keeper.answered` as a request goes (none awaits: the store commits in the
-background); at start, :meth:`Keeper.start` serves again what an earlier run left
-unanswered, and puts the answers it kept where a returning requester looks for
-them. With ``JOB_STORE`` off, all of this does nothing.
+background). Requests are read back from the store when a process starts (those an
+earlier run left), when another process hands its requests over as it stops
+(:class:`~.events.Gone`), and when one has been dead for two liveness rounds
+(kill -9: :meth:`Keeper.take_over_dead`). A request that was running is adopted
+where its worker is, which may be another process: it is asked (:class:`Adopt`), or
+it says so when the worker registers there (:class:`Holding`). With ``JOB_STORE``
+off, all of this does nothing.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from typing import Awaitable, Callable
 
 from .. import conf
-from ..registry import WorkerEntry
-from .events import Forward
+from ..errors import LayerUnavailable, RegistryUnavailable
+from ..registry import Registry, WorkerEntry
+from .events import Adopt, Adopted, Forward, Gone, Holding, Moved
+from .exchange import Exchange
 from .recovery import Recovery
 from .requests import Action, Request, RequestTable
 from .results import Results
@@ -31,14 +38,21 @@ class Keeper:
     """The job store's side of one process's dispatcher."""
 
     def __init__(self, table: RequestTable, results: Results, perform: Perform,
-                 process: str) -> None:
+                 process: str, exchange: Exchange, registry: Registry) -> None:
         self.store = JobStore(process) if conf.get("JOB_STORE") else None
         self.recovery = Recovery(table)
         self.results = results
+        self.exchange = exchange
+        self.registry = registry
+        self.process = process
         self._perform = perform
         #: Event-loop time until which a request that finds no worker waits for one: a
         #: fleet is coming back after a restart (0: none is expected).
         self.patient_until = 0.0
+        self._missing: set[str] = set()  # processes with rows, not alive last round
+        for kind, handler in ((Gone, self._on_gone), (Holding, self._on_holding),
+                              (Adopted, self._on_adopted)):
+            exchange.on(kind, handler)  # type: ignore[arg-type]
 
     def accepted(self, request: Request) -> None:
         if self.store is not None:
@@ -60,60 +74,151 @@ class Keeper:
         future.set_result(None)
         return future
 
-    async def start(self, dead: list[str] | None) -> None:
-        """Serve again what the ``dead`` processes (None: any earlier run) left."""
-        if self.store is None:
-            return
-        await self.store.start()
-        if dead is None:  # the only process: its kept answers were in its memory
-            for owner, request_id, answer in await self.store.answered_lately():
-                self.results.put(owner, request_id, answer)  # a requester may come back
-        kept = await self.store.take_over(dead)
-        if kept:
-            log.warning("job store: %d request(s) left unanswered by a stopped broker "
-                        "process: served again (%d were running)", len(kept),
-                        sum(k.state == "running" for k in kept))
-        now = asyncio.get_running_loop().time()
-        if kept or await self.store.had_workers_lately(conf.get("ADOPT_GRACE")):
-            self.patient_until = now + conf.get("ADOPT_GRACE")
-        for row in kept:
-            await self._perform(self.recovery.restore(
-                request_from(row), row.worker_id if row.state == "running" else None, now,
-                row.retry_safe))
-
-    async def adopt(self, entry: WorkerEntry, reported: list[str], inbox: str
-                    ) -> list[Forward]:
-        """A worker registers: of the requests that were running on it when the broker
-        restarted, those it reports (it went on with them) are placed on it again, as
-        the forwards it would have had; those it does not report, it has lost."""
-        held, lost = set(reported), []
-        forwards = []
-        now = asyncio.get_running_loop().time()
-        for request in self.recovery.awaited(entry.worker_id):
-            if request.key not in held:
-                lost.append(request.key)
-                continue
-            self.recovery.adopt(request, entry)
-            forwards.append(Forward(request.key, request.command, request.data, inbox,
-                                    max(0.001, request.deadline - now), entry.worker_id,
-                                    entry.connection, request.stream, request.traceparent))
-        for key in lost:
-            await self._perform(self.recovery.not_back(key))
-        if forwards or lost:
-            log.info("worker %s came back with %d job(s) of before the restart; %d it no "
-                     "longer had", entry.worker_id, len(forwards), len(lost))
-        return forwards
-
-    async def stop(self) -> None:
-        if self.store is not None:
-            await self.store.stop()
-
     async def kept_answer(self, owner: str, request_id: str) -> str | None:
         """The answer kept for a request (memory or Redis first, then the store)."""
         text = await self.results.get(owner, request_id)
         if text is None and self.store is not None:
             text = await self.store.kept(owner, request_id)
         return text
+
+    # ------------------------------------------------------------------ reading back
+
+    async def start(self) -> None:
+        """Alone (the embedded default), serve again what any earlier run left."""
+        if self.store is None:
+            return
+        self.store.inbox = self.exchange.inbox
+        await self.store.start()
+        if not self.registry.local:
+            return  # in a cluster, rows are taken from processes known to be gone
+        for owner, request_id, answer in await self.store.answered_lately():
+            self.results.put(owner, request_id, answer)  # a requester may come back for it
+        kept = await self.store.take_over(None)
+        if kept or await self.store.had_workers_lately(conf.get("ADOPT_GRACE")):
+            self.patient_until = asyncio.get_running_loop().time() + conf.get("ADOPT_GRACE")
+        await self._serve_again(kept)
+
+    async def take_over_dead(self, live: set[str]) -> None:
+        """A liveness round: take over the rows of processes not alive this round nor
+        the one before (a moment's absence, as when Redis restarts, is no death)."""
+        if self.store is None:
+            return
+        missing = await self.store.holders() - live - {self.process}
+        dead, self._missing = missing & self._missing, missing
+        if dead:
+            log.warning("taking over the requests of stopped broker process(es): %s",
+                        ", ".join(sorted(dead)))
+            await self._serve_again(await self.store.take_over(sorted(dead)))
+
+    async def _on_gone(self, event: Gone) -> None:
+        if self.store is not None and event.process != self.process:
+            await self._serve_again(await self.store.take_over([event.process]),
+                                    leaving=event.process)
+
+    async def _serve_again(self, kept: list[Kept], leaving: str = "") -> None:
+        """Hold ``kept`` again; ask the workers of those that ran to adopt them where
+        they are (but at the ``leaving`` process: it sends them away, and they report
+        their jobs where they register next)."""
+        if not kept:
+            return
+        log.warning("job store: %d request(s) taken over (%d were running)", len(kept),
+                    sum(k.state == "running" for k in kept))
+        now = asyncio.get_running_loop().time()
+        awaited: dict[str, list[Request]] = defaultdict(list)
+        for row in kept:
+            request = request_from(row)
+            running_on = row.worker_id if row.state == "running" else None
+            await self._perform(self.recovery.restore(request, running_on, now,
+                                                      row.retry_safe))
+            if running_on:
+                awaited[running_on].append(request)
+        for old in {row.inbox for row in kept if row.inbox}:  # answers for them: here
+            await self._tell_all(Moved(old, self.exchange.inbox))
+        for worker_id, requests in awaited.items():
+            await self._ask_worker(worker_id, requests, leaving)
+
+    async def _ask_worker(self, worker_id: str, requests: list[Request], leaving: str
+                          ) -> None:
+        """Where the worker is registered now (here or elsewhere), ask it to adopt."""
+        try:
+            entry = await self.registry.get(worker_id)
+        except RegistryUnavailable:
+            entry = None  # it reports them when it registers again
+        if entry is not None and entry.process != leaving:
+            for request in requests:
+                await self.exchange.deliver(entry.inbox, adopt(request, entry,
+                                                               self.exchange.inbox))
+
+    async def _tell_all(self, event: Moved) -> None:
+        try:
+            await self.exchange.broadcast(event)
+        except LayerUnavailable as exc:
+            log.warning("could not tell the other processes: %s", exc)
+
+    # ------------------------------------------------------------------ adoption
+
+    async def adopt(self, entry: WorkerEntry, reported: list[str]) -> list[Forward]:
+        """A worker registers here: of the requests of this process that wait for it,
+        those it reports (it went on with them) are placed on it again, as the forwards
+        it would have had; those it does not, it has lost. What it reports that this
+        process does not hold, the others are told about (they may)."""
+        held, lost, forwards = set(reported), [], []
+        now = asyncio.get_running_loop().time()
+        moved = self.recovery.reported(entry.worker_id, entry.connection, held)
+        for request in [*self.recovery.awaited(entry.worker_id), *moved]:
+            if request.key not in held:
+                lost.append(request.key)
+                continue
+            self.recovery.adopt(request, entry.worker_id, entry.connection, entry.inbox)
+            forwards.append(Forward(request.key, request.command, request.data,
+                                    self.exchange.inbox,
+                                    max(0.001, request.deadline - now), entry.worker_id,
+                                    entry.connection, request.stream, request.traceparent))
+        for key in lost:
+            await self._perform(self.recovery.not_back(key))
+        others = sorted(held - {f.key for f in forwards})
+        if others and not self.registry.local:
+            try:
+                await self.exchange.broadcast(Holding(entry.worker_id, entry.connection,
+                                                      entry.inbox, others))
+            except LayerUnavailable as exc:
+                log.warning("could not ask who holds the jobs of worker %s: %s",
+                            entry.worker_id, exc)
+        return forwards
+
+    async def _on_holding(self, event: Holding) -> None:
+        keys = set(event.keys)
+        for request in [*self.recovery.awaited(event.worker_id),
+                        *self.recovery.reported(event.worker_id, event.connection, keys)]:
+            if request.key in keys:
+                await self.exchange.deliver(event.inbox, Adopt(
+                    request.key, event.worker_id, event.connection, self.exchange.inbox,
+                    request.command, time_left(request), request.stream))
+
+    async def _on_adopted(self, event: Adopted) -> None:
+        request = self.recovery.waiting_for(event.key, event.worker_id)
+        if request is None:
+            [request] = self.recovery.reported(event.worker_id, event.connection,
+                                               {event.key}) or [None]
+        if request is None:
+            return
+        if event.held:
+            self.recovery.adopt(request, event.worker_id, event.connection, event.inbox)
+        else:
+            await self._perform(self.recovery.not_back(event.key))
+
+    async def stop(self) -> None:
+        if self.store is not None:
+            await self.store.stop()
+
+
+def adopt(request: Request, entry: WorkerEntry, reply_to: str) -> Adopt:
+    return Adopt(request.key, entry.worker_id, entry.connection, reply_to, request.command,
+                 time_left(request), request.stream)
+
+
+def time_left(request: Request) -> float:
+    return max(0.001, request.deadline - asyncio.get_running_loop().time())
 
 
 def request_from(row: Kept) -> Request:
@@ -128,4 +233,3 @@ def request_from(row: Kept) -> Request:
         target=body.get("target"), owner=row.owner, priority=int(body.get("priority") or 0),
         select=tuple(tuple(p) for p in body.get("select") or ()),  # type: ignore[misc]
         affinity=body.get("affinity"), hedge=bool(body.get("hedge")))
-

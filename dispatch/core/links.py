@@ -31,7 +31,7 @@ from ..history import HistoryRecorder
 from ..logsafe import LogBudget
 from ..registry import Registry, WorkerEntry
 from . import registration
-from .events import Chunk, Event, Forward, Lost, Progress, Reply
+from .events import Adopt, Chunk, Event, Forward, Lost, Progress, Reply
 from .held import Assignment, Due, Held
 from .pulse import Pulse, Verdict
 from .registration import FLEET_LOG
@@ -131,20 +131,14 @@ class WorkerLink:
             return
         entry, adopted = admitted
         self.entry, self.state, self.features = entry, LinkState.REGISTERED, reg.features
+        self.held.pending = set(reg.jobs) - {f.key for f in adopted}
         for forward in adopted:  # running there since before the restart: held, not sent
             self.held.take_on(forward, 0, entry.leases.get(forward.command), time.monotonic())
         self.host.registered(self)
         await self.socket.send_frame(Message(MessageType.CONNECT.value,
                                              registration.welcome(reg, entry, adopted)))
-        self.recorder.worker_connected(
-            session_id=self.session_id, worker_id=reg.worker_id, name=reg.name,
-            address=entry.address, process=entry.process, commands=reg.commands,
-            weight=entry.weight, max_concurrency=entry.max_concurrency,
-            connected_at=entry.connected_at, owner=entry.owner)
+        registration.announce(self, reg, entry)
         self.host.slot_freed()
-        FLEET_LOG.log(log, logging.INFO, "worker %s (%s) registered from %s: %s",
-                      quote(reg.worker_id), quote(reg.name), self.socket.peer,
-                      quote(", ".join(reg.commands), 300))
 
     async def heartbeat(self, msg: Message) -> None:
         entry = self.entry
@@ -220,10 +214,8 @@ class WorkerLink:
 
     async def answer_too_large(self, body: ResponseBody, msg_id: str, size: int,
                                limit: int) -> bool:
-        """An answer too large to pass on fails its request now, and frees the slot.
-
-        False if the worker does not hold that request (the frame is refused as such).
-        """
+        """An answer too large to pass on fails its request now, and frees the slot;
+        False if the worker does not hold that request (the frame is refused as such)."""
         assignment = self.held.take(body.request_id)
         if assignment is None or self.entry is None:
             return False
@@ -259,6 +251,18 @@ class WorkerLink:
             await self.host.deliver(assignment.reply_to, Chunk(
                 body.request_id, self.entry.worker_id, body.seq, body.data,  # type: ignore
                 self.host.inbox, self.connection))
+
+    async def adopt(self, adopt: Adopt) -> bool:
+        """Another process took over a request this worker runs: hold it for that one
+        (and tell the worker, if it was waiting to hear)."""
+        if self.entry is None or self.entry.worker_id != adopt.worker_id:
+            return False
+        held = adopt.key in self.held
+        if not self.held.adopt(adopt, self.entry.leases.get(adopt.command), time.monotonic()):
+            return False
+        if not held:
+            await self.socket.send_frame(Message(MessageType.ADOPT.value, {"jobs": [adopt.key]}))
+        return True
 
     async def chunk_acked(self, key: str, seq: int) -> None:
         if key in self.held:
@@ -340,11 +344,14 @@ class WorkerLink:
             f"no sign of life for {quiet:.0f}s, lease {assignment.lease:g}s",
             ErrorCode.LEASE_EXPIRED.value))
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, tell: bool = False) -> None:
+        """Tear down and close; ``tell``: say why in an error frame first."""
+        if tell:
+            await self.socket.send_frame(Message.error(reason))
         await self.teardown(reason)
         await self.socket.close(code)
 
-    async def teardown(self, reason: str) -> None:
+    async def teardown(self, reason: str, dropped: bool = False) -> None:
         """Leave the registry and hand every unanswered request back: once only."""
         if self.state is LinkState.CLOSED:
             return
@@ -356,9 +363,10 @@ class WorkerLink:
             await self.host.registry.remove(entry.worker_id, self.connection)
         except RegistryUnavailable as exc:  # its entry expires with its heartbeat
             log.warning("worker %s: could not leave the registry: %s", self.label, exc)
-        held = self.held.take_all()
+        held, resumable = self.held.take_all(), dropped and Feature.RESUME in self.features
         for key, assignment in held.items():
-            await self.host.deliver(assignment.reply_to, Lost(key, entry.worker_id, reason))
+            await self.host.deliver(assignment.reply_to, Lost(key, entry.worker_id, reason,
+                                                              resumable=resumable))
         self.recorder.worker_disconnected(self.session_id, time.time(),
                                           entry.completed + entry.errors, entry.worker_id)
         FLEET_LOG.log(log, logging.INFO, "worker %s left (%s); %d request(s) handed back",
@@ -370,11 +378,6 @@ class WorkerLink:
         """A broadcast notification to pass on."""
         if self.state is LinkState.REGISTERED:
             await self.socket.send_frame(Message.notification(message, **extra))
-
-    async def close_saying(self, reason: str, code: int) -> None:
-        """Close this socket, saying why (a newer connection took its worker id)."""
-        await self.socket.send_frame(Message.error(reason))
-        await self.close(code, reason)
 
     async def stop_taking_work(self) -> None:
         """Out of rotation: what it holds still finishes."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 from .. import conf
 from ..history import mark_processes_offline
@@ -24,9 +25,12 @@ log = logging.getLogger("dispatch.liveness")
 class Liveness:
     """This process's part: say it is alive, and tidy up after the dead."""
 
-    def __init__(self, registry: Registry, process: str) -> None:
+    def __init__(self, registry: Registry, process: str,
+                 reap: Callable[[set[str]], Awaitable[None]] | None = None) -> None:
         self.registry = registry
         self.process = process
+        #: Called each round with the live processes: takes over what the dead held.
+        self.reap = reap
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -47,6 +51,7 @@ class Liveness:
         if self._task is None:
             return
         self._task.cancel()
+        self._task = None
         try:
             await self.registry.process_gone(self.process)
         except RegistryUnavailable as exc:  # its deadline passes by itself
@@ -67,5 +72,7 @@ class Liveness:
                     # rows are younger than two ttl, and left alone.
                     await mark_processes_offline(keep=live | {self.process},
                                                  older_than=2 * self.ttl)
+                    if self.reap is not None:
+                        await self.reap(live)
             except RegistryUnavailable as exc:
                 log.warning("process liveness: %s", exc)

@@ -12,7 +12,6 @@ must not run twice, answered ``worker_lost``.
 from __future__ import annotations
 
 from .. import conf
-from ..registry import WorkerEntry
 from .requests import Action, Arm, AwaitWorker, Placement, Request, RequestTable, Reserve, State
 
 
@@ -40,15 +39,45 @@ class Recovery:
         return [Arm(request), AwaitWorker(request, conf.get("ADOPT_GRACE"))]
 
     def awaited(self, worker_id: str) -> list[Request]:
-        """The requests that wait for this worker to come back and report them (asked
-        once, when it registers: it adopts them or has lost them)."""
-        return [r for r in self._by_worker.pop(worker_id, ()) if r.state is State.PLACED
-                and any(p.awaited and p.worker_id == worker_id for p in r.placements)]
+        """The requests that wait for this worker to come back and report them."""
+        waiting = [r for r in self._by_worker.get(worker_id, ()) if is_awaited(r, worker_id)]
+        if waiting:
+            self._by_worker[worker_id] = waiting
+        else:
+            self._by_worker.pop(worker_id, None)
+        return waiting
 
-    def adopt(self, request: Request, worker: WorkerEntry) -> None:
+    def reported(self, worker_id: str, connection: str, keys: set[str]) -> list[Request]:
+        """Requests placed on this worker by an earlier connection of its, which it
+        reports running (its broker process died, or its link dropped): adoptable too."""
+        return [r for key in keys if (r := self.table.requests.get(key)) is not None
+                and r.state is State.PLACED and any(
+                    p.worker_id == worker_id and p.connection not in ("", connection)
+                    for p in r.placements)]
+
+    def adopt(self, request: Request, worker_id: str, connection: str, inbox: str) -> None:
         """Its worker came back, still running it: placed there, not sent again."""
-        request.placements = [Placement(worker.worker_id, worker.connection, worker.inbox)]
+        request.placements = [p for p in request.placements if p.worker_id != worker_id]
+        request.placements.insert(0, Placement(worker_id, connection, inbox))
         self.table.stats["adopted"] += 1
+
+    def waiting_for(self, key: str, worker_id: str) -> Request | None:
+        """The request ``key`` if it still waits for that worker to report it."""
+        request = self.table.requests.get(key)
+        return request if request is not None and is_awaited(request, worker_id) else None
+
+    def away(self, key: str, worker_id: str) -> list[Action] | None:
+        """Its worker's connection dropped, and the worker keeps its jobs. A request that
+        must not run twice waits for it to come back (sending it elsewhere is no option,
+        and answering worker_lost would be a guess); None for any other request."""
+        request = self.table.requests.get(key)
+        if request is None or request.retry_safe or request.state is not State.PLACED or \
+                [p.worker_id for p in request.placements] != [worker_id]:
+            return None
+        request.placements = [Placement(worker_id, "", "")]
+        self._by_worker.setdefault(worker_id, []).append(request)
+        self.table.stats["awaited"] += 1
+        return [AwaitWorker(request, conf.get("ADOPT_GRACE"))]
 
     def not_back(self, key: str) -> list[Action]:
         """Its worker did not report it in time (or came back without it): lost."""
@@ -59,3 +88,8 @@ class Recovery:
         return self.table.lost(key, request.placements[0].worker_id,
                                "its worker did not come back with it after the broker "
                                "restarted")
+
+
+def is_awaited(request: Request, worker_id: str) -> bool:
+    return request.state is State.PLACED and any(
+        p.awaited and p.worker_id == worker_id for p in request.placements)

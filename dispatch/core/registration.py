@@ -89,6 +89,7 @@ def welcome(reg: Registration, entry: WorkerEntry, adopted: list[Forward]
         answer["schemas_dropped"] = reg.schemas_dropped
     if Feature.RESUME in reg.features:
         answer["adopted"] = [f.key for f in adopted]
+        answer["adopt_grace"] = conf.get("ADOPT_GRACE")
     return answer
 
 
@@ -153,3 +154,15 @@ async def restore(link: WorkerLink, entry: WorkerEntry) -> None:
         await link.socket.refuse(f"Worker id '{quote(entry.worker_id)}' belongs to "
                                  "another credential now", None, ErrorCode.NOT_ALLOWED)
         await link.close(CloseCode.WORKER_ID_TAKEN, "worker id taken")
+
+
+def announce(link: WorkerLink, reg: Registration, entry: WorkerEntry) -> None:
+    """A worker registered: in its registration row, and in the log (within bounds)."""
+    link.recorder.worker_connected(
+        session_id=link.session_id, worker_id=reg.worker_id, name=reg.name,
+        address=entry.address, process=entry.process, commands=reg.commands,
+        weight=entry.weight, max_concurrency=entry.max_concurrency,
+        connected_at=entry.connected_at, owner=entry.owner)
+    FLEET_LOG.log(log, logging.INFO, "worker %s (%s) registered from %s: %s",
+                  quote(reg.worker_id), quote(reg.name), link.socket.peer,
+                  quote(", ".join(reg.commands), 300))

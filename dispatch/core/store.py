@@ -40,8 +40,8 @@ PRUNE_BATCH = 5000
 PRUNE_EVERY = 10.0
 
 _COLUMNS = ("key", "request_id", "owner", "command", "state", "request", "worker_id",
-            "retry_safe", "process", "restarts", "created_at", "deadline", "finished_at",
-            "answer")
+            "retry_safe", "process", "inbox", "restarts", "created_at", "deadline",
+            "finished_at", "answer")
 QUEUED, RUNNING, DONE = Job.State.QUEUED.value, Job.State.RUNNING.value, Job.State.DONE.value
 
 
@@ -60,6 +60,7 @@ class Kept:
     restarts: int
     created_at: float
     deadline: float
+    inbox: str  # where the process that held it took answers
 
 
 def payload(request: Request) -> str:
@@ -76,6 +77,7 @@ class JobStore:
 
     def __init__(self, process: str) -> None:
         self.process = process
+        self.inbox = ""  # this process's channel (set once the exchange has one)
         self._new: dict[str, list[Any]] = {}  # key -> the row to insert (column order)
         self._changes: dict[str, dict[str, Any]] = {}  # key -> columns to update
         self._waiting: list[asyncio.Future[None]] = []  # resolved by the next commit
@@ -90,7 +92,7 @@ class JobStore:
     def accepted(self, request: Request) -> None:
         self._new[request.key] = [
             request.key, request.request_id, request.owner[:40], request.command[:200], QUEUED,
-            payload(request), "", True, self.process[:200], 0, request.started,
+            payload(request), "", True, self.process[:200], self.inbox, 0, request.started,
             request.started + (request.deadline - request.opened), None, ""]
         self._dirty.set()
 
@@ -128,16 +130,19 @@ class JobStore:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dispatch-store")
 
+    async def flush(self) -> None:
+        """Write what is told so far, now (a stopping broker commits what it holds)."""
+        try:
+            await self._commit()
+        except Exception as exc:  # noqa: BLE001 - stopping: said, and the stop goes on
+            log.error("job store: could not write %d change(s): %s", self.pending, exc)
+
     async def stop(self) -> None:
-        """Write what is left (a stopping broker commits what it holds)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        try:
-            await self._commit()
-        except Exception as exc:  # noqa: BLE001 - stopping: said, and the stop goes on
-            log.error("job store: could not write %d change(s) at stop: %s", self.pending, exc)
+        await self.flush()
         await self._thread.close()
 
     async def _run(self) -> None:
@@ -192,7 +197,11 @@ class JobStore:
     async def take_over(self, dead: list[str] | None) -> list[Kept]:
         """The unanswered rows of the ``dead`` processes (None: of every process), now
         this one's, each counted as having lived through a restart."""
-        return await self._thread.run(_take_over, self.process, dead)
+        return await self._thread.run(_take_over, self.process, self.inbox, dead)
+
+    async def holders(self) -> set[str]:
+        """The processes that hold unanswered rows."""
+        return await self._thread.run(_holders)
 
     async def answered_lately(self) -> list[tuple[str, str, str]]:
         """(owner, request id, answer) of the requests answered within RESULT_TTL."""
@@ -259,19 +268,27 @@ def _prune_done(before: float) -> int:
     return deleted
 
 
-def _take_over(process: str, dead: list[str] | None) -> list[Kept]:
+def _take_over(process: str, inbox: str, dead: list[str] | None) -> list[Kept]:
+    """One transaction: of two processes taking over the same rows, one gets them."""
     from django.db.models import F
 
     with transaction.atomic():
-        rows = Job.objects.exclude(state=DONE)
+        rows = Job.objects.exclude(state=DONE).exclude(process=process)
         if dead is not None:
             rows = rows.filter(process__in=dead)
-        keys = list(rows.values_list("key", flat=True))
-        Job.objects.filter(key__in=keys).update(process=process, restarts=F("restarts") + 1)
-        taken = Job.objects.filter(key__in=keys).order_by("created_at")
+        taken = list(rows.select_for_update(skip_locked=True).order_by("created_at")) \
+            if connection.features.has_select_for_update_skip_locked else \
+            list(rows.order_by("created_at"))
+        Job.objects.filter(pk__in=[j.pk for j in taken]).update(
+            process=process, inbox=inbox, restarts=F("restarts") + 1)
         return [Kept(j.key, j.request_id, j.owner, j.command, j.state,
-                     protocol.loads_object(j.request), j.worker_id, j.retry_safe, j.restarts,
-                     j.created_at.timestamp(), j.deadline.timestamp()) for j in taken]
+                     protocol.loads_object(j.request), j.worker_id, j.retry_safe,
+                     j.restarts + 1, j.created_at.timestamp(), j.deadline.timestamp(),
+                     j.inbox) for j in taken]
+
+
+def _holders() -> set[str]:
+    return set(Job.objects.exclude(state=DONE).values_list("process", flat=True).distinct())
 
 
 def _seen_since(since: float) -> bool:

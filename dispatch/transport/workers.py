@@ -44,7 +44,7 @@ class WorkerConsumer(BaseSocket):
     async def disconnect(self, code: int) -> None:
         self.forget_grant()
         if self.link is not None:
-            await self.link.teardown(f"disconnected ({code})")
+            await self.link.teardown(f"disconnected ({code})", dropped=True)
 
     async def revoke(self, reason: str) -> None:
         await self.refuse(reason, None, ErrorCode.UNAUTHORIZED)

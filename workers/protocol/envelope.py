@@ -35,6 +35,8 @@ class MessageType(str, Enum):
     PROGRESS = "progress"  # worker -> broker: how far a request got (also: it lives)
     CHUNK = "chunk"  # worker -> broker: one partial result of a request
     CHUNK_ACK = "chunk_ack"  # broker -> worker: a chunk was passed on; send more
+    # Resume (opt-in): a job of before a restart, adopted after the registration answer.
+    ADOPT = "adopt"  # broker -> worker: {"jobs": [ids]}: go on with these, send their frames
 
 
 @dataclass(slots=True)
