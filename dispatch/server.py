@@ -265,14 +265,15 @@ def graceful_stop_on_signals(grace: float) -> None:
         try:
             dispatcher = await get_dispatcher()
             if dispatcher.keeper.store is not None:
-                log.warning("stopping: what is in flight stays in the job store and with "
-                            "its workers, for the next start")
+                log.warning("stopping: what is in flight is handed over (job store), and "
+                            "its workers go on with it")
+                # First, so that no request comes meanwhile: they come back (here once
+                # it is back, or to another process) and attach to their requests.
+                await (await get_guard()).close_all("requester", CloseCode.SHUTTING_DOWN,
+                                                    protocol.SHUTTING_DOWN)
             else:
                 log.warning("stopping: finishing requests in flight (up to %.0fs)", grace)
             await dispatcher.drain(grace)
-            if dispatcher.handing_over:  # they come back and attach to their requests
-                await (await get_guard()).close_all("requester", CloseCode.SHUTTING_DOWN,
-                                                    protocol.SHUTTING_DOWN)
             await stop_dispatcher()  # commits the job store (without one: answers all)
             await stop_guard()
         except Exception:

@@ -1,0 +1,88 @@
+"""Requests read back from the job store, on a fake clock: no sockets, no database."""
+
+from __future__ import annotations
+
+from dispatch.core.recovery import Recovery
+from dispatch.core.requests import (Answer, Arm, AwaitWorker, Forward, Request, RequestTable,
+                                    Reserve, State)
+from dispatch.registry import Reservation
+from tests.test_requests import NOW, answer_of, placed, request, worker
+from workers.protocol import ErrorCode
+
+
+def restored(key: str = "k1", command: str = "echo") -> Request:
+    """A request as the keeper rebuilds it from its row: nobody watches it yet."""
+    req = request(key, command)
+    req.watchers = []
+    return req
+
+
+def test_a_queued_request_is_queued_again_and_waits_for_the_fleet_to_come_back() -> None:
+    table = RequestTable()
+    recovery = Recovery(table)
+    req = restored()
+    actions = recovery.restore(req, None, NOW)
+    assert [type(a) for a in actions] == [Arm, Reserve] and table.find("a", "rid-k1") == [req]
+    assert table.reserved(req, Reservation(None, False), NOW + 1) != []  # no worker yet:
+    assert req.state is State.WAITING  # it waits, instead of failing no_workers
+    later = NOW + 31  # the grace is over: now nobody offering it means no_workers
+    req.state = State.RESERVING
+    assert answer_of(table.reserved(req, Reservation(None, False), later)).code == "no_workers"
+
+
+def test_a_running_request_is_adopted_when_its_worker_reports_it() -> None:
+    table = RequestTable()
+    recovery = Recovery(table)
+    req = restored()
+    actions = recovery.restore(req, "w1", NOW)
+    assert [type(a) for a in actions] == [Arm, AwaitWorker] and req.state is State.PLACED
+    assert recovery.awaited("w1") == [req] and recovery.awaited("w2") == []
+    back = worker("w1")
+    recovery.adopt(req, back.worker_id, back.connection, back.inbox)
+    assert recovery.awaited("w1") == [] and recovery.not_back("k1") == []  # its timer: no-op
+    [answer] = table.replied("k1", "w1", True, "done", None, None, 5.0)
+    assert isinstance(answer, Answer) and answer.response.data == "done"  # not sent again
+
+
+def test_a_worker_that_does_not_come_back_lost_it_and_it_runs_elsewhere() -> None:
+    table = RequestTable()
+    recovery = Recovery(table)
+    req = restored()
+    recovery.restore(req, "w1", NOW)
+    [again] = recovery.not_back("k1")
+    assert isinstance(again, Reserve) and req.lost_from == ["w1"]
+    [forward] = table.reserved(req, Reservation(worker("w2"), True), NOW + 31)
+    assert isinstance(forward, Forward) and forward.worker.worker_id == "w2"
+
+
+def test_one_that_must_not_run_twice_is_answered_worker_lost_saying_why() -> None:
+    table = RequestTable()
+    recovery = Recovery(table)
+    recovery.restore(restored(), "w1", NOW, retry_safe=False)
+    response = answer_of(recovery.not_back("k1"))
+    assert response.code == ErrorCode.WORKER_LOST.value
+    assert "restarted" in response.error and "not idempotent" in response.error
+
+
+def test_a_dropped_connection_makes_a_job_that_must_not_run_twice_wait_for_its_worker() -> None:
+    table = RequestTable()
+    recovery = Recovery(table)
+    req = request()
+    placed(table, req, worker("w1", no_retry=frozenset({"echo"})))
+    [wait] = recovery.away("k1", "w1")  # type: ignore[misc]
+    assert isinstance(wait, AwaitWorker) and recovery.awaited("w1") == [req]
+    idempotent = request("k2")
+    placed(table, idempotent, worker("w2"))
+    assert recovery.away("k2", "w2") is None  # it may run elsewhere: the table's lost()
+
+
+def test_a_job_its_worker_reports_from_a_new_connection_is_adopted_there() -> None:
+    table = RequestTable()
+    recovery = Recovery(table)
+    req = request()
+    placed(table, req, worker("w1"))
+    assert recovery.reported("w1", "worker.w1", {"k1"}) == []  # the same connection
+    [moved] = recovery.reported("w1", "worker.w1-again", {"k1"})
+    recovery.adopt(moved, "w1", "worker.w1-again", "inbox.2")
+    assert [(p.connection, p.inbox) for p in req.placements] == [("worker.w1-again",
+                                                                  "inbox.2")]
