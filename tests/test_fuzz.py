@@ -540,8 +540,9 @@ async def test_worker_socket_refuses_bad_frames_and_still_answers_its_request(
         frames: list[tuple[str | bytes, str, str | None]]) -> None:
     w, worker_id = await open_worker()
     r = await open_socket("/ws/requester/")
+    held_id = f"held-{worker_id}"  # fresh: an id sent lately is that same request
     try:
-        await r.send_json_to({"request_id": "held", "command": "echo", "data": {"n": 1}})
+        await r.send_json_to({"request_id": held_id, "command": "echo", "data": {"n": 1}})
         held = Message.from_json(await w.receive_from(TIMEOUT))
         assert held.type == "request"
         for raw, error, reply_to in frames:
@@ -558,7 +559,7 @@ async def test_worker_socket_refuses_bad_frames_and_still_answers_its_request(
         assert await r.receive_nothing(0), "the requester was answered before the worker"
         await w.send_to(text_data=Message.response(held.msg_id, True, "kept").to_json())
         assert json.loads(await r.receive_from(TIMEOUT)) == {
-            "request_id": "held", "success": True, "data": "kept", "error": None,
+            "request_id": held_id, "success": True, "data": "kept", "error": None,
             "processed_by": worker_id}
     finally:
         await r.disconnect()

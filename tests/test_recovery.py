@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dispatch.core.events import Departure
 from dispatch.core.recovery import Recovery
 from dispatch.core.requests import (Answer, Arm, AwaitWorker, Forward, Request, RequestTable,
                                     Reserve, State)
@@ -69,11 +70,11 @@ def test_a_dropped_connection_makes_a_job_that_must_not_run_twice_wait_for_its_w
     recovery = Recovery(table)
     req = request()
     placed(table, req, worker("w1", no_retry=frozenset({"echo"})))
-    [wait] = recovery.away("k1", "w1")  # type: ignore[misc]
+    [wait] = recovery.away("k1", "w1", Departure.DROPPED)  # type: ignore[misc]
     assert isinstance(wait, AwaitWorker) and recovery.awaited("w1") == [req]
     idempotent = request("k2")
     placed(table, idempotent, worker("w2"))
-    assert recovery.away("k2", "w2") is None  # it may run elsewhere: the table's lost()
+    assert recovery.away("k2", "w2", Departure.DROPPED) is None  # it may run elsewhere
 
 
 def test_a_job_its_worker_reports_from_a_new_connection_is_adopted_there() -> None:
@@ -86,3 +87,13 @@ def test_a_job_its_worker_reports_from_a_new_connection_is_adopted_there() -> No
     recovery.adopt(moved, "w1", "worker.w1-again", "inbox.2")
     assert [(p.connection, p.inbox) for p in req.placements] == [("worker.w1-again",
                                                                   "inbox.2")]
+
+
+def test_a_worker_sent_away_by_a_leaving_process_is_waited_for_whatever_its_command() -> None:
+    table = RequestTable()
+    recovery = Recovery(table)
+    req = request()
+    placed(table, req, worker("w1"))
+    [wait] = recovery.away("k1", "w1", Departure.SENT_AWAY)  # type: ignore[misc]
+    assert isinstance(wait, AwaitWorker) and wait.grace == 30.0
+    assert recovery.away("k1", "w1", Departure.CLOSED) is None  # closed for cause: lost

@@ -222,8 +222,8 @@ class Dispatcher:
         self.slots.slot_freed()
 
     async def _on_lost(self, event: Lost) -> None:
-        if event.resumable and (waiting := self.keeper.recovery.away(event.key,
-                                                                     event.worker_id)):
+        if event.departure and (waiting := self.keeper.recovery.away(
+                event.key, event.worker_id, event.departure)):
             await self._perform(waiting)
             return
         await self._perform(self.table.lost(event.key, event.worker_id, event.reason,

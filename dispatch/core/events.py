@@ -20,6 +20,15 @@ INBOXES_GROUP = "dispatch.inboxes"
 BATCH = "broker.batch"
 
 
+class Departure(enum.StrEnum):
+    """How a worker's connection ended, for the requests it held (with resume, the
+    worker keeps running them)."""
+
+    CLOSED = ""  # closed by the broker for cause (silent, hung, replaced): they are lost
+    DROPPED = "dropped"  # it dropped: a network blip, or a dead worker
+    SENT_AWAY = "sent_away"  # its broker process is leaving: it comes back elsewhere
+
+
 class AskKind(enum.StrEnum):
     """What a process asks the others about a request it does not hold."""
 
@@ -68,8 +77,8 @@ class Lost:
     worker_id: str
     reason: str
     code: str | None = None  # to answer with if it is not re-sent (default worker_lost)
-    #: The connection dropped, and the worker keeps its jobs (resume): it may come back.
-    resumable: bool = False
+    #: With resume, how its connection ended: whether the worker may come back with it.
+    departure: Departure = Departure.CLOSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +289,8 @@ def _one(message: dict[str, Any]) -> Event:
         values = [message[name] for name in names]
         if cls is Ask:  # enums travel as their value
             values[0] = AskKind(values[0])
+        elif cls is Lost:
+            values[4] = Departure(values[4])
     except (KeyError, ValueError) as exc:
         raise UnknownEvent(f"{cls.TYPE} with a missing or bad field: {exc}") from None
     return cls(*values)

@@ -31,7 +31,7 @@ from ..history import HistoryRecorder
 from ..logsafe import LogBudget
 from ..registry import Registry, WorkerEntry
 from . import registration
-from .events import Adopt, Chunk, Event, Forward, Lost, Progress, Reply
+from .events import Adopt, Chunk, Departure, Event, Forward, Lost, Progress, Reply
 from .held import Assignment, Due, Held
 from .pulse import Pulse, Verdict
 from .registration import FLEET_LOG
@@ -156,11 +156,6 @@ class WorkerLink:
         except RegistryUnavailable as exc:  # touched again at the next beat
             self.socket.logs.log(log, logging.WARNING, "worker %s: heartbeat not recorded: %s",
                                  self.label, exc)
-
-    async def draining(self) -> None:
-        """The worker is leaving: no new work; it closes once its requests are done."""
-        log.info("worker %s is draining before it leaves", self.label)
-        await self.stop_taking_work()
 
     # ------------------------------------------------------------------ requests
 
@@ -344,14 +339,15 @@ class WorkerLink:
             f"no sign of life for {quiet:.0f}s, lease {assignment.lease:g}s",
             ErrorCode.LEASE_EXPIRED.value))
 
-    async def close(self, code: int, reason: str, tell: bool = False) -> None:
+    async def close(self, code: int, reason: str, tell: bool = False,
+                    departure: Departure = Departure.CLOSED) -> None:
         """Tear down and close; ``tell``: say why in an error frame first."""
         if tell:
             await self.socket.send_frame(Message.error(reason))
-        await self.teardown(reason)
+        await self.teardown(reason, departure)
         await self.socket.close(code)
 
-    async def teardown(self, reason: str, dropped: bool = False) -> None:
+    async def teardown(self, reason: str, departure: Departure = Departure.CLOSED) -> None:
         """Leave the registry and hand every unanswered request back: once only."""
         if self.state is LinkState.CLOSED:
             return
@@ -363,10 +359,12 @@ class WorkerLink:
             await self.host.registry.remove(entry.worker_id, self.connection)
         except RegistryUnavailable as exc:  # its entry expires with its heartbeat
             log.warning("worker %s: could not leave the registry: %s", self.label, exc)
-        held, resumable = self.held.take_all(), dropped and Feature.RESUME in self.features
+        held = self.held.take_all()
+        if Feature.RESUME not in self.features:
+            departure = Departure.CLOSED  # it stops its jobs when its connection ends
         for key, assignment in held.items():
             await self.host.deliver(assignment.reply_to, Lost(key, entry.worker_id, reason,
-                                                              resumable=resumable))
+                                                              departure=departure))
         self.recorder.worker_disconnected(self.session_id, time.time(),
                                           entry.completed + entry.errors, entry.worker_id)
         FLEET_LOG.log(log, logging.INFO, "worker %s left (%s); %d request(s) handed back",
@@ -393,7 +391,7 @@ class WorkerLink:
         if retry_after is not None:
             data["retry_after"] = retry_after
         await self.socket.send_frame(Message(MessageType.DISCONNECT.value, data))
-        await self.close(CloseCode.SHUTTING_DOWN, reason)
+        await self.close(CloseCode.SHUTTING_DOWN, reason, departure=Departure.SENT_AWAY)
 
 
 async def watch(links: set[WorkerLink]) -> None:

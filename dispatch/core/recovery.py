@@ -12,6 +12,7 @@ must not run twice, answered ``worker_lost``.
 from __future__ import annotations
 
 from .. import conf
+from .events import Departure
 from .requests import Action, Arm, AwaitWorker, Placement, Request, RequestTable, Reserve, State
 
 
@@ -33,6 +34,8 @@ class Recovery:
         if running_on is None:
             return [Arm(request), Reserve([request])]
         request.state, request.retry_safe = State.PLACED, retry_safe
+        request.lost_because = "its worker did not come back with it after the broker " \
+                               "restarted"
         request.placements.append(Placement(running_on, "", ""))
         request.tried.append(running_on)
         self._by_worker.setdefault(running_on, []).append(request)
@@ -66,18 +69,27 @@ class Recovery:
         request = self.table.requests.get(key)
         return request if request is not None and is_awaited(request, worker_id) else None
 
-    def away(self, key: str, worker_id: str) -> list[Action] | None:
-        """Its worker's connection dropped, and the worker keeps its jobs. A request that
-        must not run twice waits for it to come back (sending it elsewhere is no option,
-        and answering worker_lost would be a guess); None for any other request."""
+    def away(self, key: str, worker_id: str, departure: Departure) -> list[Action] | None:
+        """Its worker's connection ended, and the worker keeps its jobs. Sent away by a
+        leaving broker process, it comes back elsewhere: the request waits for it
+        (ADOPT_GRACE). Dropped, it may be dead: a request that must not run twice waits
+        two heartbeat intervals (sending it elsewhere is no option, and answering
+        worker_lost at once would be a guess: a network blip is over by then); None for
+        any other request (it goes elsewhere at once)."""
         request = self.table.requests.get(key)
-        if request is None or request.retry_safe or request.state is not State.PLACED or \
+        sent_away = departure is Departure.SENT_AWAY
+        if request is None or (request.retry_safe and not sent_away) or \
+                request.state is not State.PLACED or \
                 [p.worker_id for p in request.placements] != [worker_id]:
             return None
         request.placements = [Placement(worker_id, "", "")]
+        request.lost_because = ("its broker process left, and it did not come back with it"
+                                if sent_away else
+                                "its connection dropped, and it did not come back with it")
         self._by_worker.setdefault(worker_id, []).append(request)
         self.table.stats["awaited"] += 1
-        return [AwaitWorker(request, conf.get("ADOPT_GRACE"))]
+        return [AwaitWorker(request, conf.get("ADOPT_GRACE") if sent_away
+                            else 2 * conf.get("HEARTBEAT_INTERVAL"))]
 
     def not_back(self, key: str) -> list[Action]:
         """Its worker did not report it in time (or came back without it): lost."""
@@ -85,9 +97,7 @@ class Recovery:
         if request is None or not any(p.awaited for p in request.placements):
             return []
         self.table.stats["not_back"] += 1
-        return self.table.lost(key, request.placements[0].worker_id,
-                               "its worker did not come back with it after the broker "
-                               "restarted")
+        return self.table.lost(key, request.placements[0].worker_id, request.lost_because)
 
 
 def is_awaited(request: Request, worker_id: str) -> bool:

@@ -20,6 +20,7 @@ from workers import protocol
 from .. import conf
 from ..control.actions import Caller, actions, message_handlers
 from ..core.dispatcher import get_dispatcher
+from ..core.events import Departure
 from ..core.links import WorkerLink
 from ..core.metering import meter
 from ..history import get_recorder
@@ -44,7 +45,7 @@ class WorkerConsumer(BaseSocket):
     async def disconnect(self, code: int) -> None:
         self.forget_grant()
         if self.link is not None:
-            await self.link.teardown(f"disconnected ({code})", dropped=True)
+            await self.link.teardown(f"disconnected ({code})", Departure.DROPPED)
 
     async def revoke(self, reason: str) -> None:
         await self.refuse(reason, None, ErrorCode.UNAUTHORIZED)
@@ -180,7 +181,9 @@ class WorkerConsumer(BaseSocket):
         await self.send_text(text)
 
     async def on_disconnect(self, link: WorkerLink, msg: Message) -> None:
-        await link.draining()
+        """The worker is leaving: no new work; it closes once its requests are done."""
+        log.info("worker %s is draining before it leaves", link.label)
+        await link.stop_taking_work()
 
     async def on_progress(self, link: WorkerLink, msg: Message) -> None:
         await link.progress(ProgressBody.from_message(msg))
