@@ -46,8 +46,9 @@ class Keeper:
         self.registry = registry
         self.process = process
         self._perform = perform
-        #: Event-loop time until which a request that finds no worker waits for one: a
-        #: fleet is coming back after a restart (0: none is expected).
+        #: Event-loop time until which a new request that finds no worker waits for one:
+        #: a fleet is coming back after a restart, and none has registered yet (0: none
+        #: is expected, or one is back).
         self.patient_until = 0.0
         self._missing: set[str] = set()  # processes with rows, not alive last round
         for kind, handler in ((Gone, self._on_gone), (Holding, self._on_holding),
@@ -162,6 +163,7 @@ class Keeper:
         those it reports (it went on with them) are placed on it again, as the forwards
         it would have had; those it does not, it has lost. What it reports that this
         process does not hold, the others are told about (they may)."""
+        self.patient_until = 0.0  # the fleet is coming back: "no worker" means it again
         held, lost, forwards = set(reported), [], []
         now = asyncio.get_running_loop().time()
         moved = self.recovery.reported(entry.worker_id, entry.connection, held)

@@ -285,7 +285,7 @@ class RequestTable:
     """The requests of one broker process, from arrival to answer."""
 
     requests: dict[str, Request] = field(default_factory=dict)
-    waiting: WaitQueue = field(default_factory=WaitQueue)
+    waiting: WaitQueue[Request] = field(default_factory=WaitQueue)
     #: (owner, request_id) -> key: how cancel and attach find a request
     named: dict[tuple[str, str], str] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)

@@ -8,13 +8,21 @@ others; within one owner, first come first served.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .requests import Request
+from typing import Generic, Protocol, TypeVar
 
 
-class WaitQueue:
+class Waiting(Protocol):
+    """What the queue looks at of a request."""
+
+    priority: int
+    owner: str  # the credential that sent it
+    opened: float  # event-loop time it arrived
+
+
+Request = TypeVar("Request", bound=Waiting)
+
+
+class WaitQueue(Generic[Request]):
     """Requests waiting for a free slot: by priority, then round-robin by owner, then FIFO."""
 
     def __init__(self) -> None:
