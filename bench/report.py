@@ -134,6 +134,17 @@ def targets(rows: list[Row], scale: dict[str, Any] | None) -> list[dict[str, Any
         "–" if cost is None else f"{cost * 100:+.1f}% ({on.rps:,.0f} vs {off.rps:,.0f} req/s)",  # type: ignore
         "≤ 3%", None if cost is None else cost <= 0.03,
         "negative = history on measured faster (noise)" if cost is not None and cost < 0 else "")
+    off = _find(rows, "daphne-nostore", ref)
+    cost = 1 - on.rps / off.rps if on and off and off.rps else None
+    add(f"cost of the job store (daphne BROKER_JOB_STORE=1 vs 0, {at})",
+        "–" if cost is None else f"{cost * 100:+.1f}% ({on.rps:,.0f} vs {off.rps:,.0f} req/s)",  # type: ignore
+        "≤ 10%", None if cost is None else cost <= 0.10,
+        "negative = store on measured faster (noise)" if cost is not None and cost < 0 else "")
+    s1 = _find(rows, "daphne-nostore", one)
+    extra = d1.p50_ms - s1.p50_ms if d1 and s1 else None
+    add("p50 at 1 in flight added by the job store (daphne, 4 workers, 100 B)",
+        "–" if extra is None else f"{extra:+.2f} ms ({d1.p50_ms:.2f} vs {s1.p50_ms:.2f} ms)",  # type: ignore
+        "≤ +0.3 ms", None if extra is None else extra <= 0.3)
     if scale and scale.get("idle"):
         idle = scale["idle"]
         if idle.get("status") == "ok":

@@ -66,19 +66,21 @@ def matrix(mode: str, systems: list[str] | None = None,
     every = ["baseline", "daphne", "uvicorn", "granian", "redis-2proc", "nats", "socketio"]
     if mode == "quick":
         plan = [Scenario(s, *REFERENCE) for s in every]
-        plan += [Scenario("daphne-nohist", *REFERENCE)]
-        plan += [Scenario(s, 1, 4, 100) for s in ("baseline", "daphne")]
+        plan += [Scenario(s, *REFERENCE) for s in ("daphne-nohist", "daphne-nostore")]
+        plan += [Scenario(s, 1, 4, 100) for s in ("baseline", "daphne", "daphne-nostore")]
     else:
         plan = []
         for point in [(1, 4, 100), REFERENCE, (64, 4, 65536)]:
             plan += [Scenario(s, *point) for s in every]
-        plan += [Scenario("daphne-nohist", *REFERENCE), Scenario("uvicorn-sansio", *REFERENCE),
-                 Scenario("baseline-uvloop", *REFERENCE)]
+        plan += [Scenario("daphne-nohist", *REFERENCE), Scenario("daphne-nostore", *REFERENCE),
+                 Scenario("uvicorn-sansio", *REFERENCE), Scenario("baseline-uvloop", *REFERENCE),
+                 Scenario("daphne-nostore", 1, 4, 100)]
         for workers in (1, 16):
             plan += [Scenario(s, 64, workers, 100) for s in ("baseline", "daphne", "uvicorn")]
         # The figures the targets hang on run three times (interleaved); the median counts.
-        again = [Scenario(s, *REFERENCE) for s in ("baseline", "daphne", "daphne-nohist")]
-        again += [Scenario(s, 1, 4, 100) for s in ("baseline", "daphne")]
+        again = [Scenario(s, *REFERENCE)
+                 for s in ("baseline", "daphne", "daphne-nohist", "daphne-nostore")]
+        again += [Scenario(s, 1, 4, 100) for s in ("baseline", "daphne", "daphne-nostore")]
         plan += again * 2
     if systems:
         plan = [s for s in plan if s.system in systems]

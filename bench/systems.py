@@ -305,6 +305,9 @@ def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
     if name == "daphne-nohist":
         return OursDaphne(workdir, {"BROKER_HISTORY": "0"}, name="daphne-nohist",
                           description="embedded default with BROKER_HISTORY=0")
+    if name == "daphne-nostore":
+        return OursDaphne(workdir, {"BROKER_JOB_STORE": "0"}, name="daphne-nostore",
+                          description="embedded default with BROKER_JOB_STORE=0")
     if name == "uvicorn":
         return OursAsgi(workdir, "uvicorn")
     if name == "uvicorn-sansio":
@@ -320,5 +323,6 @@ def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
     raise KeyError(name)
 
 
-SYSTEM_NAMES = ["baseline", "baseline-uvloop", "daphne", "daphne-nohist", "uvicorn",
+SYSTEM_NAMES = ["baseline", "baseline-uvloop", "daphne", "daphne-nohist", "daphne-nostore",
+                "uvicorn",
                 "uvicorn-sansio", "granian", "redis-2proc", "nats", "socketio"]

@@ -40,6 +40,20 @@ async def test_messages_reach_each_channel_of_a_process_in_order(make_layer) -> 
     assert got_first == list(range(1, 50, 2)) and got_second == list(range(0, 50, 2))
 
 
+async def test_group_messages_taken_with_others_in_one_receive_reach_their_channel(
+        make_layer) -> None:
+    """A group_send's message names its channels in a list: one taken with others in
+    one receive (not the newest of them) is buffered for its channel all the same."""
+    sender, receiver = make_layer(), make_layer()
+    inbox = await receiver.new_channel()
+    await receiver.group_add("everyone", inbox)
+    await sender.group_send("everyone", {"type": "g", "i": 0})
+    await sender.send(inbox, {"type": "t", "i": 1})
+    await sender.group_send("everyone", {"type": "g", "i": 2})
+    got = [await asyncio.wait_for(receiver.receive(inbox), 5) for _ in range(3)]
+    assert [m["i"] for m in got] == [0, 1, 2]
+
+
 async def test_a_receive_on_an_empty_channel_waits_for_the_next_message(make_layer) -> None:
     layer = make_layer()
     channel = await layer.new_channel()

@@ -109,7 +109,10 @@ class RedisChannelLayer(core.RedisChannelLayer):
         # channel's messages stay in order.
         *older, newest = (self._addressed(self.deserialize(m)) for m in members)
         for target, message in older:
-            self.receive_buffer[target].put_nowait(message)
+            # A group_send's message names its channels in a list (channels-redis's
+            # receive unpacks that for the one it returns; these are buffered here).
+            for channel in target if isinstance(target, list) else [target]:
+                self.receive_buffer[channel].put_nowait(message)
         return newest
 
     @staticmethod
