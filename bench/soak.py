@@ -15,8 +15,9 @@
 While the load runs, chaos: every 3-8 s a random worker is killed with SIGKILL and
 restarted 1 s later; about every 60 s one broker process is killed with SIGKILL and
 restarted on the same ports 2 s later (never the last one alive). A requester
-connection whose broker died reconnects to any live broker and re-sends nothing:
-its requests in flight count as "connection lost". Once its own broker is back, it
+connection whose broker died reconnects to any live broker and attaches to each of
+its requests in flight (``{"attach": id}``); one the cluster does not know (it never
+arrived) is sent again, with its id. Once its own broker is back, the connection
 drains and moves back there, so that later broker kills keep cutting connections.
 
 The client here is a raw WebSocket reader, not ``workers.requester.Requester``: that
@@ -86,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Soak the broker: a cluster of runbroker processes over Redis, workers "
                     "that reconnect between them, moderate request load, and chaos (kill -9 "
                     "of random workers every few seconds and of a broker process about every "
-                    "minute). Reports requests sent / ok / errors (by text) / connection "
-                    "lost / duplicates / never answered, broker RSS and Redis keys over "
+                    "minute). Reports requests sent / ok / errors (by text) / re-attached "
+                    "after a reconnect / duplicates / never answered, broker RSS and Redis keys over "
                     "time, and the kills; writes the table to --out. Exits 1 if any request "
                     "got two answers, an answer with another request's payload, or no "
                     "answer on a connection that stayed up; 2 if the cluster could not "
@@ -300,18 +301,20 @@ class SoakBug(Exception):
     """The soak itself went wrong (not the broker)."""
 
 
-LOST = object()  # a pending request's future gets this when its connection dies
+#: Seconds a request may wait beyond its timeout while its connection comes back.
+RECONNECT_ALLOWANCE = 30.0
 
 
 class Rec:
     """One request: where it went and how many answers it got."""
 
-    __slots__ = ("conn", "gen", "command", "expect", "answers", "state", "sent_at")
+    __slots__ = ("conn", "gen", "command", "expect", "answers", "state", "sent_at", "frame")
 
-    def __init__(self, conn: int, gen: int, command: str, expect: Any) -> None:
+    def __init__(self, conn: int, gen: int, command: str, expect: Any, frame: str) -> None:
         self.conn, self.gen, self.command, self.expect = conn, gen, command, expect
+        self.frame = frame  # sent again if, re-attached, the cluster does not know it
         self.answers = 0
-        self.state = "pending"  # -> ok | error | lost | unanswered
+        self.state = "pending"  # -> ok | error | unanswered
         self.sent_at = time.monotonic()
 
 
@@ -320,7 +323,6 @@ class Stats:
     sent: int = 0
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    lost: int = 0
     duplicates: int = 0
     unanswered: int = 0
     late: int = 0              # an answer after we had given up waiting for it
@@ -328,6 +330,8 @@ class Stats:
     misrouted: int = 0         # an answer on another connection than the request's
     wrong_payload: int = 0     # a success carrying something else than its request's data
     reconnects: int = 0
+    reattached: int = 0        # requests in flight attached to again after a reconnect
+    resent: int = 0            # of those, unknown to the cluster, and sent again
     moved_home: int = 0
     disconnects: int = 0
     worker_kills: int = 0
@@ -384,6 +388,7 @@ class Conn:
             self.ws, self.gen, self.moving_home = ws, self.gen + 1, False
             if self.gen > 1:
                 self.soak.stats.reconnects += 1
+                await self._reattach(ws)
             homing = (asyncio.create_task(self._go_home(ws)) if self.broker != self.home
                       else None)
             self.ready.set()
@@ -397,16 +402,21 @@ class Conn:
                     homing.cancel()
                 self.ready.clear()
                 self.ws = None
-                pending, self.pending = self.pending, {}
-                for future in pending.values():
-                    if not future.done():
-                        future.set_result(LOST)
+                pending = self.pending  # kept: re-attached on the next connection
                 if self.soak.closing:
                     pass
                 elif self.moving_home and not pending:
                     self.soak.stats.moved_home += 1
                 else:
                     self.soak.stats.disconnects += 1
+
+    async def _reattach(self, ws: ClientConnection) -> None:
+        for rid in list(self.pending):
+            record = self.soak.records[rid]
+            record.gen = self.gen
+            self.soak.stats.reattached += 1
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(json.dumps({"attach": rid}))
 
     async def _go_home(self, ws: ClientConnection) -> None:
         """Once the home broker is back: take no new requests, drain, close (then re-dial)."""
@@ -545,6 +555,10 @@ class Soak:
             stats.unknown += 1
             stats.example("unknown", repr(raw)[:200])
             return
+        if obj.get("code") == "unknown_request" and rid in conn.pending and conn.ws:
+            stats.resent += 1  # re-attached, and it never arrived: it goes now
+            asyncio.ensure_future(conn.ws.send(rec.frame))
+            return
         rec.answers += 1
         if rec.answers > 1:
             stats.duplicates += 1
@@ -583,25 +597,23 @@ class Soak:
                 continue
             ws = conn.ws
             rid, command, data, expect = self.next_request(conn)
-            rec = Rec(conn.index, conn.gen, command, expect)
+            frame = json.dumps({"request_id": rid, "command": command, "data": data,
+                                "timeout": timeout})
+            rec = Rec(conn.index, conn.gen, command, expect, frame)
             self.records[rid] = rec
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             conn.pending[rid] = future
             stats.sent += 1
-            frame = json.dumps({"request_id": rid, "command": command, "data": data,
-                                "timeout": timeout})
-            try:
+            with contextlib.suppress(ConnectionClosed):  # re-attached once reconnected
                 await ws.send(frame)
-                answer = await asyncio.wait_for(asyncio.shield(future), timeout + MARGIN)
-            except ConnectionClosed:
-                answer = LOST
+            try:
+                # Across reconnects: the time a restart takes, beside its own timeout.
+                answer = await asyncio.wait_for(asyncio.shield(future),
+                                                timeout + MARGIN + RECONNECT_ALLOWANCE)
             except TimeoutError:
                 answer = None
             conn.pending.pop(rid, None)
-            if answer is LOST:
-                rec.state = "lost"
-                stats.lost += 1
-            elif answer is None:
+            if answer is None:
                 rec.state = "unanswered"
                 stats.unanswered += 1
                 stats.example("unanswered", f"{rid} ({command} {data}) on conn {conn.index} "
@@ -713,7 +725,8 @@ class Soak:
                         else f"{b.name} down" for b in self.brokers)
         self.event(f"sample: {rss}  redis keys {row['keys']} ({row['bytes']} B)  "
                    f"workers listed {row['listed']}  sent {self.stats.sent} ok {self.stats.ok} "
-                   f"lost {self.stats.lost} errors {sum(self.stats.errors.values())} "
+                   f"reattached {self.stats.reattached} errors "
+                   f"{sum(self.stats.errors.values())} "
                    f"dup {self.stats.duplicates} unanswered {self.stats.unanswered}")
 
     async def sampler(self, stop: asyncio.Event) -> None:
@@ -869,17 +882,18 @@ def report(soak: Soak) -> str:
         f"{percentile(s.latencies, .99) * 1000:.0f} ms, max "
         f"{max(s.latencies, default=0) * 1000:.0f} ms" if s.latencies else "")
     row("answered with an error", f"{errors:,}", "by text below")
-    row("connection lost (answer can never come)", f"{s.lost:,}",
-        f"{s.disconnects} connections cut, {s.reconnects} reconnects "
-        f"({s.moved_home} of them moving back to a restarted home broker)")
+    row("re-attached after a reconnect", f"{s.reattached:,}",
+        f"{s.resent} of them sent again (they had not arrived); {s.disconnects} connections "
+        f"cut, {s.reconnects} reconnects ({s.moved_home} of them moving back to a restarted "
+        "home broker)")
     row("**duplicates** (2nd answer to a request id)", f"**{s.duplicates}**", "must be 0")
     row("**never answered on a live connection**", f"**{s.unanswered}**", "must be 0")
     row("**answer with another request's payload**", f"**{s.wrong_payload}**", "must be 0")
     row("answers on another connection than the request's", s.misrouted, "should be 0")
     row("answers to unknown request ids", s.unknown, "should be 0")
     row("late answers (after timeout + 5 s)", s.late, "")
-    accounted = s.ok + errors + s.lost + s.unanswered + s.wrong_payload
-    row("sent - (ok + errors + lost + unanswered + wrong)", s.sent - accounted,
+    accounted = s.ok + errors + s.unanswered + s.wrong_payload
+    row("sent - (ok + errors + unanswered + wrong)", s.sent - accounted,
         "0 unless interrupted")
     row("distinct worker ids that answered", len(s.served_by), "a restarted worker gets a new id")
     if s.errors:

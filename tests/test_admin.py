@@ -173,3 +173,30 @@ def test_the_request_list_issues_few_bounded_queries(admin_client: Client) -> No
     assert ">c6</a>" in page and ">p1</a>" in page  # the filters list recent values
     assert admin_client.get("/admin/dispatch/requestrecord/?q=r17").content.decode() \
         .count("field-request_id") == 1
+
+
+def test_the_job_list_shows_pending_work_and_cancels_it_through_the_broker(
+        admin_client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dispatch.models import Job
+
+    def job(key: str, state: str, restarts: int = 0) -> Job:
+        return Job.objects.create(key=key, request_id=f"rid-{key}", owner="anonymous",
+                                  command="train", state=state, request="{}",
+                                  worker_id="gpu-1" if state != "queued" else "",
+                                  restarts=restarts, created_at=NOW,
+                                  deadline=NOW + timedelta(hours=1))
+
+    rows = [job("k1", "running", restarts=2), job("k2", "queued"), job("k3", "done")]
+    page = admin_client.get("/admin/dispatch/job/").content.decode()
+    assert all(f"rid-{r.key}" in page for r in rows) and "gpu-1" in page
+    cancelled: list[str] = []
+
+    async def cancel(request_id: str) -> int:
+        cancelled.append(request_id)
+        return 1
+
+    monkeypatch.setattr(services, "cancel", cancel)
+    response = admin_client.post("/admin/dispatch/job/", {
+        "action": "cancel", "_selected_action": [r.pk for r in rows]}, follow=True)
+    assert sorted(cancelled) == ["rid-k1", "rid-k2"]  # not the answered one
+    assert "Cancelled: rid-k1, rid-k2" in response.content.decode()
