@@ -98,9 +98,10 @@ def db_datetime() -> Callable[[float], Any]:
 
 
 def insert_rows(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
-                most_rows: int = 500) -> int:
-    """``INSERT INTO table (columns) VALUES (...), (...)``: as few statements as the
-    database's parameter limit allows (a few dozen rows each at least)."""
+                most_rows: int = 500, then: str = "") -> int:
+    """``INSERT INTO table (columns) VALUES (...), (...) <then>``: as few statements as
+    the database's parameter limit allows (a few dozen rows each at least); ``then``
+    may be an ``ON CONFLICT ...`` clause."""
     ops = connection.ops
     names = ", ".join(ops.quote_name(c) for c in columns)
     most_params = connection.features.max_query_params or most_rows * len(columns)
@@ -111,7 +112,7 @@ def insert_rows(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]
         for start in range(0, len(rows), per_statement):
             chunk = rows[start:start + per_statement]
             execute(f"INSERT INTO {ops.quote_name(table)} ({names}) "
-                    f"VALUES {', '.join([one_row] * len(chunk))}",
+                    f"VALUES {', '.join([one_row] * len(chunk))} {then}",
                     [value for row in chunk for value in row])
     return len(rows)
 

@@ -186,9 +186,13 @@ class Job(models.Model):
     class Meta:
         verbose_name = "job"
         ordering = ["-created_at"]
+        # Partial indexes: a row is in one of the last two, and leaves the first when it
+        # is answered (one index change per state, not one per column).
         indexes = [models.Index(fields=["owner", "request_id"], name="job_owner_request"),
-                   models.Index(fields=["state", "process"], name="job_state_process"),
-                   models.Index(fields=["finished_at"], name="job_finished")]
+                   models.Index(fields=["process"], condition=~models.Q(state="done"),
+                                name="job_unanswered_process"),
+                   models.Index(fields=["finished_at"], condition=models.Q(state="done"),
+                                name="job_answered_finished")]
 
     def __str__(self) -> str:
         return f"{self.command} [{self.request_id}]: {self.state}"

@@ -71,6 +71,9 @@ class Dispatcher:
         #: Cancel, attach, status by request id, wherever the request is.
         self.lookup = Lookup(self.exchange, self.table, self.keeper.kept_answer,
                              self.results.get, self._perform, registry.local)
+        if self.keeper.store is not None:
+            self.lookup.stored = self.keeper.store.unanswered
+            self.keeper.on_restored = self.lookup.restored
         self.liveness = Liveness(registry, self.process, self.keeper.take_over_dead)
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = False

@@ -51,21 +51,20 @@ class Keeper:
         #: is expected, or one is back).
         self.patient_until = 0.0
         self._missing: set[str] = set()  # processes with rows, not alive last round
+        #: Told of each request taken over (someone may wait to attach to it).
+        self.on_restored: Callable[[Request], None] | None = None
         for kind, handler in ((Gone, self._on_gone), (Holding, self._on_holding),
                               (Adopted, self._on_adopted)):
             exchange.on(kind, handler)  # type: ignore[arg-type]
 
-    def accepted(self, request: Request) -> None:
-        if self.store is not None:
-            self.store.accepted(request)
-
-    def placed(self, request: Request, worker_id: str) -> None:
-        if self.store is not None:
-            self.store.placed(request, worker_id)
-
-    def answered(self, request: Request, text: str, when: float) -> None:
-        if self.store is not None:
-            self.store.answered(request, text, when)
+        #: What the dispatcher tells of each request (the store's own methods: no layer
+        #: between them on every request's path; nothing without a store).
+        self.accepted: Callable[[Request], None] = \
+            self.store.accepted if self.store is not None else _nothing
+        self.placed: Callable[[Request, str], None] = \
+            self.store.placed if self.store is not None else _nothing
+        self.answered: Callable[[Request, str, float], None] = \
+            self.store.answered if self.store is not None else _nothing
 
     def committed(self) -> asyncio.Future[None]:
         """Done once what was accepted so far cannot be lost (at once without a store)."""
@@ -131,6 +130,8 @@ class Keeper:
             running_on = row.worker_id if row.state == "running" else None
             await self._perform(self.recovery.restore(request, running_on, now,
                                                       row.retry_safe))
+            if self.on_restored is not None:
+                self.on_restored(request)
             if running_on:
                 awaited[running_on].append(request)
         for old in {row.inbox for row in kept if row.inbox}:  # answers for them: here
@@ -212,6 +213,10 @@ class Keeper:
     async def stop(self) -> None:
         if self.store is not None:
             await self.store.stop()
+
+
+def _nothing(*_args: object) -> None:
+    pass
 
 
 def adopt(request: Request, entry: WorkerEntry, reply_to: str) -> Adopt:

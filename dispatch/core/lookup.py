@@ -18,7 +18,7 @@ from workers import protocol
 from ..errors import RegistryUnavailable
 from .events import Ask, AskKind, Asked, Watched
 from .exchange import Exchange
-from .requests import Action, Answer, RequestTable, Sink
+from .requests import Action, Answer, Request, RequestTable, Sink
 
 log = logging.getLogger("dispatch.lookup")
 
@@ -41,6 +41,14 @@ class Lookup:
         self.alone = alone  # no other process can hold a request (the in-process registry)
         #: Requests of other processes this one is attached to: its key -> the watcher.
         self.attached: dict[str, Sink] = {}
+        #: Attached to a request the job store holds for a process that died, before any
+        #: process took it over: (owner, request id) -> (watcher, stream), until this one
+        #: does (:meth:`restored`). A requester that came back thus waits for it rather
+        #: than sending it again (which would run it twice).
+        self.waiting: dict[tuple[str, str], tuple[Sink, bool]] = {}
+        #: Whether the job store holds an unanswered request of an owner (set when there
+        #: is a store).
+        self.stored: Callable[[str, str], Awaitable[bool]] | None = None
         exchange.on(Ask, self._on_ask)
         exchange.on(Watched, self._on_watched)
 
@@ -48,6 +56,14 @@ class Lookup:
         """The watcher left: stop passing on what other processes send for it."""
         for key in [k for k, s in self.attached.items() if s is sink]:
             del self.attached[key]
+        for name in [n for n, (s, _) in self.waiting.items() if s is sink]:
+            del self.waiting[name]
+
+    def restored(self, request: Request) -> None:
+        """A request taken over from the job store: whoever waited for it watches it."""
+        waiting = self.waiting.pop((request.owner, request.request_id), None)
+        if waiting is not None:
+            self.table.watch(request.key, *waiting)
 
     async def cancel(self, owner: str | None, request_id: str, reason: str) -> int:
         """Cancel the requests of ``owner`` (None: anyone's) with this id, in whichever
@@ -79,7 +95,12 @@ class Lookup:
                                        key=key, stream=stream):
             return True
         del self.attached[key]
-        return await self._kept(owner, request_id, sink)  # it finished meanwhile
+        if await self._kept(owner, request_id, sink):  # it finished meanwhile
+            return True
+        if self.stored is not None and await self.stored(owner, request_id):
+            self.waiting[(owner, request_id)] = (sink, stream)  # its process died
+            return True
+        return False
 
     async def _kept(self, owner: str, request_id: str, sink: Sink) -> bool:
         """Its kept answer to ``sink``, if it finished lately."""

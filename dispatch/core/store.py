@@ -42,6 +42,11 @@ PRUNE_EVERY = 10.0
 _COLUMNS = ("key", "request_id", "owner", "command", "state", "request", "worker_id",
             "retry_safe", "process", "inbox", "restarts", "created_at", "deadline",
             "finished_at", "answer")
+_AT = {name: i for i, name in enumerate(_COLUMNS)}
+_STATE, _WORKER, _RETRY_SAFE = _AT["state"], _AT["worker_id"], _AT["retry_safe"]
+_ANSWER, _FINISHED = _AT["answer"], _AT["finished_at"]
+#: What a row written again changes (the rest is the same since it was accepted).
+_CHANGING = ("state", "worker_id", "retry_safe", "finished_at", "answer")
 QUEUED, RUNNING, DONE = Job.State.QUEUED.value, Job.State.RUNNING.value, Job.State.DONE.value
 
 
@@ -64,12 +69,16 @@ class Kept:
 
 
 def payload(request: Request) -> str:
-    """What a row keeps of a request beside its columns: enough to run it again."""
-    return protocol.dumps({
-        "data": request.data, "requester": request.requester, "stream": request.stream,
-        "priority": request.priority, "select": [list(p) for p in request.select],
-        "affinity": request.affinity, "hedge": request.hedge, "target": request.target,
-        "traceparent": request.traceparent})
+    """What a row keeps of a request beside its columns: enough to run it again (its
+    data, and of the rest what differs from the defaults)."""
+    kept: dict[str, Any] = {"data": request.data, "requester": request.requester}
+    for name in ("priority", "affinity", "hedge", "target", "traceparent"):
+        value = getattr(request, name)
+        if value:
+            kept[name] = value
+    if request.select:
+        kept["select"] = [list(p) for p in request.select]
+    return protocol.dumps(kept)
 
 
 class JobStore:
@@ -78,10 +87,14 @@ class JobStore:
     def __init__(self, process: str) -> None:
         self.process = process
         self.inbox = ""  # this process's channel (set once the exchange has one)
-        self._new: dict[str, list[Any]] = {}  # key -> the row to insert (column order)
-        self._changes: dict[str, dict[str, Any]] = {}  # key -> columns to update
+        #: key -> the whole row (column order) of each request accepted here and not yet
+        #: written as answered: a change is written as the row, in one statement for many.
+        self._rows: dict[str, list[Any]] = {}
+        self._dirty: set[str] = set()  # keys of the rows to write at the next commit
+        #: key -> columns to update, for rows not held here (read back after a restart)
+        self._changes: dict[str, dict[str, Any]] = {}
         self._waiting: list[asyncio.Future[None]] = []  # resolved by the next commit
-        self._dirty = asyncio.Event()
+        self._wake = asyncio.Event()
         self._thread = DbThread("job-store")
         self._task: asyncio.Task[None] | None = None
         self._pruned_at = 0.0
@@ -90,32 +103,41 @@ class JobStore:
     # ------------------------------------------------------------------ on the loop
 
     def accepted(self, request: Request) -> None:
-        self._new[request.key] = [
+        self._rows[request.key] = [
             request.key, request.request_id, request.owner[:40], request.command[:200], QUEUED,
             payload(request), "", True, self.process[:200], self.inbox, 0, request.started,
             request.started + (request.deadline - request.opened), None, ""]
-        self._dirty.set()
+        self._dirty.add(request.key)
+        self._wake.set()
 
     def placed(self, request: Request, worker_id: str) -> None:
-        self._change(request.key, state=RUNNING, worker_id=worker_id,
-                     retry_safe=request.retry_safe)
+        row = self._rows.get(request.key)
+        if row is None:
+            self._change(request.key, state=RUNNING, worker_id=worker_id,
+                         retry_safe=request.retry_safe)
+            return
+        row[_STATE], row[_WORKER], row[_RETRY_SAFE] = RUNNING, worker_id, request.retry_safe
+        self._dirty.add(request.key)
+        self._wake.set()
 
     def answered(self, request: Request, text: str, when: float) -> None:
-        self._change(request.key, state=DONE, answer=text, finished_at=when)
+        row = self._rows.get(request.key)
+        if row is None:
+            self._change(request.key, state=DONE, answer=text, finished_at=when)
+            return
+        row[_STATE], row[_ANSWER], row[_FINISHED] = DONE, text, when
+        self._dirty.add(request.key)
+        self._wake.set()
 
     def _change(self, key: str, **columns: Any) -> None:
-        row = self._new.get(key)
-        if row is not None:  # not written yet: it will be written as it is now
-            for name, value in columns.items():
-                row[_COLUMNS.index(name)] = value
-        else:
-            self._changes.setdefault(key, {}).update(columns)
-        self._dirty.set()
+        """A row not held here (read back after a restart): its columns are updated."""
+        self._changes.setdefault(key, {}).update(columns)
+        self._wake.set()
 
     def committed(self) -> asyncio.Future[None]:
         """Done once everything told so far is in the database."""
         future = asyncio.get_running_loop().create_future()
-        if not self._new and not self._changes:
+        if not self._dirty and not self._changes:
             future.set_result(None)
         else:
             self._waiting.append(future)
@@ -123,7 +145,7 @@ class JobStore:
 
     @property
     def pending(self) -> int:
-        return len(self._new) + len(self._changes)
+        return len(self._dirty) + len(self._changes)
 
     # ------------------------------------------------------------------ writing
 
@@ -147,7 +169,7 @@ class JobStore:
 
     async def _run(self) -> None:
         while True:
-            await self._dirty.wait()
+            await self._wake.wait()
             await asyncio.sleep(conf.get("STORE_COMMIT_SECONDS"))  # gather a group
             try:
                 await self._commit()
@@ -161,27 +183,30 @@ class JobStore:
                 await self._prune()
 
     async def _commit(self) -> None:
-        new, changes, waiting = self._new, self._changes, self._waiting
-        self._new, self._changes, self._waiting = {}, {}, []
-        self._dirty.clear()
-        if not new and not changes:
+        dirty, changes, waiting = self._dirty, self._changes, self._waiting
+        self._dirty, self._changes, self._waiting = set(), {}, []
+        self._wake.clear()
+        if not dirty and not changes:
             _resolve(waiting)
             return
+        rows = [list(self._rows[key]) for key in dirty]  # as they are now: the loop goes on
         try:
-            await self._thread.run(_write, list(new.values()), changes)
+            await self._thread.run(_write, rows, changes)
         except BaseException:
-            # Back in front of what came meanwhile (a change of a row written later
-            # applies to that row): tried again at the next commit.
-            new.update(self._new)
-            for key, columns in self._changes.items():
-                if key in new:
-                    for name, value in columns.items():
-                        new[key][_COLUMNS.index(name)] = value
-                else:
-                    changes.setdefault(key, {}).update(columns)
-            self._new, self._changes, self._waiting = new, changes, waiting + self._waiting
-            self._dirty.set()
+            self._dirty |= dirty  # tried again at the next commit, as they are then
+            for key, columns in changes.items():
+                self._changes[key] = {**columns, **self._changes.get(key, {})}
+            self._waiting = waiting + self._waiting
+            self._wake.set()
             raise
+        for row in rows:
+            held = self._rows.get(row[0])
+            if held is None:
+                continue
+            if held[_STATE] == DONE and row[0] not in self._dirty:
+                del self._rows[row[0]]  # written answered: nothing more to write of it
+            else:  # written: a later write changes only _CHANGING, and keeps this
+                held[_AT["request"]] = ""
         self.commits += 1
         _resolve(waiting)
 
@@ -212,6 +237,10 @@ class JobStore:
         on their way back. (A registration's "last seen" is written once a minute.)"""
         return await self._thread.run(_seen_since, time.time() - seconds - SEEN_EVERY)
 
+    async def unanswered(self, owner: str, request_id: str) -> bool:
+        """Whether a request of ``owner`` is held, not answered yet (by any process)."""
+        return await self._thread.run(_unanswered, owner, request_id)
+
     async def kept(self, owner: str, request_id: str) -> str | None:
         """The answer of a request answered lately (within RESULT_TTL), if any."""
         return await self._thread.run(_answer_of, owner, request_id)
@@ -226,19 +255,22 @@ def _resolve(waiting: list[asyncio.Future[None]]) -> None:
 # --------------------------------------------------------------------------- in the thread
 
 
-def _write(new: list[list[Any]], changes: dict[str, dict[str, Any]]) -> None:
+def _write(rows: list[list[Any]], changes: dict[str, dict[str, Any]]) -> None:
+    """One transaction: the rows (new, or written again as they are now) in multi-row
+    upserts, then the changes of rows not held in memory."""
     moment = db_datetime()
-    times = (_COLUMNS.index("created_at"), _COLUMNS.index("deadline"),
-             _COLUMNS.index("finished_at"))
-    rows = []
-    for row in new:
+    times = (_AT["created_at"], _AT["deadline"], _AT["finished_at"])
+    for row in rows:
         for i in times:
             if row[i] is not None:
                 row[i] = moment(row[i])
-        rows.append(tuple(row))
+    ops = connection.ops
+    then = (f"ON CONFLICT ({ops.quote_name('key')}) DO UPDATE SET "
+            + ", ".join(f"{ops.quote_name(c)} = excluded.{ops.quote_name(c)}"
+                        for c in _CHANGING))
     with transaction.atomic():
         if rows:
-            insert_rows(Job._meta.db_table, _COLUMNS, rows)
+            insert_rows(Job._meta.db_table, _COLUMNS, [tuple(r) for r in rows], then=then)
         if changes:
             _update(changes, moment)
 
@@ -262,10 +294,16 @@ def _update(changes: dict[str, dict[str, Any]], moment: Any) -> None:
 
 
 def _prune_done(before: float) -> int:
+    """Every row answered before ``before``, PRUNE_BATCH rows a statement (each one
+    short, so that commits get in between)."""
     done = Job.objects.filter(state=DONE, finished_at__lt=utc(before))
-    chosen = done.order_by().values("pk")[:PRUNE_BATCH]
-    deleted, _ = Job.objects.filter(pk__in=chosen).delete()
-    return deleted
+    total = 0
+    while True:
+        chosen = done.order_by().values("pk")[:PRUNE_BATCH]
+        deleted, _ = Job.objects.filter(pk__in=chosen).delete()
+        total += deleted
+        if deleted < PRUNE_BATCH:
+            return total
 
 
 def _take_over(process: str, inbox: str, dead: list[str] | None) -> list[Kept]:
@@ -298,6 +336,11 @@ def _seen_since(since: float) -> bool:
 def _answered_since(since: float) -> list[tuple[str, str, str]]:
     return list(Job.objects.filter(state=DONE, finished_at__gte=utc(since)).order_by(
         "finished_at").values_list("owner", "request_id", "answer").iterator())
+
+
+def _unanswered(owner: str, request_id: str) -> bool:
+    return Job.objects.filter(owner=owner, request_id=request_id).exclude(
+        state=DONE).exists()
 
 
 def _answer_of(owner: str, request_id: str) -> str | None:
