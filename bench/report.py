@@ -128,18 +128,16 @@ def targets(rows: list[Row], scale: dict[str, Any] | None) -> list[dict[str, Any
     add("p50 at 1 in flight vs baseline's (2 processes over Redis, 4 workers, 100 B)",
         "–" if q is None else f"{q:.2f}× ({r1.p50_ms:.2f} vs {b1.p50_ms:.2f} ms)",  # type: ignore
         "≤ 3.0×", None if q is None else q <= 3.0)
-    on, off = _find(rows, "daphne", ref), _find(rows, "daphne-nohist", ref)
-    cost = 1 - on.rps / off.rps if on and off and off.rps else None
-    add(f"cost of request history (daphne BROKER_HISTORY=1 vs 0, {at})",
-        "–" if cost is None else f"{cost * 100:+.1f}% ({on.rps:,.0f} vs {off.rps:,.0f} req/s)",  # type: ignore
-        "≤ 3%", None if cost is None else cost <= 0.03,
-        "negative = history on measured faster (noise)" if cost is not None and cost < 0 else "")
-    off = _find(rows, "daphne-nostore", ref)
-    cost = 1 - on.rps / off.rps if on and off and off.rps else None
-    add(f"cost of the job store (daphne BROKER_JOB_STORE=1 vs 0, {at})",
-        "–" if cost is None else f"{cost * 100:+.1f}% ({on.rps:,.0f} vs {off.rps:,.0f} req/s)",  # type: ignore
-        "≤ 10%", None if cost is None else cost <= 0.10,
-        "negative = store on measured faster (noise)" if cost is not None and cost < 0 else "")
+    on = _find(rows, "daphne", ref)
+    for what, setting, system, limit in (("request history", "HISTORY", "daphne-nohist", 0.03),
+                                         ("the job store", "JOB_STORE", "daphne-nostore", 0.10)):
+        off = _find(rows, system, ref)
+        cost = 1 - on.rps / off.rps if on and off and off.rps else None
+        add(f"cost of {what} (daphne BROKER_{setting}=1 vs 0, {at})",
+            "–" if cost is None else f"{cost * 100:+.1f}% ({on.rps:,.0f} vs {off.rps:,.0f} req/s)",  # type: ignore
+            f"≤ {limit:.0%}", None if cost is None else cost <= limit,
+            f"negative = {what} on measured faster (noise)" if cost is not None and cost < 0
+            else "")
     s1 = _find(rows, "daphne-nostore", one)
     extra = d1.p50_ms - s1.p50_ms if d1 and s1 else None
     add("p50 at 1 in flight added by the job store (daphne, 4 workers, 100 B)",

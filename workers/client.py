@@ -298,7 +298,7 @@ class Worker:
             async with connect(url, max_size=MAX_FRAME_BYTES, open_timeout=OPEN_TIMEOUT,
                                close_timeout=CLOSE_TIMEOUT, ping_interval=None,
                                additional_headers=auth_headers(self.token)) as ws:
-                session = Session(ws, self._runner, self._handlers, self._tasks,
+                session = Session(ws, self._runner, self._handlers, self._spawn,
                                   self._stop_requested.is_set, self._interval)
                 self._relay.attach(session.outbox)
                 answer = await session.register(self._registration())

@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from .errors import ConnectionLost, RegistrationFailed, describe
-from .outbox import Outbox
+from .outbox import Outbox, Spawn
 from .protocol import (BATCH_BYTES, ChunkBody, ErrorCode, Feature, Message, MessageType,
                        ProtocolError, Registration, RequestBody, ResponseBody, batch_messages,
                        loads_frames)
@@ -202,11 +202,12 @@ class Session:
     """
 
     def __init__(self, ws: ClientConnection, runner: Runner,
-                 handlers: dict[str, list[MessageHandler]], tasks: set[asyncio.Task[Any]],
+                 handlers: dict[str, list[MessageHandler]], spawn: Spawn,
                  stopping: Callable[[], bool], interval: float) -> None:
         self.ws = ws
         self.handlers = handlers
-        self.tasks = tasks  # the worker's, so that stop() can wait for them
+        #: Starts a task of the worker's (its stop waits for them).
+        self.spawn = spawn
         self.stopping = stopping
         self.interval = interval
         self.pending: dict[str, asyncio.Future[ResponseBody]] = {}
@@ -472,16 +473,3 @@ class Session:
             return
         if isinstance(result, Message):
             await self.outbox.send(result.to_json())
-
-    # ------------------------------------------------------------------ plumbing
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("Worker task failed", exc_info=task.exception())
