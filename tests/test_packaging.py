@@ -48,8 +48,13 @@ def test_the_worker_wheel_installs_and_serves_without_django(tmp_path: Path,
                                   "m.distributions()))", cwd=elsewhere)
     assert "django" not in installed and "websockets" in installed, installed
     assert "broker-workers" in installed
+    # The README's way: a module of one's own, in the folder the worker runs from.
+    (elsewhere / "my_commands.py").write_text(
+        "from workers.handlers import command\n\n@command()\n"
+        "def greet(name: str) -> str:\n    return f'hi {name}'\n")
     worker = subprocess.Popen([str(venv / "bin" / "broker-worker"), broker.host,
-                               str(broker.worker_port), "--name", "from-the-wheel"],
+                               str(broker.worker_port), "--name", "from-the-wheel",
+                               "--handlers", "my_commands"],
                               cwd=elsewhere, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
@@ -58,6 +63,9 @@ def test_the_worker_wheel_installs_and_serves_without_django(tmp_path: Path,
         answer = run(python, "-m", "workers.requester", broker.host, str(broker.requester_port),
                      "echo", '{"message": "installed"}', cwd=elsewhere)
         assert '"data": "Echo: installed"' in answer
+        greeted = run(python, "-m", "workers.requester", broker.host,
+                      str(broker.requester_port), "greet", '{"name": "wheel"}', cwd=elsewhere)
+        assert '"data": "hi wheel"' in greeted
     finally:
         worker.terminate()
         assert worker.wait(20) == 0

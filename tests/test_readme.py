@@ -1,4 +1,5 @@
-"""The README stays true: its commands exist, its example runs, its tables are complete."""
+"""The README and the docs stay true: their commands exist, their examples run, their
+tables are complete, their links lead somewhere."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ from dispatch import conf
 from tests.procs import ROOT, Broker, manage_many, scaled
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+#: The README and every page of docs/, by path.
+PAGES = {path: path.read_text(encoding="utf-8")
+         for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+DOCS = "\n".join(PAGES.values())
 
 
-def code_blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def code_blocks(lang: str, text: str = DOCS) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
 def shell_commands() -> list[str]:
@@ -31,7 +36,7 @@ def shell_commands() -> list[str]:
 
 
 def table_commands() -> list[str]:
-    return re.findall(r"\| `python manage.py (\w+)", README)
+    return re.findall(r"\| `python manage.py (\w+)", DOCS)
 
 
 def help_argv(command: str) -> list[str]:
@@ -77,13 +82,29 @@ def test_management_commands_in_the_table_exist(helps) -> None:
 
 
 def test_configuration_table_lists_every_setting() -> None:
+    table = PAGES[ROOT / "docs" / "configuration.md"]
     for name in conf.NAMES:
-        assert f"`BROKER_{name}`" in README, f"BROKER_{name} missing from the README"
+        assert f"`BROKER_{name}`" in table, f"BROKER_{name} missing from docs/configuration.md"
+
+
+def test_the_readme_is_short_and_every_link_between_pages_leads_somewhere() -> None:
+    """The README says what this is and how to start, in under 300 lines; the rest is
+    in docs/, and a link to a page (or a heading of one) finds it."""
+    assert len(README.splitlines()) < 300
+    for path, text in PAGES.items():
+        for target in re.findall(r"\]\(([^)#]*)(?:#[^)]*)?\)", text):
+            if target and not target.startswith(("http://", "https://")):
+                assert (path.parent / target).exists(), f"{path.name} links to {target}"
+        for page, anchor in re.findall(r"\]\(([^)#]*)#([^)]+)\)", text):
+            heading_text = PAGES.get((path.parent / page).resolve() if page else path, "")
+            anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+                       for h in re.findall(r"^#+ (.+)$", heading_text, flags=re.M)}
+            assert anchor in anchors, f"{path.name} links to {page}#{anchor}: no such heading"
 
 
 def test_python_example_runs(shared_broker: Broker, spawn_worker) -> None:
     spawn_worker("readme")
-    [example] = [b for b in code_blocks("python") if "SyncRequester" in b]
+    [example] = [b for b in code_blocks("python", README) if "SyncRequester" in b]
     code = example.replace("ws://localhost:8766", shared_broker.requester_url)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)

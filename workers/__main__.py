@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -102,6 +103,10 @@ def load_handlers(name: str) -> ModuleType:
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         return module
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # `python -m workers` looks in the current folder first; the installed
+        # `broker-worker` script would not, and `--handlers my_commands` must work alike.
+        sys.path.insert(0, os.getcwd())
     return importlib.import_module(name)
 
 
