@@ -174,10 +174,10 @@ def test_workers_table(stub: tuple[str, StubState]) -> None:
     url, _ = stub
     out, _ = run("workers", broker=url)
     header, alpha, beta = out.strip().splitlines()
-    assert header.split() == ["ID", "NAME", "STATE", "PROCESS", "LOAD", "DONE", "ERRORS",
-                              "LATENCY", "COMMANDS"]
-    assert alpha.split() == ["w1", "alpha", "online", "broker-a", "3/8", "120", "2", "4.2",
-                             "ms", "echo,get_time"]
+    assert header.split() == ["ID", "NAME", "STATE", "PROCESS", "LOAD", "WEIGHT", "DONE",
+                              "ERRORS", "LATENCY", "COMMANDS"]
+    assert alpha.split() == ["w1", "alpha", "online", "broker-a", "3/8", "1", "120", "2",
+                             "4.2", "ms", "echo,get_time"]
     assert " draining " in beta and "0/16" in beta and " - " in beta
     assert header.index("LOAD") == alpha.index("3/8")  # columns line up
 
@@ -417,3 +417,55 @@ def test_console_goes_on_after_bad_input(stub: tuple[str, StubState]) -> None:
     assert err.splitlines()[2].startswith("Error: params is not valid JSON")
     assert "Unknown worker 'nobody'" in out  # a failed request is shown, not fatal
     assert '"data": "Echo: None"' in out
+
+
+# --------------------------------------------------------------------------- token
+
+
+@pytest.mark.django_db
+def test_the_first_credential_says_what_it_does_to_the_fleet_and_asks_at_a_terminal(
+        stub: tuple[str, StubState], monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.core.management import call_command
+
+    from dispatch.models import Credential
+
+    url, _ = stub  # a broker with 2 workers connected
+    monkeypatch.setenv("BROKER_URL", url)
+
+    class Terminal(StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("n\n"))
+    err = StringIO()
+    with pytest.raises(CommandError, match="stays in protected mode"):
+        call_command("token", "create", "admin", "ops", stdout=StringIO(), stderr=err)
+    assert not Credential.objects.exists()
+    warning = err.getvalue()
+    assert "ends protected mode" in warning and "2 worker(s) connected now" in warning
+    assert "token create worker NAME" in warning and "--token T" in warning
+    monkeypatch.setattr("sys.stdin", Terminal("y\n"))
+    out = StringIO()
+    call_command("token", "create", "admin", "ops", stdout=out, stderr=StringIO())
+    assert out.getvalue().startswith("admin_") and Credential.objects.count() == 1
+    err = StringIO()  # the next one ends nothing: no warning, no question
+    call_command("token", "create", "worker", "fleet", stdout=StringIO(), stderr=err)
+    assert "protected mode" not in err.getvalue()
+    listed = StringIO()
+    call_command("token", "list", stdout=listed)
+    header, *rows = listed.getvalue().splitlines()
+    assert header.split() == ["NAME", "KIND", "STATE", "KEY", "ID", "LIMITS"]
+    assert [r.split()[:3] for r in rows] == [["fleet", "worker", "active"],
+                                            ["ops", "admin", "active"]]
+
+
+@pytest.mark.django_db
+def test_a_script_creating_the_first_credential_is_warned_not_stopped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.core.management import call_command
+
+    monkeypatch.setenv("BROKER_URL", "http://127.0.0.1:9")  # nobody there
+    monkeypatch.setattr("sys.stdin", StringIO(""))  # not a terminal
+    err = StringIO()
+    call_command("token", "create", "worker", "fleet", stdout=StringIO(), stderr=err)
+    assert "No broker answered" in err.getvalue() and "ends protected mode" in err.getvalue()

@@ -166,20 +166,22 @@ def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
 
 
-WORKER_COLUMNS = ("ID", "NAME", "STATE", "PROCESS", "LOAD", "DONE", "ERRORS", "LATENCY",
-                  "COMMANDS")
+WORKER_COLUMNS = ("ID", "NAME", "STATE", "PROCESS", "LOAD", "WEIGHT", "DONE", "ERRORS",
+                  "LATENCY", "COMMANDS")
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """An aligned text table with a header row (the last column is not padded)."""
+    lines = [header, *rows]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)),
+                                row[-1]]).rstrip() for row in lines)
 
 
 def format_workers(workers: Iterable[dict[str, Any]]) -> str:
     """The workers as an aligned text table, one row each; a sentence if none."""
     rows = [_worker_row(w) for w in workers]
-    if not rows:
-        return "No workers online."
-    table = [WORKER_COLUMNS, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(WORKER_COLUMNS) - 1)]
-    lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]).rstrip()
-             for row in table]
-    return "\n".join(lines)
+    return table(WORKER_COLUMNS, rows) if rows else "No workers online."
 
 
 def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
@@ -193,6 +195,7 @@ def _worker_row(w: dict[str, Any]) -> tuple[str, ...]:
         worker_state(w),
         str(w.get("process") or ""),
         f"{w.get('in_flight', 0)}/{w.get('max_concurrency', '?')}",
+        f"{w.get('weight', 1):g}",
         str(w.get("completed", 0)),
         str(w.get("errors", 0)),
         f"{latency:.1f} ms" if isinstance(latency, (int, float)) else "-",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError
 
+from dispatch import conf
 from dispatch.auth import create_credential
+from dispatch.control.client import BrokerClient, ControlError, default_base_url
+from dispatch.management.base import table
 from dispatch.models import Credential
 
 
@@ -27,6 +31,9 @@ class Command(BaseCommand):
                                  "or a worker token may register (default: all)")
         create.add_argument("--max-connections", type=int, default=0,
                             help="connections per broker process at most (default 0: no limit)")
+        create.add_argument("--yes", action="store_true",
+                            help="do not ask before the first credential ends protected mode "
+                                 "(asked only when standard input is a terminal)")
         actions.add_parser("list", help="list credentials (never their tokens)")
         revoke = actions.add_parser("revoke", help="revoke a credential by name")
         revoke.add_argument("name", help="the credential's name")
@@ -42,10 +49,16 @@ class Command(BaseCommand):
         getattr(self, f"handle_{options['action']}")(**options)
 
     def handle_create(self, kind: str, name: str, commands: str, max_connections: int,
-                      **_: Any) -> None:
+                      yes: bool, **_: Any) -> None:
         allowed = [c.strip() for c in commands.split(",") if c.strip()]
         if allowed and kind == "admin":
             raise CommandError("--commands applies to requester keys and worker tokens")
+        if not Credential.objects.exists() and not conf.get("API_TOKEN"):
+            self.stderr.write(ending_protected_mode())
+            if sys.stdin.isatty() and not yes and input(
+                    "Create it, and end protected mode? [y/N] ").strip().lower() not in (
+                    "y", "yes"):
+                raise CommandError("Not created: the broker stays in protected mode")
         try:
             _, token = create_credential(name, kind, allowed, max_connections)
         except IntegrityError:
@@ -54,12 +67,13 @@ class Command(BaseCommand):
         self.stdout.write(token)
 
     def handle_list(self, **_: Any) -> None:
-        for c in Credential.objects.all():
-            limits = ", ".join(filter(None, [
-                f"commands: {', '.join(c.commands)}" if c.commands else "",
-                f"max {c.max_connections} connections" if c.max_connections else ""]))
-            self.stdout.write(f"{c.name:24} {c.kind:10} {'active' if c.active else 'revoked':8} "
-                              f"{c.key_id}  {limits}")
+        rows = [(c.name, c.kind, "active" if c.active else "revoked", c.key_id, ", ".join(
+            filter(None, [f"commands: {', '.join(c.commands)}" if c.commands else "",
+                          f"max {c.max_connections} connections" if c.max_connections
+                          else ""])) or "-") for c in Credential.objects.all()]
+        self.stdout.write(table(("NAME", "KIND", "STATE", "KEY ID", "LIMITS"), rows) if rows
+                          else "No credentials: the broker is in protected mode (loopback "
+                               "peers only).")
 
     def handle_revoke(self, name: str, **_: Any) -> None:
         if not Credential.objects.filter(name=name).update(active=False):
@@ -80,3 +94,23 @@ class Command(BaseCommand):
         left = Credential.objects.count()
         self.stdout.write(f"Deleted '{name}'." + ("" if left else
                           " No credential is left: the broker is in protected mode again."))
+
+
+def ending_protected_mode() -> str:
+    """What creating the first credential does to the fleet connected now, and how to
+    keep it: said before it happens."""
+    url = default_base_url()
+    try:
+        workers = BrokerClient(url, timeout=3).workers()
+        online = f"The broker at {url} has {len(workers)} worker(s) connected now"
+    except ControlError:
+        online = f"No broker answered at {url} (BROKER_URL); a running one has its"
+    return (f"This is the first credential: it ends protected mode for good. {online}: "
+            "every connection made without a token (workers, requesters, dashboards) is "
+            f"closed within {conf.get('AUTH_REFRESH_SECONDS'):g} s and refused from then "
+            "on. Give each its token first: `python manage.py token create worker NAME`, "
+            "then `python -m workers HOST 8765 --token T` (or BROKER_TOKEN=T); "
+            "`token create requester NAME` for requesters (`--token T`, or "
+            "`Requester(url, token=T)`); `token create admin NAME` for the control API "
+            "and /metrics.")
+
