@@ -275,3 +275,18 @@ async def test_cli_console_ends_at_end_of_input_and_reports_a_lost_broker() -> N
     async with fake_api(Api()) as url:
         code, out, _ = await run_cli(url, stdin='request echo {"message": 1}\n')
     assert code == 0 and '"data": "Echo: 1"' in out
+
+
+async def test_closing_after_the_broker_is_gone_returns_at_once() -> None:
+    """With nothing in flight, leaving ``async with`` after the broker went away does not
+    wait out the reconnect window (it did: 30 s)."""
+    async with fake_api(Api()) as url:
+        client = await Requester(url, reconnect_for=30).connect()
+        assert await client.call("echo", message="up") == "Echo: up"
+    await asyncio.sleep(0.2)  # the server is gone: the client is dialling again
+    started = time.monotonic()
+    await client.close()
+    assert time.monotonic() - started < 1
+    with pytest.raises(ConnectionLost):
+        await client.call("echo", message="after")
+

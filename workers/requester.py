@@ -321,12 +321,20 @@ class Requester:
                              additional_headers=auth_headers(self.token))
 
     async def close(self) -> None:
-        """Close the connection; calls still waiting fail with :class:`ConnectionLost`."""
+        """Close the connection; calls still waiting fail with :class:`ConnectionLost`.
+        Returns at once when the broker is gone (it stops dialling it again)."""
         self._closing = True
-        if self._ws is not None:
+        if self._reader is not None and not self._connected.is_set():
+            self._reader.cancel()  # reconnecting: no connection to close
+        elif self._ws is not None:
             await self._ws.close()
         if self._reader is not None:
-            await self._reader
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                if not self._reader.cancelled():
+                    raise  # the caller was cancelled, not the reader
+                self._calls.fail_all(ConnectionLost(f"Connection to {self.url} closed"))
             self._reader = None
 
     async def __aenter__(self) -> Requester:
