@@ -188,12 +188,18 @@ NAMES: tuple[str, ...] = tuple(BrokerSettings.model_fields)
 _current: BrokerSettings | None = None
 
 
+@cache
+def _warn_unknown(names: tuple[str, ...]) -> None:
+    """Said once a process (settings are validated again at each override)."""
+    log.warning("unknown broker setting(s) ignored: %s",
+                ", ".join(f"BROKER_{name}" for name in names))
+
+
 def load(values: dict[str, Any]) -> BrokerSettings:
     """Validate ``values`` (names without the ``BROKER_`` prefix); raise a readable error."""
-    unknown = sorted(set(values) - set(NAMES) - NOT_SETTINGS)
+    unknown = tuple(sorted(set(values) - set(NAMES) - NOT_SETTINGS))
     if unknown:
-        log.warning("unknown broker setting(s) ignored: %s",
-                    ", ".join(f"BROKER_{name}" for name in unknown))
+        _warn_unknown(unknown)
     try:
         return BrokerSettings.model_validate(values)
     except ValidationError as exc:

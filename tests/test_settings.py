@@ -81,3 +81,13 @@ def test_redis_by_url_or_by_sentinels() -> None:
                 {"REDIS_SENTINELS": "h:1", "REDIS_URL": "redis://x"}, {"REDIS_DB": "x"}):
         with pytest.raises(BadSetting):
             RedisTarget.from_env(bad)
+
+
+def test_an_unknown_setting_is_named_once_however_often_settings_are_read(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from dispatch import conf
+
+    for _ in range(3):
+        conf.load({"TIMEOUT": 5, "TIMOUT": 5})
+    assert [r.getMessage() for r in caplog.records].count(
+        "unknown broker setting(s) ignored: BROKER_TIMOUT") == 1
