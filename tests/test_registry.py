@@ -196,6 +196,11 @@ async def test_a_selector_matches_labels_and_says_which_matched_nobody(
         await registry.release("g", latency_ms=1.0, health=Health.OK)
     miss = (await registry.reserve_many([Wanted("train", select=(("gpu", "h100"),))]))[0]
     assert miss.worker is None and not miss.capable and miss.unmatched == "gpu=h100"
+    # The label exists, on a worker without the command: still said, not "no worker".
+    await registry.add(entry("r", "resize"))
+    miss = (await registry.reserve_many([Wanted("resize", select=(("gpu", "a100"),))]))[0]
+    assert miss.worker is None and not miss.capable and miss.unmatched == "gpu=a100"
+    assert "1 selector" in miss.why  # explain's "resize: 0 of 0" was the same mistake
 
 
 async def test_explain_takes_no_slot_and_lists_every_candidate(registry: Registry) -> None:

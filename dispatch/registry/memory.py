@@ -153,14 +153,16 @@ class MemoryRegistry(Registry):
         """The workers offering the command that have every label of the selector,
         found from the rarest of those labels: no scan of the whole fleet."""
         sets = [self._labelled.get(pair) for pair in wanted.select]
-        if not all(sets):
-            # None has one of the labels: show choose() the command's workers, so that
-            # it can say which selector matched nobody (a sample will do for that).
-            pool = self._pools.get(wanted.command, [])
-            return pool if len(pool) <= SAMPLE else self._rng.sample(pool, SAMPLE)
-        rarest = min(sets, key=len)  # type: ignore[arg-type]
-        return [e for e in rarest.values()  # type: ignore[union-attr]
-                if wanted.command in e.commands and matches(e, wanted.select)]
+        if all(sets):
+            rarest = min(sets, key=len)  # type: ignore[arg-type]
+            found = [e for e in rarest.values()  # type: ignore[union-attr]
+                     if wanted.command in e.commands and matches(e, wanted.select)]
+            if found:
+                return found
+        # No worker offering the command has the labels: show choose() the command's
+        # workers, so that it can say which selector matched nobody (a sample will do).
+        pool = self._pools.get(wanted.command, [])
+        return pool if len(pool) <= SAMPLE else self._rng.sample(pool, SAMPLE)
 
     async def explain(self, wanted: Wanted) -> tuple[Reservation, list[WorkerEntry]]:
         choice = self._choose(wanted, time.time())
