@@ -447,7 +447,7 @@ def test_the_first_credential_says_what_it_does_to_the_fleet_and_asks_at_a_termi
     monkeypatch.setattr("sys.stdin", Terminal("y\n"))
     out = StringIO()
     call_command("token", "create", "admin", "ops", stdout=out, stderr=StringIO())
-    assert out.getvalue().startswith("admin_") and Credential.objects.count() == 1
+    assert out.getvalue().startswith("adm_") and Credential.objects.count() == 1
     err = StringIO()  # the next one ends nothing: no warning, no question
     call_command("token", "create", "worker", "fleet", stdout=StringIO(), stderr=err)
     assert "protected mode" not in err.getvalue()
