@@ -155,10 +155,9 @@ def test_real_broker_with_credentials(broker_factory, tmp_path: Path) -> None:
         wait_for(lambda: "Missing credentials" in anonymous.log(), 10,
                  "the anonymous worker to be told why it was refused")
         answer = subprocess.run(
-            [sys.executable, "-m", "workers.requester", "127.0.0.1",
-             str(broker.requester_port), "echo", '{"message": "signed"}'],
-            cwd=ROOT, capture_output=True, text=True, timeout=30,
-            env={**os.environ, "BROKER_TOKEN": api_key})
+            [sys.executable, "-m", "workers.requester", "127.0.0.1",  # flags anywhere
+             str(broker.requester_port), "--token", api_key, "echo", '{"message": "signed"}'],
+            cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert answer.returncode == 0 and "Echo: signed" in answer.stdout
         denied, allowed = broker.manage_many(["workers"], ["workers", "--token", admin_key])
         assert denied.returncode != 0 and "Forbidden" in denied.stderr

@@ -144,7 +144,7 @@ def setup_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     setup_logging(args.log_level)
     url, command, data = parse_target(parser, args)
     if command is not None:
