@@ -246,14 +246,15 @@ def test_runbroker_processes_stop_at_once_when_one_cannot_listen(tmp_path: Path,
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
     psycopg = pytest.importorskip("psycopg")
-    admin = os.environ.get("TEST_POSTGRES_ADMIN_URL",
-                           "postgresql://postgres@127.0.0.1:5432/postgres")
+    named = os.environ.get("DATABASE_URL", "")
+    admin = (named if named.startswith(("postgres://", "postgresql://"))
+             else "postgresql://postgres@127.0.0.1:5432/postgres")
     try:
         conn = psycopg.connect(admin, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
         if os.environ.get("REQUIRE_SERVICES") == "1":
             pytest.fail(f"PostgreSQL required but unreachable at {admin}: {exc}")
-        pytest.skip(f"NO POSTGRESQL at {admin} ({exc}); set TEST_POSTGRES_ADMIN_URL")
+        pytest.skip(f"NO POSTGRESQL at {admin} ({exc}); set DATABASE_URL to a PostgreSQL server")
     name = f"broker_test_{uuid.uuid4().hex[:8]}"
     conn.execute(f'CREATE DATABASE "{name}"')
     base = admin.rsplit("/", 1)[0]

@@ -469,3 +469,22 @@ def test_a_script_creating_the_first_credential_is_warned_not_stopped(
     err = StringIO()
     call_command("token", "create", "worker", "fleet", stdout=StringIO(), stderr=err)
     assert "No broker answered" in err.getvalue() and "ends protected mode" in err.getvalue()
+
+
+def test_a_database_that_cannot_be_reached_is_one_line_and_exit_1() -> None:
+    """The cluster's DATABASE_URL naming a server that refuses (or a role that does not
+    exist): runbroker says which database and what it said, in one line, not a
+    driver's traceback."""
+    from tests.procs import ROOT, closed_port
+
+    with closed_port() as port:
+        done = subprocess.run(
+            [sys.executable, "manage.py", "runbroker", "--worker-port", "0",
+             "--requester-port", "0", "--http-port", "0"], cwd=ROOT, capture_output=True,
+            text=True, timeout=60,
+            env={**os.environ, "DATABASE_URL": f"postgres://broker:secret@127.0.0.1:{port}/fleet"})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "Cannot use the database fleet (postgresql, host 127.0.0.1)" in line
+    assert "DATABASE_URL" in line and "docs/scaling.md" in line

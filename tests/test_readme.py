@@ -162,3 +162,31 @@ def test_the_uvicorn_command_serves_workers_and_requesters(tmp_path) -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(10)
+
+
+def run_snippet(code: str, broker: Broker, cwd=ROOT) -> list[str]:
+    code = code.replace("ws://localhost:8766", broker.requester_url)
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                            text=True, timeout=scaled(60),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_the_error_codes_example_runs(shared_broker: Broker, spawn_worker) -> None:
+    spawn_worker("codes")
+    [example] = [b for b in code_blocks("python", PAGES[ROOT / "docs" / "protocol.md"])
+                 if "NoWorkers" in b]
+    assert run_snippet(example, shared_broker) == [
+        "no_workers - No available workers", "command_error - Division by zero"]
+
+
+def test_the_long_jobs_examples_run(shared_broker: Broker, spawn_worker, tmp_path) -> None:
+    """The worker's jobs.py and the requester's long_jobs.py, as the page shows them."""
+    worker_code, requester_code = code_blocks("python", PAGES[ROOT / "docs" / "long-jobs.md"])
+    (tmp_path / "jobs.py").write_text(worker_code)
+    spawn_worker("long-jobs", "--handlers", "jobs",
+                 env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])})
+    assert run_snippet(requester_code, shared_broker) == [
+        "20% epoch 1", "40% epoch 2", "60% epoch 3", "80% epoch 4", "100% epoch 5",
+        "trained: {'epochs': 5}", "done ['read', 'convert', 'write']", "pages: cancelled"]

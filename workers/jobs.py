@@ -132,6 +132,19 @@ class JobContext:
             self._credit.release()
         self._unacked = 0
 
+    async def settle(self) -> None:
+        """The job ended: what it reported goes out before its answer. (A report held
+        back by PROGRESS_EVERY would otherwise be lost: the requester's last figure
+        would be 80% of a job that reached 100%.)"""
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        if self._newest is not None:
+            msg, self._newest = self._newest, None
+            await self._send(msg)
+
     # ------------------------------------------------------------------ plumbing
 
     def _call(self, func: Callable[..., Any], *args: Any) -> None:

@@ -125,6 +125,7 @@ class Runner:
                 outcome = await run_safely(self.registry, body.action, body.params, ctx)
         except asyncio.CancelledError:
             if ctx.cancelled:  # the broker asked: confirm, and stay up
+                await ctx.settle()
                 await self.answer(request_id, False, None,
                                   f"{CANCELLED}: {ctx.cancel_reason}", ErrorCode.CANCELLED)
                 return
@@ -139,6 +140,7 @@ class Runner:
         logger.debug("%s %s in %.1f ms%s%s", body.action, "done" if outcome.ok else "failed",
                      (loop.time() - started) * 1000, "" if outcome.ok else f": {outcome.error}",
                      f" (trace {body.traceparent})" if body.traceparent else "")
+        await ctx.settle()
         await self.answer(request_id, outcome.ok, outcome.data, outcome.error, outcome.code)
 
     async def answer(self, request_id: str, ok: bool, data: Any, error: str | None,

@@ -8,6 +8,7 @@ import sys
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import OperationalError, connection
 
 from dispatch import conf
 from dispatch.balancing import STRATEGIES
@@ -78,7 +79,7 @@ class Command(BaseCommand):
             raise CommandError("--processes derives each process's ports from the ports "
                                "given (port + i x --port-step): give them, not 0")
         if not options["no_migrate"]:
-            call_command("migrate", interactive=False, verbosity=0)
+            migrate()
         if processes == 1:
             try:
                 serve(conf.get("HOST"), ports, self.stdout.write, options["ports_file"])
@@ -114,3 +115,16 @@ def check_secret_key(host: str) -> None:
             "print(secrets.token_urlsafe(50))'), or listen on 127.0.0.1")
 
 
+def migrate() -> None:
+    """Apply migrations; a database that cannot be reached is one line (which database,
+    what it said, what to check), not a driver's traceback."""
+    try:
+        call_command("migrate", interactive=False, verbosity=0)
+    except OperationalError as exc:
+        where = connection.settings_dict
+        said = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CommandError(
+            f"Cannot use the database {where['NAME']} ({where['ENGINE'].rsplit('.', 1)[-1]}"
+            f"{', host ' + where['HOST'] if where.get('HOST') else ''}): {said}. Check "
+            "DATABASE_URL; a PostgreSQL role and database must exist first "
+            "(docs/scaling.md)") from None
