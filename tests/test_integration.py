@@ -6,6 +6,7 @@ import asyncio
 import os
 import json
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Callable
 import pytest
 import websockets
 
-from tests.procs import ROOT, Broker, WorkerProc, closed_port, until, wait_for
+from tests.procs import ROOT, Broker, WorkerProc, closed_port, scaled, until, wait_for
 from workers.requester import Requester, SyncRequester
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -436,6 +437,38 @@ async def test_worker_calls_the_broker_and_custom_messages(broker: Broker) -> No
 async def _until(predicate: Callable[[], object]) -> None:
     while not predicate():
         await asyncio.sleep(0.02)
+
+
+def test_the_worker_consoles_log_lines_do_not_land_after_its_prompt(shared_broker: Broker
+                                                                     ) -> None:
+    """On a terminal, "Registered as ..." comes after the prompt was drawn: it takes
+    the prompt's line, and the prompt is drawn again below it."""
+    import pty
+
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "workers", shared_broker.host,
+                             str(shared_broker.worker_port), "--name", "prompted", "--console",
+                             "--log-level", "INFO"], cwd=ROOT, stdin=secondary,
+                            stdout=secondary, stderr=secondary,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(secondary)
+    screen = b""
+    try:
+        deadline = time.monotonic() + scaled(20)
+        while b"Registered as" not in screen or not screen.rstrip(b" ").endswith(b">"):
+            assert time.monotonic() < deadline, screen
+            if select.select([main], [], [], 0.2)[0]:
+                screen += os.read(main, 4096)
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(main)
+    text = screen.decode()
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1].replace("\x1b[K", "")
+             for line in text.split("\n")]  # what the terminal shows on each line
+    registered = next(line for line in shown if "Registered as" in line)
+    assert registered.split()[2] == "INFO", shown  # the log line starts its own line
+    assert shown[-1] == "> ", shown  # and the prompt is drawn again below it
 
 
 def test_the_worker_console_asks_the_broker_itself(broker: Broker) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -408,7 +407,6 @@ def test_one_keys_burst_does_not_starve_another_key(broker_factory, spawn_worker
             mine = asyncio.ensure_future(one(small, "small"))
             urgent = asyncio.ensure_future(one(bulk, "urgent", priority=9))
             await asyncio.wait_for(asyncio.gather(*burst, mine, urgent), 60)
-            first_after = len([t for t in order if t.startswith("bulk")])
             return order.index("small") - order.index("bulk-0"), order.index("urgent")
 
     small_at, urgent_at = asyncio.run(scenario())

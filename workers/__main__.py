@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from .address import broker_url, default_token, is_url
 from .client import Worker
-from .console import serve as console_lines
+from .console import PromptedLog, serve as console_lines
 from .errors import ConnectionLost, RequestFailed
 from .protocol import label
 
@@ -156,7 +156,10 @@ async def serve(worker: Worker, with_console: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    prompted = args.console and sys.stdin.isatty()  # log lines must not land after "> "
+    logging.basicConfig(level=args.log_level,
+                        handlers=[PromptedLog(sys.stderr, sys.stdout) if prompted
+                                  else logging.StreamHandler(sys.stderr)],
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     urls = broker_urls(parser, args)
     for name in args.handlers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -15,6 +16,33 @@ Commands:
                            request calculate {"a": 10, "b": 20, "op": "+"}
   help                     show this text
   quit                     leave (also: exit, end of input)"""
+PROMPT = "> "
+
+
+class PromptedLog(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on a console's terminal. While the prompt waits for a line, a log line
+    takes the prompt's place and the prompt is drawn again below it; else the line
+    lands after ``> `` and the user types on after it."""
+
+    def __init__(self, stream: TextIO, prompt_out: TextIO) -> None:
+        super().__init__(stream)
+        self.prompt_out = prompt_out
+        self.prompting = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.prompting:
+            super().emit(record)
+            return
+        self.stream.write("\r\x1b[K")  # back to the line's start, and clear it
+        super().emit(record)
+        self.prompt_out.write(PROMPT)
+        self.prompt_out.flush()
+
+
+def _prompting(showing: bool) -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PromptedLog):
+            handler.prompting = showing
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +101,12 @@ async def serve(ask: Ask, stdin: TextIO, out: TextIO, greeting: str) -> None:
         print(greeting, file=out, flush=True)
     while True:
         if interactive:
-            print("> ", end="", file=out, flush=True)
-        raw = await asyncio.to_thread(stdin.readline)
+            print(PROMPT, end="", file=out, flush=True)
+            _prompting(True)
+        try:
+            raw = await asyncio.to_thread(stdin.readline)
+        finally:
+            _prompting(False)
         line = parse(raw) if raw else Line("quit")
         if line.verb == "quit":
             return
