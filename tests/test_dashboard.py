@@ -161,6 +161,7 @@ async def test_an_admin_key_admits_and_a_wrong_one_does_not(broker_state) -> Non
     await wrong.send_json_to({"type": "auth", "key": key + "x"})
     frames, code = await closed_with(wrong)
     assert code == 4401 and not any(f["type"] == "snapshot" for f in frames)
+    assert frames[-1]["error"] == "Invalid key: not an admin key of this broker"
 
     right = await open_dashboard()
     await right.receive_json_from(3)

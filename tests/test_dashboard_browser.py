@@ -9,6 +9,7 @@ saves the page as the first test sees it (the README's picture comes from here).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -69,12 +70,30 @@ def until(driver: Any, predicate: Callable[[], Any], what: str, timeout: float =
     return time.monotonic() - start
 
 
-def click(driver: Any, table: str, key_text: str, action: str) -> None:
-    driver.execute_script(
+def click(driver: Any, table: str, key_text: str, action: str, times: int = 1) -> None:
+    for _ in range(times):
+        driver.execute_script(
+            "const row = [...document.querySelectorAll(arguments[0] + ' tbody tr')]"
+            ".find(r => r.textContent.includes(arguments[1]));"
+            "row.querySelector(`button[data-action='${arguments[2]}']`).click();",
+            f"#{table}", key_text, action)
+
+
+def button_text(driver: Any, table: str, key_text: str, action: str) -> str:
+    return driver.execute_script(
         "const row = [...document.querySelectorAll(arguments[0] + ' tbody tr')]"
         ".find(r => r.textContent.includes(arguments[1]));"
-        "row.querySelector(`button[data-action='${arguments[2]}']`).click();",
+        "return row.querySelector(`button[data-action='${arguments[2]}']`).textContent;",
         f"#{table}", key_text, action)
+
+
+def latency_chart(driver: Any) -> dict[str, Any]:
+    """The latency chart's axis labels and, per line, how many pieces it is drawn in."""
+    return driver.execute_script(
+        "const svg = document.getElementById('chart-latency');"
+        "return {labels: [...svg.querySelectorAll('text')].map(t => t.textContent),"
+        " pieces: [...svg.querySelectorAll('path')].map("
+        "   p => (p.getAttribute('d').match(/M/g) || []).length)};")
 
 
 def traffic(broker: Broker, seconds: float) -> None:
@@ -113,11 +132,15 @@ def test_the_fleet_lives_on_the_page(broker: Broker, spawn_worker, browser) -> N
         for i in range(30):
             requester.request("sleep_ms", {"ms": 5 + i % 10})
         requester.request("explode", {})
+        requester.request("nobody_offers_this", {})
     browser.get(broker.http_url + "/dashboard/")
     until(browser, lambda: names(browser) == {"gpu-1", "gpu-2", "cpu-1"}, "3 workers shown")
     assert "pool=gpu" in " ".join(r[2] for r in rows(browser, "workers"))
-    assert any(r[0] == "sleep_ms" and r[2] == "30" for r in rows(browser, "commands"))
-    assert any(r[1] == "explode" for r in rows(browser, "failures"))
+    commands = {r[0]: r for r in rows(browser, "commands")}
+    assert commands["sleep_ms"][2] == "30" and commands["explode"][3:5] == ["1", "0"]
+    assert commands["(other)"][3:5] == ["0", "1"]  # not served: no worker offers it
+    [failure] = [r for r in rows(browser, "failures") if r[2] == "explode"]
+    assert failure[0].endswith(" ago") and failure[1] == "1"
     until(browser, lambda: browser.execute_script(
         "return document.querySelectorAll('#chart-rate path').length") >= 1, "a chart drawn")
     if os.environ.get("DASHBOARD_SCREENSHOT"):
@@ -129,9 +152,25 @@ def test_the_fleet_lives_on_the_page(broker: Broker, spawn_worker, browser) -> N
     fourth.stop(signal.SIGKILL)
     left = until(browser, lambda: "edge-1" not in names(browser), "the killed worker gone")
     print(f"appeared within {appeared:.2f} s of starting, gone {left:.2f} s after kill -9")
-    assert browser.find_element("id", "status").text == "connected"  # never reloaded
-    assert len(rows(browser, "failures")) == 1  # one row per failure, however many pushes
+    assert browser.find_element("id", "status").text == "live"  # never reloaded
+    assert len(rows(browser, "failures")) == 2  # one row per kind, however many pushes
 
+    with SyncRequester(broker.requester_url) as requester:  # a burst of one failure
+        for _ in range(12):
+            requester.request("explode", {})
+        requester.request("slow", {"seconds": 3})  # a long job beside milliseconds
+    until(browser, lambda: [r[1] for r in rows(browser, "failures") if r[2] == "explode"]
+          == ["13"], "the burst counted in one row")
+    until(browser, lambda: latency_chart(browser)["labels"][-1] == "10 s", "the 3 s job drawn")
+    chart = latency_chart(browser)  # log scale, a grid line a decade: ms up to the long job
+    assert chart["labels"][0] in ("0.1 ms", "1 ms") and len(chart["labels"]) >= 5, chart
+    assert min(chart["pieces"]) >= 2, chart  # the quiet seconds between are gaps
+
+    click(browser, "workers", "gpu-2", "drain")  # asks first: nothing happens yet
+    assert button_text(browser, "workers", "gpu-2", "drain") == "Drain: sure?"
+    time.sleep(1.5)  # a push redraws the row: still asking
+    assert button_text(browser, "workers", "gpu-2", "drain") == "Drain: sure?"
+    assert not next(w for w in broker.workers() if w["name"] == "gpu-2")["draining"]
     click(browser, "workers", "gpu-2", "drain")
     until(browser, lambda: next(w for w in broker.workers() if w["name"] == "gpu-2")
           ["draining"], "gpu-2 drained in the registry")
@@ -149,16 +188,20 @@ def test_a_running_request_is_cancelled_from_the_page(broker: Broker, spawn_work
 
     def call() -> None:
         with SyncRequester(broker.requester_url) as requester:
-            answer["response"] = requester.request("slow", {"seconds": 60}, timeout=90)
+            answer["response"] = requester.request("long_job", {"seconds": 60}, timeout=90)
 
     caller = threading.Thread(target=call, daemon=True)
     caller.start()
     browser.get(broker.http_url + "/dashboard/")
-    until(browser, lambda: any(r[1] == "slow" for r in rows(browser, "running")),
+    until(browser, lambda: any(r[1] == "long_job" for r in rows(browser, "running")),
           "the running request shown")
     time.sleep(2.5)  # more snapshots: its row is refilled, not repeated
-    assert len(rows(browser, "running")) == 1
-    click(browser, "running", "slow", "cancel")
+    [row] = rows(browser, "running")
+    assert re.fullmatch(r"\d+% \d+\.\ds of 60s", row[3]), row  # its progress, as reported
+    click(browser, "running", "long_job", "cancel")
+    time.sleep(1.5)
+    assert caller.is_alive()  # the first click only asks
+    click(browser, "running", "long_job", "cancel")
     caller.join(15)
     assert answer["response"].code == "cancelled"
     until(browser, lambda: not rows(browser, "running"), "the request gone from the page")
@@ -177,9 +220,12 @@ def test_with_credentials_the_page_asks_for_a_key_or_a_staff_login(
     browser.get(broker.http_url + "/dashboard/")
     until(browser, lambda: browser.find_element("id", "auth").is_displayed(), "the key form")
     assert not browser.find_element("id", "board").is_displayed()
+    assert browser.find_element("id", "status").text == "locked"  # not a green "live"
     browser.find_element("id", "auth-key").send_keys("not-the-key")
     browser.find_element("css selector", "#auth-form button").click()
     until(browser, lambda: browser.find_element("id", "auth-error").text, "the refusal shown")
+    assert browser.find_element("id", "auth-error").text == \
+        "Invalid key: not an admin key of this broker"
     assert not browser.find_element("id", "board").is_displayed()
 
     browser.refresh()

@@ -183,3 +183,35 @@ def test_the_window_has_one_row_per_second_quiet_ones_zero() -> None:
     assert [r["answered"] for r in rows] == [0, 0, 1, 0, 1]
     assert [r["failed"] for r in rows] == [0, 0, 0, 0, 1]
     assert meter.failures[-1].code == "timeout" and meter.failures[-1].request_id == "r1"
+
+
+def test_a_commands_failures_say_whether_a_worker_ran_it() -> None:
+    """The dashboard's two columns: a worker ran it and it failed, or the broker answered
+    without a worker's result (its workers' error rates do not move for those)."""
+    meter = Meter()
+    for code in ("command_error", "handler_failed", "no_workers", "timeout", "cancelled"):
+        meter.answered("resize", False, code, 1.0)
+    meter.answered("resize", True, None, 1.0)
+    row = meter.command_summary()["resize"]
+    assert (row["answered"], row["failed"], row["errors"], row["unserved"]) == (6, 5, 2, 3)
+
+
+def test_recent_failures_alike_are_one_row_with_a_count_newest_first() -> None:
+    from dispatch.control.fleetview import MAX_FAILURES, failure_groups
+
+    now = [1000.0]
+    meter = Meter(clock=lambda: now[0])
+    for i in range(30):  # a burst of one fault, from two workers
+        now[0] += 0.1
+        meter.answered("resize", False, "handler_failed", 1.0, error="boom",
+                       worker_id=f"w{i % 2}", request_id=f"r{i}")
+    now[0] += 5
+    meter.answered("get_time", False, "timeout", 1.0, error="late", request_id="t1")
+    groups = failure_groups(meter.failures, now[0] + 2)
+    assert [(g["command"], g["count"], g["ago"]) for g in groups] == [
+        ("get_time", 1, 2.0), ("resize", 30, 7.0)]
+    assert groups[1]["request_id"] == "r29" and groups[1]["workers"] == ["w1", "w0"]
+    for i in range(MAX_FAILURES + 5):  # many kinds: the newest are kept
+        meter.answered("c", False, "command_error", 1.0, error=f"e{i}")
+    groups = failure_groups(meter.failures, now[0])
+    assert len(groups) == MAX_FAILURES and groups[0]["error"] == f"e{MAX_FAILURES + 4}"

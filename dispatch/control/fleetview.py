@@ -14,14 +14,14 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import orjson
 
 from ..balancing import WorkerState, decayed
 from ..core.dispatcher import Dispatcher, get_dispatcher
 from ..loops import PerLoop
-from ..core.metering import meter
+from ..core.metering import Failure, meter
 from ..registry import get_registry
 
 log = logging.getLogger("dispatch.dashboard")
@@ -31,7 +31,7 @@ PUSH_SECONDS = 1.0
 #: its busiest and its troubled shown).
 MAX_WORKERS = 500
 MAX_RUNNING = 50
-MAX_FAILURES = 20
+MAX_FAILURES = 20  # kinds of failure (alike ones are one row, counted)
 CHART_SECONDS = 300
 
 Send = Callable[[str], Awaitable[None]]
@@ -53,6 +53,33 @@ def _trouble_first(w: Any) -> tuple[int, float, str]:
     """Ejected and draining workers first, then the busiest."""
     return (0 if w.state in (WorkerState.EJECTED, WorkerState.PROBING) else 1 if w.draining else 2,
             -w.in_flight / max(1, w.max_concurrency), w.name or w.worker_id)
+
+
+def _running_row(r: Any, loop_now: float) -> dict[str, Any]:
+    fraction, message = r.reported or (None, None)
+    return {"request_id": r.request_id, "command": r.command, "state": r.state.value,
+            "age": round(loop_now - r.opened, 1),
+            "workers": [p.worker_id for p in r.placements], "requester": r.requester,
+            "progress": fraction, "message": (message or "")[:120] or None}
+
+
+def failure_groups(failures: Iterable[Failure], now: float) -> list[dict[str, Any]]:
+    """The recent failures, newest first, alike ones (command, code and text) as one
+    row with their count: a burst of one fault reads as one line, not dozens."""
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for f in reversed(list(failures)):
+        group = groups.get((f.command, f.code, f.error))
+        if group is None:
+            if len(groups) == MAX_FAILURES:
+                continue
+            group = groups[(f.command, f.code, f.error)] = {
+                "command": f.command, "code": f.code, "error": f.error, "count": 0,
+                "ago": round(max(0.0, now - f.at), 1), "request_id": f.request_id,
+                "workers": []}
+        group["count"] += 1
+        if f.worker_id and f.worker_id not in group["workers"] and len(group["workers"]) < 3:
+            group["workers"].append(f.worker_id)
+    return list(groups.values())
 
 
 async def snapshot(dispatcher: Dispatcher) -> dict[str, Any]:
@@ -89,13 +116,8 @@ async def snapshot(dispatcher: Dispatcher) -> dict[str, Any]:
         "commands": commands,
         "queue": {"pending": dispatcher.pending, "waiting": dispatcher.waiting,
                   "oldest_wait": round(loop_now - oldest, 1) if oldest is not None else None},
-        "running": [{"request_id": r.request_id, "command": r.command,
-                     "state": r.state.value, "age": round(loop_now - r.opened, 1),
-                     "workers": [p.worker_id for p in r.placements],
-                     "requester": r.requester} for r in running],
-        "failures": [{"at": f.at, "command": f.command, "code": f.code, "error": f.error,
-                      "worker_id": f.worker_id, "request_id": f.request_id}
-                     for f in list(meter.failures)[-MAX_FAILURES:][::-1]],
+        "running": [_running_row(r, loop_now) for r in running],
+        "failures": failure_groups(meter.failures, now),
     }
 
 

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.protocol import ErrorCode
+from workers.protocol import WORKER_ANSWER_CODES, ErrorCode
 
 #: Upper bounds of the latency buckets Prometheus is shown, in ms (the last: +Inf).
 BUCKETS_MS: tuple[float, ...] = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000,
@@ -35,10 +35,13 @@ FINE_MS: tuple[float, ...] = tuple(sorted({round(low * (high / low) ** (i / 4), 
 MAX_COMMANDS = 200
 OTHER = "(other)"
 SERIES_SECONDS = 300  # the dashboard's charts: the last five minutes, per second
-RECENT_FAILURES = 50
+RECENT_FAILURES = 200
 #: The outcome label of a successful answer (a failure's is its ErrorCode, or FAILED).
 OK = "ok"
 FAILED = "error"
+#: Outcomes of requests a worker ran and that failed (the rest of the failures were
+#: answered by the broker: no worker, timeout, worker lost, cancelled...).
+RAN_AND_FAILED = frozenset({FAILED, *(code.value for code in WORKER_ANSWER_CODES)})
 
 
 
@@ -181,11 +184,15 @@ class Meter:
         return out
 
     def command_summary(self) -> dict[str, dict[str, Any]]:
-        """Per command since start: answers, failures, p50/p99 (ms)."""
+        """Per command since start: answers, failures (``errors``: its worker ran it and
+        it failed; ``unserved``: the broker answered, no worker's result), p50/p99 (ms)."""
         out = {}
         for name, meter in self.commands.items():
             total = sum(meter.outcomes.values())
-            out[name] = {"answered": total, "failed": total - meter.outcomes[OK],
+            failed = total - meter.outcomes[OK]
+            errors = sum(n for outcome, n in meter.outcomes.items() if outcome in RAN_AND_FAILED)
+            out[name] = {"answered": total, "failed": failed, "errors": errors,
+                         "unserved": failed - errors,
                          "p50_ms": _round(meter.latency.quantile(0.5)),
                          "p99_ms": _round(meter.latency.quantile(0.99))}
         return out

@@ -128,6 +128,8 @@ class Request:
     lost_because: str = ""  # why its last worker was lost, for the error text
     lost_code: ErrorCode = ErrorCode.WORKER_LOST  # and how (lease_expired)
     lost_from: list[str] = field(default_factory=list)  # workers lost under it
+    #: Its worker's last progress report (fraction, message), for the dashboard.
+    reported: tuple[float | None, str | None] | None = None
     #: Workers whose lease on it ran out: their connection lives on, and a retry there
     #: could mistake that run's last words for this one's, so it goes elsewhere.
     hung_on: list[str] = field(default_factory=list)
@@ -508,13 +510,12 @@ class RequestTable:
                  message: str | None) -> list[Action]:
         """Its worker says how far it got: for the watchers that asked."""
         request = self._placed(key, worker_id)
+        if request is not None and (value is not None or message is not None):
+            request.reported = (value, message)  # not a bare heartbeat: the dashboard's
         if request is None or not request.stream:
             return []
-        fields: dict[str, Any] = {}
-        if value is not None:
-            fields["progress"] = value
-        if message is not None:
-            fields["message"] = message
+        fields = {name: v for name, v in (("progress", value), ("message", message))
+                  if v is not None}
         return [Notify(request, protocol.event(request.request_id, "progress", **fields),
                        mergeable=True)]
 

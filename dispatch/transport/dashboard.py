@@ -176,8 +176,10 @@ class DashboardSocket(BaseSocket):
             else:
                 REFUSAL_LOG.log(log, logging.INFO, "dashboard from %s: wrong or no key",
                                 self.peer)
-                await self._fail("Send {\"type\": \"auth\", \"key\": \"<admin key>\"} first, "
-                                 "or log in to the admin as staff", CloseCode.UNAUTHORIZED)
+                await self._fail(
+                    "Invalid key: not an admin key of this broker" if kind == "auth" else
+                    "Send {\"type\": \"auth\", \"key\": \"<admin key>\"} first, or log in "
+                    "to the admin as staff", CloseCode.UNAUTHORIZED)
             return
         if not await self._still_admitted():  # a logout or revocation since the last look
             await self._fail("Your credential no longer admits this dashboard",

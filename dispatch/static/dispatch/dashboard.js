@@ -11,13 +11,14 @@ let key = sessionStorage.getItem("dashboard-key") || "";
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   socket = new WebSocket(`${scheme}://${location.host}/ws/dashboard/`);
-  socket.onopen = () => status("connected", true);
+  socket.onopen = () => status("logging in…", false);
   socket.onmessage = (event) => receive(JSON.parse(event.data));
   socket.onclose = (event) => {
-    status("disconnected", false);
     if (event.code === 4401 || event.code === 4403) {
+      status("locked", false);
       return; // refused: the auth panel (or the error) says why; no reconnect loop
     }
+    status("disconnected", false);
     setTimeout(connect, retry);
     retry = Math.min(retry * 2, 8000);
   };
@@ -37,6 +38,7 @@ function receive(msg) {
     }
   } else if (msg.type === "snapshot") {
     retry = 500;
+    status("live", true);
     $("auth").hidden = true;
     $("board").hidden = false;
     render(msg);
@@ -56,6 +58,7 @@ function receive(msg) {
 }
 
 function showAuth(error) {
+  status("locked", false);
   $("board").hidden = true;
   $("auth").hidden = false;
   $("auth-error").textContent = error || "";
@@ -71,6 +74,29 @@ $("auth-form").addEventListener("submit", (event) => {
     connect();
   }
 });
+
+// A button that acts on the second click: the first one asks "sure?" for a few seconds.
+// Rows are drawn again every second, so what is armed is kept here, by action and id.
+const armed = new Map();
+function confirmButton(label, action, id, className, run) {
+  const key = `${action} ${id}`;
+  const sure = (armed.get(key) || 0) > Date.now();
+  const button = el("button", sure ? `${label}: sure?` : label,
+                    (className || "") + (sure ? " armed" : ""));
+  button.dataset.action = action;
+  button.title = sure ? "click again to confirm" : `${label} (asks once more)`;
+  button.onclick = () => {
+    if ((armed.get(key) || 0) > Date.now()) {
+      armed.delete(key);
+      run();
+    } else {
+      armed.set(key, Date.now() + 4000);
+      button.textContent = `${label}: sure?`;
+      button.classList.add("armed");
+    }
+  };
+  return button;
+}
 
 function act(type, fields) {
   if (socket && socket.readyState === WebSocket.OPEN) {
@@ -103,6 +129,10 @@ function ago(seconds) {
 
 function clock(epoch) {
   return new Date(epoch * 1000).toLocaleTimeString();
+}
+
+function percent(fraction) {
+  return fraction === null || fraction === undefined ? "" : Math.round(fraction * 100) + "%";
 }
 
 function el(tag, text, className) {
@@ -170,24 +200,34 @@ function render(s) {
   $("workers-note").textContent = s.workers.length < s.workers_total
     ? `(${s.workers.length} of ${s.workers_total} shown: troubled and busiest first)` : "";
   sync("workers", s.workers, (w) => w.worker_id, workerCells);
-  sync("commands", s.commands, (c) => c.command, (c) => [
-    el("td", c.command, "mono"), el("td", c.workers, "num"), el("td", c.answered ?? 0, "num"),
-    el("td", c.failed ?? 0, "num" + (c.failed ? " bad" : "")), el("td", ms(c.p50_ms), "num"),
-    el("td", ms(c.p99_ms), "num")]);
+  sync("commands", s.commands, (c) => c.command, (c) => {
+    const name = el("td", c.command, "mono");
+    if (c.command === "(other)") {
+      name.title = "requests for commands no worker offered (made-up names are not kept "
+        + "apart), and commands beyond the first 200";
+    }
+    return [name, el("td", c.workers, "num"), el("td", c.answered ?? 0, "num"),
+            el("td", c.errors ?? 0, "num" + (c.errors ? " bad" : "")),
+            el("td", c.unserved ?? 0, "num" + (c.unserved ? " bad" : "")),
+            el("td", ms(c.p50_ms), "num"), el("td", ms(c.p99_ms), "num")];
+  });
   $("running-note").textContent = s.queue.pending > s.running.length
     ? `(oldest ${s.running.length} of ${s.queue.pending})` : "";
   sync("running", s.running, (r) => `${r.request_id} ${r.requester}`, (r) => {
-    const cancel = el("button", "Cancel", "danger");
-    cancel.dataset.action = "cancel";
-    cancel.onclick = () => act("cancel", {request_id: r.request_id});
     const actions = el("td");
-    actions.appendChild(cancel);
-    return [el("td", r.request_id, "mono"), el("td", r.command, "mono"), el("td", r.state),
-            el("td", ago(r.age), "num"), el("td", r.workers.join(", ") || "–", "mono"), actions];
+    actions.appendChild(confirmButton("Cancel", "cancel", `${r.request_id} ${r.requester}`,
+                                      "danger", () => act("cancel", {request_id: r.request_id})));
+    const progress = el("td", null, "progress");
+    if (r.progress !== null && r.progress !== undefined) progress.appendChild(bar(r.progress));
+    progress.appendChild(el("span", [percent(r.progress), r.message].filter(Boolean).join(" ")));
+    return [el("td", r.request_id, "mono id"), el("td", r.command, "mono"), el("td", r.state),
+            progress, el("td", ago(r.age), "num"),
+            el("td", r.workers.join(", ") || "–", "mono"), actions];
   });
-  sync("failures", s.failures, (f) => `${f.at} ${f.request_id}`, (f) => [
-    el("td", clock(f.at)), el("td", f.command, "mono"), el("td", f.code, "bad"),
-    el("td", f.worker_id || "–", "mono"), el("td", f.request_id, "mono"),
+  sync("failures", s.failures, (f) => `${f.command} ${f.code} ${f.error}`, (f) => [
+    el("td", `${ago(f.ago)} ago`, "num"), el("td", f.count, "num"),
+    el("td", f.command, "mono"), el("td", f.code, "bad"),
+    el("td", f.workers.join(", ") || "–", "mono"), el("td", f.request_id, "mono id"),
     el("td", f.error, "error")]);
   drawRate(s.series);
   drawLatency(s.series);
@@ -205,11 +245,16 @@ function workerCells(w) {
   load.appendChild(bar(w.max_concurrency ? w.in_flight / w.max_concurrency : 0));
   load.appendChild(document.createTextNode(`${w.in_flight}/${w.max_concurrency}`));
   const draining = w.state === "draining";
-  const button = el("button", draining ? "Undrain" : "Drain");
-  button.dataset.action = draining ? "undrain" : "drain";
-  button.onclick = () => act(draining ? "undrain" : "drain", {worker_id: w.worker_id});
   const actions = el("td");
-  actions.appendChild(button);
+  if (draining) {  // back into rotation: nothing to lose, one click
+    const button = el("button", "Undrain");
+    button.dataset.action = "undrain";
+    button.onclick = () => act("undrain", {worker_id: w.worker_id});
+    actions.appendChild(button);
+  } else {
+    actions.appendChild(confirmButton("Drain", "drain", w.worker_id, "",
+                                      () => act("drain", {worker_id: w.worker_id})));
+  }
   return [el("td", w.worker_id, "mono"), el("td", w.name), labels, state, load,
           el("td", ms(w.latency_ms), "num"),
           el("td", (100 * w.error_rate).toFixed(1) + "%", "num" + (w.error_rate > 0.05 ? " bad" : "")),
@@ -221,9 +266,10 @@ function workerCells(w) {
 
 const W = 600, H = 150, PAD = 18;
 
-function axes(svg, top, unit) {
+// ticks: [[fraction of the height, value], ...]
+function axes(svg, ticks, unit) {
   svg.replaceChildren();
-  for (const f of [0, 0.5, 1]) {
+  for (const [f, value] of ticks) {
     const y = PAD + (H - 2 * PAD) * (1 - f);
     const line = document.createElementNS(SVG, "line");
     Object.entries({x1: 30, x2: W, y1: y, y2: y, class: "grid"}).forEach(([k, v]) => line.setAttribute(k, v));
@@ -231,16 +277,25 @@ function axes(svg, top, unit) {
     const label = document.createElementNS(SVG, "text");
     label.setAttribute("x", 0);
     label.setAttribute("y", y + 3);
-    label.textContent = unit(top * f);
+    label.textContent = unit(value);
     svg.appendChild(label);
   }
 }
 
+// points: [x, y], or null for a second without a value. A line breaks at a gap (it is
+// not drawn across it); a filled area (rates, which have no gaps) closes at the bottom.
 function path(svg, points, color, fill) {
-  if (points.length < 2) return;
+  const shown = points.filter(Boolean);
+  if (!shown.length) return;
+  let d = "";
+  points.forEach((point, i) => {
+    if (!point) return;
+    const start = fill ? !d : !(i > 0 && points[i - 1]);
+    d += `${start ? "M" : "L"}${point[0].toFixed(1)},${point[1].toFixed(1)}`;
+    if (!fill && start && !points[i + 1]) d += "h2";  // a lone second: a dash
+  });
+  if (fill) d += `L${shown[shown.length - 1][0].toFixed(1)},${H - PAD}L${shown[0][0].toFixed(1)},${H - PAD}Z`;
   const p = document.createElementNS(SVG, "path");
-  let d = points.map(([x, y], i) => `${i ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)}`).join("");
-  if (fill) d += `L${points[points.length - 1][0].toFixed(1)},${H - PAD}L${points[0][0].toFixed(1)},${H - PAD}Z`;
   p.setAttribute("d", d);
   p.setAttribute("fill", fill ? color : "none");
   p.setAttribute("fill-opacity", fill ? "0.25" : "1");
@@ -249,14 +304,14 @@ function path(svg, points, color, fill) {
   svg.appendChild(p);
 }
 
-function xy(series, value, top) {
+// One point per second; scale(v) is its height from 0 (bottom) to 1 (top).
+function xy(series, value, scale) {
   const step = (W - 30) / Math.max(1, series.length - 1);
-  const out = [];
-  series.forEach((r, i) => {
+  return series.map((r, i) => {
     const v = value(r);
-    if (v !== null && v !== undefined) out.push([30 + i * step, PAD + (H - 2 * PAD) * (1 - v / top)]);
+    return v === null || v === undefined ? null
+      : [30 + i * step, PAD + (H - 2 * PAD) * (1 - Math.min(1, Math.max(0, scale(v))))];
   });
-  return out;
 }
 
 function niceTop(max) {
@@ -272,17 +327,24 @@ function css(name) {
 function drawRate(series) {
   const svg = $("chart-rate");
   const top = niceTop(Math.max(...series.map((r) => r.answered)));
-  axes(svg, top, (v) => v.toFixed(top < 5 ? 1 : 0));
-  path(svg, xy(series, (r) => r.answered, top), css("--ok"), true);
-  path(svg, xy(series, (r) => r.failed, top), css("--bad"), true);
+  axes(svg, [0, 0.5, 1].map((f) => [f, top * f]), (v) => v.toFixed(top < 5 ? 1 : 0));
+  path(svg, xy(series, (r) => r.answered, (v) => v / top), css("--ok"), true);
+  path(svg, xy(series, (r) => r.failed, (v) => v / top), css("--bad"), true);
 }
 
+// Latency on a log scale, a decade per grid line: a 25 s job and 2 ms requests both
+// show, and a quiet second is a gap.
 function drawLatency(series) {
   const svg = $("chart-latency");
-  const top = niceTop(Math.max(0, ...series.map((r) => r.p99 || 0)));
-  axes(svg, top, (v) => (v >= 1000 ? (v / 1000).toFixed(1) + "s" : v.toFixed(top < 5 ? 1 : 0)));
-  path(svg, xy(series, (r) => r.p50, top), css("--p50"), false);
-  path(svg, xy(series, (r) => r.p99, top), css("--p99"), false);
+  const values = series.flatMap((r) => [r.p50, r.p99]).filter((v) => v > 0);
+  const low = Math.floor(Math.log10(Math.min(1, ...values)));
+  const high = Math.max(low + 1, Math.ceil(Math.log10(Math.max(10, ...values))));
+  const scale = (v) => (Math.log10(Math.max(v, Math.pow(10, low))) - low) / (high - low);
+  const ticks = [];
+  for (let e = low; e <= high; e++) ticks.push([(e - low) / (high - low), Math.pow(10, e)]);
+  axes(svg, ticks, (v) => (v >= 1000 ? v / 1000 + " s" : v + " ms"));
+  path(svg, xy(series, (r) => r.p50, scale), css("--p50"), false);
+  path(svg, xy(series, (r) => r.p99, scale), css("--p99"), false);
 }
 
 connect();
