@@ -27,6 +27,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from .formats import duration, percent
 from .auth import digest, new_token
 from .control import services
 from .management.base import worker_state
@@ -38,35 +39,6 @@ RECENT_ROWS = 10_000
 FILTER_CHOICES = 100
 
 
-def duration(ms: float | None) -> str:
-    """Milliseconds as people read them: 0.42 ms, 41.2 ms, 412 ms, 2.3 s, 4 min 05 s.
-
-    Three significant figures are all a measured latency carries; the sixteen digits
-    of a float only hide its size.
-    """
-    if ms is None:
-        return "-"
-    sign, ms = ("-" if ms < 0 else ""), abs(ms)
-    if ms < 9.995:
-        text = f"{ms:.2f} ms"
-    elif ms < 99.95:
-        text = f"{ms:.1f} ms"
-    elif ms < 999.5:
-        text = f"{ms:.0f} ms"
-    elif ms < 59_950:
-        text = f"{ms / 1000:.1f} s"
-    else:
-        seconds = round(ms / 1000)
-        text = f"{seconds // 60} min {seconds % 60:02d} s" if seconds < 3600 else \
-            f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return sign + text
-
-
-def percent(rate: float) -> str:
-    """A share as 0%, 0.4%, 12%: a tenth of a percent matters only below ten."""
-    return f"{rate * 100:.1f}%" if 0 < rate < 0.0995 else f"{rate:.0%}"
-
-
 def changelist_link(model: type, text: str, **query: str) -> SafeString:
     """A link to ``model``'s admin list filtered by ``query``, all of it escaped: worker
     ids and commands come from peers."""
@@ -74,8 +46,16 @@ def changelist_link(model: type, text: str, **query: str) -> SafeString:
     return format_html('<a href="{}?{}">{}</a>', url, urlencode(query), text)
 
 
+# The lists need the width (a worker's row is a dozen columns): the breadcrumbs and the
+# index page lead everywhere the menu beside each list did.
+admin.site.enable_nav_sidebar = False
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Every field shown read-only; no add form, no change form that saves."""
+
+    class Media:
+        css = {"all": ("dispatch/admin.css",)}
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -117,21 +97,22 @@ def rendered(response: HttpResponse) -> HttpResponse:
 
 @admin.register(WorkerSession)
 class WorkerSessionAdmin(ReadOnlyAdmin):
+    # What fits a 1,400 px screen beside the admin's menu; when it connected and left
+    # are on the row's page (and connected_at is the date bar above the list).
     list_display = (
-        "worker_id", "name", "status", "routing_state", "requests", "served", "load",
-        "latency", "error_rate", "weight", "address", "process", "connected_at",
-        "last_seen", "disconnected_at",
+        "worker_id", "name", "routing_state", "served", "load", "latency", "error_rate",
+        "weight", "address", "process", "seen",
     )
     list_filter = ("status", "process", "connected_at")
     search_fields = ("worker_id", "name", "address", "session_id", "process")
     date_hierarchy = "connected_at"
     ordering = ("-connected_at",)
     actions = ["drain", "undrain"]
-    readonly_fields = ("routing_state", "served", "load", "latency", "error_rate", "requests")
+    readonly_fields = ("routing_state", "served", "load", "latency", "error_rate")
     fieldsets = (
         (None, {"fields": ("worker_id", "name", "status", "routing_state", "owner",
                            "session_id")}),
-        ("Load", {"fields": ("served", "load", "latency", "error_rate", "requests")}),
+        ("Load", {"fields": ("served", "load", "latency", "error_rate")}),
         ("Capacity", {"fields": ("commands", "weight", "max_concurrency")}),
         ("Connection", {"fields": ("address", "process", "connected_at", "last_seen",
                                    "disconnected_at")}),
@@ -154,19 +135,22 @@ class WorkerSessionAdmin(ReadOnlyAdmin):
         with live_workers():
             return rendered(super().change_view(request, object_id, form_url, extra_context))
 
-    @admin.display(description="routing")
-    def routing_state(self, obj: WorkerSession) -> str:
+    @admin.display(description="state")
+    def routing_state(self, obj: WorkerSession) -> SafeString:
         """What the balancer makes of an online worker now: online, draining, probing,
-        or ejected until when and why."""
+        or ejected until when and why; else what its row says (offline)."""
         live = live_entry(obj)
-        return "-" if live is None else worker_state(live)
+        text = obj.get_status_display() if live is None else worker_state(live)
+        return format_html('<span title="{}">{}</span>', text, text)
 
     @admin.display(description="served")
-    def served(self, obj: WorkerSession) -> int:
-        """Requests it answered: counted by the registry while it is online (the row's
-        own count is written when it leaves, so it reads 0 until then)."""
+    def served(self, obj: WorkerSession) -> SafeString:
+        """Requests it answered, linked to its request history (of every connection under
+        this worker id): counted by the registry while it is online (the row's own count
+        is written when it leaves, so it reads 0 until then)."""
         live = live_entry(obj)
-        return obj.requests_served if live is None else int(live.get("completed") or 0)
+        count = obj.requests_served if live is None else int(live.get("completed") or 0)
+        return changelist_link(RequestRecord, str(count), worker_id=obj.worker_id)
 
     @admin.display(description="load")
     def load(self, obj: WorkerSession) -> str:
@@ -181,15 +165,16 @@ class WorkerSessionAdmin(ReadOnlyAdmin):
         live = live_entry(obj)
         return duration(live["latency_ms"]) if live and live.get("latency_at") else "-"
 
+    @admin.display(description="seen", ordering="last_seen")
+    def seen(self, obj: WorkerSession) -> str:
+        """How long ago it last showed life: shorter than a date, and what one looks for."""
+        ago = (timezone.now() - obj.last_seen).total_seconds() * 1000
+        return f"{duration(max(0.0, ago))} ago"
+
     @admin.display(description="error rate")
     def error_rate(self, obj: WorkerSession) -> str:
         live = live_entry(obj)
         return "-" if live is None else percent(live.get("error_rate") or 0.0)
-
-    @admin.display(description="requests")
-    def requests(self, obj: WorkerSession) -> SafeString:
-        """Its request history (of every connection under this worker id)."""
-        return changelist_link(RequestRecord, "requests", worker_id=obj.worker_id)
 
     def _set_draining(self, request: HttpRequest, queryset: Any, draining: bool) -> None:
         ids = sorted(set(queryset.filter(status=WorkerSession.Status.ONLINE)
@@ -251,8 +236,8 @@ def newest_requests(request: HttpRequest, rows: QuerySet) -> QuerySet:
 @admin.register(RequestRecord)
 class RequestRecordAdmin(ReadOnlyAdmin):
     list_display = (
-        "request_id", "command", "success", "code", "worker", "latency", "attempts",
-        "workers_lost", "requester", "process", "finished_at",
+        "request_id", "command", "outcome", "worker", "latency", "tries", "requester",
+        "process", "finished",
     )
     list_filter = ("success", ("code", RecentValuesFilter), TookDownWorkers,
                    ("command", RecentValuesFilter), ("process", RecentValuesFilter),
@@ -261,7 +246,7 @@ class RequestRecordAdmin(ReadOnlyAdmin):
     search_help_text = "A request id, a worker id or a command, exactly."
     ordering = ("-finished_at",)
     # Any other order would sort the whole table for one page.
-    sortable_by = ("finished_at",)
+    sortable_by = ("finished",)
     # The default count(*) for the paginator is slow on a large history table; so are
     # facet counts, one per filter choice over the whole table.
     show_full_result_count = False
@@ -300,6 +285,25 @@ class RequestRecordAdmin(ReadOnlyAdmin):
     @admin.display(description="latency")
     def latency(self, obj: RequestRecord) -> str:
         return duration(obj.latency_ms)
+
+    @admin.display(description="outcome")
+    def outcome(self, obj: RequestRecord) -> SafeString:
+        """ok, or its error code (the text is on its page)."""
+        if obj.success:
+            return format_html('<span class="ok">{}</span>', "ok")
+        return format_html('<span class="failed" title="{}">{}</span>', obj.error,
+                           obj.code or "failed")
+
+    @admin.display(description="tries")
+    def tries(self, obj: RequestRecord) -> str:
+        """Workers it was sent to, and how many of them were lost under it."""
+        return f"{obj.attempts}, {obj.workers_lost} lost" if obj.workers_lost \
+            else str(obj.attempts)
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished(self, obj: RequestRecord) -> str:
+        """Its time to the millisecond; the date only when it is not today's."""
+        return _moment(obj.finished_at, timezone.now())
 
     @admin.display(description="steps")
     def timeline(self, obj: RequestRecord) -> SafeString:
@@ -359,7 +363,8 @@ class JobAdmin(ReadOnlyAdmin):
     def cancel(self, request: HttpRequest, queryset: Any) -> None:
         ids = sorted(set(queryset.exclude(state=Job.State.DONE)
                          .values_list("request_id", flat=True)))
-        done = [r for r in ids if async_to_sync(services.cancel)(r)]
+        by = f"staff user '{request.user.get_username()}' in the admin"
+        done = [r for r in ids if async_to_sync(services.cancel)(r, by)]
         self.message_user(request, f"Cancelled: {', '.join(done) or 'none of those runs'}")
 
     @admin.display(description="answer")

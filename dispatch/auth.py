@@ -274,11 +274,17 @@ class Guard:
 
     def check_api_token(self, token: str) -> bool:
         """Whether ``token`` is ``API_TOKEN`` or an active admin key (for the control API)."""
+        return self.operator(token) is not None
+
+    def operator(self, token: str) -> str | None:
+        """Who ``token`` admits to the control API, for the record (a cancel says who
+        asked): the admin key's name, or ``API_TOKEN``; None if it admits nobody."""
         static = conf.get("API_TOKEN")
         if static and hmac.compare_digest(token.encode(), static.encode()):
-            return True
+            return "API_TOKEN"
         grant = self._lookup(token)
-        return grant is not None and grant.kind == "admin"
+        return f"admin key '{grant.name}'" if grant is not None and grant.kind == "admin" \
+            else None
 
     def requester_grant(self, token: str | None, peer: Peer) -> Grant | None:
         """The grant of a requester key presented over HTTP (or, in protected mode, a

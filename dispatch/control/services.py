@@ -154,10 +154,11 @@ async def explain(command: str, *, select: dict[str, str] | None = None,
             "candidates": rows}
 
 
-async def cancel(request_id: str) -> int:
-    """Cancel every running request with this id, whoever sent it; how many were found."""
+async def cancel(request_id: str, by: str) -> int:
+    """Cancel every running request with this id, whoever sent it; how many were found.
+    ``by`` (the operator, and where they asked) goes in its answer and its history."""
     dispatcher = await get_dispatcher()
-    return await dispatcher.lookup.cancel(None, request_id, "cancelled by an operator")
+    return await dispatcher.lookup.cancel(None, request_id, f"cancelled by {by}")
 
 
 async def status(owner: str, request_id: str) -> str | None:

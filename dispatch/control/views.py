@@ -50,8 +50,13 @@ def _csrf_refused(request: HttpRequest) -> bool:
     return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {}) is not None
 
 
+#: The attribute of an admitted API request naming who it admitted (a cancel says who).
+OPERATOR = "broker_operator"
+
+
 async def _refusal(request: HttpRequest) -> JsonResponse | None:
-    """Why this request may not use the API, or None if it may."""
+    """Why this request may not use the API, or None if it may (then who it is, in the
+    request's ``OPERATOR`` attribute)."""
     origin = request.headers.get("Origin")
     if origin is not None and not (_same_origin(request, origin) or origin_listed(origin)):
         return JsonResponse({"error": "Origin not allowed: add it to BROKER_ALLOWED_ORIGINS"},
@@ -62,15 +67,18 @@ async def _refusal(request: HttpRequest) -> JsonResponse | None:
     guard = await get_guard()
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token:
-        return None if guard.check_api_token(token) else JsonResponse({"error": FORBIDDEN},
-                                                                     status=403)
+        operator = guard.operator(token)
+        setattr(request, OPERATOR, operator)
+        return None if operator else JsonResponse({"error": FORBIDDEN}, status=403)
     user = await request.auser()
     if user.is_active and user.is_staff:
         if request.method == "POST" and _csrf_refused(request):
             return JsonResponse({"error": "CSRF check failed: send the csrftoken cookie's "
                                           "value as X-CSRFToken"}, status=403)
+        setattr(request, OPERATOR, f"staff user '{user.get_username()}'")
         return None
     if guard.protected_mode and _peer(request).local:
+        setattr(request, OPERATOR, "a loopback peer (protected mode)")
         return None
     return JsonResponse({"error": FORBIDDEN}, status=403)
 
@@ -234,7 +242,8 @@ async def cancel(request: HttpRequest) -> JsonResponse:
     """Cancel a running request by its id, whoever sent it (an operator's cancel)."""
     body = _body(request)
     request_id = _text(body, "request_id")
-    found = await services.cancel(request_id)
+    found = await services.cancel(
+        request_id, f"{getattr(request, OPERATOR, 'an operator')} through the control API")
     if not found:
         return JsonResponse({"error": f"No request '{request_id}' is running"}, status=404)
     return JsonResponse({"request_id": request_id, "cancelled": found})

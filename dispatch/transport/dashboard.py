@@ -53,6 +53,7 @@ class DashboardSocket(BaseSocket):
     kind = "dashboard"
     how: str | None = None  # "session", "key" or "protected" once admitted
     key: str = ""
+    operator = "an operator"  # who it admitted, for the record of what they did
     checked = 0.0
     _deadline: asyncio.TimerHandle | None = None  # closes it if no key comes in time
     _closing: asyncio.Task[None] | None = None
@@ -105,9 +106,13 @@ class DashboardSocket(BaseSocket):
             store = import_module(settings.SESSION_ENGINE).SessionStore(key)
             user = await get_user({"session": store})
             if user.is_active and user.is_staff:
+                self.operator = f"staff user '{user.get_username()}'"
                 return "session"
         guard = await get_guard()
-        return "protected" if guard.protected_mode and self.peer.local else None
+        if guard.protected_mode and self.peer.local:
+            self.operator = "a loopback peer (protected mode)"
+            return "protected"
+        return None
 
     async def _still_admitted(self) -> bool:
         if self.how == "key":
@@ -169,9 +174,10 @@ class DashboardSocket(BaseSocket):
         kind = frame.get("type")
         if self.how is None:
             key = frame.get("key")
-            if kind == "auth" and isinstance(key, str) and key and \
-                    (await get_guard()).check_api_token(key):
-                self.how, self.key = "key", key
+            operator = (await get_guard()).operator(key) \
+                if kind == "auth" and isinstance(key, str) and key else None
+            if operator is not None:
+                self.how, self.key, self.operator = "key", key, operator
                 await self._start()
             else:
                 REFUSAL_LOG.log(log, logging.INFO, "dashboard from %s: wrong or no key",
@@ -204,7 +210,7 @@ class DashboardSocket(BaseSocket):
             return f"{'Draining' if kind == 'drain' else 'Back in rotation'}: {worker_id}"
         if kind == "cancel":
             request_id = _text(frame, "request_id")
-            found = await services.cancel(request_id)
+            found = await services.cancel(request_id, f"{self.operator} on the dashboard")
             log.info("dashboard (%s, %s): cancel %s: %d found", self.how, self.peer,
                      protocol.quote(request_id), found)
             return (f"Cancelled {request_id}" if found

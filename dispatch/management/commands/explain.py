@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 
+from ...formats import duration, percent
 from ...control.client import BrokerClient
 from ..base import BrokerCommand, add_routing, parse_json, routing
 
@@ -55,7 +56,7 @@ def format_explanation(found: dict[str, Any]) -> str:
     rows = [COLUMNS] + [(
         "*" if c["chosen"] else "", c["worker_id"], c["name"], c["state"],
         f"{c['in_flight']}/{c['max_concurrency']}", f"{c['weight']:g}",
-        f"{c['latency_ms']:.1f} ms", f"{c['error_rate']:.0%}", f"{c['score']:.3g}",
+        duration(c["latency_ms"]), percent(c["error_rate"]), f"{c['score']:.3g}",
         ",".join(f"{k}={v}" for k, v in sorted(c["labels"].items())) + (
             f" v{c['version']}" if c["version"] else ""),
     ) for c in found["candidates"]]

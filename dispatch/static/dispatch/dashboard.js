@@ -131,8 +131,12 @@ function clock(epoch) {
   return new Date(epoch * 1000).toLocaleTimeString();
 }
 
+// A share as 0%, 0.4%, 12%, as dispatch/formats.py writes it: a tenth of a percent
+// matters only below ten.
 function percent(fraction) {
-  return fraction === null || fraction === undefined ? "" : Math.round(fraction * 100) + "%";
+  if (fraction === null || fraction === undefined) return "";
+  return fraction > 0 && fraction < 0.0995 ? (fraction * 100).toFixed(1) + "%"
+    : Math.round(fraction * 100) + "%";
 }
 
 function el(tag, text, className) {
@@ -257,7 +261,7 @@ function workerCells(w) {
   }
   return [el("td", w.worker_id, "mono"), el("td", w.name), labels, state, load,
           el("td", ms(w.latency_ms), "num"),
-          el("td", (100 * w.error_rate).toFixed(1) + "%", "num" + (w.error_rate > 0.05 ? " bad" : "")),
+          el("td", percent(w.error_rate), "num" + (w.error_rate > 0.05 ? " bad" : "")),
           el("td", w.completed, "num"), el("td", ago(w.seen_ago), "num"),
           el("td", w.process, "mono"), actions];
 }
