@@ -120,7 +120,7 @@ def traffic(broker: Broker, seconds: float) -> None:
 
     def slow() -> None:
         with SyncRequester(broker.requester_url) as requester:
-            requester.request("slow", {"seconds": 8})
+            requester.request("long_job", {"seconds": 8})  # it reports its progress
 
     for _ in range(3):
         threading.Thread(target=slow, daemon=True).start()
