@@ -8,11 +8,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "brokersite.settings")
 django_asgi_app = get_asgi_application()  # sets Django up before consumers are imported
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from dispatch.transport.routing import HttpPorts, SocketRouter  # noqa: E402
+from dispatch.transport.routing import HttpPorts, SocketRouter, StaticFiles  # noqa: E402
 
 application = ProtocolTypeRouter({
-    "http": HttpPorts(ASGIStaticFilesHandler(django_asgi_app)),
+    "http": HttpPorts(StaticFiles(django_asgi_app)),
     "websocket": SocketRouter(),
 })

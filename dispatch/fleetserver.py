@@ -29,7 +29,12 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import reactor, tcp
 
+from .logsafe import LogBudget, quote
+
 log = logging.getLogger("dispatch.server")
+#: Tracebacks of errors inside the application: a few, then a count. (Each is a bug to
+#: fix; one a peer can trigger at will must not fill the disk.)
+APP_ERRORS = LogBudget(burst=5, refill_seconds=10.0)
 
 
 class FleetServer(Server):
@@ -110,7 +115,10 @@ class FleetServer(Server):
         if isinstance(exception, KeyboardInterrupt):
             self.stop()
             return
-        log.error("Exception inside application: %s", exception, exc_info=exception)
+        left_out = APP_ERRORS.allow()
+        if left_out is not None:
+            log.error("Exception inside application: %s%s", quote(str(exception), 300),
+                      f" ({left_out} more left out)" if left_out else "", exc_info=exception)
         if not gone:
             protocol.handle_exception(exception)
 

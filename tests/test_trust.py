@@ -706,6 +706,32 @@ def test_bad_host_headers_cannot_flood_the_log(broker_factory, record_property) 
     assert "Traceback" not in broker.log()[before:]
 
 
+def test_paths_out_of_the_static_files_are_not_found_and_cannot_flood_the_log(
+        shared_broker: Broker, record_property) -> None:
+    """``/static/admin/../../../../etc/passwd`` and the like: 404, no traceback (it was
+    500 with 4.7 KB of traceback each, unthrottled)."""
+    import http.client
+
+    shared_broker.mark_log()
+    before = shared_broker.log_path.stat().st_size
+    paths = ["/static/admin/../../../../etc/passwd", "/static/..%2f..%2fetc/passwd",
+             "/static/admin/%2e%2e/%2e%2e/settings.py"]
+    conn = http.client.HTTPConnection(shared_broker.host, shared_broker.http_port, timeout=10)
+    statuses = set()
+    for i in range(150):
+        conn.request("GET", paths[i % len(paths)])
+        response = conn.getresponse()
+        body = response.read()
+        statuses.add(response.status)
+        assert b"root:" not in body
+    conn.close()
+    assert statuses == {404}
+    assert shared_broker.get("/healthz")["status"] == "ok"
+    grown = shared_broker.log_path.stat().st_size - before
+    report(record_property, traversal_requests=150, log_bytes=grown)
+    assert "Traceback" not in shared_broker.log() and grown < 20_000, grown
+
+
 def test_worker_sockets_that_stop_talking_are_closed_by_the_broker(broker_factory,
                                                                    record_property) -> None:
     """daphne pings nobody on the worker port (the broker's liveness checks do the work):

@@ -18,6 +18,9 @@ import logging
 from typing import Any
 
 from channels.auth import AuthMiddlewareStack
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.exceptions import SuspiciousOperation
+from django.http import HttpRequest, HttpResponse, HttpResponseNotFound
 
 from workers.protocol import CloseCode, quote
 
@@ -100,3 +103,15 @@ class SocketRouter:
             await send({"type": "websocket.close", "code": CloseCode.NO_SUCH_ENDPOINT})
             return
         await app(scope, receive, send)
+
+
+class StaticFiles(ASGIStaticFilesHandler):
+    """Django's static files, where a path that leads outside them (``/static/../..``)
+    is not found, as it is: Django raises, and anyone could make the broker log a
+    traceback and answer 500 as often as they liked."""
+
+    async def get_response_async(self, request: HttpRequest) -> HttpResponse:
+        try:
+            return await super().get_response_async(request)
+        except SuspiciousOperation:
+            return HttpResponseNotFound(b"Not Found", content_type="text/plain")
