@@ -527,3 +527,27 @@ async def test_worker_that_talks_but_does_not_read_is_dropped() -> None:
     assert reply is not None and reply["error"].startswith("Worker lost")
     assert "not answering pings" in reply["error"]
     assert loop.time() - started < 2  # 3 intervals of 0.2 s plus one, not the timeout
+
+
+async def test_a_bug_met_on_a_worker_socket_ends_it_and_what_it_held_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever ends a connection, its worker leaves the registry then, and its request
+    goes elsewhere: not after its heartbeats are missed (15 s of requests swallowed)."""
+    from dispatch.registry import get_registry
+    from dispatch.transport.workers import WorkerConsumer
+
+    async def bug(self: Any, link: Any, msg: Message) -> None:
+        raise RuntimeError("a bug reached by a peer's frame")
+
+    monkeypatch.setitem(WorkerConsumer.FRAME_HANDLERS, "request", bug)
+    w1, r = await worker("w1"), await requester()
+    await ask(r, "echo", data={"n": 1})
+    await frame(w1, "request")
+    w2 = await worker("w2")
+    await w1.send_to(text_data=Message.request("get_time").to_json())
+    with pytest.raises(RuntimeError, match="a bug reached"):
+        await asyncio.wait_for(w1.future, TIMEOUT)  # the socket's application ends
+    assert [w.worker_id for w in await get_registry().all()] == ["w2"]
+    await answer(w2)  # its request went to the other worker at once
+    reply = await r.receive_json_from(TIMEOUT)
+    assert reply["success"] and reply["processed_by"] == "w2"

@@ -762,3 +762,27 @@ def test_worker_sockets_that_stop_talking_are_closed_by_the_broker(broker_factor
     assert quiet_after < 5.0
     wait_for(lambda: broker.workers() == [], 5, "the silent worker still listed")
 
+
+
+def test_an_answer_the_broker_cannot_encode_is_an_error_not_a_dead_worker(
+        shared_broker: Broker) -> None:
+    """A worker asks the broker's ``calculate`` to multiply two 4,300-digit integers: it
+    gets an error answer and stays connected and listed (the encoding raised, the socket
+    closed 1011, and its entry stayed online 15 s, swallowing requests)."""
+    big = int("9" * 4300)
+    shared_broker.mark_log()
+
+    async def scenario() -> None:
+        ws, answer = await register(shared_broker, None, Registration("bigint", "bigint",
+                                                                      ["echo"]))
+        assert answer.data.get("success", True), answer
+        await ws.send(Message.request("calculate", {"a": big, "b": big, "op": "*"}).to_json())
+        reply = Message.from_json(await asyncio.wait_for(ws.recv(), 5))
+        assert reply.data["success"] is False and reply.data["code"] == "not_serializable"
+        await ws.send(Message.request("get_time").to_json())  # still served
+        assert Message.from_json(await asyncio.wait_for(ws.recv(), 5)).data["success"]
+        assert "bigint" in [w["worker_id"] for w in shared_broker.workers()]
+        await ws.close()
+
+    asyncio.run(scenario())
+    assert "Traceback" not in shared_broker.log()

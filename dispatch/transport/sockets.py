@@ -95,6 +95,23 @@ class BaseSocket(AsyncWebsocketConsumer):
                 await self.dispatch(await receive())
         except StopConsumer:
             pass
+        except Exception:
+            await self._abandon()
+            raise  # the server closes it (1011) and logs it, a few a while
+
+    async def _abandon(self) -> None:
+        """A bug met on this connection ends it: what it held goes as at a disconnect
+        (a worker's entry at once, not when its heartbeats are missed)."""
+        if self.state is SocketState.CLOSING:
+            return
+        self.state = SocketState.CLOSING
+        if self._writer is not None:
+            self._writer.cancel()
+        try:
+            await self.disconnect(1011)  # the code the server closes it with
+        except Exception:  # noqa: BLE001 - the first error is the one raised
+            log.exception("%s from %s: cleaning up after an error failed", self.kind,
+                          self.peer)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         handler = getattr(self, get_handler_name(message), None)

@@ -172,8 +172,13 @@ class WorkerConsumer(BaseSocket):
         body = RequestBody.from_message(msg)
         caller = Caller(self.grant.owner, link.entry.worker_id)  # type: ignore[union-attr]
         outcome = await run_safely(actions, body.action, body.params, caller)
-        text = Message.response(msg.msg_id, outcome.ok, outcome.data, outcome.error,
-                                outcome.code).to_json()
+        try:
+            text = Message.response(msg.msg_id, outcome.ok, outcome.data, outcome.error,
+                                    outcome.code).to_json()
+        except (TypeError, ValueError) as exc:  # an int of 8,600 digits, say
+            text = Message.response(msg.msg_id, False, None,
+                                    f"Result is not JSON serializable: {exc}",
+                                    ErrorCode.NOT_SERIALIZABLE).to_json()
         limit = conf.get("MAX_MESSAGE_BYTES")
         if len(text) > limit:
             text = Message.response(msg.msg_id, False, None, f"Answer too large: {len(text)} "
