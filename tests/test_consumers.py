@@ -551,3 +551,32 @@ async def test_a_bug_met_on_a_worker_socket_ends_it_and_what_it_held_at_once(
     await answer(w2)  # its request went to the other worker at once
     reply = await r.receive_json_from(TIMEOUT)
     assert reply["success"] and reply["processed_by"] == "w2"
+
+
+async def test_attach_is_one_watcher_per_connection_gone_with_it_and_bounded() -> None:
+    """5,000 attaches on one connection made each event 5,000 frames, and the watchers
+    of closed connections were never dropped."""
+    w1, sender = await worker("w1"), await requester()
+    await ask(sender, "echo", stream=True)
+    job = await frame(w1, "request")
+    attacker = await requester()
+    for _ in range(50):
+        await attacker.send_json_to({"attach": "r1", "stream": True})
+    leaving = await requester()
+    await leaving.send_json_to({"attach": "r1"})
+    table = (await get_dispatcher()).table
+    [request] = table.find("anonymous", "r1")
+    await asyncio.sleep(0.2)
+    assert len(request.watchers) == 3  # the sender, the attacker once, the one leaving
+    await leaving.disconnect()
+    await asyncio.sleep(0.1)
+    assert len(request.watchers) == 2
+    await w1.send_to(text_data=Message.progress(job.msg_id, 0.5, "half").to_json())
+    assert (await attacker.receive_json_from(TIMEOUT))["event"] == "progress"
+    assert await attacker.receive_nothing(0.3)  # one frame, not fifty
+    await ask(sender, "echo", "r2")
+    await frame(w1, "request")
+    with override_settings(BROKER={"HISTORY": False, "MAX_IN_FLIGHT": 1}):
+        await attacker.send_json_to({"attach": "r2"})  # a second one: over the bound
+        refused = await attacker.receive_json_from(TIMEOUT)
+    assert refused["code"] == "limit_exceeded" and refused["request_id"] == "r2"

@@ -121,3 +121,26 @@ async def test_the_python_client_rides_out_a_restart(broker: Broker, spawn_worke
         results = [await job.result() for job in jobs] + [await call]
     assert results == ["done J1", "done J2", "done C"]
     assert all(runs(log).count(f"start {tag}") == 1 for tag in ("J1", "J2", "C")), runs(log)
+
+
+async def test_a_job_that_must_not_run_twice_is_sent_only_once_it_is_kept(
+        broker_factory, spawn_worker: Callable[..., WorkerProc], tmp_path: Path) -> None:
+    """kill -9 before the store committed a request (commits 1 s apart here). A command
+    that must not run twice was not yet sent to its worker, so the client sending it
+    again after the restart runs it once; it was sent at once, and ran twice."""
+    import asyncio
+
+    from workers.requester import Requester
+
+    broker = broker_factory(env={"BROKER_STORE_COMMIT_SECONDS": "1.0"})
+    spawn_worker("w1", *HANDLERS, target=broker)
+    log = tmp_path / "runs.txt"
+    async with Requester(broker.requester_url, reconnect_for=60) as client:
+        call = asyncio.ensure_future(client.call("job_once", seconds=0.5, tag="O",
+                                                 runs=str(log), timeout=60))
+        await asyncio.sleep(0.3)  # arrived, not committed yet
+        await asyncio.to_thread(broker.stop, signal.SIGKILL)
+        await asyncio.to_thread(broker.start)
+        assert await call == "done O"
+    await asyncio.sleep(1.0)  # a second run would have started and ended by now
+    assert runs(log) == ["start O", "end O"], runs(log)

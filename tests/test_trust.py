@@ -786,3 +786,30 @@ def test_an_answer_the_broker_cannot_encode_is_an_error_not_a_dead_worker(
 
     asyncio.run(scenario())
     assert "Traceback" not in shared_broker.log()
+
+
+def test_attaching_over_and_over_does_not_multiply_what_the_broker_sends(
+        shared_broker: Broker, spawn_worker, record_property) -> None:
+    """One connection attaching 500 times to a job that reports progress: each report
+    reaches it once (it was once per attach: 5,000 attaches made 10 chunks 50,010
+    frames)."""
+    import websockets
+
+    spawn_worker("progressing", "--handlers", "tests.sample_handlers")
+
+    async def scenario() -> tuple[int, int]:
+        async with Requester(shared_broker.requester_url) as owner, \
+                websockets.connect(shared_broker.requester_url) as attacker:
+            job = await owner.start("long_job", {"seconds": 2}, stream=True)
+            for _ in range(500):
+                await attacker.send(json.dumps({"attach": job.request_id, "stream": True}))
+            events = answers = 0
+            while not answers:
+                frame = json.loads(await asyncio.wait_for(attacker.recv(), 10))
+                events += frame.get("event") == "progress"
+                answers += "success" in frame
+            return events, answers
+
+    events, answers = asyncio.run(scenario())
+    report(record_property, attaches=500, progress_frames=events)
+    assert answers == 1 and 0 < events <= 45, events  # ~20 reports a second for 2 s

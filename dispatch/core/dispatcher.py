@@ -204,9 +204,12 @@ class Dispatcher:
         await self._perform(actions)
         return key
 
-    def unwatch(self, keys: Iterable[str], sink: Sink) -> None:
-        """A watcher left (its connection closed); the requests go on, and their answers
+    def unwatch(self, keys: Iterable[str], sink: Sink, owner: str = "",
+                attached: Iterable[str] = ()) -> None:
+        """A watcher left (its connection closed): of the requests it sent (``keys``) and
+        those of ``owner`` it attached to (request ids). They go on, and their answers
         are kept for it to attach again."""
+        keys = [*keys, *(r.key for rid in attached for r in self.table.find(owner, rid))]
         self.table.unwatch(keys, sink)
         self.lookup.unwatch(sink)
 
@@ -262,15 +265,18 @@ class Dispatcher:
 
     async def _forward(self, action: Place) -> None:
         request, worker = action.request, action.worker
-        forward = Forward(request.key, request.command, request.data, self.inbox,
-                          action.timeout, worker.worker_id, worker.connection, request.stream,
-                          request.traceparent)
+        forward = Forward(request.key, request.command, request.data, self.inbox, action.timeout,
+                          worker.worker_id, worker.connection, request.stream, request.traceparent)
         self.keeper.placed(request, worker.worker_id)
+        if request.retry_safe or not self.keeper.after_commit(
+                self._deliver(request, worker, forward)):
+            await self._deliver(request, worker, forward)
+
+    async def _deliver(self, request: Request, worker: Any, forward: Forward) -> None:
         try:
             await self.exchange.deliver(worker.inbox, forward)
         except Exception as exc:  # noqa: BLE001 - a worker of this process: answer, never hang
-            log.warning("could not forward request %s to %s: %s", request.request_id,
-                        worker.worker_id, exc)
+            log.warning("could not forward %s to %s: %s", request.request_id, worker.worker_id, exc)
             await self._perform(self.table.failed_on(
                 request.key, worker.worker_id, f"{protocol.BROKER_UNAVAILABLE}: {exc}",
                 ErrorCode.BROKER_UNAVAILABLE))

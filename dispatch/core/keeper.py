@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from .. import conf
 from ..errors import LayerUnavailable, RegistryUnavailable
@@ -51,6 +51,7 @@ class Keeper:
         #: is expected, or one is back).
         self.patient_until = 0.0
         self._missing: set[str] = set()  # processes with rows, not alive last round
+        self._later: set[asyncio.Task[None]] = set()  # what waits for a commit
         #: Told of each request taken over (someone may wait to attach to it).
         self.on_restored: Callable[[Request], None] | None = None
         for kind, handler in ((Gone, self._on_gone), (Holding, self._on_holding),
@@ -65,6 +66,25 @@ class Keeper:
             self.store.placed if self.store is not None else _nothing
         self.answered: Callable[[Request, str, float], None] = \
             self.store.answered if self.store is not None else _nothing
+
+    def after_commit(self, then: Coroutine[Any, Any, None]) -> bool:
+        """Run ``then`` once what was told so far is committed; False without a store.
+
+        For a job that must not run twice: its worker gets it once its row says where it
+        runs, so that a crash cannot forget a job that runs (and a requester send it
+        again). One commit interval later, holding up nothing else meanwhile."""
+        if self.store is None:
+            then.close()
+            return False
+
+        async def when_kept() -> None:
+            await self.store.committed()  # type: ignore[union-attr]
+            await then
+
+        task = asyncio.ensure_future(when_kept())
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+        return True
 
     def committed(self) -> asyncio.Future[None]:
         """Done once what was accepted so far cannot be lost (at once without a store)."""

@@ -529,11 +529,12 @@ class RequestTable:
                                                data=data), ack)]
 
     def watch(self, key: str, sink: Sink, stream: bool) -> bool:
-        """Add a watcher (an attach); False if the request is not here (any more)."""
+        """Add a watcher (an attach; one per sink); False if the request is not here."""
         request = self.requests.get(key)
         if request is None:
             return False
-        request.watchers.append(Watcher(sink, stream))
+        request.watchers = [*(w for w in request.watchers if w.sink is not sink),
+                            Watcher(sink, stream)]
         return True
 
     def unwatch(self, keys: Iterable[str], sink: Sink) -> None:

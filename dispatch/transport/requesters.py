@@ -58,8 +58,10 @@ class RequesterConsumer(BaseSocket):
     async def cut_off(self) -> None:
         """It stops watching its requests; they go on, and their answers are kept for
         a new connection of the same credential to attach to."""
-        self.dispatcher.unwatch([key for key, _ in self.in_flight.values()], self)
+        self.dispatcher.unwatch([key for key, _ in self.in_flight.values()], self,
+                                self.grant.owner if self.watching else "", self.watching)
         self.in_flight.clear()
+        self.watching.clear()
         self.in_flight_bytes = 0
 
     async def receive_text(self, text: str) -> None:
@@ -141,7 +143,14 @@ class RequesterConsumer(BaseSocket):
 
     async def _attach(self, frame: Attach) -> None:
         """Watch a request this credential sent on another connection (or on this one
-        before it dropped): its remaining progress and its answer, or its kept answer."""
+        before it dropped): its remaining progress and its answer, or its kept answer.
+        At most MAX_IN_FLIGHT at once, as for requests sent."""
+        if len(self.watching) >= conf.get("MAX_IN_FLIGHT") and \
+                frame.request_id not in self.watching:
+            await self.refuse(f"Too many requests attached to ({len(self.watching)}; limit "
+                              f"{conf.get('MAX_IN_FLIGHT')}): wait for their answers first",
+                              frame.request_id, ErrorCode.LIMIT_EXCEEDED)
+            return
         self.watching.add(frame.request_id)
         if not await self.dispatcher.lookup.attach(self.grant.owner, frame.request_id, self,
                                             frame.stream):
