@@ -425,3 +425,28 @@ async def test_a_rolling_restart_under_load_fails_nothing_and_runs_nothing_twice
     record_property("rolling_restart", json.dumps(report))
     assert set(outcomes) == {"ok"} and outcomes["ok"] > 20, outcomes
     assert not twice, twice
+
+
+async def test_kill_9_of_the_requesters_process_loses_no_answer_of_a_worker_elsewhere(
+        cluster, workers_started, postgres_url: str, tmp_path: Path) -> None:
+    """The worker is held by process B, the requester by A; A is killed (kill -9) while
+    the jobs run and comes back. The answers the worker gave meanwhile went to A's
+    inbox, and died with it (they were answered worker_lost, or never): B keeps them
+    for whoever takes A's requests over. Each job is answered once, and ran once."""
+    a, b = cluster(2, env={"DATABASE_URL": postgres_url, "BROKER_HEARTBEAT_INTERVAL": "0.5"})
+    start_worker(workers_started, b, "w-b", "--max-concurrency", "8")
+    log = tmp_path / "runs.txt"
+    async with Requester(a.requester_url, reconnect_for=60) as client:
+        jobs = [await client.start("job_once", {"seconds": 1.5, "tag": f"J{i}",
+                                                "runs": str(log)}, timeout=60)
+                for i in range(4)]
+        await asyncio.to_thread(wait_for, lambda: log.exists() and log.read_text().count(
+            "start") == 4, 10, "the jobs to start")
+        await asyncio.to_thread(a.stop, signal.SIGKILL)
+        await asyncio.sleep(2.5)  # they finish while A is gone
+        await asyncio.to_thread(a.start)
+        results = await asyncio.wait_for(asyncio.gather(*(job.result() for job in jobs)), 60)
+    assert results == [f"done J{i}" for i in range(4)]
+    starts = Counter(line.split()[1] for line in log.read_text().splitlines()
+                     if line.startswith("start"))
+    assert starts == {f"J{i}": 1 for i in range(4)}, starts

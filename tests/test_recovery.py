@@ -97,3 +97,23 @@ def test_a_worker_sent_away_by_a_leaving_process_is_waited_for_whatever_its_comm
     [wait] = recovery.away("k1", "w1", Departure.SENT_AWAY)  # type: ignore[misc]
     assert isinstance(wait, AwaitWorker) and wait.grace == 30.0
     assert recovery.away("k1", "w1", Departure.CLOSED) is None  # closed for cause: lost
+
+
+def test_answers_sent_to_other_processes_are_kept_a_while_and_bounded() -> None:
+    """What a takeover finds of an answer whose process died: kept KEEP_SECONDS, within
+    a byte budget, oldest first out; taken once."""
+    from dispatch.core.events import Reply
+    from dispatch.core.sent import SentReplies
+
+    now = [0.0]
+    sent = SentReplies(seconds=60, max_bytes=10_000, clock=lambda: now[0])
+    for i in range(5):
+        sent.keep(Reply(f"k{i}", "w1", True, "x" * 1000, None, 1.0))
+    assert len(sent) == 5 and 5000 < sent.bytes < 7000
+    sent.keep(Reply("big", "w1", True, {"pad": "y" * 6000}, None, 1.0))
+    assert len(sent) == 4 and sent.bytes <= 10_000  # the two oldest went
+    assert sent.take("k1") is None and sent.take("k4").data == "x" * 1000
+    assert sent.take("k4") is None  # taken once
+    now[0] = 61.0
+    sent.keep(Reply("late", "w1", True, None, None, 1.0))
+    assert len(sent) == 1 and sent.take("late") is not None and sent.bytes == 0

@@ -21,9 +21,10 @@ from ..balancing import Health
 from ..registry import Registry, WorkerEntry
 from . import links
 from .events import (Adopt, Adopted, Cancel, ChunkAck, CloseWorker, Event, Forward, Lost,
-                     Moved, Notify)
+                     Moved, Notify, Reply)
 from .exchange import Exchange
 from .links import WorkerLink
+from .sent import SentReplies
 from .slots import Slots
 
 Adopter = Callable[[WorkerEntry, list[str]], Awaitable[list[Forward]]]
@@ -46,6 +47,9 @@ class WorkerConnections:
         self.by_name: dict[str, WorkerLink] = {}  # the registered, by connection name
         #: Told when another process takes over one's requests (a stopping one listens).
         self.on_moved: Callable[[Moved], None] | None = None
+        #: Answers passed to other processes lately: for whoever takes over from one
+        #: that died before it read them (with the job store).
+        self.sent = SentReplies() if conf.get("JOB_STORE") else None
         for kind, handler in ((Forward, self._on_forward), (Cancel, self._on_cancel),
                               (ChunkAck, self._on_chunk_ack), (Notify, self._on_notify),
                               (CloseWorker, self._on_close), (Adopt, self._on_adopt),
@@ -79,6 +83,8 @@ class WorkerConnections:
         self.by_name.pop(link.connection, None)
 
     async def deliver(self, to: str, event: Event) -> None:
+        if self.sent is not None and isinstance(event, Reply) and to != self.inbox:
+            self.sent.keep(event)
         await self.exchange.deliver(to, event)
 
     async def release(self, worker_id: str, *, latency_ms: float | None,
@@ -135,8 +141,12 @@ class WorkerConnections:
     async def _on_adopt(self, event: Adopt) -> None:
         link = self.by_name.get(event.connection)
         held = link is not None and await link.adopt(event)
+        answered = None if held or self.sent is None else self.sent.take(event.key)
         await self.exchange.deliver(event.reply_to, Adopted(
-            event.key, event.worker_id, event.connection, self.inbox, held))
+            event.key, event.worker_id, event.connection, self.inbox,
+            held or answered is not None))
+        if answered is not None:  # it finished, and its answer went to a process now gone
+            await self.deliver(event.reply_to, answered)
 
     async def _on_moved(self, event: Moved) -> None:
         for link in self.by_name.values():

@@ -74,6 +74,7 @@ class Dispatcher:
         if self.keeper.store is not None:
             self.lookup.stored = self.keeper.store.unanswered
             self.keeper.on_restored = self.lookup.restored
+            self.keeper.on_round = self.lookup.look_again
         self.liveness = Liveness(registry, self.process, self.keeper.take_over_dead)
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = False
@@ -150,9 +151,8 @@ class Dispatcher:
         self.stopped = True
         for task in self._tasks:
             task.cancel()
-        # Bounded: a receive cancelled inside redis-py's blocking read now and then
-        # keeps waiting for its answer (seen with channels-redis), and shutdown must
-        # not wait for it.
+        # Bounded: a receive cancelled in redis-py's blocking read may keep waiting for
+        # its answer (seen with channels-redis); shutdown must not wait for it.
         _, stuck = await asyncio.wait(self._tasks, timeout=STOP_WAIT_SECONDS)
         for task in stuck:
             log.warning("task %s did not stop when cancelled; leaving it", task.get_name())

@@ -54,6 +54,8 @@ class Keeper:
         self._later: set[asyncio.Task[None]] = set()  # what waits for a commit
         #: Told of each request taken over (someone may wait to attach to it).
         self.on_restored: Callable[[Request], None] | None = None
+        #: Called at the end of each liveness round.
+        self.on_round: Callable[[], Awaitable[None]] | None = None
         for kind, handler in ((Gone, self._on_gone), (Holding, self._on_holding),
                               (Adopted, self._on_adopted)):
             exchange.on(kind, handler)  # type: ignore[arg-type]
@@ -129,6 +131,8 @@ class Keeper:
             log.warning("taking over the requests of stopped broker process(es): %s",
                         ", ".join(sorted(dead)))
             await self._serve_again(await self.store.take_over(sorted(dead)))
+        if self.on_round is not None:
+            await self.on_round()
 
     async def _on_gone(self, event: Gone) -> None:
         if self.store is not None and event.process != self.process:
@@ -228,6 +232,8 @@ class Keeper:
         if event.held:
             self.recovery.adopt(request, event.worker_id, event.connection, event.inbox)
         else:
+            request.lost_because = ("its worker, still connected, does not hold it: it never "
+                                    "reached the worker, or it finished over a minute before")
             await self._perform(self.recovery.not_back(event.key))
 
     async def stop(self) -> None:

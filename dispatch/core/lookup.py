@@ -65,6 +65,19 @@ class Lookup:
         if waiting is not None:
             self.table.watch(request.key, *waiting)
 
+    async def look_again(self) -> None:
+        """Each liveness round, the attaches that wait for a request of a process that
+        died look for it again: another process may have taken it over (it tells only
+        its own), or it finished meanwhile (its answer is kept)."""
+        for (owner, request_id), (sink, stream) in list(self.waiting.items()):
+            if self.waiting.pop((owner, request_id), None) is None:
+                continue  # restored meanwhile
+            if not await self.attach(owner, request_id, sink, stream):
+                unknown = protocol.ApiResponse.failure(
+                    request_id, f"No request '{protocol.quote(request_id)}' of yours is "
+                    "running or finished lately", protocol.ErrorCode.UNKNOWN_REQUEST)
+                await sink.answer(unknown, unknown.to_json())
+
     async def cancel(self, owner: str | None, request_id: str, reason: str) -> int:
         """Cancel the requests of ``owner`` (None: anyone's) with this id, in whichever
         process holds them; returns how many were found."""
