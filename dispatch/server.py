@@ -268,7 +268,9 @@ def graceful_stop_on_signals(grace: float) -> None:
                 log.warning("stopping: what is in flight is handed over (job store), and "
                             "its workers go on with it")
                 # First, so that no request comes meanwhile: they come back (here once
-                # it is back, or to another process) and attach to their requests.
+                # it is back, or to another process) and attach to their requests. New
+                # connections are turned away the same way.
+                dispatcher.handing_over = True
                 await (await get_guard()).close_all("requester", CloseCode.SHUTTING_DOWN,
                                                     protocol.SHUTTING_DOWN)
             else:

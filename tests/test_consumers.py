@@ -580,3 +580,20 @@ async def test_attach_is_one_watcher_per_connection_gone_with_it_and_bounded() -
         await attacker.send_json_to({"attach": "r2"})  # a second one: over the bound
         refused = await attacker.receive_json_from(TIMEOUT)
     assert refused["code"] == "limit_exceeded" and refused["request_id"] == "r2"
+
+
+async def test_a_process_handing_its_work_over_turns_requests_and_workers_away() -> None:
+    """While a stopping process hands its requests over (SIGTERM with the job store), a
+    request or a connection that comes is told to come back (4000), not refused with
+    shutting_down (a failed job: 4-6 of 300 in a rolling restart), and a worker is not
+    registered only to be sent away again."""
+    r = await requester()
+    dispatcher = await get_dispatcher()
+    dispatcher.handing_over = True
+    await ask(r, "echo")
+    assert (await r.receive_output(TIMEOUT))["code"] == CloseCode.SHUTTING_DOWN  # no answer
+    late = await open_socket("/ws/requester/")
+    assert (await late.receive_output(TIMEOUT))["code"] == CloseCode.SHUTTING_DOWN
+    w = await open_socket("/ws/worker/")
+    assert (await w.receive_output(TIMEOUT))["code"] == CloseCode.SHUTTING_DOWN
+    dispatcher.handing_over = False

@@ -43,9 +43,10 @@ class Handover:
         self.exchange.on(Lost, self._no_news)
 
     async def give_away(self, store: JobStore, alone: bool) -> None:
-        """Commit; unless ``alone``, have another process take the rows over."""
+        """Commit; unless ``alone``, have another process take the rows over (if it holds
+        any: else nobody answers, and the stop would wait GONE_WAIT for nothing)."""
         await store.flush()
-        if alone:
+        if alone or self.process not in await store.holders():
             return
         await self.exchange.broadcast(Gone(self.process, self.exchange.inbox,
                                            protocol.new_id()))

@@ -47,7 +47,8 @@ class RequesterConsumer(BaseSocket):
         self.held_acks: list[Ack] = []  # chunk acks waiting for the peer to read
         self._telling: set[asyncio.Task[None]] = set()  # accepted events to come
         self._acker: asyncio.Task[None] | None = None
-        await self.admit()
+        if await self.admit() and self.dispatcher.handing_over:
+            await self.turn_away()
 
     async def disconnect(self, code: int) -> None:
         self.forget_grant()
@@ -78,6 +79,9 @@ class RequesterConsumer(BaseSocket):
             await self._submit(frame, len(text))
 
     async def _submit(self, request: ApiRequest, size: int) -> None:
+        if self.dispatcher.handing_over:  # its requests go elsewhere: so must this one
+            await self.turn_away()
+            return
         if not self.grant.allows(request.command):
             await self.refuse(f"Command '{quote(request.command)}' is not allowed for this "
                               "API key", request.request_id, ErrorCode.NOT_ALLOWED)

@@ -160,6 +160,12 @@ class BaseSocket(AsyncWebsocketConsumer):
         self.state = SocketState.OPEN
         return True
 
+    async def turn_away(self) -> None:
+        """This process is stopping and hands its work over: come back (here once it is
+        back, or to another process). The close code says it all: refused work would be
+        failed work, and an error frame reads as one to a client."""
+        await self.close(CloseCode.SHUTTING_DOWN)
+
     async def revoke(self, reason: str) -> None:
         """The credential of this connection no longer admits it: say so and close."""
         await self.refuse(reason, None, ErrorCode.UNAUTHORIZED)

@@ -38,7 +38,9 @@ class WorkerConsumer(BaseSocket):
 
     async def connect(self) -> None:
         dispatcher = await get_dispatcher()
-        if await self.admit():
+        if await self.admit() and dispatcher.handing_over:
+            await self.turn_away()  # it would be sent away again at once
+        elif self.state is SocketState.OPEN:
             self.link = WorkerLink(self, dispatcher.workers, self.grant, get_recorder())
             dispatcher.workers.add(self.link)
 
