@@ -25,3 +25,14 @@ def test_the_landing_page_shows_nothing_of_the_fleet_and_takes_no_posts() -> Non
     assert client.head("/").status_code == 200
     assert client.post("/").status_code == 405
     assert "worker_id" not in client.get("/").content.decode()
+
+
+def test_with_credentials_the_landing_page_shows_the_commands_with_their_token() -> None:
+    from dispatch.auth import create_credential
+
+    client = Client(HTTP_HOST="localhost")
+    assert "Protected mode" in client.get("/").content.decode()
+    create_credential("fleet", "worker")
+    page = client.get("/").content.decode()
+    assert "python -m workers localhost 8765 --token WORKER_TOKEN" in page
+    assert "8766 --token API_KEY get_time" in page and "Protected mode" not in page

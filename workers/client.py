@@ -361,7 +361,7 @@ class Worker:
             self._worker_id = worker_id
         if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
             self._interval = float(interval)
-        logger.info("Registered as %s (%s) with %d commands; heartbeat every %.1fs",
+        logger.info("Registered as %s (%s), commands: %d; heartbeat every %.1fs",
                     self._worker_id, self.name, len(self.registry.names()), self._interval)
         dropped = data.get("schemas_dropped")
         if isinstance(dropped, list) and dropped:

@@ -77,8 +77,9 @@ class Relay:
         dropped. What the adopted held goes with :meth:`adopt`."""
         self.pending = set(pending)
         if self.held or adopted or pending:
-            logger.info("The broker adopted %d job(s) of before (%d more may be adopted)",
-                        len(adopted), len(pending))
+            logger.info("Jobs from before the reconnect: the broker took back %d; %d more "
+                        "wait for another broker process to take them", len(adopted),
+                        len(pending))
         self._drop(lambda request_id: request_id not in adopted | self.pending)
         self.live = self.outbox is not None
 

@@ -13,6 +13,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_safe
 
 from .. import conf
+from ..models import Credential
 
 
 @require_safe
@@ -21,7 +22,8 @@ def home(request: HttpRequest) -> HttpResponse:
     ports = {"worker_port": conf.get("WORKER_PORT"), "requester_port": conf.get("REQUESTER_PORT")}
     return render(request, "dispatch/home.html", {
         "host": host, **ports, "worker_url": f"ws://{host}:{ports['worker_port']}",
-        "requester_url": f"ws://{host}:{ports['requester_port']}"})
+        "requester_url": f"ws://{host}:{ports['requester_port']}",
+        "protected": not Credential.objects.exists()})
 
 
 @require_GET

@@ -145,7 +145,7 @@ class Keeper:
         their jobs where they register next)."""
         if not kept:
             return
-        log.warning("job store: %d request(s) taken over (%d were running)", len(kept),
+        log.warning("job store: request(s) taken over: %d (running: %d)", len(kept),
                     sum(k.state == "running" for k in kept))
         now = asyncio.get_running_loop().time()
         awaited: dict[str, list[Request]] = defaultdict(list)

@@ -367,8 +367,10 @@ class WorkerLink:
                                                               departure=departure))
         self.recorder.worker_disconnected(self.session_id, time.time(),
                                           entry.completed + entry.errors, entry.worker_id)
-        FLEET_LOG.log(log, logging.INFO, "worker %s left (%s); %d request(s) handed back",
-                      self.label, reason, len(held))
+        FLEET_LOG.log(log, logging.INFO, "worker %s left (%s); request(s) it held: %d%s",
+                      self.label, reason, len(held),
+                      " (it goes on with them)" if held and departure is not Departure.CLOSED
+                      else "")
 
     # ------------------------------------------------------------------ from its process
 

@@ -108,8 +108,9 @@ def ending_protected_mode() -> str:
     return (f"This is the first credential: it ends protected mode for good. {online}: "
             "every connection made without a token (workers, requesters, dashboards) is "
             f"closed within {conf.get('AUTH_REFRESH_SECONDS'):g} s and refused from then "
-            "on. Give each its token first: `python manage.py token create worker NAME`, "
-            "then `python -m workers HOST 8765 --token T` (or BROKER_TOKEN=T); "
+            "on. Create every token now, one after the other, then start them again with "
+            "theirs: `python manage.py token create worker NAME`, then "
+            "`python -m workers HOST 8765 --token T` (or BROKER_TOKEN=T); "
             "`token create requester NAME` for requesters (`--token T`, or "
             "`Requester(url, token=T)`); `token create admin NAME` for the control API "
             "and /metrics.")

@@ -190,7 +190,7 @@ function render(s) {
   const answered = last.reduce((a, r) => a + r.answered, 0) / last.length;
   const failed = last.reduce((a, r) => a + r.failed, 0) / last.length;
   $("t-rate").textContent = answered.toFixed(answered < 10 ? 1 : 0);
-  $("t-failed").textContent = failed ? `${failed.toFixed(1)}/s failed` : "no failures";
+  $("t-failed").textContent = failed ? `${failed.toFixed(1)}/s failed` : "none failing now";
   const lastP = [...s.series].reverse().find((r) => r.p99 !== null);
   $("t-p99").textContent = lastP ? ms(lastP.p99) : "–";
   $("t-p50").textContent = lastP ? `p50 ${ms(lastP.p50)}` : "";
