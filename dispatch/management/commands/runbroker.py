@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
+from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
@@ -78,6 +80,10 @@ class Command(BaseCommand):
         if processes > 1 and 0 in ports:
             raise CommandError("--processes derives each process's ports from the ports "
                                "given (port + i x --port-step): give them, not 0")
+        if settings.REDIS:
+            check_redis()
+        elif processes == 1:
+            hold_database()
         if not options["no_migrate"]:
             migrate()
         if processes == 1:
@@ -128,3 +134,53 @@ def migrate() -> None:
             f"{', host ' + where['HOST'] if where.get('HOST') else ''}): {said}. Check "
             "DATABASE_URL; a PostgreSQL role and database must exist first "
             "(docs/scaling.md)") from None
+
+
+def check_redis() -> None:
+    """Redis reachable before the broker says it is ready: one line saying which and
+    why, not "Broker ready" and warnings half a minute later."""
+    import asyncio
+
+    async def ping() -> None:
+        connection = settings.REDIS.connect(socket_connect_timeout=3, socket_timeout=3)
+        try:
+            await connection.client.ping()
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:  # noqa: BLE001 - any failure to reach it is said so
+        raise CommandError(f"Cannot reach Redis ({settings.REDIS}): "
+                           f"{type(exc).__name__}: {str(exc).rstrip('.')}. Check REDIS_URL (or "
+                           "REDIS_SENTINELS); without it the broker runs alone") from None
+
+
+#: Held for the process's life: the lock on its SQLite file (see hold_database).
+_held: list[Any] = []
+
+
+def hold_database() -> None:
+    """One broker on an SQLite file: a second would take the first's requests over
+    and mark its workers offline. (In a cluster, Redis tells the processes apart.)"""
+    import fcntl
+
+    where = connection.settings_dict
+    if where["ENGINE"].rsplit(".", 1)[-1] != "sqlite3" or str(where["NAME"]) == ":memory:":
+        return
+    lock = open(f"{where['NAME']}.lock", "a+")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise CommandError(f"Another broker ({holder}) runs on the database {where['NAME']}: "
+                           "stop it first, or give this one its own (DATABASE_URL="
+                           "sqlite:////path/other.sqlite3); several processes share a "
+                           "database with Redis (docs/scaling.md)") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    _held.append(lock)
