@@ -37,8 +37,8 @@ def supervise(commands: list[list[str]], say: Callable[[str], Any],
     that exits before it listens (its ports are taken, its settings are wrong) stops
     the others, and the parent exits 1 at once. A process manager (systemd,
     supervisord) does this better in production: this is for one machine and for
-    trying a cluster out. A child that dies later is logged, not restarted; the
-    others keep serving.
+    trying a cluster out. A child that dies later is started again (its requests were
+    taken over meanwhile); one that keeps dying stops them all, and the parent exits 1.
     """
     scratch = Path(tempfile.mkdtemp(prefix="runbroker-"))
     told = [scratch / f"process-{i}.json" for i in range(len(commands))]
@@ -72,14 +72,47 @@ def supervise(commands: list[list[str]], say: Callable[[str], Any],
         if not signalled and ports_file:
             write_json(ports_file, {"pid": os.getpid(), "processes": [
                 json.loads(path.read_text()) for path in told]})
-        codes = []
-        for child in children:
-            codes.append(child.wait())
-            if codes[-1] not in (0, -signal.SIGTERM, -signal.SIGINT):
-                log.error("broker process %d exited with %d", child.pid, codes[-1])
-        return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
+        return _keep_running(commands, children, told, signalled)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+#: A child that dies this soon after it started, this many times running, is not
+#: started again: something is wrong with it, not with its luck.
+SHORT_LIFE, SHORT_LIVES = 10.0, 3
+
+
+def _keep_running(commands: list[list[str]], children: list[subprocess.Popen[bytes]],
+                  told: list[Path], signalled: list[int]) -> int:
+    """Until a signal: start again a child that died; then wait for them all."""
+    started = [time.monotonic()] * len(children)
+    short = [0] * len(children)
+    while not signalled:
+        for i, child in enumerate(children):
+            if child.poll() is None or signalled:
+                continue
+            log.error("broker process %d exited with %d: starting it again", child.pid,
+                      child.returncode)
+            short[i] = short[i] + 1 if time.monotonic() - started[i] < SHORT_LIFE else 1
+            if short[i] >= SHORT_LIVES:
+                log.error("broker process %d died %d times within %.0f s of starting: "
+                          "stopping them all", i, short[i], SHORT_LIFE)
+                for other in children:
+                    if other.poll() is None:
+                        other.terminate()
+                for other in children:
+                    other.wait()
+                return 1
+            told[i].unlink(missing_ok=True)
+            children[i] = subprocess.Popen([*commands[i], "--ports-file", str(told[i])],
+                                           cwd=settings.BASE_DIR)
+            started[i] = time.monotonic()
+        time.sleep(0.2)
+    codes = [child.wait() for child in children]
+    for child, code in zip(children, codes):
+        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            log.error("broker process %d exited with %d", child.pid, code)
+    return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
 
 
 class CannotListen(Exception):

@@ -208,6 +208,18 @@ def test_runbroker_processes_flag(tmp_path: Path, redis_url: str, stop_signal: i
         wait_for(lambda: len(second.workers()) == 1, 15, "worker seen by the second")
         with SyncRequester(second.requester_url) as r:
             assert r.call("echo", message="x") == "Echo: x"
+        if stop_signal == signal.SIGTERM:  # a child that dies is started again
+            was = second.get("/healthz")["process"]
+            os.kill(told[1]["pid"], signal.SIGKILL)
+
+            def back() -> bool:
+                try:
+                    return second.get("/healthz")["process"] != was
+                except OSError:
+                    return False
+
+            wait_for(back, 60, "the second process started again")
+            assert "starting it again" in log_path.read_text(errors="replace")
     finally:
         if worker:
             worker.stop(signal.SIGKILL)
