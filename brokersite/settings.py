@@ -50,6 +50,7 @@ ALLOWED_HOSTS = [h.strip() for h in os.environ.get(
 
 INSTALLED_APPS = [
     "daphne",
+    "dispatch",  # before the admin: its admin/base_site.html adds the broker's icon
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -57,7 +58,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
-    "dispatch",
 ]
 
 MIDDLEWARE = [

@@ -36,3 +36,9 @@ def test_with_credentials_the_landing_page_shows_the_commands_with_their_token()
     page = client.get("/").content.decode()
     assert "python -m workers localhost 8765 --token WORKER_TOKEN" in page
     assert "8766 --token API_KEY get_time" in page and "Protected mode" not in page
+
+
+def test_the_admin_and_the_dashboard_have_the_icon_and_a_way_home(admin_client) -> None:
+    assert "dispatch/favicon.svg" in admin_client.get("/admin/").content.decode()
+    page = admin_client.get("/dashboard/").content.decode()
+    assert 'href="/"' in page and "dispatch/favicon.svg" in page

@@ -23,10 +23,13 @@ from ..registry import WorkerEntry, get_registry
 
 
 async def workers_list() -> list[dict[str, Any]]:
-    """Every online worker with its load, busiest first."""
+    """Every online worker with its load, busiest first; its latency as the balancer
+    sees it now (decayed while it is idle), as the dashboard and explain show it."""
     entries = await get_registry().all()
     entries.sort(key=lambda w: (-w.in_flight, w.worker_id))
-    return [w.to_dict() for w in entries]
+    now = time.time()
+    return [{**w.to_dict(), "latency_ms": round(decayed(w.latency_ms, w.latency_at, now), 3)}
+            for w in entries]
 
 
 async def describe(command: str | None = None) -> dict[str, Any]:
