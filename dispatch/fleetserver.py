@@ -11,8 +11,8 @@ Here the first looks only at connections that disconnected or whose application
 finished since it last looked (a done-callback and the disconnect notice say so),
 and the second skips open worker websockets: a worker heartbeats, and the broker
 drops the silent ones itself (:mod:`dispatch.core.links`), so daphne's pings to it
-would only be frames. Requesters and HTTP connections keep daphne's checks. And a websocket frame is sent
-when written, not a turn of the loop later (:func:`send_at_once`).
+would only be frames. Requesters and HTTP connections keep daphne's checks. And a
+websocket frame is sent when written, not a turn of the loop later (:func:`send_at_once`).
 
 Importing this module imports daphne's server, which installs Twisted's asyncio
 reactor: import it where the server is started, not at the top of other modules.

@@ -378,3 +378,13 @@ def test_disconnect_says_when_to_come_back() -> None:
     assert leave({"reason": "bye", "retry_after": 1e9}).retry_after == 120.0  # capped
     assert leave({"reason": "bye", "retry_after": "soon"}).retry_after is None
     assert leave({"reason": "bye"}).retry_after is None
+
+
+def test_peek_reads_an_id_near_the_start_of_a_frame_too_large_to_parse() -> None:
+    from workers.protocol import peek
+
+    big = '{"request_id": "r\\"1", "command": "echo", "data": {"x": "' + "y" * 5_000_000 + '"}}'
+    assert peek(big, "request_id") == 'r"1' and peek(big, "command") == "echo"
+    late = '{"data": "' + "y" * 10_000 + '", "request_id": "r2"}'
+    assert peek(late, "request_id") is None  # not searched for beyond the start
+    assert peek('{"request_id": 7}', "request_id") is None

@@ -137,6 +137,6 @@ class RegistrationFailed(Exception):
         self.code = code
 
 
-__all__ = ["AllBusy", "BrokerUnavailable", "Cancelled", "CommandFailed", "ConnectionLost", "NoWorkers",
-           "Refused", "RegistrationFailed", "RequestFailed", "Timeout", "WorkerLost",
+__all__ = ["AllBusy", "BrokerUnavailable", "Cancelled", "CommandFailed", "ConnectionLost",
+           "NoWorkers", "Refused", "RegistrationFailed", "RequestFailed", "Timeout", "WorkerLost",
            "describe"]

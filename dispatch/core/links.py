@@ -207,19 +207,19 @@ class WorkerLink:
             body.request_id, self.entry.worker_id, body.success, body.data, body.error,
             latency_ms, body.code))
 
-    async def answer_too_large(self, body: ResponseBody, msg_id: str, size: int,
+    async def answer_too_large(self, request_id: str, msg_id: str | None, size: int,
                                limit: int) -> bool:
         """An answer too large to pass on fails its request now, and frees the slot;
         False if the worker does not hold that request (the frame is refused as such)."""
-        assignment = self.held.take(body.request_id)
+        assignment = self.held.take(request_id)
         if assignment is None or self.entry is None:
             return False
         error = f"{protocol.ANSWER_TOO_LARGE}: {size} bytes > limit {limit}"
         await self._release(None, Health.FAULT)
         await self.host.deliver(assignment.reply_to, Reply(
-            body.request_id, self.entry.worker_id, False, None, error,
+            request_id, self.entry.worker_id, False, None, error,
             (time.monotonic() - assignment.started) * 1000, ErrorCode.TOO_LARGE.value))
-        await self.socket.refuse(f"{error}: request {quote(body.request_id)} failed; send "
+        await self.socket.refuse(f"{error}: request {quote(request_id)} failed; send "
                                  "smaller answers", msg_id, ErrorCode.TOO_LARGE)
         return True
 

@@ -168,15 +168,12 @@ class RequesterConsumer(BaseSocket):
         await self.send_text(ApiResponse.failure(request_id, error, code).to_json())
 
     async def too_large(self, text: str, size: int, limit: int) -> None:
-        """Refused, with its request_id when it can be read, so the caller can match it."""
-        try:
-            request_id = protocol.loads_object(text).get("request_id")
-        except ProtocolError:
-            request_id = None
+        """Refused, with its request_id when it is near the start (it is not parsed: a
+        refusal must cost next to nothing), so the caller can match it."""
+        request_id = protocol.peek(text, "request_id")
         await self.refuse(f"Message too large: {size} bytes (limit {limit})",
-                          request_id if isinstance(request_id, str)
-                          and len(request_id) <= protocol.MAX_ID_CHARS else None,
-                          ErrorCode.TOO_LARGE)
+                          request_id if request_id and len(request_id) <= protocol.MAX_ID_CHARS
+                          else None, ErrorCode.TOO_LARGE)
 
     # ------------------------------------------------------------------ as a sink
 

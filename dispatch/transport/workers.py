@@ -120,18 +120,15 @@ class WorkerConsumer(BaseSocket):
         await self.send_frame(Message.error(error, reply_to=request_id, code=code))
 
     async def too_large(self, text: str, size: int, limit: int) -> None:
-        """An answer too large to pass on fails its request at once (see the link)."""
-        msg: Message | None = None
-        try:
-            msg = Message.from_json(text)
-            if msg.type == MessageType.RESPONSE.value and self.link is not None and \
-                    await self.link.answer_too_large(ResponseBody.from_message(msg),
-                                                     msg.msg_id, size, limit):
-                return
-        except ProtocolError:
-            pass
-        await self.refuse(f"Message too large: {size} bytes (limit {limit})",
-                          msg.msg_id if msg else None, ErrorCode.TOO_LARGE)
+        """An answer too large to pass on fails its request at once (see the link). Its
+        ids are read from the frame's start, not parsed out of megabytes."""
+        msg_id, request_id = protocol.peek(text, "msg_id"), protocol.peek(text, "request_id")
+        if protocol.peek(text, "type") == MessageType.RESPONSE.value and request_id and \
+                self.link is not None and self.link.entry is not None and \
+                await self.link.answer_too_large(request_id, msg_id, size, limit):
+            return
+        await self.refuse(f"Message too large: {size} bytes (limit {limit})", msg_id,
+                          ErrorCode.TOO_LARGE)
 
     async def send_frame(self, msg: Message) -> None:
         await self.send_text(msg.to_json())

@@ -8,6 +8,7 @@ decided once. orjson is used when installed; a worker machine need not have it.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterator
 
 from .errors import ProtocolError
@@ -125,3 +126,22 @@ def batch_frames(texts: list[str], limit: int = BATCH_BYTES) -> Iterator[str]:
         size += len(text) + 1
     if run:
         yield joined(run)
+
+
+#: How far into a frame too large to parse :func:`peek` looks.
+PEEK_CHARS = 4096
+
+
+def peek(text: str, name: str) -> str | None:
+    """The string field ``name`` of a JSON frame too large to parse, if it is in its
+    first PEEK_CHARS (clients write ids first): refusing a frame must cost no parse of
+    megabytes. Any occurrence of the name counts; it is for error messages only."""
+    found = re.search(rf'"{re.escape(name)}"\s*:\s*"((?:[^"\\]|\\.){{0,256}})"',
+                      text[:PEEK_CHARS])
+    if found is None:
+        return None
+    try:
+        value = json.loads(f'"{found.group(1)}"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
