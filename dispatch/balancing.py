@@ -18,9 +18,9 @@ costs the same with ten workers as with ten thousand. Affinity keys use a
 consistent-hash :class:`Ring` (O(log n)).
 
 Ejection (Envoy's outlier detection): a worker with ``EJECT_AFTER`` infrastructure
-faults in a row (:attr:`Health.FAULT`: leases that ran out, answers refused as too
-large; never a handler's own error, and never a timeout or a cancel, which requesters
-choose) is out of rotation for ``EJECT_SECONDS``, doubled each time it happens again
+faults in a row (:attr:`Health.FAULT`: leases that ran out; never a handler's own
+error, and never a timeout, a cancel or an answer refused as too large, which requesters
+choose, or choose with the worker) is out of rotation for ``EJECT_SECONDS``, doubled each time it happens again
 (up to ``EJECT_MAX_SECONDS``), never more than ``EJECT_MAX_SHARE`` of the fleet at
 once; when its time is up it gets the next request, a probe (one at a time), and is
 back with a clean slate on success, or out again for twice as long on failure.
@@ -429,10 +429,11 @@ class Health(enum.Enum):
 
     OK = "1"  # answered; an error the handler raised on purpose counts as answered
     ERROR = "e"  # the handler failed unexpectedly: a worse score, never an ejection
-    FAULT = "0"  # infrastructure: a lease ran out, an answer refused as too large
-    #: No verdict: the slot was not used, the request was cancelled, or it ran out of
-    #: the time its requester gave it (which a requester chooses, so it must not be
-    #: able to eject workers with it); its latency still counts.
+    FAULT = "0"  # infrastructure: a lease ran out
+    #: No verdict: the slot was not used, the request was cancelled, it ran out of the
+    #: time its requester gave it, or its answer was too large (which a requester
+    #: chooses, or chooses with the worker, so it must not be able to eject workers
+    #: with it); its latency still counts.
     UNKNOWN = ""
 
 

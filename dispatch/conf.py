@@ -65,9 +65,8 @@ class BrokerSettings(BaseModel):
                                     "0: not kept", ge=0)
     RESULT_STORE_BYTES: int = _doc(64 * MiB, "bytes of final answers kept in memory for "
                                              "re-attach at most (oldest go first)", ge=0)
-    EJECT_AFTER: int = _doc(5, "infrastructure faults in a row (leases that ran out, answers "
-                               "refused as too large) after which a worker is out of "
-                               "rotation", ge=1)
+    EJECT_AFTER: int = _doc(5, "infrastructure faults in a row (leases that ran out) after "
+                               "which a worker is out of rotation", ge=1)
     EJECT_SECONDS: float = _doc(30.0, "how long a worker is out the first time; doubled each "
                                       "time again", gt=0)
     EJECT_MAX_SECONDS: float = _doc(300.0, "longest time out of rotation", gt=0)

@@ -130,11 +130,13 @@ async def test_a_malformed_answer_still_ends_its_request_at_once() -> None:
     assert (reply["success"], reply["code"]) == (False, "worker_error")
     assert "Malformed answer" in reply["error"]
     assert (await frame(w, "error")).data["code"] == "bad_request"
-    await ask(r, "echo", request_id="r2")
-    request = await frame(w, "request")
-    await w.send_to(text_data=Message.response(request.msg_id, False, None, "lie",
-                                               ErrorCode.BROKER_UNAVAILABLE).to_json())
-    assert (await r.receive_json_from(TIMEOUT))["code"] == "worker_error"
+    for i, borrowed in enumerate((ErrorCode.BROKER_UNAVAILABLE, ErrorCode.TIMEOUT,
+                                  ErrorCode.TOO_LARGE, ErrorCode.WORKER_LOST)):
+        await ask(r, "echo", request_id=f"r{i + 2}")
+        request = await frame(w, "request")
+        await w.send_to(text_data=Message.response(request.msg_id, False, None, "lie",
+                                                   borrowed).to_json())
+        assert (await r.receive_json_from(TIMEOUT))["code"] == "worker_error"
 
 
 async def test_a_batch_from_another_process_reaches_its_workers_and_answers_come_back(

@@ -813,3 +813,30 @@ def test_attaching_over_and_over_does_not_multiply_what_the_broker_sends(
     events, answers = asyncio.run(scenario())
     report(record_property, attaches=500, progress_frames=events)
     assert answers == 1 and 0 < events <= 45, events  # ~20 reports a second for 2 s
+
+
+def test_a_requester_cannot_eject_workers_with_answers_too_large(broker_factory,
+                                                                 spawn_worker) -> None:
+    """An echo of a list of 1e15s grows fourfold: a request under the size limit makes
+    an answer over it. That used to count as the worker's fault, and a requester key
+    alone took healthy workers out of rotation (10 requests in 0.4 s)."""
+    broker = broker_factory(env={"BROKER_MAX_MESSAGE_BYTES": "20000", "BROKER_EJECT_AFTER": "3"})
+    for name in ("victim-1", "victim-2", "bystander-1", "bystander-2"):  # half may go out
+        spawn_worker(name, target=broker)
+
+    from websockets.sync.client import connect
+
+    numbers = ",".join(["1e15"] * 2000)  # 10 KB as sent; 40 KB as Python writes it back
+    codes = []
+    with connect(broker.requester_url) as attacker:
+        for i in range(16):
+            attacker.send(f'{{"request_id": "big-{i}", "command": "echo", '
+                          f'"data": {{"message": [{numbers}]}}}}')
+            codes.append(json.loads(attacker.recv(timeout=10)).get("code"))
+    assert set(codes) == {"too_large"}, codes
+    states = {w["name"]: w.get("state") for w in broker.workers()}
+    assert set(states.values()) == {"online"}, states  # all still in rotation
+    from workers.requester import SyncRequester
+
+    with SyncRequester(broker.requester_url) as requester:
+        assert requester.call("echo", message="after") == "Echo: after"

@@ -205,7 +205,7 @@ class WorkerLink:
                             UNMEANT_ERRORS else Health.ERROR)
         await self.host.deliver(assignment.reply_to, Reply(
             body.request_id, self.entry.worker_id, body.success, body.data, body.error,
-            latency_ms, body.code))
+            latency_ms, None if body.success else ErrorCode.from_worker(body.code).value))
 
     async def answer_too_large(self, request_id: str, msg_id: str | None, size: int,
                                limit: int) -> bool:
@@ -215,7 +215,10 @@ class WorkerLink:
         if assignment is None or self.entry is None:
             return False
         error = f"{protocol.ANSWER_TOO_LARGE}: {size} bytes > limit {limit}"
-        await self._release(None, Health.FAULT)
+        # No verdict on the worker: the request chose its answer's size as much as the
+        # worker did (an echo of 1e15s grows fourfold), and a requester must not be able
+        # to take healthy workers out of rotation with it.
+        await self._release(None, Health.UNKNOWN)
         await self.host.deliver(assignment.reply_to, Reply(
             request_id, self.entry.worker_id, False, None, error,
             (time.monotonic() - assignment.started) * 1000, ErrorCode.TOO_LARGE.value))

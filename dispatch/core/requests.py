@@ -441,8 +441,8 @@ class RequestTable:
             response = ApiResponse(request.request_id, True, data, None, worker_id)
         else:
             response = ApiResponse.failure(request.request_id, error or "Request failed",
-                                           ErrorCode.from_worker(code),
-                                           worker_id)
+                                           ErrorCode.of(code, ErrorCode.WORKER_ERROR),
+                                           worker_id)  # its link vetted a worker's code
         return [*actions, self._finish(request, response)]
 
     def failed_on(self, key: str, worker_id: str, error: str, code: ErrorCode
