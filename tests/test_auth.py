@@ -168,7 +168,9 @@ def test_real_broker_with_credentials(broker_factory, tmp_path: Path) -> None:
                 revoked = await asyncio.to_thread(broker.manage, "token", "revoke", "app")
                 assert revoked.returncode == 0
                 started = time.monotonic()
-                with pytest.raises(Exception):
+                from workers.errors import ConnectionLost
+
+                with pytest.raises(ConnectionLost, match="Credential revoked"):  # it says why
                     for _ in range(100):
                         await r.call("echo", message="y")
                         await asyncio.sleep(0.1)

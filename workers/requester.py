@@ -193,11 +193,14 @@ class _Calls(dict[str, _Call]):
     matching frames to calls needs no socket, and the table outlives a reconnect.
     """
 
-    __slots__ = ("url", "resend")
+    __slots__ = ("url", "resend", "said")
 
     def __init__(self, url: str, resend: Callable[[_Call], Any]) -> None:
         super().__init__()
         self.url = url  # for log lines and errors
+        #: The broker's last word about the connection itself (an error about no request,
+        #: sent before it closes: a revoked key, say), for the error that ends the calls.
+        self.said = ""
         #: Sends a call's request again: re-attached, it was unknown (it never arrived).
         self.resend = resend
 
@@ -260,6 +263,7 @@ class _Calls(dict[str, _Call]):
         if response.request_id is not None:
             return self.get(response.request_id)
         logger.warning("Broker refused a frame: %s", response.error)
+        self.said = response.error or ""
         if len(self) == 1:
             return next(iter(self.values()))
         return None
@@ -508,7 +512,9 @@ class Requester:
             refused = self._ws is not None and self._ws.close_code in FINAL_CLOSE_CODES
             if self._closing or not self.reconnect or refused or \
                     not await self._redial(reason):
-                self._lost = reason
+                self._lost = f"{reason}: {self._calls.said}" if refused and self._calls.said \
+                    else reason
+                reason = self._lost
                 logger.debug("Connection to %s ended: %s", self.url, reason)
                 self._calls.fail_all(ConnectionLost(f"Connection to {self.url} lost: {reason}"))
                 return
