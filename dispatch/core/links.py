@@ -215,9 +215,7 @@ class WorkerLink:
         if assignment is None or self.entry is None:
             return False
         error = f"{protocol.ANSWER_TOO_LARGE}: {size} bytes > limit {limit}"
-        # No verdict on the worker: the request chose its answer's size as much as the
-        # worker did (an echo of 1e15s grows fourfold), and a requester must not be able
-        # to take healthy workers out of rotation with it.
+        # No verdict: the request chose its answer's size too (requesters must not eject)
         await self._release(None, Health.UNKNOWN)
         await self.host.deliver(assignment.reply_to, Reply(
             request_id, self.entry.worker_id, False, None, error,
@@ -371,9 +369,8 @@ class WorkerLink:
         self.recorder.worker_disconnected(self.session_id, time.time(),
                                           entry.completed + entry.errors, entry.worker_id)
         FLEET_LOG.log(log, logging.INFO, "worker %s left (%s); request(s) it held: %d%s",
-                      self.label, reason, len(held),
-                      " (it goes on with them)" if held and departure is not Departure.CLOSED
-                      else "")
+                      self.label, reason, len(held), "" if departure is Departure.CLOSED else
+                      " (it goes on)")
 
     # ------------------------------------------------------------------ from its process
 
