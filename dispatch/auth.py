@@ -258,7 +258,8 @@ class Guard:
         token = presented_token(scope)
         if token is None:
             return Refusal(CloseCode.UNAUTHORIZED, "Missing credentials: send 'Authorization: "
-                                                   "Bearer <token>' or add ?token=<token>")
+                                                   "Bearer <token>', or the token as the URL's "
+                                                   "'token' query parameter")
         grant = self._lookup(token)
         if grant is None:
             return Refusal(CloseCode.UNAUTHORIZED, "Invalid or revoked token")

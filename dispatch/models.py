@@ -80,8 +80,9 @@ class RequestRecord(models.Model):
         help_text="how its worker was chosen: strategy, candidates, exclusions, the "
                   "winner's score against the runner-up (one part per placement)")
     requester = models.CharField(
-        max_length=100, blank=True, help_text='peer address, or "api" for the HTTP API'
-    )
+        max_length=100, blank=True,
+        help_text='credential name@peer address (the address alone in protected mode), or '
+                  '"api" for the HTTP API')
     process = models.CharField(max_length=200, blank=True)
     traceparent = models.CharField(
         max_length=55, blank=True,

@@ -158,6 +158,15 @@ def test_real_broker_with_credentials(broker_factory, tmp_path: Path) -> None:
              str(broker.requester_port), "--token", api_key, "echo", '{"message": "signed"}'],
             cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert answer.returncode == 0 and "Echo: signed" in answer.stdout
+
+        def requesters() -> set[str]:
+            import sqlite3
+
+            with sqlite3.connect(broker.db_path) as db:
+                return {r for (r,) in db.execute("SELECT requester FROM dispatch_requestrecord")}
+
+        wait_for(lambda: any(r.startswith("app@127.0.0.1:") for r in requesters()), 10,
+                 "the history to name the credential that sent it")
         denied, allowed = broker.manage_many(["workers"], ["workers", "--token", admin_key])
         assert denied.returncode != 0 and "Forbidden" in denied.stderr
         assert allowed.returncode == 0 and "trusted" in allowed.stdout

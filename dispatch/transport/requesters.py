@@ -78,6 +78,12 @@ class RequesterConsumer(BaseSocket):
         else:
             await self._submit(frame, len(text))
 
+    @property
+    def requester(self) -> str:
+        """Who sent it, for the history: the credential's name and the peer's address."""
+        grant = self.grant
+        return f"{grant.name[:40]}@{self.peer}" if grant.credential_id else str(self.peer)
+
     async def _submit(self, request: ApiRequest, size: int) -> None:
         if self.dispatcher.handing_over:  # its requests go elsewhere: so must this one
             await self.turn_away()
@@ -119,7 +125,7 @@ class RequesterConsumer(BaseSocket):
         self.in_flight_bytes += size
         await self.dispatcher.submit(
             request.command, request.data, self, request_id=request.request_id,
-            requester=str(self.peer), timeout=request.timeout, key=key,
+            requester=self.requester, timeout=request.timeout, key=key,
             owner=self.grant.owner, stream=request.stream, priority=request.priority,
             select=selector(request.select), affinity=request.affinity,
             hedge=request.hedge, traceparent=request.traceparent or "")
