@@ -54,16 +54,16 @@ async def get_time() -> str:
 async def get_client_info(*, ctx: Caller) -> dict[str, Any]:
     """The online workers of the asking worker's credential, and their load.
 
-    Any worker may ask, so it is told about its own fleet only (ids, names, load;
-    the others are counted), and not where they are (``CLIENT_INFO_ADDRESSES``).
+    Any worker may ask, so it is told about its own fleet only (ids, names, load),
+    not where they are (``CLIENT_INFO_ADDRESSES``), nor how many workers other
+    credentials have (a tenant's fleet size is its own business).
     """
     fields = CLIENT_INFO_FIELDS + (("address", "process") if conf.get("CLIENT_INFO_ADDRESSES")
                                    else ())
-    everyone = await get_registry().all()
-    own = [w for w in everyone if w.owner == ctx.owner]
+    own = [w for w in await get_registry().all() if w.owner == ctx.owner]
     workers = [{k: v for k, v in w.to_dict().items() if k in fields}
                for w in own[:CLIENT_INFO_MAX]]
-    return {"count": len(own), "workers": workers, "others": len(everyone) - len(own)}
+    return {"count": len(own), "workers": workers}
 
 
 #: What get_client_info tells about each worker, and about how many at most.
