@@ -117,3 +117,30 @@ def test_answers_sent_to_other_processes_are_kept_a_while_and_bounded() -> None:
     now[0] = 61.0
     sent.keep(Reply("late", "w1", True, None, None, 1.0))
     assert len(sent) == 1 and sent.take("late") is not None and sent.bytes == 0
+
+
+def test_what_waits_for_a_takeover_is_kept_longer_than_a_takeover_takes(settings) -> None:
+    """With the default heartbeat (5 s, 3 misses) another process takes a dead one's
+    requests over up to ~65 s after it died: a worker's jobs of before wait that long
+    for it (ADOPT_GRACE alone, 30 s, let their answers go after 30 s: every one of 10
+    answered timeout), and so do the answers passed to the dead process."""
+    from dispatch.core.connections import WorkerConnections
+    from dispatch.core.liveness import takeover_seconds
+    from dispatch.core.registration import welcome
+    from dispatch.registry import WorkerEntry
+    from workers.protocol import Feature, Registration
+
+    settings.BROKER = {"HEARTBEAT_INTERVAL": 5.0, "HEARTBEAT_MISSES": 3, "ADOPT_GRACE": 30.0}
+    assert takeover_seconds() == 65.0
+    reg = Registration("w1", "w1", ["echo"], features=frozenset({Feature.RESUME}))
+    answer = welcome(reg, WorkerEntry("w1", "w1", "c1", frozenset({"echo"})), [])
+    assert answer["adopt_grace"] == 65.0
+    connections = WorkerConnections(_Exchange(), None, None, "p", None)  # type: ignore[arg-type]
+    assert connections.sent is not None and connections.sent.seconds == 95.0
+
+
+class _Exchange:
+    inbox = "inbox"
+
+    def on(self, *_args: object) -> None:
+        pass

@@ -24,7 +24,8 @@ from .events import (Adopt, Adopted, Cancel, ChunkAck, CloseWorker, Event, Forwa
                      Moved, Notify, Reply)
 from .exchange import Exchange
 from .links import WorkerLink
-from .sent import SentReplies
+from .liveness import takeover_seconds
+from .sent import KEEP_SECONDS, SentReplies
 from .slots import Slots
 
 Adopter = Callable[[WorkerEntry, list[str]], Awaitable[list[Forward]]]
@@ -49,7 +50,8 @@ class WorkerConnections:
         self.on_moved: Callable[[Moved], None] | None = None
         #: Answers passed to other processes lately: for whoever takes over from one
         #: that died before it read them (with the job store).
-        self.sent = SentReplies() if conf.get("JOB_STORE") else None
+        self.sent = SentReplies(max(KEEP_SECONDS, takeover_seconds() + 30)) \
+            if conf.get("JOB_STORE") else None
         for kind, handler in ((Forward, self._on_forward), (Cancel, self._on_cancel),
                               (ChunkAck, self._on_chunk_ack), (Notify, self._on_notify),
                               (CloseWorker, self._on_close), (Adopt, self._on_adopt),

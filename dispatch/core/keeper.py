@@ -194,6 +194,9 @@ class Keeper:
         moved = self.recovery.reported(entry.worker_id, entry.connection, held)
         for request in [*self.recovery.awaited(entry.worker_id), *moved]:
             if request.key not in held:
+                request.lost_because = (
+                    "its worker came back without it: it never reached the worker, or it "
+                    "finished just before the broker stopped and its answer was lost with it")
                 lost.append(request.key)
                 continue
             self.recovery.adopt(request, entry.worker_id, entry.connection, entry.inbox)

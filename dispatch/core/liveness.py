@@ -22,6 +22,19 @@ from ..registry import Registry, RegistryUnavailable
 log = logging.getLogger("dispatch.liveness")
 
 
+def liveness_ttl() -> float:
+    """Seconds a process's liveness lasts without a renewal."""
+    return conf.get("HEARTBEAT_INTERVAL") * (conf.get("HEARTBEAT_MISSES") + 1)
+
+
+def takeover_seconds() -> float:
+    """The most it takes another process to take a dead one's requests over: its
+    liveness expires (one ttl), then it is missing from two reaping rounds (one ttl
+    apart), and a beat. What waits for a takeover (the jobs a worker goes on with, the
+    answers passed to a process that died) is kept at least this long."""
+    return 3 * liveness_ttl() + conf.get("HEARTBEAT_INTERVAL")
+
+
 class Liveness:
     """This process's part: say it is alive, and tidy up after the dead."""
 
@@ -35,7 +48,7 @@ class Liveness:
 
     @property
     def ttl(self) -> float:
-        return conf.get("HEARTBEAT_INTERVAL") * (conf.get("HEARTBEAT_MISSES") + 1)
+        return liveness_ttl()
 
     async def start(self) -> None:
         if self.registry.local:  # the only process: whatever else is online is stale

@@ -21,6 +21,7 @@ from ..errors import RegistryUnavailable, WorkerIdTaken
 from ..logsafe import LogBudget
 from ..registry import WorkerEntry
 from .events import CloseWorker, Forward
+from .liveness import takeover_seconds
 
 if TYPE_CHECKING:
     from .links import WorkerLink
@@ -89,7 +90,9 @@ def welcome(reg: Registration, entry: WorkerEntry, adopted: list[Forward]
         answer["schemas_dropped"] = reg.schemas_dropped
     if Feature.RESUME in reg.features:
         answer["adopted"] = [f.key for f in adopted]
-        answer["adopt_grace"] = conf.get("ADOPT_GRACE")
+        # Long enough for a takeover too (a minute with the default heartbeat): the
+        # process that will adopt them may be one that has yet to notice a death.
+        answer["adopt_grace"] = max(conf.get("ADOPT_GRACE"), takeover_seconds())
     return answer
 
 

@@ -17,7 +17,8 @@ import orjson
 
 from .events import Reply
 
-#: Seconds an answer is kept: longer than a takeover takes (two liveness rounds).
+#: Seconds an answer is kept at least (the process keeps it longer than a takeover
+#: takes: :func:`~.liveness.takeover_seconds`).
 KEEP_SECONDS = 60.0
 #: Bytes of answers kept at most (the oldest go first).
 KEEP_BYTES = 32 * 1024 * 1024
