@@ -462,3 +462,26 @@ async def test_kill_9_of_the_requesters_process_loses_no_answer_of_a_worker_else
     starts = Counter(line.split()[1] for line in log.read_text().splitlines()
                      if line.startswith("start"))
     assert starts == {f"J{i}": 1 for i in range(4)}, starts
+
+
+async def test_while_a_process_stops_its_fleet_is_waited_for_not_failed(
+        cluster, workers_started, postgres_url: str) -> None:
+    """The only worker is on A; A is stopped (SIGTERM) and its worker moves to B. A
+    request that reaches B in between waits for it rather than failing no_workers
+    (2 of ~300 in a rolling restart did)."""
+    # One worker a second: it is told to come back within a second (a wide window).
+    a, b = cluster(2, env={"DATABASE_URL": postgres_url, "BROKER_RECONNECT_RATE": "1"})
+    start_worker(workers_started, a, "mover", "--url", b.worker_url)
+    outcomes: Counter[str] = Counter()
+    async with Requester(b.requester_url) as client:
+        assert await client.call("echo", message="warm") == "Echo: warm"
+        a.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        stop_at = asyncio.get_running_loop().time() + 4
+        while asyncio.get_running_loop().time() < stop_at:
+            try:
+                await client.call("echo", message="x", timeout=20)
+                outcomes["ok"] += 1
+            except Exception as exc:  # noqa: BLE001 - counted
+                outcomes[type(exc).__name__] += 1
+            await asyncio.sleep(0.005)
+    assert set(outcomes) == {"ok"}, outcomes

@@ -24,6 +24,9 @@ log = logging.getLogger("dispatch.handover")
 
 #: Seconds a stopping process waits for another to take its requests over.
 GONE_WAIT = 3.0
+#: Seconds it gives the others to read that it goes, before its workers leave (they
+#: then wait for the workers instead of answering no_workers).
+GONE_HEARD = 0.2
 
 
 class Handover:
@@ -43,13 +46,18 @@ class Handover:
         self.exchange.on(Lost, self._no_news)
 
     async def give_away(self, store: JobStore, alone: bool) -> None:
-        """Commit; unless ``alone``, have another process take the rows over (if it holds
-        any: else nobody answers, and the stop would wait GONE_WAIT for nothing)."""
+        """Commit; unless ``alone``, say so to the others (its workers are on their way to
+        them) and have one take the rows over, if it holds any (else nobody answers, and
+        the stop would wait GONE_WAIT for nothing)."""
         await store.flush()
-        if alone or self.process not in await store.holders():
+        if alone:
             return
+        holding = self.process in await store.holders()
         await self.exchange.broadcast(Gone(self.process, self.exchange.inbox,
                                            protocol.new_id()))
+        await asyncio.sleep(GONE_HEARD)  # before its workers leave, the others know why
+        if not holding:
+            return
         try:
             async with asyncio.timeout(GONE_WAIT):
                 await self._moved.wait()

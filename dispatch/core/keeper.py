@@ -32,6 +32,8 @@ from .store import JobStore, Kept
 log = logging.getLogger("dispatch.keeper")
 
 Perform = Callable[[list[Action]], Awaitable[None]]
+#: Seconds a request that finds no worker waits for the fleet of a process that stops.
+FLEET_MOVING = 10.0
 
 
 class Keeper:
@@ -135,7 +137,15 @@ class Keeper:
             await self.on_round()
 
     async def _on_gone(self, event: Gone) -> None:
+        """Another process stops: its workers are on their way (here, or to another), so
+        a request that finds none waits a moment for them instead of failing
+        no_workers; and its requests are taken over."""
         if self.store is not None and event.process != self.process:
+            until = asyncio.get_running_loop().time() + min(conf.get("ADOPT_GRACE"),
+                                                            FLEET_MOVING)
+            self.patient_until = max(self.patient_until, until)
+            for request in self.recovery.table.requests.values():  # those already here too
+                request.patient_until = max(request.patient_until, until)
             await self._serve_again(await self.store.take_over([event.process]),
                                     leaving=event.process)
 
