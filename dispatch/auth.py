@@ -62,14 +62,15 @@ def new_token(kind: str) -> tuple[str, str]:
 
 
 def create_credential(name: str, kind: str, commands: Iterable[str] = (),
-                      max_connections: int = 0) -> tuple[Any, str]:
+                      max_connections: int = 0, max_priority: int = 9) -> tuple[Any, str]:
     """Store a new credential; returns it and the token, which is not kept anywhere."""
     from .models import Credential
 
     token, key_id = new_token(kind)
     credential = Credential.objects.create(
         name=name, kind=kind, key_id=key_id, digest=digest(token),
-        commands=sorted(set(commands)), max_connections=max_connections)
+        commands=sorted(set(commands)), max_connections=max_connections,
+        max_priority=max_priority)
     return credential, token
 
 
@@ -82,6 +83,8 @@ class Grant:
     kind: str
     commands: frozenset[str] | None  # None: every command
     max_connections: int
+    #: The highest priority its requests get: a tenant cannot jump every queue at 9.
+    max_priority: int = 9
 
     @classmethod
     def anonymous(cls, kind: str) -> Grant:
@@ -333,7 +336,7 @@ class Guard:
             row["key_id"]: (row["digest"], Grant(
                 row["id"], row["name"], row["kind"],
                 frozenset(row["commands"]) if row["commands"] else None,
-                row["max_connections"]))
+                row["max_connections"], row["max_priority"]))
             for row in rows if row["active"]}
         live = {grant.credential_id for _, grant in self._keys.values()}
         if self.protected_mode:
@@ -354,7 +357,8 @@ def _credentials() -> list[dict[str, Any]]:
     from .models import Credential
 
     return list(Credential.objects.values(
-        "id", "name", "kind", "key_id", "digest", "commands", "max_connections", "active"))
+        "id", "name", "kind", "key_id", "digest", "commands", "max_connections",
+        "max_priority", "active"))
 
 
 _guards: PerLoop[Guard] = PerLoop(Guard)

@@ -14,6 +14,7 @@ that one odd value violates would fail a whole batch of history, not one row.
 
 from __future__ import annotations
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 
@@ -134,6 +135,10 @@ class Credential(models.Model):
                                           "token may register (empty: all)")
     max_connections = models.IntegerField(default=0,
                                           help_text="per broker process; 0: no limit")
+    max_priority = models.IntegerField(
+        default=9, validators=[MinValueValidator(0), MaxValueValidator(9)],
+        help_text="the highest priority a requester key's requests get (0-9); one that "
+                  "asks for more is served at this one")
     active = models.BooleanField(default=True,
                                  help_text="untick to revoke: live connections are closed "
                                            "within seconds")

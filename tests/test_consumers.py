@@ -599,3 +599,39 @@ async def test_a_process_handing_its_work_over_turns_requests_and_workers_away()
     w = await open_socket("/ws/worker/")
     assert (await w.receive_output(TIMEOUT))["code"] == CloseCode.SHUTTING_DOWN
     dispatcher.handing_over = False
+
+
+async def test_a_key_capped_at_a_priority_is_served_at_it() -> None:
+    """Any key could send priority 9 and starve the others' requests: a requester key
+    with --max-priority 0 is served at 0, behind another's priority 5."""
+    from channels.db import database_sync_to_async
+
+    from dispatch.auth import create_credential, get_guard
+
+    make = database_sync_to_async(create_credential)
+    _, fleet = await make("fleet", "worker")
+    _, capped = await make("bulk", "requester", max_priority=0)
+    _, other = await make("app", "requester")
+    await (await get_guard()).refresh()
+
+    def bearer(token: str) -> list[tuple[bytes, bytes]]:
+        return [(b"authorization", f"Bearer {token}".encode())]
+
+    w = await open_socket("/ws/worker/", headers=bearer(fleet))
+    await w.send_to(text_data=Message("connect", Registration(
+        "w1", "w1", ["echo"], max_concurrency=1).to_data()).to_json())
+    await frame(w, "connect")
+    bulk, app = (await open_socket("/ws/requester/", headers=bearer(capped)),
+                 await open_socket("/ws/requester/", headers=bearer(other)))
+    await ask(bulk, "echo", "busy")  # takes the one slot
+    first = await frame(w, "request")
+    await ask(bulk, "echo", "urgent?", priority=9)
+    await asyncio.sleep(0.05)
+    await ask(app, "echo", "normal", priority=5)
+    await asyncio.sleep(0.05)
+    await w.send_to(text_data=Message.response(first.msg_id, True, "done").to_json())
+    assert (await bulk.receive_json_from(TIMEOUT))["request_id"] == "busy"
+    served = await frame(w, "request")
+    await w.send_to(text_data=Message.response(served.msg_id, True, "second").to_json())
+    answer = await app.receive_json_from(TIMEOUT)  # 5 before a capped 9
+    assert (answer["request_id"], answer["data"]) == ("normal", "second")

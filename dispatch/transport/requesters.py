@@ -126,7 +126,8 @@ class RequesterConsumer(BaseSocket):
         await self.dispatcher.submit(
             request.command, request.data, self, request_id=request.request_id,
             requester=self.requester, timeout=request.timeout, key=key,
-            owner=self.grant.owner, stream=request.stream, priority=request.priority,
+            owner=self.grant.owner, stream=request.stream,
+            priority=min(request.priority, self.grant.max_priority),
             select=selector(request.select), affinity=request.affinity,
             hedge=request.hedge, traceparent=request.traceparent or "")
         if request.accepted and request.request_id in self.in_flight:

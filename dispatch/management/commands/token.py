@@ -31,6 +31,10 @@ class Command(BaseCommand):
                                  "or a worker token may register (default: all)")
         create.add_argument("--max-connections", type=int, default=0,
                             help="connections per broker process at most (default 0: no limit)")
+        create.add_argument("--max-priority", type=int, default=9, choices=range(10),
+                            metavar="0-9",
+                            help="the highest priority a requester key's requests get; more "
+                                 "is served at this (default 9: any)")
         create.add_argument("--yes", action="store_true",
                             help="do not ask before the first credential ends protected mode "
                                  "(asked only when standard input is a terminal)")
@@ -49,10 +53,12 @@ class Command(BaseCommand):
         getattr(self, f"handle_{options['action']}")(**options)
 
     def handle_create(self, kind: str, name: str, commands: str, max_connections: int,
-                      yes: bool, **_: Any) -> None:
+                      max_priority: int, yes: bool, **_: Any) -> None:
         allowed = [c.strip() for c in commands.split(",") if c.strip()]
         if allowed and kind == "admin":
             raise CommandError("--commands applies to requester keys and worker tokens")
+        if max_priority < 9 and kind != "requester":
+            raise CommandError("--max-priority applies to requester keys")
         if not Credential.objects.exists() and not conf.get("API_TOKEN"):
             self.stderr.write(ending_protected_mode())
             if sys.stdin.isatty() and not yes and input(
@@ -60,7 +66,7 @@ class Command(BaseCommand):
                     "y", "yes"):
                 raise CommandError("Not created: the broker stays in protected mode")
         try:
-            _, token = create_credential(name, kind, allowed, max_connections)
+            _, token = create_credential(name, kind, allowed, max_connections, max_priority)
         except IntegrityError:
             raise CommandError(f"A credential named '{name}' exists already") from None
         self.stderr.write(f"Created {kind} credential '{name}'. Its token is shown once:")
@@ -70,6 +76,7 @@ class Command(BaseCommand):
         rows = [(c.name, c.kind, "active" if c.active else "revoked", c.key_id, ", ".join(
             filter(None, [f"commands: {', '.join(c.commands)}" if c.commands else "",
                           f"max {c.max_connections} connections" if c.max_connections
+                          else "", f"priority <= {c.max_priority}" if c.max_priority < 9
                           else ""])) or "-") for c in Credential.objects.all()]
         self.stdout.write(table(("NAME", "KIND", "STATE", "KEY ID", "LIMITS"), rows) if rows
                           else "No credentials: the broker is in protected mode (loopback "
