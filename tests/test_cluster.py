@@ -485,3 +485,4 @@ async def test_while_a_process_stops_its_fleet_is_waited_for_not_failed(
                 outcomes[type(exc).__name__] += 1
             await asyncio.sleep(0.005)
     assert set(outcomes) == {"ok"}, outcomes
+

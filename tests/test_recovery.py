@@ -144,3 +144,66 @@ class _Exchange:
 
     def on(self, *_args: object) -> None:
         pass
+
+
+async def test_a_slow_takeover_round_does_not_delay_this_process_s_own_life(
+        settings, monkeypatch) -> None:
+    """Tidying up after dead processes (taking their requests over, looking again for
+    what attaches wait for) may take seconds; the beat that says this process lives
+    must not wait for it, or the others take the living for dead (a takeover 75 s
+    late in an attack, past the time a worker keeps its answers)."""
+    import asyncio
+    import time
+
+    from dispatch.core import liveness as liveness_module
+    from dispatch.core.liveness import Liveness
+
+    settings.BROKER = {"HEARTBEAT_INTERVAL": 0.05, "HEARTBEAT_MISSES": 1}
+    beats: list[float] = []
+
+    class Registry:
+        local = False
+
+        async def process_alive(self, process: str, ttl: float) -> None:
+            beats.append(time.monotonic())
+
+        async def live_processes(self) -> set[str]:
+            return {"p"}
+
+        async def process_gone(self, process: str) -> None:
+            pass
+
+    async def nothing(**_: object) -> None:
+        pass
+
+    async def slow_reap(live: set[str]) -> None:
+        await asyncio.sleep(1.0)
+
+    monkeypatch.setattr(liveness_module, "mark_processes_offline", nothing)
+    life = Liveness(Registry(), "p", slow_reap)  # type: ignore[arg-type]
+    await life.start()
+    await asyncio.sleep(0.6)
+    await life.stop()
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert len(beats) >= 8 and max(gaps) < 0.3, gaps
+
+
+async def test_waiting_attaches_are_looked_for_again_side_by_side() -> None:
+    """Ten attaches waiting for a dead process's requests, each looked for with a
+    question that waits a second when nobody has it: one second, not ten."""
+    import asyncio
+    import time
+
+    from dispatch.core.lookup import Lookup
+
+    lookup = Lookup.__new__(Lookup)
+    lookup.waiting = {("o", f"r{i}"): (object(), False) for i in range(10)}  # type: ignore
+
+    async def attach(owner: str, request_id: str, sink: object, stream: bool) -> bool:
+        await asyncio.sleep(1.0)
+        return True
+
+    lookup.attach = attach  # type: ignore[method-assign]
+    started = time.monotonic()
+    await lookup.look_again()
+    assert time.monotonic() - started < 2.0 and lookup.waiting == {}

@@ -54,6 +54,7 @@ class Keeper:
         self.patient_until = 0.0
         self._missing: set[str] = set()  # processes with rows, not alive last round
         self._later: set[asyncio.Task[None]] = set()  # what waits for a commit
+        self._rounding: set[asyncio.Task[None]] = set()  # the end of a round, at most one
         #: Told of each request taken over (someone may wait to attach to it).
         self.on_restored: Callable[[Request], None] | None = None
         #: Called at the end of each liveness round.
@@ -133,8 +134,12 @@ class Keeper:
             log.warning("taking over the requests of stopped broker process(es): %s",
                         ", ".join(sorted(dead)))
             await self._serve_again(await self.store.take_over(sorted(dead)))
-        if self.on_round is not None:
-            await self.on_round()
+        if self.on_round is not None and not self._rounding:
+            # Not awaited: it may ask every process about many requests, and the
+            # liveness round that called this must renew this process's life on time.
+            task = asyncio.ensure_future(self.on_round())
+            self._rounding.add(task)
+            task.add_done_callback(self._rounding.discard)
 
     async def _on_gone(self, event: Gone) -> None:
         """Another process stops: its workers are on their way (here, or to another), so

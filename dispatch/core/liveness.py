@@ -45,6 +45,7 @@ class Liveness:
         #: Called each round with the live processes: takes over what the dead held.
         self.reap = reap
         self._task: asyncio.Task[None] | None = None
+        self._reaping: asyncio.Task[None] | None = None
 
     @property
     def ttl(self) -> float:
@@ -65,6 +66,8 @@ class Liveness:
             return
         self._task.cancel()
         self._task = None
+        if self._reaping is not None:
+            self._reaping.cancel()
         try:
             await self.registry.process_gone(self.process)
         except RegistryUnavailable as exc:  # its deadline passes by itself
@@ -79,13 +82,22 @@ class Liveness:
             beats += 1
             try:
                 await self.registry.process_alive(self.process, self.ttl)
-                if beats % every == 0:
-                    live = await self.registry.live_processes()
-                    # A process that started a moment ago may not be listed yet: its
-                    # rows are younger than two ttl, and left alone.
-                    await mark_processes_offline(keep=live | {self.process},
-                                                 older_than=2 * self.ttl)
-                    if self.reap is not None:
-                        await self.reap(live)
+                if beats % every == 0 and (self._reaping is None or self._reaping.done()):
+                    # Apart: however long tidying up takes, the next beat is on time (a
+                    # late one would let the others take this live process for dead).
+                    self._reaping = asyncio.create_task(self._tidy(), name="dispatch-reap")
             except RegistryUnavailable as exc:
                 log.warning("process liveness: %s", exc)
+
+    async def _tidy(self) -> None:
+        try:
+            live = await self.registry.live_processes()
+            # A process that started a moment ago may not be listed yet: its rows are
+            # younger than two ttl, and left alone.
+            await mark_processes_offline(keep=live | {self.process}, older_than=2 * self.ttl)
+            if self.reap is not None:
+                await self.reap(live)
+        except RegistryUnavailable as exc:
+            log.warning("process liveness: %s", exc)
+        except Exception:  # a defect, or the database away: said; the next round tries
+            log.exception("tidying up after stopped broker processes failed")

@@ -10,6 +10,7 @@ the request answers an attach by sending its events and answer to the asker
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -69,14 +70,17 @@ class Lookup:
         """Each liveness round, the attaches that wait for a request of a process that
         died look for it again: another process may have taken it over (it tells only
         its own), or it finished meanwhile (its answer is kept)."""
-        for (owner, request_id), (sink, stream) in list(self.waiting.items()):
-            if self.waiting.pop((owner, request_id), None) is None:
-                continue  # restored meanwhile
-            if not await self.attach(owner, request_id, sink, stream):
-                unknown = protocol.ApiResponse.failure(
-                    request_id, f"No request '{protocol.quote(request_id)}' of yours is "
-                    "running or finished lately", protocol.ErrorCode.UNKNOWN_REQUEST)
-                await sink.answer(unknown, unknown.to_json())
+        waiting, self.waiting = self.waiting, {}
+        await asyncio.gather(*(self._look_again(owner, request_id, sink, stream)
+                               for (owner, request_id), (sink, stream) in waiting.items()))
+
+    async def _look_again(self, owner: str, request_id: str, sink: Sink, stream: bool
+                          ) -> None:
+        if not await self.attach(owner, request_id, sink, stream):
+            unknown = protocol.ApiResponse.failure(
+                request_id, f"No request '{protocol.quote(request_id)}' of yours is "
+                "running or finished lately", protocol.ErrorCode.UNKNOWN_REQUEST)
+            await sink.answer(unknown, unknown.to_json())
 
     async def cancel(self, owner: str | None, request_id: str, reason: str) -> int:
         """Cancel the requests of ``owner`` (None: anyone's) with this id, in whichever
