@@ -22,8 +22,9 @@ faults in a row (:attr:`Health.FAULT`: leases that ran out; never a handler's ow
 error, and never a timeout, a cancel or an answer refused as too large, which
 requesters choose, or choose with the worker) is out of rotation for
 ``EJECT_SECONDS``, doubled each time it happens again (up to ``EJECT_MAX_SECONDS``),
-never more than ``EJECT_MAX_SHARE`` of the fleet at once; when its time is up it gets the next request, a probe (one at a time), and is
-back with a clean slate on success, or out again for twice as long on failure.
+never more than ``EJECT_MAX_SHARE`` of the fleet at once; when its time is up it
+gets the next request, a probe (one at a time), and is back with a clean slate on
+success, or out again for twice as long on failure.
 """
 
 from __future__ import annotations
