@@ -190,3 +190,20 @@ def test_the_long_jobs_examples_run(shared_broker: Broker, spawn_worker, tmp_pat
     assert run_snippet(requester_code, shared_broker) == [
         "20% epoch 1", "40% epoch 2", "60% epoch 3", "80% epoch 4", "100% epoch 5",
         "trained: {'epochs': 5}", "done ['read', 'convert', 'write']", "pages: cancelled"]
+
+
+def test_the_readmes_command_module_runs(broker: Broker, spawn_worker, tmp_path) -> None:
+    """README's my_commands.py, as printed, served by a worker with --handlers (on a
+    broker of its own: its 'resize' must not meet test_describe's on the shared one)."""
+    from workers.requester import SyncRequester
+
+    [module] = [b for b in code_blocks("python", README) if "# my_commands.py" in b]
+    (tmp_path / "my_commands.py").write_text(module)
+    spawn_worker("readme-commands", "--handlers", "my_commands",
+                 env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])})
+    with SyncRequester(broker.requester_url) as requester:
+        assert requester.call("sum", numbers=[1, 2, 3.5]) == 6.5
+        assert requester.call("resize", url="https://example.com/a.png") == {
+            "url": "https://example.com/a.png", "width": 256}
+        failed = requester.request("sum", {"numbers": []})
+        assert (failed.code, failed.error) == ("command_error", "numbers must not be empty")
