@@ -62,12 +62,7 @@ def supervise(commands: list[list[str]], say: Callable[[str], Any],
             if failed is not None:
                 log.error("broker process %d exited with %d before it listened: stopping "
                           "the others", failed.pid, failed.returncode)
-                for child in children:
-                    if child.poll() is None:
-                        child.terminate()
-                for child in children:
-                    child.wait()
-                return 1
+                return _stop_all(children)
             time.sleep(0.05)
         if not signalled and ports_file:
             write_json(ports_file, {"pid": os.getpid(), "processes": [
@@ -97,12 +92,7 @@ def _keep_running(commands: list[list[str]], children: list[subprocess.Popen[byt
             if short[i] >= SHORT_LIVES:
                 log.error("broker process %d died %d times within %.0f s of starting: "
                           "stopping them all", i, short[i], SHORT_LIFE)
-                for other in children:
-                    if other.poll() is None:
-                        other.terminate()
-                for other in children:
-                    other.wait()
-                return 1
+                return _stop_all(children)
             told[i].unlink(missing_ok=True)
             children[i] = subprocess.Popen([*commands[i], "--ports-file", str(told[i])],
                                            cwd=settings.BASE_DIR)
@@ -113,6 +103,16 @@ def _keep_running(commands: list[list[str]], children: list[subprocess.Popen[byt
         if code not in (0, -signal.SIGTERM, -signal.SIGINT):
             log.error("broker process %d exited with %d", child.pid, code)
     return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
+
+
+def _stop_all(children: list[subprocess.Popen[bytes]]) -> int:
+    """Stop every child still running and wait for them all; the parent's exit code."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        child.wait()
+    return 1
 
 
 class CannotListen(Exception):
