@@ -269,7 +269,7 @@ class Dispatcher:
                           worker.worker_id, worker.connection, request.stream, request.traceparent)
         self.keeper.placed(request, worker.worker_id)
         if request.retry_safe or not self.keeper.after_commit(
-                self._deliver(request, worker, forward)):
+                lambda: self._deliver(request, worker, forward)):
             await self._deliver(request, worker, forward)
 
     async def _deliver(self, request: Request, worker: Any, forward: Forward) -> None:

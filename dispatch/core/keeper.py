@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Awaitable, Callable
 
 from .. import conf
 from ..errors import LayerUnavailable, RegistryUnavailable
@@ -54,7 +54,6 @@ class Keeper:
         self.patient_until = 0.0
         self._missing: set[str] = set()  # processes with rows, not alive last round
         self._later: set[asyncio.Task[None]] = set()  # what waits for a commit
-        self._rounding: set[asyncio.Task[None]] = set()  # the end of a round, at most one
         #: Told of each request taken over (someone may wait to attach to it).
         self.on_restored: Callable[[Request], None] | None = None
         #: Called at the end of each liveness round.
@@ -72,19 +71,18 @@ class Keeper:
         self.answered: Callable[[Request, str, float], None] = \
             self.store.answered if self.store is not None else _nothing
 
-    def after_commit(self, then: Coroutine[Any, Any, None]) -> bool:
-        """Run ``then`` once what was told so far is committed; False without a store.
+    def after_commit(self, then: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``then()`` once what was told so far is committed; False without a store.
 
         For a job that must not run twice: its worker gets it once its row says where it
         runs, so that a crash cannot forget a job that runs (and a requester send it
         again). One commit interval later, holding up nothing else meanwhile."""
         if self.store is None:
-            then.close()
             return False
 
         async def when_kept() -> None:
             await self.store.committed()  # type: ignore[union-attr]
-            await then
+            await then()
 
         task = asyncio.ensure_future(when_kept())
         self._later.add(task)
@@ -134,12 +132,8 @@ class Keeper:
             log.warning("taking over the requests of stopped broker process(es): %s",
                         ", ".join(sorted(dead)))
             await self._serve_again(await self.store.take_over(sorted(dead)))
-        if self.on_round is not None and not self._rounding:
-            # Not awaited: it may ask every process about many requests, and the
-            # liveness round that called this must renew this process's life on time.
-            task = asyncio.ensure_future(self.on_round())
-            self._rounding.add(task)
-            task.add_done_callback(self._rounding.discard)
+        if self.on_round is not None:  # all of this runs apart from the beat of life
+            await self.on_round()
 
     async def _on_gone(self, event: Gone) -> None:
         """Another process stops: its workers are on their way (here, or to another), so
