@@ -471,49 +471,44 @@ def test_a_script_creating_the_first_credential_is_warned_not_stopped(
     assert "No broker answered" in err.getvalue() and "ends protected mode" in err.getvalue()
 
 
+def runbroker_refused(env: dict[str, str]) -> str:
+    """``runbroker`` with ``env`` that must not start: exit 1, and its one line."""
+    from tests.procs import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "manage.py", "runbroker", "--worker-port", "0", "--requester-port",
+         "0", "--http-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, **env})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    return line
+
+
 def test_a_database_that_cannot_be_reached_is_one_line_and_exit_1() -> None:
     """The cluster's DATABASE_URL naming a server that refuses (or a role that does not
     exist): runbroker says which database and what it said, in one line, not a
     driver's traceback."""
-    from tests.procs import ROOT, closed_port
+    from tests.procs import closed_port
 
     with closed_port() as port:
-        done = subprocess.run(
-            [sys.executable, "manage.py", "runbroker", "--worker-port", "0",
-             "--requester-port", "0", "--http-port", "0"], cwd=ROOT, capture_output=True,
-            text=True, timeout=60,
-            env={**os.environ, "DATABASE_URL": f"postgres://broker:secret@127.0.0.1:{port}/fleet"})
-    assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    [line] = done.stderr.strip().splitlines()
+        line = runbroker_refused(
+            {"DATABASE_URL": f"postgres://broker:secret@127.0.0.1:{port}/fleet"})
     assert "Cannot use the database fleet (postgresql, host 127.0.0.1)" in line
     assert "DATABASE_URL" in line and "docs/scaling.md" in line
 
 
 def test_a_second_embedded_broker_on_the_same_database_is_refused(broker_factory) -> None:
     """It would take the first's requests over and mark its workers offline."""
-    from tests.procs import ROOT
-
     first = broker_factory()
-    done = subprocess.run(
-        [sys.executable, "manage.py", "runbroker", "--worker-port", "0", "--requester-port",
-         "0", "--http-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "DATABASE_URL": f"sqlite:///{first.db_path}"})
-    assert done.returncode == 1, done.stderr
-    [line] = done.stderr.strip().splitlines()
+    line = runbroker_refused({"DATABASE_URL": f"sqlite:///{first.db_path}"})
     assert f"Another broker (pid {first.proc.pid}) runs on the database" in line
     assert first.get("/healthz")["status"] == "ok"  # the first goes on
 
 
 def test_redis_that_cannot_be_reached_is_one_line_and_exit_1() -> None:
-    from tests.procs import ROOT, closed_port
+    from tests.procs import closed_port
 
     with closed_port() as port:
-        done = subprocess.run(
-            [sys.executable, "manage.py", "runbroker", "--worker-port", "0",
-             "--requester-port", "0", "--http-port", "0"], cwd=ROOT, capture_output=True,
-            text=True, timeout=60,
-            env={**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0"})
-    assert done.returncode == 1, done.stderr
-    [line] = done.stderr.strip().splitlines()
+        line = runbroker_refused({"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
     assert f"Cannot reach Redis (redis://127.0.0.1:{port}/0)" in line and "REDIS_URL" in line
