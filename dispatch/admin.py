@@ -376,13 +376,13 @@ class JobAdmin(ReadOnlyAdmin):
 class CredentialAdmin(admin.ModelAdmin):
     """Create and revoke credentials; a new one's token is shown once, after saving."""
 
-    list_display = ("name", "kind", "active", "key_id", "max_connections", "max_priority",
-                    "created_at")
+    list_display = ("name", "kind", "active", "key_id", "pools", "max_connections",
+                    "max_priority", "created_at")
     list_filter = ("kind", "active")
     search_fields = ("name", "key_id")
     readonly_fields = ("key_id", "created_at")
-    fields = ("name", "kind", "commands", "max_connections", "max_priority", "active", "key_id",
-              "created_at")
+    fields = ("name", "kind", "commands", "pools", "labels", "version", "max_weight",
+              "max_connections", "max_priority", "active", "key_id", "created_at")
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Revoke (untick "active") instead: deleting every credential would return the

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
-from workers.protocol import CloseCode, ErrorCode
+from workers.protocol import CloseCode, ErrorCode, pool_label
 
 from . import conf
 from .loops import PerLoop
@@ -62,15 +62,21 @@ def new_token(kind: str) -> tuple[str, str]:
 
 
 def create_credential(name: str, kind: str, commands: Iterable[str] = (),
-                      max_connections: int = 0, max_priority: int = 9) -> tuple[Any, str]:
-    """Store a new credential; returns it and the token, which is not kept anywhere."""
+                      max_connections: int = 0, max_priority: int = 9, *,
+                      pools: Iterable[str] = (), labels: dict[str, str] | None = None,
+                      version: str = "", max_weight: float | None = None) -> tuple[Any, str]:
+    """Store a new credential; returns it and the token, which is not kept anywhere.
+    Raises django's ValidationError for rights that do not fit its kind."""
     from .models import Credential
 
     token, key_id = new_token(kind)
-    credential = Credential.objects.create(
+    credential = Credential(
         name=name, kind=kind, key_id=key_id, digest=digest(token),
         commands=sorted(set(commands)), max_connections=max_connections,
-        max_priority=max_priority)
+        max_priority=max_priority, pools=sorted(set(pools)), labels=labels or {},
+        version=version, max_weight=max_weight)
+    credential.clean()
+    credential.save()
     return credential, token
 
 
@@ -85,10 +91,22 @@ class Grant:
     max_connections: int
     #: The highest priority its requests get: a tenant cannot jump every queue at 9.
     max_priority: int = 9
+    #: Tenancy: the pools a worker token's workers serve, or the pool a requester key is
+    #: served by (none: it reaches every worker).
+    pools: tuple[str, ...] = ()
+    #: Worker tokens: labels, version and highest weight its workers get, whatever they say.
+    labels: tuple[tuple[str, str], ...] = ()
+    version: str = ""
+    max_weight: float | None = None
 
     @classmethod
     def anonymous(cls, kind: str) -> Grant:
         return cls(ANONYMOUS_ID, "anonymous (protected mode)", kind, None, 0)
+
+    @property
+    def pool_labels(self) -> dict[str, str]:
+        """The labels of its pools: a worker's own, or what a requester's requests select."""
+        return dict(pool_label(p) for p in self.pools)
 
     @property
     def owner(self) -> str:
@@ -332,20 +350,24 @@ class Guard:
             log.warning("could not reload credentials (keeping the last ones): %s", exc)
             return
         self._any_credential = bool(rows)
-        self._keys = {
-            row["key_id"]: (row["digest"], Grant(
-                row["id"], row["name"], row["kind"],
-                frozenset(row["commands"]) if row["commands"] else None,
-                row["max_connections"], row["max_priority"]))
-            for row in rows if row["active"]}
-        live = {grant.credential_id for _, grant in self._keys.values()}
+        before = {grant.credential_id: grant for _, grant in self._keys.values()}
+        self._keys = {row["key_id"]: (row["digest"], _grant(row)) for row in rows
+                      if row["active"]}
+        live = {grant.credential_id: grant for _, grant in self._keys.values()}
         if self.protected_mode:
-            live.add(ANONYMOUS_ID)
+            live[ANONYMOUS_ID] = Grant.anonymous("")
         for credential_id in [c for c in self._connections if c not in live]:
             reason = ("Credentials are required now: reconnect with a token"
                       if credential_id == ANONYMOUS_ID else "Credential revoked")
             for conn in list(self._connections.pop(credential_id)):
                 await conn.revoke(reason)
+        # Rights changed (a pool, pinned labels): its connections come back to take the
+        # new ones; a worker must not go on serving a pool its token has left.
+        for credential_id in [c for c, grant in live.items() if c in self._connections
+                              and before.get(c, grant) != grant]:
+            for conn in list(self._connections.pop(credential_id)):
+                await conn.close(CloseCode.TRY_AGAIN_LATER,
+                                 "Credential changed: reconnect to take its new rights")
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -353,12 +375,19 @@ class Guard:
             await self.refresh()
 
 
+def _grant(row: dict[str, Any]) -> Grant:
+    return Grant(row["id"], row["name"], row["kind"],
+                 frozenset(row["commands"]) if row["commands"] else None,
+                 row["max_connections"], row["max_priority"], tuple(sorted(row["pools"])),
+                 tuple(sorted(row["labels"].items())), row["version"], row["max_weight"])
+
+
 def _credentials() -> list[dict[str, Any]]:
     from .models import Credential
 
     return list(Credential.objects.values(
         "id", "name", "kind", "key_id", "digest", "commands", "max_connections",
-        "max_priority", "active"))
+        "max_priority", "pools", "labels", "version", "max_weight", "active"))
 
 
 _guards: PerLoop[Guard] = PerLoop(Guard)

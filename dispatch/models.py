@@ -139,6 +139,20 @@ class Credential(models.Model):
         default=9, validators=[MinValueValidator(0), MaxValueValidator(9)],
         help_text="the highest priority a requester key's requests get (0-9); one that "
                   "asks for more is served at this one")
+    pools = models.JSONField(
+        default=list, blank=True,
+        help_text="tenancy: the pools a worker token's workers serve, or the one pool a "
+                  "requester key is served by (empty: a worker serves keys without a pool; "
+                  "a key without a pool reaches every worker)")
+    labels = models.JSONField(
+        default=dict, blank=True,
+        help_text="worker tokens: labels its workers carry whatever they claim, e.g. "
+                  '{"gpu": "t4"}')
+    version = models.CharField(max_length=64, blank=True,
+                               help_text="worker tokens: the version its workers carry")
+    max_weight = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.001)],
+        help_text="worker tokens: the highest weight its workers get (empty: the broker's cap)")
     active = models.BooleanField(default=True,
                                  help_text="untick to revoke: live connections are closed "
                                            "within seconds")
@@ -149,6 +163,23 @@ class Credential(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind}{'' if self.active else ', revoked'})"
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        from workers.protocol import POOL_NAME, ProtocolError, parse_labels
+
+        if not isinstance(self.pools, list) or not all(
+                isinstance(p, str) and POOL_NAME.fullmatch(p) for p in self.pools):
+            raise ValidationError({"pools": "a list of names (letters, digits, . _ -)"})
+        if self.kind != self.Kind.WORKER and len(self.pools) > 1:
+            raise ValidationError({"pools": "a requester key is served by one pool"})
+        try:
+            parse_labels(self.labels, "labels", claimed=True)
+        except ProtocolError as exc:
+            raise ValidationError({"labels": str(exc)}) from None
+        if self.kind != self.Kind.WORKER and (self.labels or self.version or self.max_weight):
+            raise ValidationError("labels, version and max weight apply to worker tokens")
 
 
 class Job(models.Model):

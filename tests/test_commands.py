@@ -454,7 +454,7 @@ def test_the_first_credential_says_what_it_does_to_the_fleet_and_asks_at_a_termi
     listed = StringIO()
     call_command("token", "list", stdout=listed)
     header, *rows = listed.getvalue().splitlines()
-    assert header.split() == ["NAME", "KIND", "STATE", "KEY", "ID", "LIMITS"]
+    assert header.split() == ["NAME", "KIND", "STATE", "KEY", "ID", "POOLS", "LIMITS"]
     assert [r.split()[:3] for r in rows] == [["fleet", "worker", "active"],
                                             ["ops", "admin", "active"]]
 

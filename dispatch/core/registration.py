@@ -8,6 +8,7 @@ and carries on with what it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,24 @@ def refused_commands(grant: Grant, reg: Registration) -> str | None:
     return ("Bad registration: Commands not allowed for this worker token: "
             + ", ".join(f"'{quote(c, 60)}'" for c in refused[:20])
             + (f" and {len(refused) - 20} more" if len(refused) > 20 else ""))
+
+
+def pinned(grant: Grant, reg: Registration) -> Registration | str:
+    """``reg`` as its token has it: the token's pools and labels added, its version, its
+    weight within the token's cap; or why it claims what its token pins otherwise."""
+    for name, value in grant.labels:
+        if reg.labels.get(name, value) != value:
+            return (f"Bad registration: label '{quote(name)}' is '{quote(value)}' for this "
+                    f"worker token, not '{quote(reg.labels[name])}'")
+    if grant.version and reg.version not in ("", grant.version):
+        return (f"Bad registration: version is '{quote(grant.version)}' for this worker "
+                f"token, not '{quote(reg.version)}'")
+    if not (grant.labels or grant.pools or grant.version or grant.max_weight):
+        return reg
+    return dataclasses.replace(
+        reg, labels={**reg.labels, **dict(grant.labels), **grant.pool_labels},
+        version=grant.version or reg.version,
+        weight=min(reg.weight, grant.max_weight or reg.weight))
 
 
 def capped(reg: Registration) -> tuple[float, int]:
@@ -103,9 +122,12 @@ async def admit(link: WorkerLink, reg: Registration, msg_id: str
     None if refused (the connection is then closed, the worker told why). A connection
     that held the id before is told to close."""
     refused = refused_commands(link.grant, reg)
-    if refused is not None:
-        await _refuse(link, refused, msg_id, ErrorCode.NOT_ALLOWED, CloseCode.BAD_REGISTRATION)
+    reg_or_refusal = pinned(link.grant, reg) if refused is None else refused
+    if isinstance(reg_or_refusal, str):
+        await _refuse(link, reg_or_refusal, msg_id, ErrorCode.NOT_ALLOWED,
+                      CloseCode.BAD_REGISTRATION)
         return None
+    reg = reg_or_refusal
     host = link.host
     entry = new_entry(reg, connection=link.connection, session_id=link.session_id,
                       process=host.process, inbox=host.inbox, address=str(link.socket.peer),

@@ -128,7 +128,8 @@ class RequesterConsumer(BaseSocket):
             requester=self.requester, timeout=request.timeout, key=key,
             owner=self.grant.owner, stream=request.stream,
             priority=min(request.priority, self.grant.max_priority),
-            select=selector(request.select), affinity=request.affinity,
+            select=selector({**request.select, **self.grant.pool_labels}),
+            affinity=request.affinity,
             hedge=request.hedge, traceparent=request.traceparent or "")
         if request.accepted and request.request_id in self.in_flight:
             self._tell_accepted(request.request_id, key)

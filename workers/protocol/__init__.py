@@ -33,7 +33,8 @@ from .envelope import Message, MessageType, batch_messages
 from .errors import ProtocolError
 from .fields import MAX_COMMANDS, MAX_ID_CHARS, MAX_NAME_CHARS, MAX_PROTOCOL_TIMEOUT
 from .ids import new_id, random_id
-from .labels import MAX_LABEL_CHARS, MAX_LABELS, label, parse_labels
+from .labels import (MAX_LABEL_CHARS, MAX_LABELS, POOL_NAME, label, parse_labels,
+                     pool_label)
 from .registration import MAX_JOBS, WORKER_ID, Feature, Registration
 from .schemas import (MAX_PARAMS, MAX_SCHEMA_CHARS, MAX_SCHEMA_REASONS, MAX_SCHEMAS_BYTES,
                       SchemaError, parse_schema, parse_schemas)
@@ -45,13 +46,14 @@ __all__ = [
     "BROKER_UNAVAILABLE", "CANCELLED", "LEASE_EXPIRED", "MAX_BATCH", "MAX_COMMANDS",
     "MAX_ID_CHARS", "MAX_LABELS", "MAX_LABEL_CHARS", "MAX_NAME_CHARS", "MAX_PARAMS",
     "MAX_PROGRESS_MESSAGE", "MAX_PROTOCOL_TIMEOUT", "MAX_SCHEMAS_BYTES", "MAX_SCHEMA_CHARS",
-    "MAX_SCHEMA_REASONS", "NO_WORKERS", "PRIORITIES", "ROUTE_FIELDS", "SHUTTING_DOWN",
+    "MAX_SCHEMA_REASONS", "NO_WORKERS", "POOL_NAME", "PRIORITIES", "ROUTE_FIELDS",
+    "SHUTTING_DOWN",
     "MAX_JOBS", "STDLIB_DECODE_ERRORS", "TIMEOUT", "WORKER_ANSWER_CODES", "WORKER_ID",
     "WORKER_LOST",
     "ApiRequest", "ApiResponse", "Attach", "Cancel", "ChunkBody", "CloseCode", "ErrorCode",
     "Feature", "Message", "MessageType", "ProgressBody", "ProtocolError", "Registration",
     "RequestBody", "ResponseBody", "SchemaError", "batch_frames", "batch_messages", "dumps",
     "event", "label", "loads_frames", "loads_object", "peek", "new_id", "parse_labels",
-    "parse_schema", "parse_schemas", "parse_traceparent", "quote", "random_id",
+    "parse_schema", "pool_label", "parse_schemas", "parse_traceparent", "quote", "random_id",
     "requester_frame",
 ]

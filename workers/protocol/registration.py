@@ -118,7 +118,7 @@ class Registration:
                 and not isinstance(v, bool) and 0 < v <= MAX_PROTOCOL_TIMEOUT
                 for k, v in leases.items()):
             raise ProtocolError("Field 'leases' must map commands of this worker to seconds")
-        labels = parse_labels(data.get("labels"), "labels")
+        labels = parse_labels(data.get("labels"), "labels", claimed=True)
         schemas, dropped = parse_schemas(_field(data, "schemas", dict, {}), commands)
         hedge = _names(data, "hedge", [])
         version = _text(data, "version", MAX_LABEL_CHARS, "") or ""

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError
 
 from dispatch import conf
@@ -13,6 +14,7 @@ from dispatch.auth import create_credential
 from dispatch.control.client import BrokerClient, ControlError, default_base_url
 from dispatch.management.base import table
 from dispatch.models import Credential
+from workers.protocol import label
 
 
 class Command(BaseCommand):
@@ -35,6 +37,20 @@ class Command(BaseCommand):
                             metavar="0-9",
                             help="the highest priority a requester key's requests get; more "
                                  "is served at this (default 9: any)")
+        create.add_argument("--pool", action="append", default=[], metavar="POOL",
+                            dest="pools",
+                            help="tenancy: a worker token's workers serve only keys of this "
+                                 "pool (repeat for several); a requester key is served only "
+                                 "by workers of this pool (one). Without: a worker serves "
+                                 "keys without a pool, and a key reaches every worker")
+        create.add_argument("--label", action="append", default=[], type=label,
+                            metavar="NAME=VALUE", dest="labels",
+                            help="worker tokens: a label its workers carry whatever they say "
+                                 "(repeatable)")
+        create.add_argument("--version", default="", dest="worker_version",
+                            help="worker tokens: the version its workers carry (canaries)")
+        create.add_argument("--max-weight", type=float, default=None,
+                            help="worker tokens: the highest weight its workers get")
         create.add_argument("--yes", action="store_true",
                             help="do not ask before the first credential ends protected mode "
                                  "(asked only when standard input is a terminal)")
@@ -53,12 +69,16 @@ class Command(BaseCommand):
         getattr(self, f"handle_{options['action']}")(**options)
 
     def handle_create(self, kind: str, name: str, commands: str, max_connections: int,
-                      max_priority: int, yes: bool, **_: Any) -> None:
+                      max_priority: int, pools: list[str], labels: list[tuple[str, str]],
+                      worker_version: str, max_weight: float | None, yes: bool,
+                      **_: Any) -> None:
         allowed = [c.strip() for c in commands.split(",") if c.strip()]
         if allowed and kind == "admin":
             raise CommandError("--commands applies to requester keys and worker tokens")
         if max_priority < 9 and kind != "requester":
             raise CommandError("--max-priority applies to requester keys")
+        if pools and kind == "admin":
+            raise CommandError("--pool applies to requester keys and worker tokens")
         if not Credential.objects.exists() and not conf.get("API_TOKEN"):
             self.stderr.write(ending_protected_mode())
             if sys.stdin.isatty() and not yes and input(
@@ -66,19 +86,24 @@ class Command(BaseCommand):
                     "y", "yes"):
                 raise CommandError("Not created: the broker stays in protected mode")
         try:
-            _, token = create_credential(name, kind, allowed, max_connections, max_priority)
+            _, token = create_credential(
+                name, kind, allowed, max_connections, max_priority, pools=pools,
+                labels=dict(labels), version=worker_version, max_weight=max_weight)
         except IntegrityError:
             raise CommandError(f"A credential named '{name}' exists already") from None
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
         self.stderr.write(f"Created {kind} credential '{name}'. Its token is shown once:")
         self.stdout.write(token)
+        if kind == "requester" and not pools and Credential.objects.exclude(pools=[]).exists():
+            self.stderr.write("Note: this key has no --pool, so it reaches every worker, "
+                              "those of every pool too.")
 
     def handle_list(self, **_: Any) -> None:
-        rows = [(c.name, c.kind, "active" if c.active else "revoked", c.key_id, ", ".join(
-            filter(None, [f"commands: {', '.join(c.commands)}" if c.commands else "",
-                          f"max {c.max_connections} connections" if c.max_connections
-                          else "", f"priority <= {c.max_priority}" if c.max_priority < 9
-                          else ""])) or "-") for c in Credential.objects.all()]
-        self.stdout.write(table(("NAME", "KIND", "STATE", "KEY ID", "LIMITS"), rows) if rows
+        rows = [(c.name, c.kind, "active" if c.active else "revoked", c.key_id,
+                 ", ".join(c.pools) or "-", limits(c)) for c in Credential.objects.all()]
+        self.stdout.write(table(("NAME", "KIND", "STATE", "KEY ID", "POOLS", "LIMITS"), rows)
+                          if rows
                           else "No credentials: the broker is in protected mode (loopback "
                                "peers only).")
 
@@ -101,6 +126,17 @@ class Command(BaseCommand):
         left = Credential.objects.count()
         self.stdout.write(f"Deleted '{name}'." + ("" if left else
                           " No credential is left: the broker is in protected mode again."))
+
+
+def limits(c: Credential) -> str:
+    """What a credential may do, in a few words (``-``: anything of its kind)."""
+    return ", ".join(filter(None, [
+        f"commands: {', '.join(c.commands)}" if c.commands else "",
+        f"max {c.max_connections} connections" if c.max_connections else "",
+        f"priority <= {c.max_priority}" if c.max_priority < 9 else "",
+        ", ".join(f"{k}={v}" for k, v in sorted(c.labels.items())),
+        f"version {c.version}" if c.version else "",
+        f"weight <= {c.max_weight:g}" if c.max_weight else ""])) or "-"
 
 
 def ending_protected_mode() -> str:
