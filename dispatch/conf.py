@@ -77,8 +77,12 @@ class BrokerSettings(BaseModel):
     HEDGE_MAX_SHARE: float = _doc(0.1, "share of requests that may be hedged (sent to a "
                                        "second worker when the first is slow)", ge=0, le=1)
     MAX_RETRIES: int = _doc(2, "times a request is re-sent after its worker was lost", ge=0)
-    QUEUE_LIMIT: int = _doc(1000, "requests per process that may wait for a free worker slot",
-                            ge=0)
+    QUEUE_LIMIT: int = _doc(1000, "requests per process that may wait for a free worker slot; "
+                                  "when full, one credential's newcomer makes room by pushing "
+                                  "out the newest of the credential holding the most", ge=0)
+    QUEUE_MAX_WAIT: float = _doc(3600.0, "seconds a request may wait for a free worker slot "
+                                         "before it is answered all_busy (0: its timeout)",
+                                 ge=0)
     HEARTBEAT_INTERVAL: float = _doc(5.0, "seconds between heartbeats, told to workers on "
                                           "connect", gt=0)
     HEARTBEAT_MISSES: int = _doc(3, "heartbeat intervals of silence before a worker is "
@@ -89,9 +93,14 @@ class BrokerSettings(BaseModel):
                                   ge=1024)
     MAX_IN_FLIGHT: int = _doc(1000, "requests one requester connection may have in flight",
                               ge=1)
-    MAX_IN_FLIGHT_BYTES: int = _doc(8 * MiB, "bytes of requests one requester connection may "
-                                             "have in flight; beyond, new ones are refused",
-                                    ge=1024)
+    MAX_IN_FLIGHT_BYTES: int = _doc(32 * MiB, "bytes of requests one requester connection "
+                                              "may have in flight, counted as they cost parsed; "
+                                              "beyond, new ones are refused", ge=1024)
+    MAX_PENDING: int = _doc(10_000, "unanswered requests one credential may have per process, "
+                                    "whatever connections sent them", ge=1)
+    MAX_PENDING_BYTES: int = _doc(256 * MiB, "bytes of unanswered requests one credential may "
+                                             "have per process, counted as they cost parsed",
+                                  ge=1024)
     MAX_UNSENT_BYTES: int = _doc(4 * MiB, "bytes sent to one connection that it has not read "
                                           "yet, at most; beyond, it is closed with 4009",
                                  ge=65536)

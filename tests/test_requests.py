@@ -124,6 +124,40 @@ def test_all_busy_waits_in_a_bounded_queue() -> None:
     assert not table.waiting
 
 
+def test_a_full_queue_is_shared_between_credentials() -> None:
+    """B fills the queue and leaves; A's newcomer pushes out B's newest (answered
+    all_busy, saying why) instead of being refused; B's next newcomer is refused."""
+    table = RequestTable()
+    with override_settings(BROKER={"QUEUE_LIMIT": 3}):
+        bs = [request(f"b{i}", owner="b") for i in range(3)]
+        table.submit(bs[0])
+        table.reserved(bs[0], Reservation(None, True), NOW)  # no free slot: it waits
+        for req in bs[1:]:
+            table.submit(req)  # others wait: no jumping the queue
+        a = request("a1", owner="a")
+        pushed = answer_of(table.submit(a))
+        assert pushed.request_id == "rid-b2" and pushed.code == "all_busy"
+        assert "shared between credentials" in pushed.error
+        assert a.state is State.WAITING and len(table.waiting) == 3
+        late = request("b3", owner="b")  # b holds 2, a 1: b may not push a out
+        assert answer_of(table.submit(late)).request_id == "rid-b3"
+        assert table.take_waiting() == [bs[0], a, bs[1]]  # round-robin by owner
+
+
+def test_what_a_credential_holds_is_counted_until_answered() -> None:
+    table = RequestTable()
+    reqs = [request(f"k{i}", owner="a") for i in range(3)]
+    for req in reqs:
+        req.cost = 100
+        table.submit(req)
+    assert (table.held.requests["a"], table.held.bytes["a"]) == (3, 300)
+    table.unwatch([r.key for r in reqs], reqs[0].watchers[0].sink)  # its connection left
+    assert table.held.requests["a"] == 3  # they go on, and still count
+    for req in reqs:
+        table.expired(req.key)
+    assert not table.held.requests and not table.held.bytes
+
+
 def test_a_lost_worker_means_another_try_then_worker_lost() -> None:
     table = RequestTable()
     req = request()
@@ -196,7 +230,8 @@ def test_registry_down_answers_everything_it_was_reserving() -> None:
     reqs = [request("a"), request("b")]
     for req in reqs:
         table.submit(req)
-    responses = [a.response for a in table.reservation_failed(reqs, "Redis unavailable")]
+    responses = [a.response for a in table.give_up(
+        reqs, "Broker unavailable: Redis unavailable", ErrorCode.BROKER_UNAVAILABLE)]
     assert [r.code for r in responses] == ["broker_unavailable"] * 2
     assert responses[0].error == "Broker unavailable: Redis unavailable"
 

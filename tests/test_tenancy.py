@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -128,3 +129,118 @@ def test_a_changed_credential_sends_its_workers_back_to_take_the_new_rights(
 
     asyncio.run(scenario())
     assert json.dumps(broker.workers_as(admin))  # still listed, once
+
+
+# --------------------------------------------------------------------------- sharing
+
+
+def slow_frame(request_id: str, seconds: float, **extra: object) -> str:
+    return json.dumps({"request_id": request_id, "command": "slow", "accepted": True,
+                       "data": {"seconds": seconds, **extra}}, separators=(",", ":"))
+
+
+def test_a_tenant_that_fills_the_queue_and_leaves_does_not_keep_another_out(
+        broker_factory, spawn_worker) -> None:
+    """B queues more than the queue holds and leaves: A was refused all_busy at once."""
+    broker = broker_factory(env={**FAST_AUTH, "BROKER_QUEUE_LIMIT": "20"})
+    fleet, a_app, b_app, admin = broker.tokens(
+        ["create", "worker", "fleet"], ["create", "requester", "a-app"],
+        ["create", "requester", "b-app"], ["create", "admin", "ops"])
+    broker.wait_credentials(admin)
+    spawn_worker("one-slot", "--token", fleet, "--handlers", "tests.sample_handlers",
+                 "--max-concurrency", "1", wait=False, target=broker)
+    wait_for(lambda: broker.workers_as(admin), 15, "the worker to register")
+    from websockets.sync.client import connect
+
+    with connect(broker.requester_url, additional_headers={
+            "Authorization": f"Bearer {b_app}"}) as b:
+        b.send(slow_frame("b-first", 1.0))
+        for i in range(30):
+            b.send(slow_frame(f"b-{i}", 0.05))
+        codes = [json.loads(b.recv(timeout=10)).get("code") for _ in range(31)]
+    assert codes.count("all_busy") == 10  # 20 queued, then the queue was full
+    started = time.monotonic()
+    with connect(broker.requester_url, additional_headers={
+            "Authorization": f"Bearer {a_app}"}) as a:
+        a.send(json.dumps({"request_id": "a-1", "command": "echo",
+                           "data": {"message": "mine"}}))
+        answer = json.loads(a.recv(timeout=15))
+    assert answer["success"] and answer["data"] == "Echo: mine", answer
+    assert time.monotonic() - started < 10
+
+
+def test_a_credentials_limits_hold_across_its_reconnects(broker_factory, spawn_worker) -> None:
+    """Requests outlive their connection: connect, fill, close, again, used to leave
+    any number pending for one key (160 of 1 MB in 20 rounds)."""
+    broker = broker_factory(env={**FAST_AUTH, "BROKER_MAX_PENDING": "6"})
+    fleet, a_app, b_app, admin = broker.tokens(
+        ["create", "worker", "fleet"], ["create", "requester", "a-app"],
+        ["create", "requester", "b-app"], ["create", "admin", "ops"])
+    broker.wait_credentials(admin)
+    spawn_worker("one-slot", "--token", fleet, "--handlers", "tests.sample_handlers",
+                 "--max-concurrency", "1", wait=False, target=broker)
+    wait_for(lambda: broker.workers_as(admin), 15, "the worker to register")
+    from websockets.sync.client import connect
+
+    outcomes = []
+    for round_ in range(3):
+        with connect(broker.requester_url, additional_headers={
+                "Authorization": f"Bearer {b_app}"}) as b:
+            for i in range(4):
+                b.send(slow_frame(f"b-{round_}-{i}", 20))
+            for _ in range(4):  # accepted, or refused: then it leaves
+                frame = json.loads(b.recv(timeout=10))
+                outcomes.append(frame.get("event") or frame.get("code"))
+    assert outcomes.count("accepted") == 6 and outcomes.count("limit_exceeded") == 6, outcomes
+    with connect(broker.requester_url, additional_headers={
+            "Authorization": f"Bearer {a_app}"}) as a:  # another key is not held back
+        a.send(json.dumps({"request_id": "a-1", "command": "get_time", "accepted": True}))
+        assert json.loads(a.recv(timeout=10)).get("event") == "accepted"
+
+
+def test_what_a_request_costs_parsed_is_what_is_counted(broker_factory, spawn_worker,
+                                                        record_property) -> None:
+    """1 MB of ``{},`` is ~24 MB parsed: counted as text, 8 MB sent added 177 MB."""
+    from tests.test_trust import PeakRss, report
+
+    broker = broker_factory(env={"BROKER_MAX_PENDING_BYTES": str(64 * 2**20)})
+    spawn_worker("one-slot", "--handlers", "tests.sample_handlers", "--max-concurrency", "1",
+                 target=broker)
+    blob = [{}] * 330_000  # 990 KB of JSON text
+    from websockets.sync.client import connect
+
+    rss = PeakRss(broker.proc.pid)
+    codes = []
+    with connect(broker.requester_url, max_size=None) as occupier:
+        occupier.send(slow_frame("busy", 30))
+        assert json.loads(occupier.recv(timeout=10))["event"] == "accepted"
+        for round_ in range(6):  # connect, fill, leave
+            with connect(broker.requester_url) as c:
+                for i in range(3):
+                    c.send(slow_frame(f"{round_}-{i}", 30, blob=blob))
+                codes += [json.loads(c.recv(timeout=20)).get("code") or "queued"
+                          for _ in range(3)]
+    grew = rss.stop()
+    report(record_property, dense_frames=len(codes), queued=codes.count("queued"),
+           rss_growth_mb=round(grew))
+    assert codes.count("queued") == 3, codes  # ~22 MB each as counted; 64 MiB for the key
+    assert set(codes) == {"queued", "limit_exceeded"}, codes
+    assert grew < 150, grew  # 18 frames would have held ~430 MB
+
+
+def test_a_queued_request_waits_at_most_queue_max_wait(broker_factory, spawn_worker) -> None:
+    """Queued requests used to wait as long as their timeout: a day, if they asked."""
+    broker = broker_factory(env={"BROKER_QUEUE_MAX_WAIT": "1"})
+    spawn_worker("one-slot", "--handlers", "tests.sample_handlers", "--max-concurrency", "1",
+                 target=broker)
+    from websockets.sync.client import connect
+
+    with connect(broker.requester_url) as c:
+        c.send(slow_frame("busy", 5))
+        c.send(json.dumps({"request_id": "queued", "command": "slow", "timeout": 86400}))
+        started = time.monotonic()
+        frames = [json.loads(c.recv(timeout=10)) for _ in range(2)]
+        waited = time.monotonic() - started
+    answer = next(f for f in frames if f.get("request_id") == "queued" and "success" in f)
+    assert answer["code"] == "all_busy" and "waited 1 s" in answer["error"], answer
+    assert 0.9 < waited < 4, waited

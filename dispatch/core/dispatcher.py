@@ -181,7 +181,7 @@ class Dispatcher:
                      worker_id: str | None = None, key: str | None = None,
                      owner: str = "", stream: bool = False, priority: int = 0,
                      select: tuple[tuple[str, str], ...] = (), affinity: str | None = None,
-                     hedge: bool = False, traceparent: str = "") -> str:
+                     hedge: bool = False, traceparent: str = "", cost: int = 0) -> str:
         """Start a request; ``sink.answer`` is called exactly once with its answer (and
         ``sink.event`` with its progress and chunks, if ``stream``).
 
@@ -196,7 +196,7 @@ class Dispatcher:
             key, command, data, [Watcher(sink, stream)], request_id, requester,
             opened + (timeout or conf.get("TIMEOUT")), time.time(), opened,
             traceparent=traceparent or "", span=span, target=worker_id, owner=owner,
-            priority=priority, select=select, affinity=affinity, hedge=hedge,
+            priority=priority, select=select, affinity=affinity, hedge=hedge, cost=cost,
             patient_until=self.keeper.patient_until)
         actions = self.table.submit(request)
         if request.state is not State.DONE:  # accepted, not refused at once

@@ -119,6 +119,7 @@ class Request:
     select: tuple[tuple[str, str], ...] = ()  # labels its worker must have
     affinity: str | None = None  # requests with one key go to one worker
     hedge: bool = False  # the requester allows a second copy when the first is slow
+    cost: int = 0  # bytes it holds parsed, charged to its owner (protocol.parsed_size)
     state: State = State.RESERVING
     placements: list[Placement] = field(default_factory=list)  # the workers that have it
     tried: list[str] = field(default_factory=list)  # every worker it was placed on
@@ -164,6 +165,20 @@ class Request:
             if self.hedging is Hedge.RESERVING else self.hung_on
         return Wanted(self.command, self.target, self.select, self.affinity,
                       frozenset(avoid))
+
+    def hedging_on(self, worker: WorkerEntry, hedges: HedgePolicy, now: float
+                   ) -> list[ArmHedge]:
+        """Just placed on ``worker``: whether a copy may go elsewhere when it is slow, and
+        the timer for it (once, at its first placement)."""
+        if self.hedging is not Hedge.SENT:
+            self.hedging = Hedge.ARMED if self.retry_safe and self.target is None \
+                and not self.stream and (self.hedge or self.command in worker.hedge) \
+                else Hedge.OFF
+        if self.hedging is Hedge.ARMED and len(self.tried) == 1:
+            delay = hedges.delay(self.command, conf.get("HEDGE_MAX_SHARE"))
+            if delay is not None and now + delay < self.deadline:
+                return [ArmHedge(self, delay)]
+        return []
 
     def route(self) -> dict[str, Any] | None:
         """What its answer says about how it was routed, when there is something to say."""
@@ -281,6 +296,30 @@ Action = (Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker 
 
 # ---------------------------------------------------------------------------- the table
 
+#: The answer of a request pushed out of a full queue by another credential's.
+QUEUE_SHARED = (f"{protocol.ALL_BUSY}: the queue is full, and places are shared between "
+                "credentials (this one held the most)")
+
+
+class Holdings:
+    """What each credential holds in the table, requests and bytes, whatever connections
+    sent them: its limits hold across reconnects (MAX_PENDING, MAX_PENDING_BYTES)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+
+    def add(self, owner: str, cost: int) -> None:
+        self.requests[owner] += 1
+        self.bytes[owner] += cost
+
+    def remove(self, owner: str, cost: int) -> None:
+        self.requests[owner] -= 1
+        self.bytes[owner] -= cost
+        if not self.requests[owner]:
+            del self.requests[owner], self.bytes[owner]
+
+
 
 @dataclass
 class RequestTable:
@@ -290,6 +329,7 @@ class RequestTable:
     waiting: WaitQueue[Request] = field(default_factory=WaitQueue)
     #: (owner, request_id) -> key: how cancel and attach find a request
     named: dict[tuple[str, str], str] = field(default_factory=dict)
+    held: Holdings = field(default_factory=Holdings)
     stats: Counter[str] = field(default_factory=Counter)
     hedges: HedgePolicy = field(default_factory=HedgePolicy)
     accepting: bool = True
@@ -312,6 +352,7 @@ class RequestTable:
         """Hold ``request`` (submitted, or read back from the job store)."""
         self.requests[request.key] = request
         self.named[(request.owner, request.request_id)] = request.key
+        self.held.add(request.owner, request.cost)
 
     def find(self, owner: str | None, request_id: str) -> list[Request]:
         """The requests of ``owner`` (None: anyone's) with this request id."""
@@ -335,16 +376,8 @@ class RequestTable:
             return [self._answer(request, *unavailable(request, reservation))]
         request.state = State.PLACED
         request.retry_safe = request.command not in worker.no_retry
-        if request.hedging is not Hedge.SENT:
-            request.hedging = Hedge.ARMED if request.retry_safe and request.target is None \
-                and not request.stream and (request.hedge or request.command in worker.hedge) \
-                else Hedge.OFF
         actions: list[Action] = [self._place(request, worker, reservation.why, now)]
-        if request.hedging is Hedge.ARMED and len(request.tried) == 1:
-            delay = self.hedges.delay(request.command, conf.get("HEDGE_MAX_SHARE"))
-            if delay is not None and now + delay < request.deadline:
-                actions.append(ArmHedge(request, delay))
-        return actions
+        return actions + request.hedging_on(worker, self.hedges, now)
 
     def _place(self, request: Request, worker: WorkerEntry, why: str, now: float) -> Forward:
         request.placements.append(Placement(worker.worker_id, worker.connection, worker.inbox))
@@ -388,19 +421,24 @@ class RequestTable:
             request.state = State.WAITING
             self._returning.append(request)
             return []
+        actions: list[Action] = [Wake()]
         if len(self.waiting) + len(self._returning or ()) >= conf.get("QUEUE_LIMIT"):
             self.stats["queue_full"] += 1
-            return [self._answer(request, protocol.ALL_BUSY, ErrorCode.ALL_BUSY)]
+            pushed = self.waiting.make_room(request.owner)
+            if pushed is None:
+                return [self._answer(request, protocol.ALL_BUSY, ErrorCode.ALL_BUSY)]
+            if pushed.state is State.WAITING:  # else answered already: its place was free
+                actions.append(self._answer(pushed, QUEUE_SHARED, ErrorCode.ALL_BUSY))
         request.state = State.WAITING
         request.queued = True
         self.waiting.append(request)
-        return [Wake()]
+        return actions
 
-    def reservation_failed(self, requests: Iterable[Request], reason: str) -> list[Action]:
-        """The registry could not be asked (Redis down): each of them is answered."""
-        return [self._answer(r, f"{protocol.BROKER_UNAVAILABLE}: {reason}",
-                             ErrorCode.BROKER_UNAVAILABLE)
-                for r in requests if r.state is State.RESERVING]
+    def give_up(self, requests: Iterable[Request], error: str, code: ErrorCode
+                ) -> list[Action]:
+        """Answer those of them a pass holds unplaced (the registry cannot be asked, or
+        they waited too long)."""
+        return [self._answer(r, error, code) for r in requests if r.state is State.RESERVING]
 
     def take_waiting(self) -> list[Request]:
         """The queued requests, in the order to serve them, for a pass over the queue.
@@ -575,7 +613,8 @@ class RequestTable:
     def _finish(self, request: Request, response: ApiResponse) -> Answer:
         """The only way out of the table: once per request."""
         response.route = request.route()
-        self.requests.pop(request.key, None)
+        if self.requests.pop(request.key, None) is not None:
+            self.held.remove(request.owner, request.cost)
         name = (request.owner, request.request_id)
         if self.named.get(name) == request.key:
             del self.named[name]

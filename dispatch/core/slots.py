@@ -14,6 +14,10 @@ import logging
 from collections import deque
 from typing import Awaitable, Callable, Iterable
 
+from workers import protocol
+from workers.protocol import ErrorCode
+
+from .. import conf
 from ..balancing import Health, Wanted
 from ..errors import RegistryUnavailable
 from ..loops import Batcher
@@ -54,7 +58,8 @@ class Slots:
             self.table.stats["registry_errors"] += 1
             if not isinstance(exc, RegistryUnavailable):  # a defect: say where
                 log.exception("could not reserve workers for %d request(s)", len(batch))
-            await self._perform(self.table.reservation_failed(batch, str(exc)))
+            await self._perform(self.table.give_up(
+                batch, f"{protocol.BROKER_UNAVAILABLE}: {exc}", ErrorCode.BROKER_UNAVAILABLE))
             return
         now = asyncio.get_running_loop().time()
         for request, reservation in zip(batch, reservations):
@@ -124,8 +129,17 @@ class Slots:
         first of each kind, then the next of each kind that got a slot, and so on. A
         kind whose first finds no slot is not tried further in this pass, so a full
         fleet costs a choice per kind of request, not one per waiting request."""
+        longest = conf.get("QUEUE_MAX_WAIT")
+        if longest:  # a place in the queue is not for ever: others may be waiting for it
+            since = asyncio.get_running_loop().time() - longest
+            await self._perform(self.table.give_up(
+                [r for r in batch if r.opened < since],
+                f"{protocol.ALL_BUSY}: waited {longest:g} s for a free worker "
+                "(QUEUE_MAX_WAIT)", ErrorCode.ALL_BUSY))
         kinds: dict[Wanted, deque[Request]] = {}
         for request in batch:
+            if request.state is not State.RESERVING:
+                continue
             kinds.setdefault(request.wanted(), deque()).append(request)
         while kinds:
             heads = [alike.popleft() for alike in kinds.values()]

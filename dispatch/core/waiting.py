@@ -2,12 +2,15 @@
 
 Highest priority first; within one priority, round-robin between credentials (the
 owner served least lately first), so that one tenant's burst cannot starve the
-others; within one owner, first come first served.
+others; within one owner, first come first served. The places are shared too: when
+the queue is full, a newcomer may push out the newest request of the owner holding
+the most (:meth:`WaitQueue.make_room`), so one tenant that fills the queue and leaves
+does not keep the others out.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import Generic, Protocol, TypeVar
 
 
@@ -28,6 +31,7 @@ class WaitQueue(Generic[Request]):
     def __init__(self) -> None:
         self._levels: dict[int, dict[str, deque[Request]]] = {}
         self._size = 0
+        self._held: Counter[str] = Counter()  # owner -> its requests in the queue
 
     def __len__(self) -> int:
         return self._size
@@ -39,6 +43,25 @@ class WaitQueue(Generic[Request]):
         owners = self._levels.setdefault(request.priority, {})
         owners.setdefault(request.owner, deque()).append(request)
         self._size += 1
+        self._held[request.owner] += 1
+
+    def make_room(self, owner: str) -> Request | None:
+        """The queue is full and ``owner`` has a request for it: take out and return the
+        newest (of the lowest priority) of the owner holding the most, if that owner
+        holds at least two more than ``owner``; None if places are shared fairly."""
+        most, count = max(self._held.items(), key=lambda item: item[1], default=("", 0))
+        if count < self._held[owner] + 2:
+            return None
+        for priority in sorted(self._levels):
+            queue = self._levels[priority].get(most)
+            if queue:
+                pushed = queue.pop()
+                if not queue:
+                    del self._levels[priority][most]
+                self._size -= 1
+                self._held[most] -= 1
+                return pushed
+        return None  # unreachable while _held is true to the queue
 
     def oldest(self) -> float | None:
         """Event-loop time the longest-waiting request arrived (each owner's queue is
@@ -60,6 +83,7 @@ class WaitQueue(Generic[Request]):
                         del owners[owner]
         self._levels.clear()
         self._size = 0
+        self._held.clear()
         return out
 
     def put_front(self, requests: list[Request]) -> None:
@@ -76,3 +100,4 @@ class WaitQueue(Generic[Request]):
                 front.setdefault(owner, deque()).extend(queue)
         self._levels = levels
         self._size += len(requests)
+        self._held.update(r.owner for r in requests)

@@ -76,7 +76,7 @@ class RequesterConsumer(BaseSocket):
         elif isinstance(frame, Attach):
             await self._attach(frame)
         else:
-            await self._submit(frame, len(text))
+            await self._submit(frame, protocol.parsed_size(text))
 
     @property
     def requester(self) -> str:
@@ -101,10 +101,19 @@ class RequesterConsumer(BaseSocket):
                               f"{conf.get('MAX_IN_FLIGHT')})", request.request_id,
                               ErrorCode.LIMIT_EXCEEDED)
             return
+        owner, held = self.grant.owner, self.dispatcher.table.held
+        if held.requests[owner] >= conf.get("MAX_PENDING") or \
+                held.bytes[owner] + size > conf.get("MAX_PENDING_BYTES"):
+            await self.refuse(f"Too many requests pending for this credential (limits "
+                              f"{conf.get('MAX_PENDING')} requests, "
+                              f"{conf.get('MAX_PENDING_BYTES')} bytes, whatever the "
+                              "connections): wait for answers first", request.request_id,
+                              ErrorCode.LIMIT_EXCEEDED)
+            return
         if self.in_flight_bytes + size > conf.get("MAX_IN_FLIGHT_BYTES"):
             await self.refuse(f"Too much data in flight on this connection (limit "
-                              f"{conf.get('MAX_IN_FLIGHT_BYTES')} bytes of requests): wait "
-                              "for answers first", request.request_id, ErrorCode.LIMIT_EXCEEDED)
+                              f"{conf.get('MAX_IN_FLIGHT_BYTES')} bytes of requests as they "
+                              "cost parsed): wait for answers first", request.request_id, ErrorCode.LIMIT_EXCEEDED)
             return
         if request.request_id in self.in_flight:
             await self.refuse(f"Duplicate request_id '{quote(request.request_id)}': a request "
@@ -130,7 +139,7 @@ class RequesterConsumer(BaseSocket):
             priority=min(request.priority, self.grant.max_priority),
             select=selector({**request.select, **self.grant.pool_labels}),
             affinity=request.affinity,
-            hedge=request.hedge, traceparent=request.traceparent or "")
+            hedge=request.hedge, traceparent=request.traceparent or "", cost=size)
         if request.accepted and request.request_id in self.in_flight:
             self._tell_accepted(request.request_id, key)
 

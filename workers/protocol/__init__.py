@@ -25,7 +25,7 @@ from .api import (PRIORITIES, ROUTE_FIELDS, ApiRequest, ApiResponse, Attach, Can
                   requester_frame)
 from .bodies import MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody, ResponseBody
 from .codec import (BATCH_BYTES, MAX_BATCH, STDLIB_DECODE_ERRORS, batch_frames, dumps,
-                    loads_frames, loads_object, peek)
+                    loads_frames, loads_object, parsed_size, peek)
 from .codes import (ALL_BUSY, ANSWER_TOO_LARGE, ANSWERED_ELSEWHERE, BROKER_OVERLOADED,
                     BROKER_UNAVAILABLE, CANCELLED, LEASE_EXPIRED, NO_WORKERS, SHUTTING_DOWN,
                     TIMEOUT, WORKER_ANSWER_CODES, WORKER_LOST, CloseCode, ErrorCode)
@@ -54,6 +54,7 @@ __all__ = [
     "Feature", "Message", "MessageType", "ProgressBody", "ProtocolError", "Registration",
     "RequestBody", "ResponseBody", "SchemaError", "batch_frames", "batch_messages", "dumps",
     "event", "label", "loads_frames", "loads_object", "peek", "new_id", "parse_labels",
+    "parsed_size",
     "parse_schema", "pool_label", "parse_schemas", "parse_traceparent", "quote", "random_id",
     "requester_frame",
 ]
