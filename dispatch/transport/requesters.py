@@ -113,7 +113,8 @@ class RequesterConsumer(BaseSocket):
         if self.in_flight_bytes + size > conf.get("MAX_IN_FLIGHT_BYTES"):
             await self.refuse(f"Too much data in flight on this connection (limit "
                               f"{conf.get('MAX_IN_FLIGHT_BYTES')} bytes of requests as they "
-                              "cost parsed): wait for answers first", request.request_id, ErrorCode.LIMIT_EXCEEDED)
+                              "cost parsed): wait for answers first", request.request_id,
+                              ErrorCode.LIMIT_EXCEEDED)
             return
         if request.request_id in self.in_flight:
             await self.refuse(f"Duplicate request_id '{quote(request.request_id)}': a request "
