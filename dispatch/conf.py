@@ -70,8 +70,8 @@ class BrokerSettings(BaseModel):
     EJECT_SECONDS: float = _doc(30.0, "how long a worker is out the first time; doubled each "
                                       "time again", gt=0)
     EJECT_MAX_SECONDS: float = _doc(300.0, "longest time out of rotation", gt=0)
-    EJECT_MAX_SHARE: float = _doc(0.5, "share of the fleet that may be out of rotation at "
-                                       "once", ge=0, le=1)
+    EJECT_MAX_SHARE: float = _doc(0.5, "share of the workers offering a command that may be "
+                                       "out of rotation at once", ge=0, le=1)
     CANARY: str = _doc("", "canary routing, comma-separated command=version:percent, e.g. "
                            "resize=2.1:10 sends 10% of resize to workers of version 2.1")
     HEDGE_MAX_SHARE: float = _doc(0.1, "share of requests that may be hedged (sent to a "

@@ -183,6 +183,21 @@ async def test_never_more_than_the_max_share_of_the_fleet_is_ejected(
     assert states.count("ejected") == 2 and states[3] == "online"
 
 
+async def test_idle_workers_of_other_commands_make_no_room_for_ejections(
+        registry: Registry, eject_fast: None) -> None:
+    """Issue 24: four idle get_time workers let a requester's faults eject both echo
+    workers (the share counted the whole fleet)."""
+    for name in ("a", "b"):
+        await registry.add(entry(name, max_concurrency=8))
+    for name in ("c", "d", "e", "f"):
+        await registry.add(entry(name, "get_time"))
+    for name in ("a", "b"):
+        await fail(registry, name, 3)
+    states = [(await registry.get(n)).state for n in "ab"]  # type: ignore[union-attr]
+    assert sorted(states) == ["ejected", "online"]
+    assert (await registry.reserve("echo")).worker is not None  # echo is still served
+
+
 async def test_a_selector_matches_labels_and_says_which_matched_nobody(
         registry: Registry) -> None:
     await registry.add(WorkerEntry(worker_id="g", name="g", connection="ch-g",

@@ -180,10 +180,12 @@ class MemoryRegistry(Registry):
             self._eject(entry, now)
 
     def _eject(self, entry: WorkerEntry, now: float) -> None:
-        """Out of rotation, unless that would put too much of the fleet out."""
-        out = sum(1 for w in self._workers.values() if w.ejected_until > now)
+        """Out of rotation, unless that would put too much of the workers offering one
+        of its commands out (idle workers of other commands do not make room)."""
         why = ejection_reason(entry.failures)
-        if out + 1 > conf.get("EJECT_MAX_SHARE") * len(self._workers):
+        share = conf.get("EJECT_MAX_SHARE")
+        if any(sum(w.ejected_until > now for w in self._pools.get(command, ())) + 1
+               > share * len(self._pools.get(command, ())) for command in entry.commands):
             log_ejection(entry.worker_id, entry.failures, None, why)
             return
         entry.eject(now, why)
