@@ -21,6 +21,8 @@ WAVE = 5000
 STALLED_SECONDS = 30.0
 
 
+#: A fleet dials from a few source addresses (as from behind one NAT): no cap per address.
+FLEET_ENV = {"BROKER_MAX_CONNECTIONS_PER_ADDRESS": "0"}
 #: Loopback source addresses (all of 127.0.0.0/8 is loopback), one fleet after another.
 _ADDRESSES = (f"127.0.{b}.{c}" for b in range(1, 255) for c in range(1, 255))
 
@@ -116,7 +118,7 @@ def idle_ladder(workdir: Path, steps: list[int], interval: float, window: float,
     cannot keep up), recording how far it got. ``server``: daphne (runbroker, the
     embedded default) or uvicorn-sansio (the same application on uvicorn).
     """
-    broker_env = {"BROKER_HEARTBEAT_INTERVAL": str(interval), **(env or {})}
+    broker_env = {"BROKER_HEARTBEAT_INTERVAL": str(interval), **FLEET_ENV, **(env or {})}
     system: Ours = (OursDaphne(workdir, broker_env, name=f"{tag}-{interval:g}s")
                     if server == "daphne" else
                     OursAsgi(workdir, "uvicorn", ws="websockets-sansio", env=broker_env))
@@ -225,8 +227,8 @@ def run_reconnect(workdir: Path, n: int, log: Callable[[str], None],
     """``n`` workers connected; restart the broker on the same ports; time the comeback."""
     from bench.common import free_port
 
-    first = OursDaphne(workdir, name="restart-1")
-    second = OursDaphne(workdir, name="restart-2")
+    first = OursDaphne(workdir, FLEET_ENV, name="restart-1")
+    second = OursDaphne(workdir, FLEET_ENV, name="restart-2")
     procs: list[Proc] = []
     try:
         ports = (free_port(), free_port(), free_port())

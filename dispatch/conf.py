@@ -96,6 +96,12 @@ class BrokerSettings(BaseModel):
     MAX_IN_FLIGHT_BYTES: int = _doc(32 * MiB, "bytes of requests one requester connection "
                                               "may have in flight, counted as they cost parsed; "
                                               "beyond, new ones are refused", ge=1024)
+    MAX_CONNECTIONS_PER_ADDRESS: int = _doc(
+        1000, "open connections one source address (an IPv6 /64) may have on all ports; "
+              "more are closed on accept (0: no cap; a trusted proxy is not capped)", ge=0)
+    HEAD_TIMEOUT: float = _doc(10.0, "seconds a connection may take to send its request (or "
+                                     "sit idle between requests) before it is closed; "
+                                     "websockets are past it", gt=0)
     MAX_PENDING: int = _doc(10_000, "unanswered requests one credential may have per process, "
                                     "whatever connections sent them", ge=1)
     MAX_PENDING_BYTES: int = _doc(256 * MiB, "bytes of unanswered requests one credential may "

@@ -1,5 +1,5 @@
-"""daphne's server, with its periodic bookkeeping proportional to what changed and
-its websocket writes sent at once.
+"""daphne's server, with its periodic bookkeeping proportional to what changed,
+its websocket writes sent at once, and a doorman (:mod:`.doorman`) on every port.
 
 daphne looks at every connection once a second (``application_checker``: has its
 application finished, has it disconnected?) and every two seconds again
@@ -29,6 +29,7 @@ from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import reactor, tcp
 
+from .doorman import Doorman
 from .logsafe import LogBudget, quote
 
 log = logging.getLogger("dispatch.server")
@@ -41,7 +42,9 @@ class FleetServer(Server):
     """:class:`daphne.server.Server` for a broker: ``worker_port``'s open websockets
     are left to the broker's own liveness checks."""
 
-    def __init__(self, *args: Any, worker_port: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, worker_port: int, room: int, **kwargs: Any) -> None:
+        #: Who gets a socket (set before daphne's run() builds its factory).
+        self.doorman = Doorman(room)
         super().__init__(*args, **kwargs)
         self.worker_port = worker_port
         #: Connections the next application check looks at.
@@ -49,6 +52,16 @@ class FleetServer(Server):
         #: One entry per endpoint, in the order given: the port it listens on, or why
         #: it could not listen (a string). Filled before ``ready_callable`` is called.
         self.bound: list[int | str] = []
+
+    @property
+    def http_factory(self) -> Any:
+        return self._http_factory
+
+    @http_factory.setter
+    def http_factory(self, factory: Any) -> None:
+        """daphne's factory for every port, with :class:`Doorman` at its door."""
+        factory.buildProtocol = self.doorman.wrap(factory.buildProtocol)
+        self._http_factory = factory
 
     def listen_success(self, port: Any) -> None:
         super().listen_success(port)

@@ -146,7 +146,7 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any],
     from .control.actions import load_action_modules
 
     load_action_modules()
-    raise_open_files()
+    files = raise_open_files()
     quiet_autobahn_debug()
     # Twisted listens with a backlog of 50: a fleet dialling back after a restart
     # overflows it, and every dropped SYN costs its worker a second or more.
@@ -179,6 +179,7 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any],
         application=application,
         endpoints=endpoints,
         worker_port=ports[0],
+        room=max(1, min(files, 1 << 30) - RESERVED_FILES),
         # Frames a little over our own limit still arrive, so the sender gets a clear
         # error; far larger ones are cut off by daphne with close code 1009.
         websocket_max_message_size=4 * limit + 65536,
@@ -201,7 +202,8 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any],
 #: Connections the kernel may hold for each port before daphne accepts them (capped
 #: by net.core.somaxconn).
 LISTEN_BACKLOG = 4096
-#: Open files kept for other uses than worker connections (database, Redis, logs).
+#: Open files never given to connections: the database, Redis and the logs can always
+#: open theirs (:mod:`dispatch.doorman`).
 RESERVED_FILES = 256
 
 

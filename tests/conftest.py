@@ -60,8 +60,9 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
     Brokers of one test share its database (a restarted broker finds its rows)."""
     started: list[Broker] = []
 
-    def make(env: dict[str, str] | None = None, args: list[str] | None = None) -> Broker:
-        broker = Broker(tmp_path, env=env or {}, args=args or [])
+    def make(env: dict[str, str] | None = None, args: list[str] | None = None,
+             open_files: int | None = None) -> Broker:
+        broker = Broker(tmp_path, env=env or {}, args=args or [], open_files=open_files)
         started.append(broker)
         return broker.start()
 

@@ -224,6 +224,8 @@ class Broker:
     proc: subprocess.Popen | None = None
     name: str = field(default_factory=lambda: str(next(_names)))
     log_offset: int = 0
+    #: Its open-files limit (soft and hard), if lower than this process's.
+    open_files: int | None = None
     #: Worker processes started against it (a shared broker stops them after each test).
     children: list[WorkerProc] = field(default_factory=list, repr=False)
 
@@ -258,6 +260,11 @@ class Broker:
         """From now on ``log()`` shows only what the broker writes after this."""
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
+    def _limit_files(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -283,7 +290,9 @@ class Broker:
                "--http-port", str(self.http_port), "--ports-file", str(ports_file), *args]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT,
+                                         preexec_fn=self._limit_files if self.open_files
+                                         else None)
 
         def listening() -> dict[str, int] | None:
             if self.proc is not None and self.proc.poll() is not None:

@@ -50,7 +50,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> FleetServer:
         await gate.wait()
 
     srv = FleetServer(application=application, endpoints=["tcp:port=0"],
-                      worker_port=WORKER_PORT, application_close_timeout=10)
+                      worker_port=WORKER_PORT, room=1000, application_close_timeout=10)
     srv.connections = {}
     srv.gate = gate  # type: ignore[attr-defined]
     return srv
