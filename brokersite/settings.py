@@ -115,7 +115,9 @@ if REDIS:
                        # interval: a dead process's inbox leaves it within minutes, not
                        # channels-redis's default of a day.
                        "group_expiry": int(max(5, 10 * _HEARTBEAT)),
-                       "prefix": _PREFIX + ":asgi"},
+                       "prefix": _PREFIX + ":asgi",
+                       # msgpack, and integers beyond 64 bits (dispatch.redis.layer).
+                       "serializer_format": "dispatch"},
         }
     }
 else:

@@ -69,7 +69,11 @@ def test_worker_on_one_process_serves_requesters_and_commands_on_another(
     worker = start_worker(workers_started, a, "on-a")
     with SyncRequester(b.requester_url) as r:
         answer = r.request("echo", {"message": "across"})
-    assert answer.success and answer.data == "Echo: across"
+        assert answer.success and answer.data == "Echo: across"
+        # Integers beyond 64 bits cross processes exact (the broker keeps them as text).
+        huge = [10**30, -(10**40), int("9" * 4300)]
+        answer = r.request("echo", {"message": huge})
+    assert answer.success and answer.data == f"Echo: {huge}", answer.error
     [info] = b.workers()  # b sees the worker a holds, and says which process holds it
     assert info["name"] == "on-a" and info["process"] == a.get("/healthz")["process"]
     listing, sent, cast = b.manage_many(

@@ -388,3 +388,18 @@ def test_peek_reads_an_id_near_the_start_of_a_frame_too_large_to_parse() -> None
     late = '{"data": "' + "y" * 10_000 + '", "request_id": "r2"}'
     assert peek(late, "request_id") is None  # not searched for beyond the start
     assert peek('{"request_id": 7}', "request_id") is None
+
+
+def test_a_relay_keeps_integers_beyond_64_bits_as_they_came() -> None:
+    """The broker passes huge integers on: converting 4,300 digits to an int and back
+    costs quadratic time, so it keeps their text (and writes it back with orjson)."""
+    import orjson
+
+    from workers.protocol import dumps_fast, loads_object, relayed
+
+    text = '{"n":[' + ",".join(["9" * 4300] * 230 + ["12345678901234567890123", "-5"]) + "]}"
+    kept = relayed(loads_object, text)
+    assert isinstance(kept["n"][0], orjson.Fragment) and kept["n"][-1] == -5
+    assert dumps_fast(kept) == text  # written back exactly, by orjson
+    exact = loads_object(text)  # a worker computes on them: real integers
+    assert exact["n"][-2] == 12345678901234567890123 and exact["n"][-1] == -5

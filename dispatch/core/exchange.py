@@ -128,6 +128,12 @@ class Exchange:
                 raise LayerFull("channel full") from exc
             except inbox.OUTAGE as exc:
                 raise LayerUnavailable(str(exc)) from exc
+            except (TypeError, ValueError, OverflowError) as exc:  # one cannot be written
+                if len(batch) > 1:  # the others go on without it
+                    await asyncio.gather(*(self._send_one(to, [e]) for e in batch))
+                    return
+                log.exception("could not write a %s event for %s", batch[0].TYPE, to)
+                raise LayerUnavailable(f"could not write it: {exc}") from exc
         except LayerUnavailable as exc:
             full = isinstance(exc, LayerFull)
             self.stats["channel_full" if full else "layer_errors"] += 1

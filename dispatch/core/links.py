@@ -161,14 +161,16 @@ class WorkerLink:
 
     async def assign(self, forward: Forward) -> None:
         """Hand one forwarded request to the worker (from the layer or in-process)."""
+        frame = Message.request(forward.command, forward.data, msg_id=forward.key,
+                                time_left=forward.timeout, stream=forward.stream,
+                                traceparent=forward.traceparent or None).envelope()
+        # Huge integers take the stdlib's quadratic path: written beside the loop.
+        text = protocol.dumps_fast(frame) or await asyncio.to_thread(protocol.dumps, frame)
         if self.state is not LinkState.REGISTERED:
             await self.host.deliver(forward.reply_to, Lost(
                 forward.key, self.entry.worker_id if self.entry else "", "connection closed"))
             return
         now = time.monotonic()
-        text = Message.request(forward.command, forward.data, msg_id=forward.key,
-                               time_left=forward.timeout, stream=forward.stream,
-                               traceparent=forward.traceparent or None).to_json()
         self.held.take_on(forward, len(text), self.entry.leases.get(  # type: ignore[union-attr]
             forward.command), now)
         if Feature.BATCH in self.features and len(self.held) > 1:

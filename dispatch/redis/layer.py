@@ -16,17 +16,25 @@ is handed over; see :meth:`RedisChannelLayer.receive_single`).
 Same keys, same data structures, same guarantees (capacity, expiry, the backup that
 protects a message from a cancelled receive): processes using this layer and ones
 using channels-redis's own can share a Redis.
+
+Messages are msgpack, as channels-redis's, plus what msgpack cannot carry and a
+request may hold: integers beyond 64 bits, and the ones the broker keeps as they came
+(:func:`workers.protocol.relayed`), as extension types (:class:`Serializer`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
 
+import msgpack
+import orjson
 from channels.exceptions import ChannelFull
 from channels_redis import core
+from channels_redis.serializers import BaseMessageSerializer, registry
 
 from . import scripts
 
@@ -38,6 +46,37 @@ _SEND = scripts.load("send")
 RECEIVE_BATCH = 256
 
 _POP = scripts.load("pop")
+
+#: msgpack extension types: an integer beyond 64 bits (its digits), and JSON kept as
+#: it came (an orjson Fragment).
+BIG_INT, VERBATIM = 1, 2
+
+
+def _pack(value: Any) -> msgpack.ExtType:
+    if isinstance(value, int):
+        return msgpack.ExtType(BIG_INT, str(value).encode())
+    if isinstance(value, orjson.Fragment):
+        return msgpack.ExtType(VERBATIM, orjson.dumps(value))
+    raise TypeError(f"cannot pass a {type(value).__name__} between broker processes")
+
+
+def _unpack(code: int, data: bytes) -> Any:
+    if code == BIG_INT:
+        return int(data)
+    if code == VERBATIM:
+        return orjson.Fragment(data)
+    return msgpack.ExtType(code, data)
+
+
+class Serializer(BaseMessageSerializer):
+    """channels-redis's msgpack, with :data:`BIG_INT` and :data:`VERBATIM` (settings:
+    ``serializer_format``); what msgpack carries itself is written as before."""
+
+    as_bytes = staticmethod(functools.partial(msgpack.packb, default=_pack))
+    from_bytes = staticmethod(functools.partial(msgpack.unpackb, ext_hook=_unpack))
+
+
+registry.register_serializer("dispatch", Serializer)
 
 
 class RedisChannelLayer(core.RedisChannelLayer):

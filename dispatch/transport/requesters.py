@@ -67,7 +67,7 @@ class RequesterConsumer(BaseSocket):
 
     async def receive_text(self, text: str) -> None:
         try:
-            frame = requester_frame(text)
+            frame = await self.parse(requester_frame, text)
         except ProtocolError as exc:
             await self.refuse(str(exc), exc.request_id)
             return

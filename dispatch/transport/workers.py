@@ -69,7 +69,7 @@ class WorkerConsumer(BaseSocket):
         link.heard()
         if text[:1] == "[" and Feature.BATCH in link.features:
             try:
-                frames = protocol.loads_frames(text)
+                frames = await self.parse(protocol.loads_frames, text)
             except ProtocolError as exc:
                 await self.refuse(str(exc))
                 return
@@ -85,7 +85,9 @@ class WorkerConsumer(BaseSocket):
                     await self.handle(link, parsed)
             return
         try:
-            msg = Message.from_json(text)
+            # The broker's own commands (a worker's request) compute on their numbers.
+            msg = await self.parse(Message.from_json, text, relay=protocol.peek(
+                text, "type") != MessageType.REQUEST.value)
         except ProtocolError as exc:
             await self.refuse(str(exc))
             return

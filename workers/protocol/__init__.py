@@ -25,7 +25,7 @@ from .api import (PRIORITIES, ROUTE_FIELDS, ApiRequest, ApiResponse, Attach, Can
                   requester_frame)
 from .bodies import MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody, ResponseBody
 from .codec import (BATCH_BYTES, MAX_BATCH, STDLIB_DECODE_ERRORS, batch_frames, dumps,
-                    loads_frames, loads_object, parsed_size, peek)
+                    dumps_fast, loads_frames, loads_object, parsed_size, peek, relayed)
 from .codes import (ALL_BUSY, ANSWER_TOO_LARGE, ANSWERED_ELSEWHERE, BROKER_OVERLOADED,
                     BROKER_UNAVAILABLE, CANCELLED, LEASE_EXPIRED, NO_WORKERS, SHUTTING_DOWN,
                     TIMEOUT, WORKER_ANSWER_CODES, WORKER_LOST, CloseCode, ErrorCode)
@@ -53,8 +53,9 @@ __all__ = [
     "ApiRequest", "ApiResponse", "Attach", "Cancel", "ChunkBody", "CloseCode", "ErrorCode",
     "Feature", "Message", "MessageType", "ProgressBody", "ProtocolError", "Registration",
     "RequestBody", "ResponseBody", "SchemaError", "batch_frames", "batch_messages", "dumps",
+    "dumps_fast",
     "event", "label", "loads_frames", "loads_object", "peek", "new_id", "parse_labels",
-    "parsed_size",
+    "parsed_size", "relayed",
     "parse_schema", "pool_label", "parse_schemas", "parse_traceparent", "quote", "random_id",
     "requester_frame",
 ]

@@ -49,8 +49,12 @@ class Message:
     timestamp: float = field(default_factory=time.time)
 
     def to_json(self) -> str:
-        return dumps({"type": self.type, "msg_id": self.msg_id,
-                      "timestamp": self.timestamp, "data": self.data})
+        return dumps(self.envelope())
+
+    def envelope(self) -> dict[str, Any]:
+        """The frame as the JSON object it is written as."""
+        return {"type": self.type, "msg_id": self.msg_id, "timestamp": self.timestamp,
+                "data": self.data}
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Message:
