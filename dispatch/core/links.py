@@ -160,11 +160,10 @@ class WorkerLink:
     # ------------------------------------------------------------------ requests
 
     async def assign(self, forward: Forward) -> None:
-        """Hand one forwarded request to the worker (from the layer or in-process)."""
+        """Hand one forwarded request to the worker (written beside the loop if slow)."""
         frame = Message.request(forward.command, forward.data, msg_id=forward.key,
                                 time_left=forward.timeout, stream=forward.stream,
                                 traceparent=forward.traceparent or None).envelope()
-        # Huge integers take the stdlib's quadratic path: written beside the loop.
         text = protocol.dumps_fast(frame) or await asyncio.to_thread(protocol.dumps, frame)
         if self.state is not LinkState.REGISTERED:
             await self.host.deliver(forward.reply_to, Lost(

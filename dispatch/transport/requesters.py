@@ -25,7 +25,7 @@ from .. import conf
 from ..balancing import selector
 from ..core.dispatcher import Dispatcher, get_dispatcher
 from ..core.metering import meter
-from .sockets import BaseSocket
+from .sockets import BaseSocket, parse
 
 Ack = Callable[[], Awaitable[None]]
 #: How often a socket with chunks waiting to be acknowledged looks whether its peer
@@ -67,7 +67,7 @@ class RequesterConsumer(BaseSocket):
 
     async def receive_text(self, text: str) -> None:
         try:
-            frame = await self.parse(requester_frame, text)
+            frame = await parse(requester_frame, text)
         except ProtocolError as exc:
             await self.refuse(str(exc), exc.request_id)
             return

@@ -29,8 +29,20 @@ from ..logsafe import LogBudget
 from .sendbuffer import Probe, probe_for
 
 T = TypeVar("T")
-#: Frames at least this long are parsed beside the event loop (:meth:`BaseSocket.parse`).
+#: Frames at least this long are parsed beside the event loop (:func:`parse`).
 OFF_LOOP_CHARS = 64 * 1024
+
+
+async def parse(parse: Callable[[str], T], text: str, relay: bool = True) -> T:
+    """``parse(text)``, by default as a relay does (integers beyond 64 bits kept as they
+    came: :func:`~workers.protocol.relayed`); on the loop for a small frame, beside it
+    for a big one (a megabyte of dense JSON takes ~20 ms). A socket's next frame waits
+    for it: one peer holds one thread at most, and the loop goes on serving the others."""
+    if relay:
+        parse = functools.partial(relayed, parse)
+    if len(text) < OFF_LOOP_CHARS:
+        return parse(text)
+    return await asyncio.to_thread(parse, text)
 
 log = logging.getLogger("dispatch.sockets")
 
@@ -225,17 +237,6 @@ class BaseSocket(AsyncWebsocketConsumer):
     async def receive_text(self, text: str) -> None:
         raise NotImplementedError
 
-    async def parse(self, parse: Callable[[str], T], text: str, relay: bool = True) -> T:
-        """``parse(text)``, by default as a relay does (integers beyond 64 bits kept as
-        they came: :func:`~workers.protocol.relayed`); on the loop for a small frame,
-        beside it for a big one (a megabyte of dense JSON takes ~20 ms). This
-        connection's next frame waits for it: one peer holds one thread at most, and
-        the loop goes on serving the others."""
-        if relay:
-            parse = functools.partial(relayed, parse)
-        if len(text) < OFF_LOOP_CHARS:
-            return parse(text)
-        return await asyncio.to_thread(parse, text)
 
     async def too_large(self, text: str, size: int, limit: int) -> None:
         """A frame over MAX_MESSAGE_BYTES (daphne passes up to 4x that): refused.

@@ -25,7 +25,7 @@ from ..core.links import WorkerLink
 from ..core.metering import meter
 from ..history import get_recorder
 from ..registry import RegistryUnavailable
-from .sockets import BaseSocket, SocketState
+from .sockets import BaseSocket, SocketState, parse
 
 log = logging.getLogger("dispatch.sockets")
 
@@ -69,7 +69,7 @@ class WorkerConsumer(BaseSocket):
         link.heard()
         if text[:1] == "[" and Feature.BATCH in link.features:
             try:
-                frames = await self.parse(protocol.loads_frames, text)
+                frames = await parse(protocol.loads_frames, text)
             except ProtocolError as exc:
                 await self.refuse(str(exc))
                 return
@@ -86,7 +86,7 @@ class WorkerConsumer(BaseSocket):
             return
         try:
             # The broker's own commands (a worker's request) compute on their numbers.
-            msg = await self.parse(Message.from_json, text, relay=protocol.peek(
+            msg = await parse(Message.from_json, text, relay=protocol.peek(
                 text, "type") != MessageType.REQUEST.value)
         except ProtocolError as exc:
             await self.refuse(str(exc))
