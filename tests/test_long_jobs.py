@@ -452,3 +452,37 @@ async def test_an_old_protocol_worker_serves_unchanged_and_survives_a_cancel(
             await until(lambda: in_flight(broker) == 0, 5, "its slot back when it answered")
             assert await requester.call("echo", message="again") == "Echo: again"
         serving.cancel()
+
+
+def test_a_worker_that_ignores_the_chunk_window_fails_its_request_not_its_requester(
+        broker_factory) -> None:
+    """Issue 24: a worker that sends chunks without waiting for their acknowledgement
+    was not slowed; its requester, reading slower, was cut off (4009) instead."""
+    import json
+
+    from websockets.sync.client import connect
+
+    from tests.rawws import RawClient
+    from workers.protocol import Message, Registration
+
+    broker = broker_factory(env={"BROKER_HEARTBEAT_INTERVAL": "10"})  # a raw worker: no beats
+    requester = RawClient(broker.host, broker.requester_port, rcvbuf=65536, timeout=10)
+    with connect(broker.worker_url) as worker:
+        worker.send(Message("connect", Registration("firehose", "firehose",
+                                                    ["stream"]).to_data()).to_json())
+        assert json.loads(worker.recv(timeout=5))["type"] == "connect"
+        requester.send_text(json.dumps({"request_id": "r", "command": "stream",
+                                        "stream": True}))
+        request = Message.from_json(worker.recv(timeout=5))
+        # 16 MB while the requester does not read: past 2 MB unread its acks are held.
+        for seq in range(40):
+            worker.send(Message.chunk(request.msg_id, seq, "x" * 400_000).to_json())
+        frames = []
+        while True:  # now it reads: the chunks passed on, then the answer
+            frame = json.loads(requester.recv().text)
+            frames.append(frame)
+            if "success" in frame:
+                break
+    requester.sock.close()
+    assert frame["code"] == "worker_error" and "without waiting" in frame["error"], frame
+    assert len(frames) - 1 < 30  # chunks passed on before it failed, of the 40 sent

@@ -24,11 +24,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .protocol import Message
-
-#: Chunks a job may have sent and not yet seen acknowledged: beyond, it waits. What a
-#: slow requester does not read cannot pile up anywhere but in this window.
-CHUNK_WINDOW = 8
+from .protocol import CHUNK_WINDOW, Message
 #: Progress frames of one job are sent at most this often (the newest wins).
 PROGRESS_EVERY = 0.05
 

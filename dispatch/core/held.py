@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import Iterator
 
+from workers.protocol import CHUNK_WINDOW
+
 from ..balancing import Health
 from .events import Adopt, Forward
 
@@ -27,9 +29,17 @@ class Assignment:
     lease: float | None = None  # seconds within which it must show life
     last_life: float = 0.0  # time.monotonic() of its last progress, chunk or start
     cancelled: float | None = None  # when the worker was told to stop it
+    unacked: int = 0  # chunks passed on and not yet acknowledged to the worker
     #: What its slot's release will say about the worker, once it is cancelled: no
     #: verdict for a requester's cancel, a fault for a lease that ran out.
     verdict: Health = Health.UNKNOWN
+
+
+    def chunk_passed(self) -> bool:
+        """One more chunk passed on; False when its worker ignores the window (it may
+        have CHUNK_WINDOW unacknowledged: twice as many leaves no doubt)."""
+        self.unacked += 1
+        return self.unacked <= 2 * CHUNK_WINDOW
 
 
 class Due(enum.Enum):

@@ -87,6 +87,11 @@ class LinkHost(Protocol):
 UNMEANT_ERRORS = frozenset({None, ErrorCode.HANDLER_FAILED.value, ErrorCode.WORKER_ERROR.value})
 
 
+#: Why a request whose worker sends chunks without waiting for acknowledgements fails.
+WINDOW_IGNORED = (f"The worker sent over {2 * protocol.CHUNK_WINDOW} chunks without "
+                  "waiting for their acknowledgement")
+
+
 class LinkState(enum.Enum):
     """A worker connection's life."""
 
@@ -105,8 +110,7 @@ class WorkerLink:
         self.grant = grant
         self.recorder = recorder
         self.session_id = protocol.random_id(16)
-        #: Names this connection in the registry and in its process.
-        self.connection = f"worker.{self.session_id}"
+        self.connection = f"worker.{self.session_id}"  # its name in registry and process
         self.state = LinkState.CONNECTED
         self.entry: WorkerEntry | None = None
         self.held = Held()
@@ -208,21 +212,18 @@ class WorkerLink:
             body.request_id, self.entry.worker_id, body.success, body.data, body.error,
             latency_ms, None if body.success else ErrorCode.from_worker(body.code).value))
 
-    async def answer_too_large(self, request_id: str, msg_id: str | None, size: int,
-                               limit: int) -> bool:
-        """An answer too large to pass on fails its request now, and frees the slot;
-        False if the worker does not hold that request (the frame is refused as such)."""
+    async def fail(self, request_id: str, msg_id: str | None, error: str,
+                   code: ErrorCode) -> bool:
+        """Fail a held request for an answer too large or chunks past the window; no
+        verdict on the worker (requesters must not eject). False: not held."""
         assignment = self.held.take(request_id)
         if assignment is None or self.entry is None:
             return False
-        error = f"{protocol.ANSWER_TOO_LARGE}: {size} bytes > limit {limit}"
-        # No verdict: the request chose its answer's size too (requesters must not eject)
         await self._release(None, Health.UNKNOWN)
         await self.host.deliver(assignment.reply_to, Reply(
             request_id, self.entry.worker_id, False, None, error,
-            (time.monotonic() - assignment.started) * 1000, ErrorCode.TOO_LARGE.value))
-        await self.socket.refuse(f"{error}: request {quote(request_id)} failed; send "
-                                 "smaller answers", msg_id, ErrorCode.TOO_LARGE)
+            (time.monotonic() - assignment.started) * 1000, code.value))
+        await self.socket.refuse(f"{error}: request {quote(request_id)} failed", msg_id, code)
         return True
 
     def _alive(self, request_id: str) -> Assignment | None:
@@ -244,10 +245,14 @@ class WorkerLink:
     async def chunk(self, body: ChunkBody) -> None:
         """One partial result: passed on to the request's process, which acks it."""
         assignment = self._alive(body.request_id)
-        if assignment is not None:
-            await self.host.deliver(assignment.reply_to, Chunk(
-                body.request_id, self.entry.worker_id, body.seq, body.data,  # type: ignore
-                self.host.inbox, self.connection))
+        if assignment is None:
+            return
+        if not assignment.chunk_passed():
+            await self.fail(body.request_id, None, WINDOW_IGNORED, ErrorCode.WORKER_ERROR)
+            return
+        await self.host.deliver(assignment.reply_to, Chunk(
+            body.request_id, self.entry.worker_id, body.seq, body.data,  # type: ignore
+            self.host.inbox, self.connection))
 
     async def adopt(self, adopt: Adopt) -> bool:
         """Another process took over a request this worker runs: hold it for that one
@@ -262,7 +267,8 @@ class WorkerLink:
         return True
 
     async def chunk_acked(self, key: str, seq: int) -> None:
-        if key in self.held:
+        if (assignment := self.held.get(key)) is not None:
+            assignment.unacked -= 1
             await self.socket.send_frame(Message.chunk_ack(key, seq))
 
     async def cancel(self, key: str, reason: str) -> None:
@@ -390,10 +396,9 @@ class WorkerLink:
 
     async def leave(self, reason: str, retry_after: float | None = None) -> None:
         """The broker is going away: tell the worker (and when to come back), then close."""
-        data: dict[str, Any] = {"reason": reason}
-        if retry_after is not None:
-            data["retry_after"] = retry_after
-        await self.socket.send_frame(Message(MessageType.DISCONNECT.value, data))
+        later = {} if retry_after is None else {"retry_after": retry_after}
+        await self.socket.send_frame(Message(MessageType.DISCONNECT.value,
+                                             {"reason": reason, **later}))
         await self.close(CloseCode.SHUTTING_DOWN, reason, departure=Departure.SENT_AWAY)
 
 

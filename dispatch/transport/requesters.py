@@ -44,7 +44,8 @@ class RequesterConsumer(BaseSocket):
         self.in_flight: dict[str, tuple[str, int]] = {}  # request_id -> (key, frame size)
         self.in_flight_bytes = 0
         self.watching: set[str] = set()  # request ids attached to (not sent from here)
-        self.held_acks: list[Ack] = []  # chunk acks waiting for the peer to read
+        self.held_acks: list[tuple[Ack, int]] = []  # chunk acks waiting for the peer to read
+        self.held_ack_bytes = 0  # and the size of those chunks
         self._telling: set[asyncio.Task[None]] = set()  # accepted events to come
         self._acker: asyncio.Task[None] | None = None
         if await self.admit() and self.dispatcher.handing_over:
@@ -207,16 +208,23 @@ class RequesterConsumer(BaseSocket):
 
     async def event(self, request_id: str, text: str, *, ack: Ack | None = None,
                     mergeable: bool = False) -> None:
-        """A progress (``mergeable``) or chunk event of a request that asked for them."""
+        """A progress (``mergeable``) or chunk event of a request that asked for them. A
+        chunk is acknowledged once this peer has room; until then its worker waits (at
+        most CHUNK_WINDOW chunks: one that does not wait has its request failed), and
+        the chunk counts beside MAX_UNSENT_BYTES (:meth:`unsent_allowance`)."""
+        hold = ack is not None and (bool(self.held_acks) or not self._has_room())
+        if hold:
+            self.held_acks.append((ack, len(text)))  # type: ignore[arg-type]
+            self.held_ack_bytes += len(text)
+            if self._acker is None:
+                self._acker = asyncio.get_running_loop().create_task(self._release_acks())
         await self.send_text(text, merge_key=request_id if mergeable else None)
-        if ack is None:
-            return
-        if self._has_room() and not self.held_acks:
+        if ack is not None and not hold:
             await ack()
-            return
-        self.held_acks.append(ack)
-        if self._acker is None:
-            self._acker = asyncio.get_running_loop().create_task(self._release_acks())
+
+    def unsent_allowance(self) -> int:
+        """Chunks whose workers wait for this peer to read may wait unread too."""
+        return conf.get("MAX_UNSENT_BYTES") + self.held_ack_bytes
 
     def _has_room(self) -> bool:
         return self.probe.unsent() + self.outbox_bytes < conf.get("MAX_UNSENT_BYTES") // 2
@@ -228,7 +236,8 @@ class RequesterConsumer(BaseSocket):
                 while not self._has_room():
                     await asyncio.sleep(ACK_POLL_SECONDS)
                 acks, self.held_acks = self.held_acks, []
-                for ack in acks:
+                for ack, size in acks:
+                    self.held_ack_bytes -= size
                     await ack()
         finally:
             self._acker = None

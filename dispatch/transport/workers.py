@@ -127,7 +127,8 @@ class WorkerConsumer(BaseSocket):
         msg_id, request_id = protocol.peek(text, "msg_id"), protocol.peek(text, "request_id")
         if protocol.peek(text, "type") == MessageType.RESPONSE.value and request_id and \
                 self.link is not None and self.link.entry is not None and \
-                await self.link.answer_too_large(request_id, msg_id, size, limit):
+                await self.link.fail(request_id, msg_id, f"{protocol.ANSWER_TOO_LARGE}: "
+                                     f"{size} bytes > limit {limit}", ErrorCode.TOO_LARGE):
             return
         await self.refuse(f"Message too large: {size} bytes (limit {limit})", msg_id,
                           ErrorCode.TOO_LARGE)

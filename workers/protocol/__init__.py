@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .api import (PRIORITIES, ROUTE_FIELDS, ApiRequest, ApiResponse, Attach, Cancel, event,
                   requester_frame)
-from .bodies import MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody, ResponseBody
+from .bodies import CHUNK_WINDOW, MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody, ResponseBody
 from .codec import (BATCH_BYTES, MAX_BATCH, STDLIB_DECODE_ERRORS, batch_frames, dumps,
                     dumps_fast, loads_frames, loads_object, parsed_size, peek, relayed)
 from .codes import (ALL_BUSY, ANSWER_TOO_LARGE, ANSWERED_ELSEWHERE, BROKER_OVERLOADED,
@@ -43,7 +43,7 @@ from .traceparent import parse_traceparent
 
 __all__ = [
     "ALL_BUSY", "ANSWERED_ELSEWHERE", "ANSWER_TOO_LARGE", "BATCH_BYTES", "BROKER_OVERLOADED",
-    "BROKER_UNAVAILABLE", "CANCELLED", "LEASE_EXPIRED", "MAX_BATCH", "MAX_COMMANDS",
+    "BROKER_UNAVAILABLE", "CANCELLED", "CHUNK_WINDOW", "LEASE_EXPIRED", "MAX_BATCH", "MAX_COMMANDS",
     "MAX_ID_CHARS", "MAX_LABELS", "MAX_LABEL_CHARS", "MAX_NAME_CHARS", "MAX_PARAMS",
     "MAX_PROGRESS_MESSAGE", "MAX_PROTOCOL_TIMEOUT", "MAX_SCHEMAS_BYTES", "MAX_SCHEMA_CHARS",
     "MAX_SCHEMA_REASONS", "NO_WORKERS", "POOL_NAME", "PRIORITIES", "ROUTE_FIELDS",

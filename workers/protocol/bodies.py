@@ -85,6 +85,12 @@ class ProgressBody:
                    _text(d, "message", MAX_PROGRESS_MESSAGE, None))
 
 
+#: Chunks a job may have sent and not yet seen acknowledged: beyond, it waits. What a
+#: slow requester does not read cannot pile up anywhere but in this window (a worker
+#: that sends twice as many has its request failed).
+CHUNK_WINDOW = 8
+
+
 @dataclass(slots=True)
 class ChunkBody:
     """The ``data`` of a ``chunk`` or ``chunk_ack`` frame (the latter without data)."""
