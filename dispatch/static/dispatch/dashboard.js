@@ -24,6 +24,13 @@ function connect() {
   };
 }
 
+function hangUp() {
+  const waiting = socket;
+  socket = null;
+  waiting.onclose = null;
+  waiting.close();
+}
+
 function status(text, on) {
   $("status").textContent = text;
   $("status").className = "pill " + (on ? "on" : "off");
@@ -35,6 +42,7 @@ function receive(msg) {
       socket.send(JSON.stringify({type: "auth", key}));
     } else {
       showAuth("");
+      hangUp();  // no socket waits while the key is typed: a flood cannot push it out
     }
   } else if (msg.type === "snapshot") {
     retry = 500;
