@@ -403,3 +403,14 @@ def test_a_relay_keeps_integers_beyond_64_bits_as_they_came() -> None:
     assert dumps_fast(kept) == text  # written back exactly, by orjson
     exact = loads_object(text)  # a worker computes on them: real integers
     assert exact["n"][-2] == 12345678901234567890123 and exact["n"][-1] == -5
+
+
+def test_ids_are_unique_and_do_not_count() -> None:
+    """A worker sees the ids of the requests it serves: a counter told it how many
+    requests the broker handled for others in between."""
+    from workers.protocol import new_id
+
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    gaps = {int(b[16:], 16) - int(a[16:], 16) for a, b in zip(ids, ids[1:])}
+    assert len(gaps) > 9_000  # consecutive ids: no constant step (it was 1)
