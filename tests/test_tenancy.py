@@ -193,6 +193,10 @@ def test_a_credentials_limits_hold_across_its_reconnects(broker_factory, spawn_w
                 outcomes.append(frame.get("event") or frame.get("code"))
     assert outcomes.count("accepted") == 6 and outcomes.count("limit_exceeded") == 6, outcomes
     with connect(broker.requester_url, additional_headers={
+            "Authorization": f"Bearer {b_app}"}) as b:  # one sent again: the same job
+        b.send(slow_frame("b-0-0", 20))
+        assert json.loads(b.recv(timeout=10)).get("event") == "accepted"
+    with connect(broker.requester_url, additional_headers={
             "Authorization": f"Bearer {a_app}"}) as a:  # another key is not held back
         a.send(json.dumps({"request_id": "a-1", "command": "get_time", "accepted": True}))
         assert json.loads(a.recv(timeout=10)).get("event") == "accepted"

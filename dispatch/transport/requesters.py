@@ -102,15 +102,6 @@ class RequesterConsumer(BaseSocket):
                               f"{conf.get('MAX_IN_FLIGHT')})", request.request_id,
                               ErrorCode.LIMIT_EXCEEDED)
             return
-        owner, held = self.grant.owner, self.dispatcher.table.held
-        if held.requests[owner] >= conf.get("MAX_PENDING") or \
-                held.bytes[owner] + size > conf.get("MAX_PENDING_BYTES"):
-            await self.refuse(f"Too many requests pending for this credential (limits "
-                              f"{conf.get('MAX_PENDING')} requests, "
-                              f"{conf.get('MAX_PENDING_BYTES')} bytes, whatever the "
-                              "connections): wait for answers first", request.request_id,
-                              ErrorCode.LIMIT_EXCEEDED)
-            return
         if self.in_flight_bytes + size > conf.get("MAX_IN_FLIGHT_BYTES"):
             await self.refuse(f"Too much data in flight on this connection (limit "
                               f"{conf.get('MAX_IN_FLIGHT_BYTES')} bytes of requests as they "
@@ -131,6 +122,15 @@ class RequesterConsumer(BaseSocket):
                 await self.send_text(protocol.event(request.request_id, "accepted"))
             return
         self.watching.discard(request.request_id)
+        held = self.dispatcher.table.held  # a new job (not one sent again): it must fit
+        if held.requests[self.grant.owner] >= conf.get("MAX_PENDING") or \
+                held.bytes[self.grant.owner] + size > conf.get("MAX_PENDING_BYTES"):
+            await self.refuse(f"Too many requests pending for this credential (limits "
+                              f"{conf.get('MAX_PENDING')} requests, "
+                              f"{conf.get('MAX_PENDING_BYTES')} bytes, whatever the "
+                              "connections): wait for answers first", request.request_id,
+                              ErrorCode.LIMIT_EXCEEDED)
+            return
         key = protocol.new_id()
         self.in_flight[request.request_id] = (key, size)
         self.in_flight_bytes += size
