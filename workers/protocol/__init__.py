@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from .api import (PRIORITIES, ROUTE_FIELDS, ApiRequest, ApiResponse, Attach, Cancel, event,
                   requester_frame)
-from .bodies import CHUNK_WINDOW, MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody, ResponseBody
+from .bodies import (CHUNK_WINDOW, MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody,
+                     ResponseBody)
 from .codec import (BATCH_BYTES, MAX_BATCH, STDLIB_DECODE_ERRORS, batch_frames, dumps,
                     dumps_fast, loads_frames, loads_object, parsed_size, peek, relayed)
 from .codes import (ALL_BUSY, ANSWER_TOO_LARGE, ANSWERED_ELSEWHERE, BROKER_OVERLOADED,
