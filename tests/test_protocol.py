@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -403,6 +404,9 @@ def test_a_relay_keeps_integers_beyond_64_bits_as_they_came() -> None:
     assert dumps_fast(kept) == text  # written back exactly, by orjson
     exact = loads_object(text)  # a worker computes on them: real integers
     assert exact["n"][-2] == 12345678901234567890123 and exact["n"][-1] == -5
+    for parse in (loads_object, functools.partial(relayed, loads_object)):  # as documented
+        with pytest.raises(ProtocolError, match="Malformed JSON"):
+            parse('{"n": ' + "9" * 4301 + "}")
 
 
 def test_ids_are_unique_and_do_not_count() -> None:

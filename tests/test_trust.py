@@ -891,3 +891,38 @@ def test_megabytes_of_huge_integers_from_one_peer_do_not_hold_the_loop(
     report(record_property, p50_before_ms=round(before[15], 2),
            p50_during_ms=round(during[50], 2), p90_during_ms=round(during[90], 2))
     assert during[50] < 20, during  # was 111 ms
+
+
+def test_bad_tokens_at_the_door_cannot_flood_the_log(broker_factory, record_property) -> None:
+    """Each refused handshake on the worker socket wrote a line of its own (a budget
+    per connection): an outsider grew the log by ~80 KB/s without any credential."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from websockets.sync.client import connect
+
+    broker = broker_factory()
+    broker.tokens(["create", "admin", "ops"])  # protected mode ends: tokens are needed
+    wait_for(lambda: "Missing credentials" in _refusal(broker.worker_url), 10,
+             "the credential to be loaded")
+    size = broker.log_path.stat().st_size
+
+    def knock(i: int) -> None:
+        url = broker.worker_url if i % 2 else broker.requester_url
+        try:
+            with connect(url, additional_headers={"Authorization": f"Bearer wrk_x_{i}"}) as c:
+                c.recv(timeout=5)
+        except Exception:  # noqa: BLE001 - refused, as it should be
+            pass
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(knock, range(600)))
+    grew = broker.log_path.stat().st_size - size
+    report(record_property, refused_handshakes=600, log_bytes=grew)
+    assert grew < 8_000, grew  # was ~63 bytes a handshake
+
+
+def _refusal(url: str) -> str:
+    from websockets.sync.client import connect
+
+    with connect(url) as c:
+        return c.recv(timeout=5)

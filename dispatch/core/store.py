@@ -44,7 +44,7 @@ _COLUMNS = ("key", "request_id", "owner", "command", "state", "request", "worker
             "finished_at", "answer")
 _AT = {name: i for i, name in enumerate(_COLUMNS)}
 _STATE, _WORKER, _RETRY_SAFE = _AT["state"], _AT["worker_id"], _AT["retry_safe"]
-_ANSWER, _FINISHED = _AT["answer"], _AT["finished_at"]
+_ANSWER, _FINISHED, _REQUEST = _AT["answer"], _AT["finished_at"], _AT["request"]
 #: What a row written again changes (the rest is the same since it was accepted).
 _CHANGING = ("state", "worker_id", "retry_safe", "finished_at", "answer")
 QUEUED, RUNNING, DONE = Job.State.QUEUED.value, Job.State.RUNNING.value, Job.State.DONE.value
@@ -103,9 +103,11 @@ class JobStore:
     # ------------------------------------------------------------------ on the loop
 
     def accepted(self, request: Request) -> None:
+        # The request itself stands for its payload: written (encoded beside the loop)
+        # only if it is still unanswered when committed.
         self._rows[request.key] = [
             request.key, request.request_id, request.owner[:40], request.command[:200], QUEUED,
-            payload(request), "", True, self.process[:200], self.inbox, 0, request.started,
+            request, "", True, self.process[:200], self.inbox, 0, request.started,
             request.started + (request.deadline - request.opened), None, ""]
         self._dirty.add(request.key)
         self._wake.set()
@@ -126,6 +128,8 @@ class JobStore:
             self._change(request.key, state=DONE, answer=text, finished_at=when)
             return
         row[_STATE], row[_ANSWER], row[_FINISHED] = DONE, text, when
+        if isinstance(row[_REQUEST], Request):  # answered before it was ever written: a
+            row[_REQUEST] = ""  # done row needs its answer only (a refused one cost disk)
         self._dirty.add(request.key)
         self._wake.set()
 
@@ -206,7 +210,7 @@ class JobStore:
             if held[_STATE] == DONE and row[0] not in self._dirty:
                 del self._rows[row[0]]  # written answered: nothing more to write of it
             else:  # written: a later write changes only _CHANGING, and keeps this
-                held[_AT["request"]] = ""
+                held[_REQUEST] = ""
         self.commits += 1
         _resolve(waiting)
 
@@ -261,6 +265,8 @@ def _write(rows: list[list[Any]], changes: dict[str, dict[str, Any]]) -> None:
     moment = db_datetime()
     times = (_AT["created_at"], _AT["deadline"], _AT["finished_at"])
     for row in rows:
+        if isinstance(row[_REQUEST], Request):
+            row[_REQUEST] = payload(row[_REQUEST])
         for i in times:
             if row[i] is not None:
                 row[i] = moment(row[i])

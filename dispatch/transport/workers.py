@@ -116,9 +116,9 @@ class WorkerConsumer(BaseSocket):
     async def refuse(self, error: str, request_id: str | None = None,
                      code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
         meter.refused_frames[(self.kind, code.value)] += 1
-        label = self.link.label if self.link is not None else f"(refused {self.peer})"
-        self.logs.log(log, logging.INFO, "worker %s: refused a frame: %s", label,
-                      quote(error, 300))
+        if self.link is not None:  # else refused at the door: said there, within a budget
+            self.logs.log(log, logging.INFO, "worker %s: refused a frame: %s",
+                          self.link.label, quote(error, 300))
         await self.send_frame(Message.error(error, reply_to=request_id, code=code))
 
     async def too_large(self, text: str, size: int, limit: int) -> None:

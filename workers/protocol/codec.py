@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -78,8 +79,11 @@ try:  # orjson is several times faster; the worker side must not require it.
         raise ValueError(f"{name} is not JSON")  # as orjson refuses NaN and Infinity
 
     def _int_or_verbatim(digits: str) -> Any:
-        return int(digits) if len(digits.lstrip("-")) <= RELAY_DIGITS \
-            else orjson.Fragment(digits)
+        length = len(digits.lstrip("-"))
+        if length > sys.get_int_max_str_digits():  # as converting would refuse it
+            raise ValueError(f"an integer of {length} digits is over the limit "
+                             f"({sys.get_int_max_str_digits()})")
+        return int(digits) if length <= RELAY_DIGITS else orjson.Fragment(digits)
 
     def _loads(text: str | bytes) -> Any:
         """orjson, unless the text may hold an integer it cannot keep exact."""
