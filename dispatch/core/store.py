@@ -103,8 +103,8 @@ class JobStore:
     # ------------------------------------------------------------------ on the loop
 
     def accepted(self, request: Request) -> None:
-        # The request itself stands for its payload: written (encoded beside the loop)
-        # only if it is still unanswered when committed.
+        # The request itself stands for its payload: encoded only if it is still
+        # unanswered when committed.
         self._rows[request.key] = [
             request.key, request.request_id, request.owner[:40], request.command[:200], QUEUED,
             request, "", True, self.process[:200], self.inbox, 0, request.started,
@@ -194,6 +194,9 @@ class JobStore:
             _resolve(waiting)
             return
         rows = [list(self._rows[key]) for key in dirty]  # as they are now: the loop goes on
+        for row in rows:  # unanswered still: its payload is written (Python, on the loop: in
+            if isinstance(row[_REQUEST], Request):  # the database's thread it would
+                row[_REQUEST] = payload(row[_REQUEST])  # contend for the GIL)
         try:
             await self._thread.run(_write, rows, changes)
         except BaseException:
@@ -265,8 +268,6 @@ def _write(rows: list[list[Any]], changes: dict[str, dict[str, Any]]) -> None:
     moment = db_datetime()
     times = (_AT["created_at"], _AT["deadline"], _AT["finished_at"])
     for row in rows:
-        if isinstance(row[_REQUEST], Request):
-            row[_REQUEST] = payload(row[_REQUEST])
         for i in times:
             if row[i] is not None:
                 row[i] = moment(row[i])

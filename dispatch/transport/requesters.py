@@ -48,7 +48,9 @@ class RequesterConsumer(BaseSocket):
         self.held_ack_bytes = 0  # and the size of those chunks
         self._telling: set[asyncio.Task[None]] = set()  # accepted events to come
         self._acker: asyncio.Task[None] | None = None
-        if await self.admit() and self.dispatcher.handing_over:
+        admitted = await self.admit()
+        self.pool = self.grant.pool_labels if admitted else {}  # selected by each request
+        if admitted and self.dispatcher.handing_over:
             await self.turn_away()
 
     async def disconnect(self, code: int) -> None:
@@ -139,7 +141,7 @@ class RequesterConsumer(BaseSocket):
             requester=self.requester, timeout=request.timeout, key=key,
             owner=self.grant.owner, stream=request.stream,
             priority=min(request.priority, self.grant.max_priority),
-            select=selector({**request.select, **self.grant.pool_labels}),
+            select=selector({**request.select, **self.pool} if self.pool else request.select),
             affinity=request.affinity,
             hedge=request.hedge, traceparent=request.traceparent or "", cost=size)
         if request.accepted and request.request_id in self.in_flight:

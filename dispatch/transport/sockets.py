@@ -57,11 +57,9 @@ async def parse(parse: Callable[[str], T], text: str, relay: bool = True) -> T:
     came: :func:`~workers.protocol.relayed`); on the loop for a small frame, beside it
     for a big one (a megabyte of dense JSON takes ~20 ms). A socket's next frame waits
     for it: one peer holds one thread at most, and the loop goes on serving the others."""
-    if relay:
-        parse = functools.partial(relayed, parse)
     if len(text) < OFF_LOOP_CHARS:
-        return parse(text)
-    return await asyncio.to_thread(parse, text)
+        return relayed(parse, text) if relay else parse(text)
+    return await asyncio.to_thread(functools.partial(relayed, parse) if relay else parse, text)
 
 log = logging.getLogger("dispatch.sockets")
 

@@ -86,8 +86,8 @@ class WorkerConsumer(BaseSocket):
             return
         try:
             # The broker's own commands (a worker's request) compute on their numbers.
-            msg = await parse(Message.from_json, text, relay=protocol.peek(
-                text, "type") != MessageType.REQUEST.value)
+            msg = await parse(Message.from_json, text, relay='"request"' not in text[:64] or
+                              protocol.peek(text, "type") != MessageType.REQUEST.value)
         except ProtocolError as exc:
             await self.refuse(str(exc))
             return
