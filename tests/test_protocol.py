@@ -407,6 +407,8 @@ def test_a_relay_keeps_integers_beyond_64_bits_as_they_came() -> None:
     for parse in (loads_object, functools.partial(relayed, loads_object)):  # as documented
         with pytest.raises(ProtocolError, match="Malformed JSON"):
             parse('{"n": ' + "9" * 4301 + "}")
+    with pytest.raises(ProtocolError, match="must be str, got int$"):  # kept, and an int
+        relayed(Message.from_json, '{"type": 10000000000000000000}')
 
 
 def test_ids_are_unique_and_do_not_count() -> None:

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import ProtocolError
+from .fields import kind_of
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 T = TypeVar("T")
@@ -134,7 +135,7 @@ def loads_object(text: str | bytes) -> dict[str, Any]:
     except _DecodeError as exc:
         raise ProtocolError(f"Malformed JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise ProtocolError(f"Expected a JSON object, got {type(obj).__name__}")
+        raise ProtocolError(f"Expected a JSON object, got {kind_of(obj)}")
     return obj
 
 
@@ -155,7 +156,7 @@ def loads_frames(text: str | bytes) -> list[dict[str, Any]]:
         return [obj]
     if not isinstance(obj, list) or not obj:
         raise ProtocolError(f"Expected a JSON object or a non-empty array of them, got "
-                            f"{type(obj).__name__ if obj != [] else 'an empty array'}")
+                            f"{kind_of(obj) if obj != [] else 'an empty array'}")
     if len(obj) > MAX_BATCH:
         raise ProtocolError(f"Batch of {len(obj)} frames (at most {MAX_BATCH})")
     return obj

@@ -34,9 +34,16 @@ def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
         want = " or ".join(t.__name__ for t in _as_tuple(kind))
         raise ProtocolError(
-            f"Field '{name}' must be {want}, got {type(value).__name__}", request_id=request_id
+            f"Field '{name}' must be {want}, got {kind_of(value)}", request_id=request_id
         )
     return value
+
+
+def kind_of(value: Any) -> str:
+    """The JSON kind of a parsed value, in Python's words (an integer a relay kept as its
+    text, an orjson Fragment, is an int)."""
+    kind = type(value).__name__
+    return "int" if kind == "Fragment" else kind
 
 
 def _text(obj: dict[str, Any], name: str, limit: int, default: Any = ...,

@@ -11,6 +11,7 @@ from typing import Any
 
 from .codec import dumps, loads
 from .errors import ProtocolError
+from .fields import kind_of
 from .text import quote
 
 #: A worker's command schemas at most, as compact JSON, in bytes: the broker keeps
@@ -73,7 +74,7 @@ def parse_schema(value: Any) -> dict[str, Any]:
     Raises :class:`SchemaError`.
     """
     if not isinstance(value, dict):
-        raise SchemaError(f"must be an object, got {type(value).__name__}")
+        raise SchemaError(f"must be an object, got {kind_of(value)}")
     params = value.get("params")
     if not isinstance(params, list):
         raise SchemaError("'params' must be a list")
