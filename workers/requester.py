@@ -450,6 +450,8 @@ class Requester:
     async def _connection(self) -> ClientConnection:
         if self._ws is None:
             raise ConnectionLost(f"Not connected to {self.url}; use 'async with' or connect()")
+        if self._closing:  # closed by its owner: no reconnect will come
+            raise ConnectionLost(f"Connection to {self.url} closed")
         if self._lost is not None:
             raise ConnectionLost(f"Connection to {self.url} lost: {self._lost}")
         if not self._connected.is_set():  # reconnecting
