@@ -331,4 +331,4 @@ def test_one_connection_pipelining_cheap_requests_does_not_hold_the_loop(
     before, during, sent = asyncio.run(scenario())
     report(record_property, flood_per_s=sent // 4, p50_before_ms=round(before[len(before) // 2], 1),
            p50_during_ms=round(during[len(during) // 2], 1))
-    assert during[len(during) // 2] < 40, during  # was 287 ms
+    assert during[len(during) // 2] < 60, during  # 11-16 ms; was 176-287 ms

@@ -34,7 +34,7 @@ OFF_LOOP_CHARS = 64 * 1024
 
 
 #: Seconds a socket may handle its peer's frames without letting the others have a turn.
-TURN_SECONDS = 0.0005
+TURN_SECONDS = 0.002
 _turn = [0.0]  # when a socket last gave the loop back (loop time)
 
 
@@ -44,8 +44,9 @@ async def take_turns() -> None:
     A socket's frames wait in its queue, and taking one from a queue that is not empty
     does not give the loop back: a peer that pipelines a thousand cheap requests (8,700
     a second, each refused at once) held the loop for stretches of hundreds of ms, and
-    another tenant's p50 went from 2.5 to 287 ms (with turns of 2 ms: 19 ms; of 0.5 ms:
-    2.7 ms). At the bench's reference point turns cost ~2%, within its noise."""
+    another tenant's p50 went from 2.5 to 287 ms. With turns of 2 ms: 11-19 ms (of 0.5
+    ms: 3-5 ms, but a yield costs: 7% of the loop at the bench's reference point, ~2% at
+    2 ms)."""
     loop = asyncio.get_running_loop()
     if loop.time() - _turn[0] > TURN_SECONDS:
         await asyncio.sleep(0)
