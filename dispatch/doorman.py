@@ -79,18 +79,19 @@ class Doorman:
         """A factory's ``buildProtocol`` with the door in front of it."""
         def build_protocol(addr: Any) -> Any:
             host = getattr(addr, "host", "")
-            if not self.admits(host):
+            key = address_key(host)
+            if not self.admits(host, key):
                 return None  # Twisted closes the socket at once
             protocol = build(addr)
             if protocol is not None:
                 made = protocol.makeConnection
                 protocol.makeConnection = lambda transport: self._came(
-                    transport, protocol, address_key(host), made)
+                    transport, protocol, key, made)
             return protocol
         return build_protocol
 
-    def admits(self, host: str) -> bool:
-        key = address_key(host)
+    def admits(self, host: str, key: str) -> bool:
+        """Whether a connection from ``host`` (which counts as ``key``) gets a socket."""
         most = conf.get("MAX_CONNECTIONS_PER_ADDRESS")
         if most and self.by_address[key] >= most and not is_trusted_proxy(host):
             REFUSALS.log(log, logging.WARNING, "refused a connection from %s: it has %d open "
@@ -127,12 +128,17 @@ class Doorman:
         """Still at the door: not upgraded to a websocket, no request in process."""
         return transport.protocol is protocol and not in_process(protocol)
 
+    def _shut(self, transport: Any) -> None:
+        """Close a connection that waited at the door (it is forgotten at once, so the
+        room it held is free now)."""
+        self._left(transport)
+        transport.abortConnection()
+
     def _make_room(self) -> bool:
         """Close the connection that has waited at the door longest, if any does."""
         for transport, (protocol, _) in self.door.items():
             if self._waiting(transport, protocol):
-                self._left(transport)
-                transport.abortConnection()
+                self._shut(transport)
                 return True
         return False
 
@@ -146,8 +152,7 @@ class Doorman:
             elif in_process(protocol):
                 self.door[transport] = (protocol, now)  # its wait starts after the answer
             elif now - since > limit:
-                self._left(transport)
-                transport.abortConnection()
+                self._shut(transport)
         self._sweeping = bool(self.door)
         if self._sweeping:
             reactor.callLater(1.0, self._sweep)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import pytest
 
-from tests.procs import wait_for
+from tests.procs import Broker, wait_for
 from tests.test_trust import FAST_AUTH, register
 from workers.protocol import Message, Registration
 from workers.requester import Requester, Route
@@ -139,10 +140,11 @@ def slow_frame(request_id: str, seconds: float, **extra: object) -> str:
                        "data": {"seconds": seconds, **extra}}, separators=(",", ":"))
 
 
-def test_a_tenant_that_fills_the_queue_and_leaves_does_not_keep_another_out(
-        broker_factory, spawn_worker) -> None:
-    """B queues more than the queue holds and leaves: A was refused all_busy at once."""
-    broker = broker_factory(env={**FAST_AUTH, "BROKER_QUEUE_LIMIT": "20"})
+def two_keys_one_slot(broker_factory: Any, spawn_worker: Any, env: dict[str, str]
+                      ) -> tuple[Broker, str, str]:
+    """A broker (with ``env``) whose one worker has one slot, and two requester keys:
+    A's and B's."""
+    broker = broker_factory(env={**FAST_AUTH, **env})
     fleet, a_app, b_app, admin = broker.tokens(
         ["create", "worker", "fleet"], ["create", "requester", "a-app"],
         ["create", "requester", "b-app"], ["create", "admin", "ops"])
@@ -150,18 +152,29 @@ def test_a_tenant_that_fills_the_queue_and_leaves_does_not_keep_another_out(
     spawn_worker("one-slot", "--token", fleet, "--handlers", "tests.sample_handlers",
                  "--max-concurrency", "1", wait=False, target=broker)
     wait_for(lambda: broker.workers_as(admin), 15, "the worker to register")
+    return broker, a_app, b_app
+
+
+def as_key(broker: Broker, key: str) -> Any:
+    """A requester connection (websockets' sync client) made with ``key``."""
     from websockets.sync.client import connect
 
-    with connect(broker.requester_url, additional_headers={
-            "Authorization": f"Bearer {b_app}"}) as b:
+    return connect(broker.requester_url, additional_headers={"Authorization": f"Bearer {key}"})
+
+
+def test_a_tenant_that_fills_the_queue_and_leaves_does_not_keep_another_out(
+        broker_factory, spawn_worker) -> None:
+    """B queues more than the queue holds and leaves: A was refused all_busy at once."""
+    broker, a_app, b_app = two_keys_one_slot(broker_factory, spawn_worker,
+                                             {"BROKER_QUEUE_LIMIT": "20"})
+    with as_key(broker, b_app) as b:
         b.send(slow_frame("b-first", 1.0))
         for i in range(30):
             b.send(slow_frame(f"b-{i}", 0.05))
         codes = [json.loads(b.recv(timeout=10)).get("code") for _ in range(31)]
     assert codes.count("all_busy") == 10  # 20 queued, then the queue was full
     started = time.monotonic()
-    with connect(broker.requester_url, additional_headers={
-            "Authorization": f"Bearer {a_app}"}) as a:
+    with as_key(broker, a_app) as a:
         a.send(json.dumps({"request_id": "a-1", "command": "echo",
                            "data": {"message": "mine"}}))
         answer = json.loads(a.recv(timeout=15))
@@ -172,32 +185,21 @@ def test_a_tenant_that_fills_the_queue_and_leaves_does_not_keep_another_out(
 def test_a_credentials_limits_hold_across_its_reconnects(broker_factory, spawn_worker) -> None:
     """Requests outlive their connection: connect, fill, close, again, used to leave
     any number pending for one key (160 of 1 MB in 20 rounds)."""
-    broker = broker_factory(env={**FAST_AUTH, "BROKER_MAX_PENDING": "6"})
-    fleet, a_app, b_app, admin = broker.tokens(
-        ["create", "worker", "fleet"], ["create", "requester", "a-app"],
-        ["create", "requester", "b-app"], ["create", "admin", "ops"])
-    broker.wait_credentials(admin)
-    spawn_worker("one-slot", "--token", fleet, "--handlers", "tests.sample_handlers",
-                 "--max-concurrency", "1", wait=False, target=broker)
-    wait_for(lambda: broker.workers_as(admin), 15, "the worker to register")
-    from websockets.sync.client import connect
-
+    broker, a_app, b_app = two_keys_one_slot(broker_factory, spawn_worker,
+                                             {"BROKER_MAX_PENDING": "6"})
     outcomes = []
     for round_ in range(3):
-        with connect(broker.requester_url, additional_headers={
-                "Authorization": f"Bearer {b_app}"}) as b:
+        with as_key(broker, b_app) as b:
             for i in range(4):
                 b.send(slow_frame(f"b-{round_}-{i}", 20))
             for _ in range(4):  # accepted, or refused: then it leaves
                 frame = json.loads(b.recv(timeout=10))
                 outcomes.append(frame.get("event") or frame.get("code"))
     assert outcomes.count("accepted") == 6 and outcomes.count("limit_exceeded") == 6, outcomes
-    with connect(broker.requester_url, additional_headers={
-            "Authorization": f"Bearer {b_app}"}) as b:  # one sent again: the same job
+    with as_key(broker, b_app) as b:  # one sent again: the same job
         b.send(slow_frame("b-0-0", 20))
         assert json.loads(b.recv(timeout=10)).get("event") == "accepted"
-    with connect(broker.requester_url, additional_headers={
-            "Authorization": f"Bearer {a_app}"}) as a:  # another key is not held back
+    with as_key(broker, a_app) as a:  # another key is not held back
         a.send(json.dumps({"request_id": "a-1", "command": "get_time", "accepted": True}))
         assert json.loads(a.recv(timeout=10)).get("event") == "accepted"
 

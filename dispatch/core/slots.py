@@ -130,11 +130,11 @@ class Slots:
         kind whose first finds no slot is not tried further in this pass, so a full
         fleet costs a choice per kind of request, not one per waiting request."""
         longest = conf.get("QUEUE_MAX_WAIT")
-        if longest:  # a place in the queue is not for ever: others may be waiting for it
-            since = asyncio.get_running_loop().time() - longest
+        since = asyncio.get_running_loop().time() - longest
+        overdue = [r for r in batch if r.opened < since] if longest else []
+        if overdue:  # a place in the queue is not for ever: others may be waiting for it
             await self._perform(self.table.give_up(
-                [r for r in batch if r.opened < since],
-                f"{protocol.ALL_BUSY}: waited {longest:g} s for a free worker "
+                overdue, f"{protocol.ALL_BUSY}: waited {longest:g} s for a free worker "
                 "(QUEUE_MAX_WAIT)", ErrorCode.ALL_BUSY))
         kinds: dict[Wanted, deque[Request]] = {}
         for request in batch:

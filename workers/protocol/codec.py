@@ -23,19 +23,6 @@ T = TypeVar("T")
 #: the stdlib encoder, which cannot write a kept one.
 RELAY_DIGITS = 19
 _relaying: ContextVar[bool] = ContextVar("relaying", default=False)
-
-
-def relayed(parse: Callable[[str], T], text: str) -> T:
-    """``parse(text)`` as a relay (the broker) parses: an integer of over
-    :data:`RELAY_DIGITS` digits is kept as its text, and written back as it came
-    (an orjson Fragment), instead of converted. Converting costs quadratic time: a
-    megabyte of 4,300-digit integers took 21 ms to parse and 57 ms to write again, and
-    a relay only passes them on. (Without orjson, as on a worker machine, it is parse.)"""
-    token = _relaying.set(True)
-    try:
-        return parse(text)
-    finally:
-        _relaying.reset(token)
 #: What the stdlib parser raises on bad input: ValueError also covers integers over
 #: 4,300 digits, RecursionError deep nesting.
 STDLIB_DECODE_ERRORS: tuple[type[Exception], ...] = (ValueError, RecursionError)
@@ -50,10 +37,7 @@ try:  # orjson is several times faster; the worker side must not require it.
         ``calculate`` can produce, or non-string keys) goes through the stdlib
         encoder, so an answer does not depend on whether orjson is installed.
         """
-        try:
-            return orjson.dumps(obj).decode()
-        except orjson.JSONEncodeError:
-            return _encoder.encode(obj)
+        return dumps_fast(obj) or _encoder.encode(obj)
 
     def dumps_fast(obj: Any) -> str | None:
         """:func:`dumps` if it is quick; None when only the stdlib encoder can write it
@@ -117,6 +101,19 @@ def loads(text: str | bytes) -> Any:
     each call, so a test that swaps the parser here swaps it everywhere.
     """
     return _loads(text)
+
+
+def relayed(parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)`` as a relay (the broker) parses: an integer of over
+    :data:`RELAY_DIGITS` digits is kept as its text, and written back as it came
+    (an orjson Fragment), instead of converted. Converting costs quadratic time: a
+    megabyte of 4,300-digit integers took 21 ms to parse and 57 ms to write again, and
+    a relay only passes them on. (Without orjson, as on a worker machine, it is parse.)"""
+    token = _relaying.set(True)
+    try:
+        return parse(text)
+    finally:
+        _relaying.reset(token)
 
 
 def parsed_size(text: str) -> int:
@@ -187,7 +184,8 @@ PEEK_CHARS = 4096
 def peek(text: str, name: str) -> str | None:
     """The string field ``name`` of a JSON frame too large to parse, if it is in its
     first PEEK_CHARS (clients write ids first): refusing a frame must cost no parse of
-    megabytes. Any occurrence of the name counts; it is for error messages only."""
+    megabytes. Any occurrence of the name counts: for error messages, and as a cheap
+    guess at a frame's kind."""
     found = re.search(rf'"{re.escape(name)}"\s*:\s*"((?:[^"\\]|\\.){{0,256}})"',
                       text[:PEEK_CHARS])
     if found is None:
