@@ -219,6 +219,21 @@ class Job(models.Model):
     deadline = models.DateTimeField(help_text="when it times out")
     finished_at = models.DateTimeField(null=True, blank=True)
     answer = models.TextField(blank=True, help_text="its answer, as sent (JSON)")
+    task = models.CharField(max_length=200, blank=True, db_default="",
+                            help_text="the Django task it runs (module path), if any")
+    tried = models.TextField(blank=True, db_default="",
+                             help_text="every worker it was given to, in order (a JSON list)")
+    started_at = models.DateTimeField(null=True, blank=True,
+                                      help_text="when it was first given to a worker")
+    attempted_at = models.DateTimeField(null=True, blank=True,
+                                        help_text="when it was last given to a worker")
+    not_before = models.DateTimeField(null=True, blank=True,
+                                      help_text="deferred: not run before then")
+    expires_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="its answer is kept until then (empty: RESULT_TTL after it)")
+    replay_of = models.CharField(max_length=128, blank=True, db_default="",
+                                 help_text="the request id of the failed job it runs again")
 
     class Meta:
         verbose_name = "job"
@@ -229,8 +244,52 @@ class Job(models.Model):
                    models.Index(fields=["process"], condition=~models.Q(state="done"),
                                 name="job_unanswered_process"),
                    models.Index(fields=["finished_at"], condition=models.Q(state="done"),
-                                name="job_answered_finished")]
+                                name="job_answered_finished"),
+                   models.Index(fields=["expires_at"], condition=models.Q(
+                       expires_at__isnull=False), name="job_kept_expires"),
+                   models.Index(fields=["request_id"], condition=~models.Q(task=""),
+                                name="job_task_request")]
 
     def __str__(self) -> str:
         return f"{self.command} [{self.request_id}]: {self.state}"
 
+
+
+class Schedule(models.Model):
+    """A periodic job: a command (or a Django task) run on a cron expression or every
+    so many seconds, in a time zone. Each due time fires once in a cluster; see
+    :mod:`dispatch.schedules`."""
+
+    name = models.CharField(max_length=100, unique=True)
+    command = models.CharField(max_length=200, blank=True,
+                               help_text="the fleet command it runs")
+    task = models.CharField(max_length=200, blank=True,
+                            help_text="or the Django task it enqueues (module path)")
+    data = models.JSONField(default=dict, blank=True,
+                            help_text="the command's data, or the task's keyword arguments")
+    select = models.JSONField(default=dict, blank=True,
+                              help_text="labels its worker must have")
+    timeout = models.FloatField(null=True, blank=True,
+                                help_text="seconds each run may take (empty: TIMEOUT)")
+    cron = models.CharField(max_length=100, blank=True,
+                            help_text='a cron expression, e.g. "*/5 * * * *"')
+    every = models.IntegerField(null=True, blank=True,
+                                validators=[MinValueValidator(1)],
+                                help_text="or an interval in seconds")
+    timezone = models.CharField(max_length=64, default="UTC",
+                                help_text="the time zone of the cron expression")
+    enabled = models.BooleanField(default=True)
+    next_run_at = models.DateTimeField(null=True, blank=True, db_index=True,
+                                       help_text="the next due time (empty: worked out "
+                                                 "when the schedule is next looked at)")
+    last_run_at = models.DateTimeField(null=True, blank=True,
+                                       help_text="the due time of its last firing")
+    last_request_id = models.CharField(max_length=128, blank=True,
+                                       help_text="the job its last firing started")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
