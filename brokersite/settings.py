@@ -95,6 +95,15 @@ DATABASES = {
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Django tasks run on the fleet (docs/django.md): a plain task on a `manage.py
+# fleetworker` serving its queue, a @task(command=...) on any worker offering it.
+TASKS = {"default": {"BACKEND": "dispatch.tasks.FleetBackend",
+                     "QUEUES": os.environ.get("BROKER_TASK_QUEUES", "default").split(",")}}
+# Where Django code that is not a broker process sends jobs (dispatch.fleet): the
+# broker's requester socket, and a requester key once credentials exist.
+DISPATCH_FLEET = {"URL": os.environ.get("BROKER_FLEET_URL", ""),
+                  "KEY": os.environ.get("BROKER_FLEET_KEY", "")}
+
 #: Where Redis is (REDIS_URL, or REDIS_SENTINELS and REDIS_SENTINEL_MASTER); falsy: none.
 REDIS = RedisTarget.from_env(os.environ)
 _PREFIX = os.environ.get("BROKER_REDIS_PREFIX", "dispatch")

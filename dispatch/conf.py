@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 log = logging.getLogger("dispatch.conf")
 
 #: ``BROKER_*`` environment variables that are not broker settings but the clients'
-#: (``BROKER_URL`` for management commands, ``BROKER_TOKEN`` for workers).
-NOT_SETTINGS = frozenset({"URL", "TOKEN"})
+#: (``BROKER_URL`` for management commands, ``BROKER_TOKEN`` for workers) or the
+#: project's (brokersite/settings.py: Django tasks and dispatch.fleet).
+NOT_SETTINGS = frozenset({"URL", "TOKEN", "TASK_QUEUES", "FLEET_URL", "FLEET_KEY"})
 
 MiB = 1_048_576
 

@@ -232,6 +232,9 @@ class Job(models.Model):
     expires_at = models.DateTimeField(
         null=True, blank=True,
         help_text="its answer is kept until then (empty: RESULT_TTL after it)")
+    progress = models.CharField(
+        max_length=300, blank=True, db_default="",
+        help_text="a Django task's last progress report: [fraction, message] (JSON)")
     replay_of = models.CharField(max_length=128, blank=True, db_default="",
                                  help_text="the request id of the failed job it runs again")
 

@@ -30,6 +30,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -356,7 +357,8 @@ class Requester:
     async def request(self, command: str, data: dict[str, Any] | None = None, *,
                       timeout: float | None = None, priority: int = 0,
                       on_event: Callable[[Event], Any] | None = None,
-                      route: Route | None = None) -> ApiResponse:
+                      route: Route | None = None,
+                      not_before: float | datetime | None = None) -> ApiResponse:
         """Send one command and return the broker's answer, successful or not.
 
         ``timeout`` (seconds) is passed to the broker, which answers
@@ -366,8 +368,11 @@ class Requester:
         the broker too. Raises :class:`ConnectionLost` if the connection is or goes
         down before the answer (and does not come back), and :class:`TimeoutError`
         if no answer came within ``timeout`` (or ``default_timeout``) plus ``margin``.
+        ``not_before`` (unix seconds or an aware datetime) defers it: the timeout counts
+        from then.
         """
-        call = await self._send(command, data, timeout, priority, on_event, route)
+        call = await self._send(command, data, timeout, priority, on_event, route,
+                                not_before=_unix(not_before))
         return await self._wait(call)
 
     async def call(self, command: str, /, *, timeout: float | None = None,
@@ -393,14 +398,25 @@ class Requester:
 
     async def start(self, command: str, data: dict[str, Any] | None = None, *,
                     timeout: float | None = None, priority: int = 0,
-                    stream: bool = False, route: Route | None = None) -> Job:
+                    stream: bool = False, route: Route | None = None,
+                    not_before: float | datetime | None = None,
+                    wait_for_workers: bool = False, keep: float | None = None,
+                    request_id: str | None = None, task: str | None = None) -> Job:
         """Start a request and return its :class:`Job` (``job.result()``, ``job.cancel()``,
         and with ``stream`` ``job.events()``) once the broker has stored it: from then
-        on no broker restart or crash loses it (or once it is answered, if sooner)."""
+        on no broker restart or crash loses it (or once it is answered, if sooner).
+
+        A queued job: ``not_before`` (unix seconds or an aware datetime) defers it (its
+        timeout counts from then); ``wait_for_workers`` waits for a worker offering the
+        command instead of failing ``no_workers``; ``keep`` keeps its answer that many
+        seconds (when longer than the broker's RESULT_TTL) for ``attach``; ``task``
+        names the Django task it runs (see :mod:`dispatch.tasks`)."""
         queue: asyncio.Queue[Event] | None = asyncio.Queue() if stream else None
         call = await self._send(command, data, timeout, priority,
                                 queue.put_nowait if queue is not None else None, route,
-                                accepted=True)
+                                accepted=True, not_before=_unix(not_before),
+                                wait_for_workers=wait_for_workers, keep=keep,
+                                request_id=request_id, task=task)
         try:
             async with asyncio.timeout(self._limit(call)):
                 await asyncio.wait({call.accepted, call.future},
@@ -429,7 +445,8 @@ class Requester:
 
     async def _send(self, command: str, data: dict[str, Any] | None, timeout: float | None,
                     priority: int, on_event: Callable[[Event], Any] | None,
-                    route: Route | None, accepted: bool = False) -> _Call:
+                    route: Route | None, accepted: bool = False,
+                    request_id: str | None = None, **later: Any) -> _Call:
         ws = await self._connection()
         route = route or Route()
         req = ApiRequest(command, dict(data or {}), timeout=timeout,
@@ -437,7 +454,9 @@ class Requester:
                          select=dict(route.select or {}), affinity=route.affinity,
                          hedge=route.hedge,
                          traceparent=route.traceparent or tracing.current_traceparent(),
-                         accepted=accepted)
+                         accepted=accepted, **later)
+        if request_id is not None:
+            req.request_id = request_id
         call = self._calls[req.request_id] = _Call(req, on_event)
         try:
             await ws.send(req.to_json())
@@ -567,6 +586,16 @@ def _close_reason(ws: ClientConnection) -> str:
 
 
 # --------------------------------------------------------------------------- sync wrapper
+
+
+def _unix(moment: float | datetime | None) -> float | None:
+    """Unix seconds of a moment given either way (a naive datetime is refused: whose
+    time zone would it be?)."""
+    if moment is None or not isinstance(moment, datetime):
+        return moment
+    if moment.tzinfo is None:
+        raise ValueError("not_before: give an aware datetime (with a time zone)")
+    return moment.timestamp()
 
 
 class SyncRequester:

@@ -36,8 +36,8 @@ from .lookup import Lookup
 from .metering import meter
 from .handover import Handover
 from .keeper import Keeper
-from .requests import (Action, Answer, Arm, ArmHedge, AwaitWorker, CancelOnWorker, GiveBack,
-                       Notify, Request, RequestTable, Reserve, Sink, State, Wake, Watcher)
+from .requests import (Action, Answer, Arm, ArmHedge, AwaitWorker, CancelOnWorker, Defer,
+                       GiveBack, Notify, Request, RequestTable, Reserve, Sink, State, Wake, Watcher)
 from .requests import Forward as Place
 from .results import results_for
 from .slots import Slots
@@ -84,7 +84,7 @@ class Dispatcher:
             Place: self._forward, Answer: self._answer, Arm: self._arm,
             Reserve: self._reserve, GiveBack: self._give_back, Notify: self._notify,
             CancelOnWorker: self._cancel_on_worker, ArmHedge: self._arm_hedge,
-            AwaitWorker: self._await_worker, Wake: self._wake}
+            AwaitWorker: self._await_worker, Defer: self._defer, Wake: self._wake}
         for kind, handler in ((Reply, self._on_reply), (Lost, self._on_lost),
                               (Progress, self._on_progress), (Chunk, self._on_chunk)):
             self.exchange.on(kind, handler)  # type: ignore[arg-type]
@@ -181,23 +181,30 @@ class Dispatcher:
                      worker_id: str | None = None, key: str | None = None,
                      owner: str = "", stream: bool = False, priority: int = 0,
                      select: tuple[tuple[str, str], ...] = (), affinity: str | None = None,
-                     hedge: bool = False, traceparent: str = "", cost: int = 0) -> str:
+                     hedge: bool = False, traceparent: str = "", cost: int = 0,
+                     not_before: float | None = None, wait_for_workers: bool = False,
+                     keep: float = 0.0, task: str = "", replay_of: str = "") -> str:
         """Start a request; ``sink.answer`` is called exactly once with its answer (and
         ``sink.event`` with its progress and chunks, if ``stream``).
 
         ``key`` (default: a new id) names the request inside the broker. It is chosen
         before the call because the answer can arrive before ``submit`` returns.
+        ``not_before`` (unix time) defers it; its timeout counts from then.
         """
         key = key or protocol.new_id()
         opened = asyncio.get_running_loop().time()
+        due = opened + max(0.0, not_before - time.time()) if not_before else opened
         span, traceparent = tracing.start_span(f"dispatch {command}", traceparent or None,
                                                command=command, request_id=request_id)
         request = Request(
             key, command, data, [Watcher(sink, stream)], request_id, requester,
-            opened + (timeout or conf.get("TIMEOUT")), time.time(), opened,
+            due + (timeout or conf.get("TIMEOUT")), time.time(), opened,
             traceparent=traceparent or "", span=span, target=worker_id, owner=owner,
             priority=priority, select=select, affinity=affinity, hedge=hedge, cost=cost,
-            patient_until=self.keeper.patient_until)
+            patient_until=self.keeper.patient_until, not_before=due if due > opened else 0.0,
+            task=task, keep=keep, replay_of=replay_of)
+        if wait_for_workers:
+            request.patient_until = request.deadline
         actions = self.table.submit(request)
         if request.state is not State.DONE:  # accepted, not refused at once
             self.keeper.accepted(request)
@@ -238,6 +245,9 @@ class Dispatcher:
     async def _on_progress(self, event: Progress) -> None:
         await self._perform(self.table.progress(event.key, event.worker_id, event.progress,
                                                 event.message))
+        request = self.table.requests.get(event.key)
+        if request is not None and request.task and request.reported is not None:
+            self.keeper.progressed(request)  # a Django task's result object shows it
 
     async def _on_chunk(self, event: Chunk) -> None:
         ack = (event.ack_to, ChunkAck(event.key, event.connection, event.seq))
@@ -268,6 +278,9 @@ class Dispatcher:
         forward = Forward(request.key, request.command, request.data, self.inbox, action.timeout,
                           worker.worker_id, worker.connection, request.stream, request.traceparent)
         self.keeper.placed(request, worker.worker_id)
+        if request.task:  # a Django task: task_started
+            from ..tasks import signals
+            signals.placed(request)
         if request.retry_safe or not self.keeper.after_commit(
                 lambda: self._deliver(request, worker, forward)):
             await self._deliver(request, worker, forward)
@@ -292,6 +305,9 @@ class Dispatcher:
         text = response.to_json()
         self.results.put(request.owner, request.request_id, text)
         self.keeper.answered(request, text, now)
+        if request.task:  # a Django task: task_finished
+            from ..tasks import signals
+            signals.answered(request, response)
         for watcher in request.watchers:
             try:
                 await watcher.sink.answer(response, text)
@@ -339,6 +355,12 @@ class Dispatcher:
     async def _await_worker(self, action: AwaitWorker) -> None:
         action.request.wait_timer = asyncio.get_running_loop().call_later(
             action.grace, self._timer_fired, self.keeper.recovery.not_back, action.request.key)
+
+    async def _defer(self, action: Defer) -> None:
+        loop = asyncio.get_running_loop()
+        action.request.wait_timer = loop.call_later(  # (a deferred one awaits no worker)
+            action.delay, self._timer_fired, lambda key: self.table.due(key, loop.time()),
+            action.request.key)
 
     async def _wake(self, action: Wake) -> None:
         self.slots.wake()

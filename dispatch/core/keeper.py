@@ -70,6 +70,8 @@ class Keeper:
             self.store.placed if self.store is not None else _nothing
         self.answered: Callable[[Request, str, float], None] = \
             self.store.answered if self.store is not None else _nothing
+        self.progressed: Callable[[Request], None] = \
+            self.store.progressed if self.store is not None else _nothing
 
     def after_commit(self, then: Callable[[], Awaitable[None]]) -> bool:
         """Run ``then()`` once what was told so far is committed; False without a store.
@@ -271,10 +273,16 @@ def request_from(row: Kept) -> Request:
     attaches (its answer is kept for them)."""
     now, loop_now = time.time(), asyncio.get_running_loop().time()
     body = row.request
-    return Request(
+    request = Request(
         row.key, row.command, body.get("data") or {}, [], row.request_id,
         str(body.get("requester") or ""), loop_now + (row.deadline - now), row.created_at,
         loop_now - (now - row.created_at), traceparent=str(body.get("traceparent") or ""),
         target=body.get("target"), owner=row.owner, priority=int(body.get("priority") or 0),
         select=tuple(tuple(p) for p in body.get("select") or ()),  # type: ignore[misc]
-        affinity=body.get("affinity"), hedge=bool(body.get("hedge")))
+        affinity=body.get("affinity"), hedge=bool(body.get("hedge")),
+        not_before=loop_now + (row.not_before - now) if row.not_before > now else 0.0,
+        task=str(body.get("task") or ""), keep=float(body.get("keep") or 0.0),
+        replay_of=str(body.get("replay_of") or ""))
+    if body.get("wait_for_workers"):
+        request.patient_until = request.deadline
+    return request

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .. import conf
 from .events import Departure
-from .requests import Action, Arm, AwaitWorker, Placement, Request, RequestTable, Reserve, State
+from .requests import Action, Arm, AwaitWorker, Placement, Request, RequestTable, State
 
 
 class Recovery:
@@ -28,11 +28,11 @@ class Recovery:
         """Hold ``request`` again: queued, or (``running_on``) placed on that worker
         until it reports it (:meth:`adopt`) or its grace runs out (:meth:`not_back`).
         Until then, a worker for it may still be on its way back: it waits for one."""
-        request.patient_until = now + conf.get("ADOPT_GRACE")
+        request.patient_until = max(request.patient_until, now + conf.get("ADOPT_GRACE"))
         self.table.add(request)
         self.table.stats["restored"] += 1
         if running_on is None:
-            return [Arm(request), Reserve([request])]
+            return [Arm(request), *self.table.serve(request, now)]
         request.state, request.retry_safe = State.PLACED, retry_safe
         request.lost_because = "its worker did not come back with it after the broker " \
                                "restarted"

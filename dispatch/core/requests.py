@@ -76,6 +76,7 @@ class Hedge(enum.Enum):
 
 
 class State(enum.Enum):
+    DEFERRED = "deferred"  # not before its time (``not_before``)
     RESERVING = "reserving"  # a slot is being reserved for it
     WAITING = "waiting"  # every capable worker is full: queued
     PLACED = "placed"  # forwarded to a worker, which has yet to answer
@@ -142,6 +143,10 @@ class Request:
     #: Event-loop time until which "no worker offers it" means "wait": the fleet is
     #: coming back after a broker restart.
     patient_until: float = 0.0
+    not_before: float = 0.0  # event-loop time before which it goes to no worker (deferred)
+    task: str = ""  # the Django task it runs (module path), for its job row
+    keep: float = 0.0  # seconds its answer is kept in the job store (0: RESULT_TTL)
+    replay_of: str = ""  # the request id of the failed job it runs again
 
     @property
     def attempts(self) -> int:
@@ -286,12 +291,20 @@ class AwaitWorker:
 
 
 @dataclass(slots=True)
+class Defer:
+    """In ``delay`` seconds, call :meth:`RequestTable.due` (a deferred request)."""
+
+    request: Request
+    delay: float
+
+
+@dataclass(slots=True)
 class Wake:
     """Requests are waiting: serve the queue."""
 
 
 Action = (Arm | Reserve | Forward | GiveBack | Answer | Notify | CancelOnWorker | ArmHedge
-          | AwaitWorker | Wake)
+          | AwaitWorker | Defer | Wake)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -344,9 +357,25 @@ class RequestTable:
             return [self._answer(request, protocol.SHUTTING_DOWN, ErrorCode.SHUTTING_DOWN)]
         self.add(request)
         self.stats["submitted"] += 1
-        if self.waiting:  # others wait for a slot: no jumping the queue
-            return [Arm(request), *self._wait(request)]
-        return [Arm(request), Reserve([request])]
+        return [Arm(request), *self.serve(request, request.opened)]
+
+    def serve(self, request: Request, now: float) -> list[Action]:
+        """A request to place: later if deferred; queued if others wait for a slot (no
+        jumping the queue); else a slot is reserved."""
+        if request.not_before > now:
+            request.state = State.DEFERRED
+            return [Defer(request, request.not_before - now)]
+        request.state = State.RESERVING
+        if self.waiting:
+            return self._wait(request)
+        return [Reserve([request])]
+
+    def due(self, key: str, now: float) -> list[Action]:
+        """A deferred request's time came."""
+        request = self.requests.get(key)
+        if request is None or request.state is not State.DEFERRED:
+            return []
+        return self.serve(request, max(now, request.not_before))
 
     def add(self, request: Request) -> None:
         """Hold ``request`` (submitted, or read back from the job store)."""

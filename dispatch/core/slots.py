@@ -131,7 +131,7 @@ class Slots:
         fleet costs a choice per kind of request, not one per waiting request."""
         longest = conf.get("QUEUE_MAX_WAIT")
         since = asyncio.get_running_loop().time() - longest
-        overdue = [r for r in batch if r.opened < since] if longest else []
+        overdue = [r for r in batch if max(r.opened, r.not_before) < since] if longest else []
         if overdue:  # a place in the queue is not for ever: others may be waiting for it
             await self._perform(self.table.give_up(
                 overdue, f"{protocol.ALL_BUSY}: waited {longest:g} s for a free worker "

@@ -41,12 +41,18 @@ PRUNE_EVERY = 10.0
 
 _COLUMNS = ("key", "request_id", "owner", "command", "state", "request", "worker_id",
             "retry_safe", "process", "inbox", "restarts", "created_at", "deadline",
-            "finished_at", "answer")
+            "finished_at", "answer", "task", "tried", "started_at", "attempted_at",
+            "not_before", "expires_at", "replay_of", "progress")
 _AT = {name: i for i, name in enumerate(_COLUMNS)}
 _STATE, _WORKER, _RETRY_SAFE = _AT["state"], _AT["worker_id"], _AT["retry_safe"]
 _ANSWER, _FINISHED, _REQUEST = _AT["answer"], _AT["finished_at"], _AT["request"]
+_TRIED, _STARTED, _ATTEMPTED = _AT["tried"], _AT["started_at"], _AT["attempted_at"]
+_EXPIRES, _PROGRESS = _AT["expires_at"], _AT["progress"]
 #: What a row written again changes (the rest is the same since it was accepted).
-_CHANGING = ("state", "worker_id", "retry_safe", "finished_at", "answer")
+_CHANGING = ("state", "worker_id", "retry_safe", "finished_at", "answer", "tried",
+             "started_at", "attempted_at", "expires_at", "progress")
+_TIMES = tuple(_AT[name] for name in ("created_at", "deadline", "finished_at", "started_at",
+                                      "attempted_at", "not_before", "expires_at"))
 QUEUED, RUNNING, DONE = Job.State.QUEUED.value, Job.State.RUNNING.value, Job.State.DONE.value
 
 
@@ -66,18 +72,22 @@ class Kept:
     created_at: float
     deadline: float
     inbox: str  # where the process that held it took answers
+    not_before: float  # unix time (0: not deferred)
 
 
 def payload(request: Request) -> str:
     """What a row keeps of a request beside its columns: enough to run it again (its
     data, and of the rest what differs from the defaults)."""
     kept: dict[str, Any] = {"data": request.data, "requester": request.requester}
-    for name in ("priority", "affinity", "hedge", "target", "traceparent"):
+    for name in ("priority", "affinity", "hedge", "target", "traceparent", "task", "keep",
+                 "replay_of"):
         value = getattr(request, name)
         if value:
             kept[name] = value
     if request.select:
         kept["select"] = [list(p) for p in request.select]
+    if request.patient_until >= request.deadline:
+        kept["wait_for_workers"] = True
     return protocol.dumps(kept)
 
 
@@ -108,26 +118,49 @@ class JobStore:
         self._rows[request.key] = [
             request.key, request.request_id, request.owner[:40], request.command[:200], QUEUED,
             request, "", True, self.process[:200], self.inbox, 0, request.started,
-            request.started + (request.deadline - request.opened), None, ""]
+            request.started + (request.deadline - request.opened), None, "", request.task,
+            request.tried, None, None,
+            request.started + (request.not_before - request.opened) if request.not_before
+            else None, None, request.replay_of, ""]
         self._dirty.add(request.key)
         self._wake.set()
 
     def placed(self, request: Request, worker_id: str) -> None:
+        now = time.time()
         row = self._rows.get(request.key)
         if row is None:
             self._change(request.key, state=RUNNING, worker_id=worker_id,
-                         retry_safe=request.retry_safe)
+                         retry_safe=request.retry_safe, tried=protocol.dumps(request.tried),
+                         attempted_at=now)
             return
         row[_STATE], row[_WORKER], row[_RETRY_SAFE] = RUNNING, worker_id, request.retry_safe
+        row[_STARTED], row[_ATTEMPTED] = row[_STARTED] or now, now
+        self._dirty.add(request.key)
+        self._wake.set()
+
+    def progressed(self, request: Request) -> None:
+        """A Django task's progress report, written with the next commit (the latest of
+        those within one commit interval)."""
+        value, message = request.reported or (None, None)
+        text = protocol.dumps([value, (message or "")[:200]])
+        row = self._rows.get(request.key)
+        if row is None:
+            self._change(request.key, progress=text)
+            return
+        row[_PROGRESS] = text
         self._dirty.add(request.key)
         self._wake.set()
 
     def answered(self, request: Request, text: str, when: float) -> None:
         row = self._rows.get(request.key)
         if row is None:
-            self._change(request.key, state=DONE, answer=text, finished_at=when)
+            expires = when + request.keep if request.keep > conf.get("RESULT_TTL") else None
+            self._change(request.key, state=DONE, answer=text, finished_at=when,
+                         expires_at=expires)
             return
         row[_STATE], row[_ANSWER], row[_FINISHED] = DONE, text, when
+        if request.keep > conf.get("RESULT_TTL"):
+            row[_EXPIRES] = when + request.keep
         if isinstance(row[_REQUEST], Request):  # answered before it was ever written: a
             row[_REQUEST] = ""  # done row needs its answer only (a refused one cost disk)
         self._dirty.add(request.key)
@@ -197,6 +230,7 @@ class JobStore:
         for row in rows:  # unanswered still: its payload is written (Python, on the loop: in
             if isinstance(row[_REQUEST], Request):  # the database's thread it would
                 row[_REQUEST] = payload(row[_REQUEST])  # contend for the GIL)
+            row[_TRIED] = protocol.dumps(row[_TRIED]) if row[_TRIED] else ""
         try:
             await self._thread.run(_write, rows, changes)
         except BaseException:
@@ -266,9 +300,8 @@ def _write(rows: list[list[Any]], changes: dict[str, dict[str, Any]]) -> None:
     """One transaction: the rows (new, or written again as they are now) in multi-row
     upserts, then the changes of rows not held in memory."""
     moment = db_datetime()
-    times = (_AT["created_at"], _AT["deadline"], _AT["finished_at"])
     for row in rows:
-        for i in times:
+        for i in _TIMES:
             if row[i] is not None:
                 row[i] = moment(row[i])
     ops = connection.ops
@@ -287,7 +320,8 @@ def _update(changes: dict[str, dict[str, Any]], moment: Any) -> None:
     by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
     for key, columns in changes.items():
         names = tuple(sorted(columns))
-        values = [moment(columns[n]) if n == "finished_at" else columns[n] for n in names]
+        values = [moment(columns[n]) if _AT[n] in _TIMES and columns[n] is not None
+                  else columns[n] for n in names]
         by_columns.setdefault(names, []).append([*values, key])
     ops = connection.ops
     with connection.cursor() as cursor:
@@ -301,9 +335,14 @@ def _update(changes: dict[str, dict[str, Any]], moment: Any) -> None:
 
 
 def _prune_done(before: float) -> int:
-    """Every row answered before ``before``, PRUNE_BATCH rows a statement (each one
-    short, so that commits get in between)."""
-    done = Job.objects.filter(state=DONE, finished_at__lt=utc(before))
+    """Every row answered before ``before`` (and kept no longer: ``expires_at``),
+    PRUNE_BATCH rows a statement (each one short, so that commits get in between)."""
+    total = _prune(Job.objects.filter(state=DONE, finished_at__lt=utc(before),
+                                      expires_at__isnull=True))
+    return total + _prune(Job.objects.filter(expires_at__lt=utc(time.time())))
+
+
+def _prune(done: Any) -> int:
     total = 0
     while True:
         chosen = done.order_by().values("pk")[:PRUNE_BATCH]
@@ -329,7 +368,8 @@ def _take_over(process: str, inbox: str, dead: list[str] | None) -> list[Kept]:
         return [Kept(j.key, j.request_id, j.owner, j.command, j.state,
                      protocol.loads_object(j.request), j.worker_id, j.retry_safe,
                      j.restarts + 1, j.created_at.timestamp(), j.deadline.timestamp(),
-                     j.inbox) for j in taken]
+                     j.inbox, j.not_before.timestamp() if j.not_before else 0.0)
+                for j in taken]
 
 
 def _holders() -> set[str]:

@@ -143,7 +143,9 @@ class RequesterConsumer(BaseSocket):
             priority=min(request.priority, self.grant.max_priority),
             select=selector({**request.select, **self.pool} if self.pool else request.select),
             affinity=request.affinity,
-            hedge=request.hedge, traceparent=request.traceparent or "", cost=size)
+            hedge=request.hedge, traceparent=request.traceparent or "", cost=size,
+            not_before=request.not_before, wait_for_workers=request.wait_for_workers,
+            keep=request.keep or 0.0, task=request.task or "")
         if request.accepted and request.request_id in self.in_flight:
             self._tell_accepted(request.request_id, key)
 

@@ -33,7 +33,8 @@ class ApiRequest:
     trace context, passed on to the worker and given back in the answer; one that is
     not well formed is ignored, as the W3C recommendation says, never refused) and
     ``accepted`` (send an ``accepted`` event once the broker has stored the request, so
-    that no broker restart or crash can lose it; none if its answer comes first)."""
+    that no broker restart or crash can lose it; none if its answer comes first), and
+    for queued jobs ``not_before``, ``wait_for_workers``, ``keep`` and ``task``."""
 
     command: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +47,14 @@ class ApiRequest:
     hedge: bool = False  # may be sent to a second worker when the first is slow
     traceparent: str | None = None
     accepted: bool = False  # wants an "accepted" event once the request is stored
+    #: Deferred: not given to a worker before this moment (unix seconds); its timeout
+    #: counts from then.
+    not_before: float | None = None
+    #: No worker offers the command now: wait for one (until its timeout) instead of
+    #: failing no_workers. Queued jobs (Django tasks) want this.
+    wait_for_workers: bool = False
+    keep: float | None = None  # seconds its answer is kept (if longer than RESULT_TTL)
+    task: str | None = None  # the Django task it runs (module path): a label for get_result
 
     def to_json(self) -> str:
         obj: dict[str, Any] = {"request_id": self.request_id, "command": self.command,
@@ -53,7 +62,7 @@ class ApiRequest:
         if self.timeout is not None:
             obj["timeout"] = self.timeout
         for name in ("stream", "priority", "select", "affinity", "hedge", "traceparent",
-                     "accepted"):
+                     "accepted", "not_before", "wait_for_workers", "keep", "task"):
             if getattr(self, name):
                 obj[name] = getattr(self, name)
         return dumps(obj)
@@ -94,7 +103,33 @@ class ApiRequest:
                    affinity=_text(obj, "affinity", MAX_ID_CHARS, None, request_id=rid),
                    hedge=_field(obj, "hedge", bool, False, request_id=rid),
                    traceparent=parse_traceparent(obj.get("traceparent")),
-                   accepted=_field(obj, "accepted", bool, False, request_id=rid))
+                   accepted=_field(obj, "accepted", bool, False, request_id=rid),
+                   not_before=_seconds(obj, "not_before", MAX_UNIX_TIME, rid),
+                   wait_for_workers=_field(obj, "wait_for_workers", bool, False,
+                                           request_id=rid),
+                   keep=_seconds(obj, "keep", MAX_KEEP, rid),
+                   task=_printable(obj, "task", rid))
+
+
+#: The latest ``not_before`` taken (the year 2286), and the longest ``keep`` (a year).
+MAX_UNIX_TIME = 1e10
+MAX_KEEP = 366 * 86400
+
+
+def _seconds(obj: dict[str, Any], name: str, limit: float, rid: str) -> float | None:
+    value = _field(obj, name, (int, float), None, request_id=rid)
+    if value is not None and not 0 <= value <= limit:
+        raise ProtocolError(f"Field '{name}' must be between 0 and {limit:g} seconds",
+                            request_id=rid)
+    return None if value is None else float(value)
+
+
+def _printable(obj: dict[str, Any], name: str, rid: str) -> str | None:
+    value = _text(obj, name, MAX_NAME_CHARS, None, request_id=rid)
+    if value is not None and not value.isprintable():
+        raise ProtocolError(f"Field '{name}' must be printable text, got "
+                            f"'{quote(value, 40)}'", request_id=rid)
+    return value
 
 
 @dataclass(slots=True)
