@@ -43,3 +43,34 @@ async def async_add(a: int, b: int) -> int:
 @task(command="echo")
 def echo(message: str = "") -> None:
     """Runs as the fleet command 'echo' on any worker that offers it."""
+
+
+def _record_signals() -> None:
+    """With $TASK_SIGNALS_FILE set (the broker of tests/test_tasks.py), each task signal
+    the broker sends is a line there: signal, task, status."""
+    import json
+    import os
+
+    path = os.environ.get("TASK_SIGNALS_FILE")
+    if not path:
+        return
+    try:
+        from django.tasks.signals import task_finished, task_started
+    except ImportError:
+        from django_tasks.signals import task_finished, task_started
+
+    def write(name: str):
+        def receiver(sender, task_result, **kwargs):
+            with open(path, "a") as f:
+                f.write(json.dumps([name, task_result.task.name, task_result.id,
+                                    str(task_result.status)]) + "\n")
+        return receiver
+
+    for name, signal in (("started", task_started), ("finished", task_finished)):
+        receiver = write(name)
+        _receivers.append(receiver)  # (signals hold receivers weakly)
+        signal.connect(receiver)
+
+
+_receivers: list = []
+_record_signals()

@@ -136,11 +136,15 @@ class Slots:
             await self._perform(self.table.give_up(
                 overdue, f"{protocol.ALL_BUSY}: waited {longest:g} s for a free worker "
                 "(QUEUE_MAX_WAIT)", ErrorCode.ALL_BUSY))
-        kinds: dict[Wanted, deque[Request]] = {}
+        # Alike includes patience: one that waits for a worker to come must not hold
+        # up one that is answered no_workers when none offers its command.
+        now = asyncio.get_running_loop().time()
+        kinds: dict[tuple[Wanted, bool], deque[Request]] = {}
         for request in batch:
             if request.state is not State.RESERVING:
                 continue
-            kinds.setdefault(request.wanted(), deque()).append(request)
+            kinds.setdefault((request.wanted(), request.patient_until > now),
+                             deque()).append(request)
         while kinds:
             heads = [alike.popleft() for alike in kinds.values()]
             await self._reserve(heads)

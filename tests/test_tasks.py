@@ -1,0 +1,237 @@
+"""Django tasks on the fleet, end to end: a real broker, a ``manage.py fleetworker`` and
+a plain worker in processes of their own, and a Django "web process" (neither of
+them) whose view enqueues tasks through ``dispatch.tasks.FleetBackend`` and reads
+their results from the broker's database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from dispatch.tasks import our_priority
+from tests.procs import ROOT, Broker, WorkerProc, _stop, scaled, wait_for
+
+pytestmark = [pytest.mark.timeout(120)]
+
+#: The web process: Django set up against the broker's database, the code of a test
+#: run, and what it leaves in ``out`` printed as JSON.
+WEB = r"""
+import json, os, sys, time
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "brokersite.settings")
+import django
+django.setup()
+from django.test import RequestFactory
+from tests import sample_tasks, sample_views
+
+def until(result, done, seconds=20):
+    end = time.time() + seconds
+    while not done(result) and time.time() < end:
+        time.sleep(0.02)
+        result.refresh()
+    return result
+
+def view(name, **query):
+    response = getattr(sample_views, name)(RequestFactory().get("/", query))
+    return json.loads(response.content)
+
+out = {}
+exec(compile(sys.stdin.read(), "test", "exec"))
+print(json.dumps(out, default=str))
+"""
+
+
+class Fleet:
+    """A broker, a fleetworker (queue "default"), a plain worker (echo)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.signals = workdir / "signals.jsonl"
+        self.broker = Broker(workdir, env={"TASK_SIGNALS_FILE": str(self.signals),
+                                           "BROKER_TASK_QUEUES": "default,other"}).start()
+        self.fleetworker = self.start_fleetworker("fw")
+        self.plain = WorkerProc(self.broker, "plain").start()
+        self.broker.wait_workers(2)
+
+    def start_fleetworker(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.broker.workdir / f"fleetworker-{name}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "fleetworker", self.broker.worker_url, "--name", name,
+             *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "DATABASE_URL": f"sqlite:///{self.broker.db_path}"})
+
+    def web(self, code: str, timeout: float = 60) -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-c", WEB], cwd=ROOT, input=code, capture_output=True, text=True,
+            timeout=scaled(timeout),
+            env={**os.environ, "DATABASE_URL": f"sqlite:///{self.broker.db_path}",
+                 "BROKER_FLEET_URL": self.broker.requester_url + "/",
+                 "BROKER_TASK_QUEUES": "default,other"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        _stop(self.fleetworker)
+        self.plain.stop()
+        self.broker.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    started = Fleet(tmp_path_factory.mktemp("tasks"))
+    yield started
+    started.stop()
+
+
+def test_a_view_enqueues_a_task_that_a_fleetworker_runs(fleet: Fleet) -> None:
+    out = fleet.web("""
+started = time.perf_counter()
+answer = view("start_add", a=2, b=3)
+out["enqueue_ms"] = (time.perf_counter() - started) * 1000
+out["answer"] = answer
+result = until(sample_tasks.add.get_result(answer["id"]), lambda r: r.is_finished)
+out["status"], out["value"] = result.status, result.return_value
+out["workers"], out["attempts"] = result.worker_ids, result.attempts
+out["args"], out["order"] = result.args, [result.enqueued_at <= result.started_at
+                                           <= result.finished_at]
+out["backend"] = result.backend
+r2 = until(sample_tasks.whoami.enqueue(note="hi"), lambda r: r.is_finished)
+out["context"] = r2.return_value
+out["context_id"] = r2.id
+""")
+    assert out["answer"]["status"] == "READY"
+    assert out["status"] == "SUCCESSFUL" and out["value"] == 5
+    assert len(out["workers"]) == 1 and out["attempts"] == 1 and out["args"] == [2, 3]
+    assert out["order"] == [True] and out["backend"] == "default"
+    workers = {w["name"]: w["worker_id"] for w in fleet.broker.workers()}
+    assert out["workers"] == [workers["fw"]]  # the fleetworker, not the plain worker
+    # The task's context: its own result id, first attempt.
+    assert out["context"] == {"id": out["context_id"], "attempt": 1, "note": "hi"}
+    assert out["enqueue_ms"] < 1000  # stored before it returns (a few ms; see the note)
+
+
+def test_results_go_through_every_status(fleet: Fleet) -> None:
+    out = fleet.web("""
+from datetime import timedelta
+from django.utils import timezone
+deferred = sample_tasks.add.using(run_after=timezone.now() + timedelta(seconds=1.5))
+later = deferred.enqueue(1, 1)
+out["ready"] = str(sample_tasks.add.get_result(later.id).status)
+slow = sample_tasks.slow.enqueue(1.0)
+until(slow, lambda r: r.status == "RUNNING" and r.progress)
+out["running"], out["progress"] = str(slow.status), slow.progress
+until(slow, lambda r: r.is_finished)
+out["slow"] = [str(slow.status), slow.return_value]
+until(later, lambda r: r.is_finished)
+out["later"] = [str(later.status), later.return_value,
+                (later.started_at - later.enqueued_at).total_seconds()]
+failed = until(sample_tasks.fails.enqueue("boom"), lambda r: r.is_finished)
+out["failed"] = [str(failed.status), failed.errors[0].exception_class_path,
+                 failed.errors[0].traceback, failed.errors[0].exception_class.__name__]
+async_one = until(sample_tasks.async_add.enqueue(20, 22), lambda r: r.is_finished)
+out["async"] = async_one.return_value
+cancelled = sample_tasks.slow.enqueue(30)
+until(cancelled, lambda r: r.status == "RUNNING")
+cancelled.cancel()
+until(cancelled, lambda r: r.is_finished)
+out["cancelled"] = [str(cancelled.status), cancelled.errors[0].exception_class_path]
+command = until(sample_tasks.echo.enqueue(message="hi"), lambda r: r.is_finished)
+out["command"] = [str(command.status), command.return_value, command.worker_ids]
+try:
+    sample_tasks.add.get_result("no-such-id")
+except Exception as exc:
+    out["missing"] = type(exc).__name__
+""")
+    assert out["ready"] == "READY"
+    assert out["running"] == "RUNNING" and 0 < out["progress"][0] <= 1
+    assert out["slow"] == ["SUCCESSFUL", 1.0]
+    assert out["later"][:2] == ["SUCCESSFUL", 2] and out["later"][2] >= 1.4
+    status, path, trace, name = out["failed"]
+    assert status == "FAILED" and path == "builtins.ValueError" and name == "ValueError"
+    assert "raise ValueError(text)" in trace and "boom" in trace
+    assert out["async"] == 42
+    assert out["cancelled"] == ["FAILED", "workers.errors.Cancelled"]
+    workers = {w["name"]: w["worker_id"] for w in fleet.broker.workers()}
+    assert out["command"] == ["SUCCESSFUL", "Echo: hi", [workers["plain"]]]
+    assert out["missing"] == "TaskResultDoesNotExist"
+
+
+def test_the_broker_sends_task_started_and_finished(fleet: Fleet) -> None:
+    out = fleet.web("""
+result = until(sample_tasks.add.enqueue(5, 5), lambda r: r.is_finished)
+out["id"] = result.id
+""")
+    def seen() -> list[list[str]]:
+        lines = fleet.signals.read_text().splitlines() if fleet.signals.exists() else []
+        return [s for s in map(json.loads, lines) if s[2] == out["id"]]
+    wait_for(lambda: len(seen()) == 2, 10, "the task's two signals")
+    assert seen() == [["started", "add", out["id"], "RUNNING"],
+                      ["finished", "add", out["id"], "SUCCESSFUL"]]
+
+
+def test_a_task_waits_for_a_worker_of_its_queue(fleet: Fleet) -> None:
+    out = fleet.web("""
+other = sample_tasks.add.using(queue_name="other").enqueue(7, 8)
+out["id"] = other.id
+time.sleep(0.5)
+out["before"] = str(sample_tasks.add.get_result(other.id).status)
+""")
+    assert out["before"] == "READY"  # no worker serves "other": it waits, not fails
+    late = fleet.start_fleetworker("other-fw", "--queue", "other")
+    try:
+        out = fleet.web(f"""
+result = until(sample_tasks.add.get_result({out["id"]!r}), lambda r: r.is_finished)
+out["after"] = [str(result.status), result.return_value]
+""")
+        assert out["after"] == ["SUCCESSFUL", 15]
+    finally:
+        _stop(late)
+
+
+def test_enqueue_on_commit_waits_for_the_transaction(fleet: Fleet) -> None:
+    out = fleet.web("""
+from django.db import transaction
+from dispatch.models import Job
+before = Job.objects.filter(task="tests.sample_tasks.add").count()
+with transaction.atomic():
+    view("start_after_commit")
+    out["inside"] = Job.objects.filter(task="tests.sample_tasks.add").count() - before
+time.sleep(0.3)
+out["after"] = Job.objects.filter(task="tests.sample_tasks.add").count() - before
+try:
+    with transaction.atomic():
+        view("start_after_commit")
+        raise RuntimeError("rolled back")
+except RuntimeError:
+    pass
+time.sleep(0.3)
+out["rolled_back"] = Job.objects.filter(task="tests.sample_tasks.add").count() - before
+""")
+    assert out == {"inside": 0, "after": 1, "rolled_back": 1}
+
+
+def test_priorities_map_onto_the_brokers() -> None:
+    assert [our_priority(p) for p in (-100, -50, 0, 50, 99, 100)] == [0, 2, 4, 6, 8, 9]
+
+
+def test_check_reports_bad_options() -> None:
+    from dispatch.tasks import FleetBackend
+
+    backend = FleetBackend("x", {"QUEUES": ["default"], "OPTIONS": {
+        "TIMEOUT": 0, "SELECT": {"gpu": {"gpu": "a100"}}, "RETRIES": 3}})
+    ids = sorted(m.id for m in backend.check())
+    assert ids == ["dispatch.T001", "dispatch.T002", "dispatch.T004"]
+    assert FleetBackend("y", {}).check() == []
+
+
+def test_a_fleet_command_task_takes_keyword_arguments_only() -> None:
+    from dispatch.tasks.compat import InvalidTask
+    from tests import sample_tasks
+
+    with pytest.raises(InvalidTask, match="keyword arguments only"):
+        sample_tasks.echo.enqueue("positional")
