@@ -31,7 +31,7 @@ from .formats import duration, percent
 from .auth import digest, new_token
 from .control import services
 from .management.base import worker_state
-from .models import Credential, Job, RequestRecord, WorkerSession
+from .models import Credential, DeadLetter, Job, RequestRecord, WorkerSession
 
 #: Rows whose values a history filter lists: the newest ones, never the whole table.
 RECENT_ROWS = 10_000
@@ -351,7 +351,7 @@ class JobAdmin(ReadOnlyAdmin):
     """The job store: requests not answered yet (and, a while, those just answered)."""
 
     list_display = ("request_id", "command", "state", "worker_id", "restarts", "process",
-                    "created_at", "deadline")
+                    "created_at", "deadline", "replayed_from")
     list_filter = ("state", "command")
     search_fields = ("request_id", "key", "worker_id")
     ordering = ("-created_at",)
@@ -370,6 +370,74 @@ class JobAdmin(ReadOnlyAdmin):
     @admin.display(description="answer")
     def answer_text(self, obj: Job) -> str:
         return obj.answer or "-"
+
+    @admin.display(description="run again from")
+    def replayed_from(self, obj: Job) -> SafeString | str:
+        if not obj.replay_of:
+            return "-"
+        url = reverse("admin:dispatch_deadletter_changelist")
+        return format_html('<a href="{}?{}">{}</a>', url, urlencode({"q": obj.replay_of}),
+                           obj.replay_of)
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdmin):
+    """Jobs that failed for want of a worker (retries exhausted, poison, worker lost,
+    hung, timed out, a handler's failure): run them again from here."""
+
+    list_display = ("request_id", "command", "code", "error", "worker_id", "tried",
+                    "finished_at", "runs_again")
+    list_filter = ("code", "command")
+    search_fields = ("request_id", "worker_id", "task")
+    ordering = ("-finished_at",)
+    actions = ["run_again"]
+    exclude = ("request", "answer")
+    readonly_fields = ("answer_text",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DeadLetter]:
+        from .core.store import DEAD_LETTERS
+
+        return super().get_queryset(request).filter(state=Job.State.DONE,
+                                                    code__in=DEAD_LETTERS)
+
+    @admin.display(description="error")
+    def error(self, obj: Job) -> str:
+        from workers import protocol
+
+        try:
+            return str(protocol.loads_object(obj.answer).get("error") or "")[:200]
+        except protocol.ProtocolError:
+            return "-"
+
+    @admin.display(description="answer")
+    def answer_text(self, obj: Job) -> str:
+        return obj.answer or "-"
+
+    @admin.display(description="run again as")
+    def runs_again(self, obj: Job) -> SafeString | str:
+        again = list(Job.objects.filter(replay_of=obj.request_id).values_list(
+            "request_id", flat=True)[:5])
+        if not again:
+            return "-"
+        url = reverse("admin:dispatch_job_changelist")
+        return format_html_join(", ", '<a href="{}?{}">{}</a>',
+                                ((url, urlencode({"q": rid}), rid) for rid in again))
+
+    @admin.action(description="Run again: same command and data, a new request id")
+    def run_again(self, request: HttpRequest, queryset: Any) -> None:
+        from .replay import NotReplayable, replay
+
+        started, refused = [], []
+        for job in queryset:
+            try:
+                started.append(f"{job.request_id} as {replay(job)}")
+            except (NotReplayable, RuntimeError) as exc:
+                refused.append(str(exc))
+        if started:
+            self.message_user(request, f"Running again: {', '.join(started)}")
+        if refused:
+            self.message_user(request, f"Not run again: {'; '.join(refused)}",
+                              level=messages.WARNING)
 
 
 @admin.register(Credential)

@@ -64,6 +64,12 @@ class BrokerSettings(BaseModel):
                                      "slot is given back anyway", gt=0)
     RESULT_TTL: float = _doc(300.0, "seconds a request's final answer is kept for re-attach; "
                                     "0: not kept", ge=0)
+    DEAD_LETTER_TTL: float = _doc(7 * 86400.0, "how long a job that failed for want of a "
+                                               "worker (worker_lost, lease_expired, timeout, "
+                                               "a handler's failure) is kept in the job "
+                                               "store to be run again from the admin "
+                                               "(30d, 12h; 0: RESULT_TTL like the rest)",
+                                  ge=0)
     RESULT_STORE_BYTES: int = _doc(64 * MiB, "bytes of final answers kept in memory for "
                                              "re-attach at most (oldest go first)", ge=0)
     EJECT_AFTER: int = _doc(5, "infrastructure faults in a row (leases that ran out) after "
@@ -172,7 +178,7 @@ class BrokerSettings(BaseModel):
         parse_canaries(value)  # raises ValueError, which pydantic reports with the name
         return value
 
-    @field_validator("HISTORY_RETENTION", mode="before")
+    @field_validator("HISTORY_RETENTION", "DEAD_LETTER_TTL", mode="before")
     @classmethod
     def _retention(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

@@ -232,6 +232,8 @@ class Job(models.Model):
     expires_at = models.DateTimeField(
         null=True, blank=True,
         help_text="its answer is kept until then (empty: RESULT_TTL after it)")
+    code = models.CharField(max_length=32, blank=True, db_default="",
+                            help_text="why it failed (an ErrorCode), once answered")
     progress = models.CharField(
         max_length=300, blank=True, db_default="",
         help_text="a Django task's last progress report: [fraction, message] (JSON)")
@@ -296,3 +298,13 @@ class Schedule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class DeadLetter(Job):
+    """A job that failed for want of a worker, not for its request (worker_lost,
+    lease_expired, timeout, a handler's failure): the admin's *Dead letters*, kept
+    ``DEAD_LETTER_TTL`` and run again from there (:mod:`dispatch.replay`)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "dead letter"

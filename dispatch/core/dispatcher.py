@@ -304,7 +304,7 @@ class Dispatcher:
         record(self.recorder, request, response, now, latency_ms)
         text = response.to_json()
         self.results.put(request.owner, request.request_id, text)
-        self.keeper.answered(request, text, now)
+        self.keeper.answered(request, text, now, response.code)
         if request.task:  # a Django task: task_finished
             from ..tasks import signals
             signals.answered(request, response)

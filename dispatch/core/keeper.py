@@ -68,7 +68,7 @@ class Keeper:
             self.store.accepted if self.store is not None else _nothing
         self.placed: Callable[[Request, str], None] = \
             self.store.placed if self.store is not None else _nothing
-        self.answered: Callable[[Request, str, float], None] = \
+        self.answered: Callable[[Request, str, float, str | None], None] = \
             self.store.answered if self.store is not None else _nothing
         self.progressed: Callable[[Request], None] = \
             self.store.progressed if self.store is not None else _nothing

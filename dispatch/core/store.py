@@ -23,6 +23,7 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 
 from workers import protocol
+from workers.protocol import ErrorCode
 
 from .. import conf
 from ..history import SEEN_EVERY
@@ -42,17 +43,21 @@ PRUNE_EVERY = 10.0
 _COLUMNS = ("key", "request_id", "owner", "command", "state", "request", "worker_id",
             "retry_safe", "process", "inbox", "restarts", "created_at", "deadline",
             "finished_at", "answer", "task", "tried", "started_at", "attempted_at",
-            "not_before", "expires_at", "replay_of", "progress")
+            "not_before", "expires_at", "replay_of", "progress", "code")
 _AT = {name: i for i, name in enumerate(_COLUMNS)}
 _STATE, _WORKER, _RETRY_SAFE = _AT["state"], _AT["worker_id"], _AT["retry_safe"]
 _ANSWER, _FINISHED, _REQUEST = _AT["answer"], _AT["finished_at"], _AT["request"]
 _TRIED, _STARTED, _ATTEMPTED = _AT["tried"], _AT["started_at"], _AT["attempted_at"]
-_EXPIRES, _PROGRESS = _AT["expires_at"], _AT["progress"]
+_EXPIRES, _PROGRESS, _CODE = _AT["expires_at"], _AT["progress"], _AT["code"]
 #: What a row written again changes (the rest is the same since it was accepted).
 _CHANGING = ("state", "worker_id", "retry_safe", "finished_at", "answer", "tried",
-             "started_at", "attempted_at", "expires_at", "progress")
+             "started_at", "attempted_at", "expires_at", "progress", "code")
 _TIMES = tuple(_AT[name] for name in ("created_at", "deadline", "finished_at", "started_at",
                                       "attempted_at", "not_before", "expires_at"))
+#: Failures that are the fleet's, not the request's: kept DEAD_LETTER_TTL, to run again.
+DEAD_LETTERS = frozenset(c.value for c in (
+    ErrorCode.WORKER_LOST, ErrorCode.LEASE_EXPIRED, ErrorCode.TIMEOUT,
+    ErrorCode.HANDLER_FAILED, ErrorCode.WORKER_ERROR))
 QUEUED, RUNNING, DONE = Job.State.QUEUED.value, Job.State.RUNNING.value, Job.State.DONE.value
 
 
@@ -121,7 +126,7 @@ class JobStore:
             request.started + (request.deadline - request.opened), None, "", request.task,
             request.tried, None, None,
             request.started + (request.not_before - request.opened) if request.not_before
-            else None, None, request.replay_of, ""]
+            else None, None, request.replay_of, "", ""]
         self._dirty.add(request.key)
         self._wake.set()
 
@@ -151,18 +156,21 @@ class JobStore:
         self._dirty.add(request.key)
         self._wake.set()
 
-    def answered(self, request: Request, text: str, when: float) -> None:
+    def answered(self, request: Request, text: str, when: float, code: str | None) -> None:
+        keep = request.keep
+        if code in DEAD_LETTERS:  # kept to be run again from the admin
+            keep = max(keep, conf.get("DEAD_LETTER_TTL"))
+        expires = when + keep if keep > conf.get("RESULT_TTL") else None
         row = self._rows.get(request.key)
         if row is None:
-            expires = when + request.keep if request.keep > conf.get("RESULT_TTL") else None
             self._change(request.key, state=DONE, answer=text, finished_at=when,
-                         expires_at=expires)
+                         expires_at=expires, code=code or "")
             return
         row[_STATE], row[_ANSWER], row[_FINISHED] = DONE, text, when
-        if request.keep > conf.get("RESULT_TTL"):
-            row[_EXPIRES] = when + request.keep
-        if isinstance(row[_REQUEST], Request):  # answered before it was ever written: a
-            row[_REQUEST] = ""  # done row needs its answer only (a refused one cost disk)
+        row[_EXPIRES], row[_CODE] = expires, code or ""
+        if isinstance(row[_REQUEST], Request) and code not in DEAD_LETTERS:
+            row[_REQUEST] = ""  # answered before it was ever written: a done row needs its
+            # answer only (a refused one cost disk); a dead letter, what runs it again
         self._dirty.add(request.key)
         self._wake.set()
 
