@@ -9,7 +9,10 @@ django_asgi_app = get_asgi_application()  # sets Django up before consumers are 
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from dispatch.tasks import signals as task_signals  # noqa: E402
 from dispatch.transport.routing import HttpPorts, SocketRouter, StaticFiles  # noqa: E402
+
+task_signals.install()  # this process's Django tasks send task_started / task_finished
 
 application = ProtocolTypeRouter({
     "http": HttpPorts(StaticFiles(django_asgi_app)),

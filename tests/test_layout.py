@@ -78,7 +78,7 @@ def test_the_worker_side_imports_nothing_of_the_broker() -> None:
 LAYERS = [
     ("dispatch.management", "dispatch.admin", "dispatch.server", "brokersite"),
     ("dispatch.transport",),
-    ("dispatch.control",),
+    ("dispatch.control", "dispatch.fleet", "dispatch.tasks", "dispatch.replay"),
     ("dispatch.core",),
     ("dispatch.registry",),
     ("dispatch.redis",),

@@ -36,11 +36,12 @@ from .lookup import Lookup
 from .metering import meter
 from .handover import Handover
 from .keeper import Keeper
-from .requests import (Action, Answer, Arm, ArmHedge, AwaitWorker, CancelOnWorker, Defer,
-                       GiveBack, Notify, Request, RequestTable, Reserve, Sink, State, Wake, Watcher)
+from .requests import (Action, Answer, CancelOnWorker, GiveBack, Notify, Request, RequestTable,
+                       Reserve, Sink, State, Wake, Watcher)
 from .requests import Forward as Place
 from .results import results_for
 from .slots import Slots
+from .timers import Timers, disarm
 
 log = logging.getLogger("dispatch.dispatcher")
 
@@ -81,10 +82,10 @@ class Dispatcher:
         #: Stopping with a job store: its requests are handed over (:mod:`.handover`).
         self.handing_over = False
         self._actions: dict[type[Any], Callable[[Any], Awaitable[None]]] = {
-            Place: self._forward, Answer: self._answer, Arm: self._arm,
-            Reserve: self._reserve, GiveBack: self._give_back, Notify: self._notify,
-            CancelOnWorker: self._cancel_on_worker, ArmHedge: self._arm_hedge,
-            AwaitWorker: self._await_worker, Defer: self._defer, Wake: self._wake}
+            Place: self._forward, Answer: self._answer, Reserve: self._reserve,
+            GiveBack: self._give_back, Notify: self._notify,
+            CancelOnWorker: self._cancel_on_worker, Wake: self._wake,
+            **Timers(self.table, self.keeper.recovery, self._perform).handlers()}
         for kind, handler in ((Reply, self._on_reply), (Lost, self._on_lost),
                               (Progress, self._on_progress), (Chunk, self._on_chunk)):
             self.exchange.on(kind, handler)  # type: ignore[arg-type]
@@ -332,15 +333,6 @@ class Dispatcher:
 
         return send_ack
 
-    async def _arm(self, action: Arm) -> None:
-        request = action.request
-        request.timer = asyncio.get_running_loop().call_at(
-            request.deadline, self._timer_fired, self.table.expired, request.key)
-
-    async def _arm_hedge(self, action: ArmHedge) -> None:
-        action.request.hedge_timer = asyncio.get_running_loop().call_later(
-            action.delay, self._timer_fired, self.table.hedge_due, action.request.key)
-
     async def _reserve(self, action: Reserve) -> None:
         await self.slots.reserve(action.requests)
 
@@ -352,24 +344,8 @@ class Dispatcher:
         await self.exchange.deliver(placement.inbox, Cancel(
             action.request.key, placement.connection, action.reason))
 
-    async def _await_worker(self, action: AwaitWorker) -> None:
-        action.request.wait_timer = asyncio.get_running_loop().call_later(
-            action.grace, self._timer_fired, self.keeper.recovery.not_back, action.request.key)
-
-    async def _defer(self, action: Defer) -> None:
-        loop = asyncio.get_running_loop()
-        action.request.wait_timer = loop.call_later(  # (a deferred one awaits no worker)
-            action.delay, self._timer_fired, lambda key: self.table.due(key, loop.time()),
-            action.request.key)
-
     async def _wake(self, action: Wake) -> None:
         self.slots.wake()
-
-    def _timer_fired(self, step: Callable[[str], list[Action]], key: str) -> None:
-        """A request's timer (its deadline, its hedge delay): the table's step for it."""
-        actions = step(key)
-        if actions:
-            asyncio.ensure_future(self._perform(actions))
 
 
 async def unready(exchange: Exchange, registry: Registry, timeout: float) -> str | None:
@@ -386,14 +362,6 @@ async def unready(exchange: Exchange, registry: Registry, timeout: float) -> str
     except Exception as exc:  # noqa: BLE001 - the reason is the answer
         return f"registry: {type(exc).__name__}: {exc}"
     return None
-
-
-def disarm(request: Request) -> None:
-    """Stop a request's timers (it is answered)."""
-    for timer in (request.timer, request.hedge_timer, request.wait_timer):
-        if timer is not None:
-            timer.cancel()
-    request.timer = request.hedge_timer = request.wait_timer = None
 
 
 def record(recorder: HistoryRecorder, request: Request, response: protocol.ApiResponse,
@@ -418,6 +386,17 @@ def record(recorder: HistoryRecorder, request: Request, response: protocol.ApiRe
         workers_lost=request.workers_lost, code=response.code, routing=request.routing,
         placed_at=request.started + (request.placed - request.opened) if request.placed
         else None, traceparent=request.traceparent)
+
+
+#: Told of each Django task's job as it is given to a worker (no answer yet) and as it is
+#: answered: :mod:`dispatch.tasks.signals` installs itself here when the broker's ASGI
+#: application loads.
+task_watchers: list[Callable[[Request, protocol.ApiResponse | None], None]] = []
+
+
+def tell_watchers(request: Request, response: protocol.ApiResponse | None) -> None:
+    for watcher in task_watchers:
+        watcher(request, response)
 
 
 _dispatchers: PerLoop[Dispatcher] = PerLoop(

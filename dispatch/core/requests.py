@@ -334,8 +334,64 @@ class Holdings:
 
 
 
+class _Queueing:
+    """The table's queue: requests that wait for a slot, and the passes over them."""
+
+    waiting: WaitQueue[Request]
+    stats: Counter[str]
+    _returning: list[Request] | None
+
+    def _answer(self, request: Request, error: str, code: ErrorCode) -> Answer:
+        raise NotImplementedError
+
+    def _wait(self, request: Request) -> list[Action]:
+        if request.queued and self._returning is not None:  # taken by this pass
+            request.state = State.WAITING
+            self._returning.append(request)
+            return []
+        actions: list[Action] = [Wake()]
+        if len(self.waiting) + len(self._returning or ()) >= conf.get("QUEUE_LIMIT"):
+            self.stats["queue_full"] += 1
+            pushed = self.waiting.make_room(request.owner)
+            if pushed is None:
+                return [self._answer(request, protocol.ALL_BUSY, ErrorCode.ALL_BUSY)]
+            if pushed.state is State.WAITING:  # else answered already: its place was free
+                actions.append(self._answer(pushed, QUEUE_SHARED, ErrorCode.ALL_BUSY))
+        request.state = State.WAITING
+        request.queued = True
+        self.waiting.append(request)
+        return actions
+
+    def give_up(self, requests: Iterable[Request], error: str, code: ErrorCode
+                ) -> list[Action]:
+        """Answer those of them a pass holds unplaced (the registry cannot be asked, or
+        they waited too long)."""
+        return [self._answer(r, error, code) for r in requests if r.state is State.RESERVING]
+
+    def take_waiting(self) -> list[Request]:
+        """The queued requests, in the order to serve them, for a pass over the queue.
+        Those that find no slot again, or are not tried (:meth:`untried`), go back to
+        the front of the queue when the pass ends (:meth:`end_pass`), in order."""
+        batch = [r for r in self.waiting.take_all() if r.state is State.WAITING]
+        for request in batch:
+            request.state = State.RESERVING
+        self._returning = []
+        return batch
+
+    def untried(self, requests: Iterable[Request]) -> None:
+        """Requests of a pass not tried (one like them just found no slot)."""
+        for request in requests:
+            if request.state is State.RESERVING:
+                request.state = State.WAITING
+                self._returning.append(request)  # type: ignore[union-attr]
+
+    def end_pass(self) -> None:
+        returning, self._returning = self._returning, None
+        self.waiting.put_front([r for r in returning or () if r.state is State.WAITING])
+
+
 @dataclass
-class RequestTable:
+class RequestTable(_Queueing):
     """The requests of one broker process, from arrival to answer."""
 
     requests: dict[str, Request] = field(default_factory=dict)
@@ -444,51 +500,6 @@ class RequestTable:
         request.hedging = Hedge.SENT
         self.stats["hedged"] += 1
         return [self._place(request, worker, reservation.why, now)]
-
-    def _wait(self, request: Request) -> list[Action]:
-        if request.queued and self._returning is not None:  # taken by this pass
-            request.state = State.WAITING
-            self._returning.append(request)
-            return []
-        actions: list[Action] = [Wake()]
-        if len(self.waiting) + len(self._returning or ()) >= conf.get("QUEUE_LIMIT"):
-            self.stats["queue_full"] += 1
-            pushed = self.waiting.make_room(request.owner)
-            if pushed is None:
-                return [self._answer(request, protocol.ALL_BUSY, ErrorCode.ALL_BUSY)]
-            if pushed.state is State.WAITING:  # else answered already: its place was free
-                actions.append(self._answer(pushed, QUEUE_SHARED, ErrorCode.ALL_BUSY))
-        request.state = State.WAITING
-        request.queued = True
-        self.waiting.append(request)
-        return actions
-
-    def give_up(self, requests: Iterable[Request], error: str, code: ErrorCode
-                ) -> list[Action]:
-        """Answer those of them a pass holds unplaced (the registry cannot be asked, or
-        they waited too long)."""
-        return [self._answer(r, error, code) for r in requests if r.state is State.RESERVING]
-
-    def take_waiting(self) -> list[Request]:
-        """The queued requests, in the order to serve them, for a pass over the queue.
-        Those that find no slot again, or are not tried (:meth:`untried`), go back to
-        the front of the queue when the pass ends (:meth:`end_pass`), in order."""
-        batch = [r for r in self.waiting.take_all() if r.state is State.WAITING]
-        for request in batch:
-            request.state = State.RESERVING
-        self._returning = []
-        return batch
-
-    def untried(self, requests: Iterable[Request]) -> None:
-        """Requests of a pass not tried (one like them just found no slot)."""
-        for request in requests:
-            if request.state is State.RESERVING:
-                request.state = State.WAITING
-                self._returning.append(request)  # type: ignore[union-attr]
-
-    def end_pass(self) -> None:
-        returning, self._returning = self._returning, None
-        self.waiting.put_front([r for r in returning or () if r.state is State.WAITING])
 
     def replied(self, key: str, worker_id: str, success: bool, data: Any,
                 error: str | None, code: str | None, latency_ms: float | None = None

@@ -20,6 +20,7 @@ from django.utils.module_loading import import_string
 
 from workers.protocol import ApiResponse
 
+from ..core.dispatcher import task_watchers
 from ..core.requests import Request
 from .compat import Task, TaskResultStatus, task_finished, task_started
 
@@ -28,15 +29,20 @@ log = logging.getLogger("dispatch.tasks")
 _sending = ThreadPoolExecutor(1, "dispatch-task-signals")
 
 
-def placed(request: Request) -> None:
-    if request.attempts == 1:  # started: its first worker has it
+def install() -> None:
+    """Have this process's dispatchers tell of their tasks' jobs (a broker process)."""
+    if watch not in task_watchers:
+        task_watchers.append(watch)
+
+
+def watch(request: Request, response: ApiResponse | None) -> None:
+    """A task's job was given to a worker (``response`` None) or answered."""
+    if response is not None:
+        status = TaskResultStatus.SUCCESSFUL if response.success else TaskResultStatus.FAILED
+        _sending.submit(_send, task_finished, request, status, response, time.time())
+    elif request.attempts == 1:  # started: its first worker has it
         _sending.submit(_send, task_started, request, TaskResultStatus.RUNNING, None,
                         time.time())
-
-
-def answered(request: Request, response: ApiResponse) -> None:
-    status = TaskResultStatus.SUCCESSFUL if response.success else TaskResultStatus.FAILED
-    _sending.submit(_send, task_finished, request, status, response, time.time())
 
 
 @functools.lru_cache(maxsize=1024)
