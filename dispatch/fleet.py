@@ -22,13 +22,13 @@ import os
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
 from workers import protocol
 from workers.address import broker_url
 from workers.errors import RequestFailed
-from workers.protocol import ApiResponse
-from workers.requester import Job, Requester, Route, _unix
+from workers.protocol import ApiResponse, ErrorCode
+from workers.requester import Job, Progress, Requester, Result, Route, _unix
 
 from . import conf
 from .balancing import selector
@@ -121,6 +121,62 @@ async def acancel(request_id: str) -> None:
     await _on(loop, coro)
 
 
+async def awatch(request_id: str, timeout: float | None = None
+                 ) -> AsyncIterator[dict[str, Any]]:
+    """A job's progress as it comes, then its result, as dicts ready to send to a
+    browser: ``{"event": "progress", "progress": 0.5, "message": "..."}``, ...,
+    ``{"event": "result", "success": true, "data": ..., "error": null, "code": null}``.
+    In a broker process: jobs started there; elsewhere: jobs of this process's key."""
+    caller = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def push(item: dict[str, Any]) -> None:
+        caller.call_soon_threadsafe(queue.put_nowait, item)
+
+    loop = broker_loop()
+    if loop is not None:
+        producer = _watch_here(request_id, push)
+    else:
+        remote = _remote_fleet()
+        loop, producer = remote.loop, remote.watch(request_id, timeout, push)
+    running = asyncio.run_coroutine_threadsafe(producer, loop)
+    try:
+        while True:
+            item = await queue.get()
+            yield item
+            if item["event"] == "result":
+                return
+    finally:
+        running.cancel()
+
+
+def _result(response: ApiResponse | None, exc: BaseException | None = None
+            ) -> dict[str, Any]:
+    if response is None:
+        return {"event": "result", "success": False, "data": None,
+                "error": f"{type(exc).__name__}: {exc}", "code": getattr(exc, "code", None)}
+    return {"event": "result", "success": response.success, "data": response.data,
+            "error": response.error, "code": response.code}
+
+
+async def _watch_here(request_id: str, push: Callable[[dict[str, Any]], None]) -> None:
+    from .core.dispatcher import get_dispatcher
+
+    class Watch(_Answer):
+        async def answer(self, response: ApiResponse, text: str) -> None:
+            push(_result(response))
+
+        async def event(self, request_id: str, text: str, *, ack: Any = None,
+                        mergeable: bool = False) -> None:
+            push(protocol.loads_object(text))
+            await super().event(request_id, text, ack=ack)
+
+    dispatcher = await get_dispatcher()
+    if not await dispatcher.lookup.attach(OWNER, request_id, Watch(), True):
+        push(_result(ApiResponse.failure(request_id, f"Unknown request '{request_id}'",
+                                         ErrorCode.UNKNOWN_REQUEST)))
+
+
 # --------------------------------------------------------------------------- where it goes
 
 
@@ -175,9 +231,8 @@ async def _start_here(command: str, data: dict[str, Any], options: Options) -> F
         select=selector(options.select or {}), affinity=options.affinity,
         not_before=_unix(options.not_before), wait_for_workers=options.wait_for_workers,
         keep=options.keep or 0.0, task=options.task or "", replay_of=options.replay_of)
-    if not sink.future.done():
-        await asyncio.wait({dispatcher.keeper.committed(), sink.future},
-                           return_when=asyncio.FIRST_COMPLETED)
+    await dispatcher.keeper.committed()  # stored (even if answered already: its row is
+    # there for whoever reads it next)
 
     return FleetJob(request_id, sink.result(), lambda: _cancel_here(request_id))
 
@@ -225,6 +280,22 @@ class _Remote:
 
     async def cancel(self, request_id: str) -> None:
         await (await self.connected())._send_cancel(request_id)
+
+    async def watch(self, request_id: str, timeout: float | None,
+                    push: Callable[[dict[str, Any]], None]) -> None:
+        job = await (await self.connected()).watch(request_id, timeout=timeout)
+        try:
+            async for event in job.events():
+                if isinstance(event, Result):
+                    push(_result(event.response))
+                elif isinstance(event, Progress):
+                    push({"event": "progress", "progress": event.progress,
+                          "message": event.message})
+        except RequestFailed as exc:
+            push(_result(exc.response if isinstance(exc.response, ApiResponse) else None,
+                         exc))
+        except (TimeoutError, ConnectionError) as exc:
+            push(_result(None, exc))
 
     async def start(self, command: str, data: dict[str, Any], options: Options) -> FleetJob:
         job: Job = await (await self.connected()).start(

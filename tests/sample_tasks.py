@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import time
 
-from dispatch.tasks import report_progress
-
-try:
-    from django.tasks import task
-except ImportError:  # Django 5.2
-    from django_tasks import task
+from dispatch.tasks import report_progress, task
 
 
 @task()

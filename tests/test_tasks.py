@@ -58,20 +58,23 @@ class Fleet:
         self.plain = WorkerProc(self.broker, "plain").start()
         self.broker.wait_workers(2)
 
-    def start_fleetworker(self, name: str, *args: str) -> subprocess.Popen:
+    def start_fleetworker(self, name: str, *args: str, env: dict[str, str] | None = None
+                          ) -> subprocess.Popen:
         log = (self.broker.workdir / f"fleetworker-{name}.log").open("ab")
         return subprocess.Popen(
             [sys.executable, "manage.py", "fleetworker", self.broker.worker_url, "--name", name,
              *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "DATABASE_URL": f"sqlite:///{self.broker.db_path}"})
+            env={**os.environ, "DATABASE_URL": f"sqlite:///{self.broker.db_path}",
+                 **(env or {})})
 
-    def web(self, code: str, timeout: float = 60) -> dict[str, Any]:
+    def web(self, code: str, timeout: float = 60, env: dict[str, str] | None = None
+            ) -> dict[str, Any]:
         done = subprocess.run(
             [sys.executable, "-c", WEB], cwd=ROOT, input=code, capture_output=True, text=True,
             timeout=scaled(timeout),
             env={**os.environ, "DATABASE_URL": f"sqlite:///{self.broker.db_path}",
                  "BROKER_FLEET_URL": self.broker.requester_url + "/",
-                 "BROKER_TASK_QUEUES": "default,other"})
+                 "BROKER_TASK_QUEUES": "default,other", **(env or {})})
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -235,3 +238,60 @@ def test_a_fleet_command_task_takes_keyword_arguments_only() -> None:
 
     with pytest.raises(InvalidTask, match="keyword arguments only"):
         sample_tasks.echo.enqueue("positional")
+
+
+def test_the_django_page_examples_run(fleet: Fleet, tmp_path: Path) -> None:
+    """docs/django.md's myapp (tasks, a view and its progress page's consumer), as the
+    page prints it: a fleetworker runs its task, a worker its 'train' command (the
+    long-jobs page's), and the consumer pushes the job's progress, then its result."""
+    from tests.test_readme import PAGES, code_blocks
+
+    app = tmp_path / "myapp"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    for block in code_blocks("python", PAGES[ROOT / "docs" / "django.md"]):
+        first = block.splitlines()[0]
+        if first.startswith("# myapp/"):
+            (tmp_path / first[2:]).write_text(block)
+    assert sorted(p.name for p in app.iterdir()) == [
+        "__init__.py", "consumers.py", "tasks.py", "views.py"]
+    jobs = code_blocks("python", PAGES[ROOT / "docs" / "long-jobs.md"])[0]
+    (tmp_path / "jobs.py").write_text(jobs)
+    path = os.pathsep.join([str(ROOT), str(tmp_path)])
+    trainer = WorkerProc(fleet.broker, "trainer", ["--handlers", "jobs"],
+                         env={"PYTHONPATH": path}).start()
+    docs_fw = fleet.start_fleetworker("docs-fw", "--queue", "docs", env={"PYTHONPATH": path})
+    try:
+        out = fleet.web("""
+import asyncio, re
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.urls import path
+from myapp import consumers, tasks, views
+result = until(tasks.thumbnail.using(queue_name="docs").enqueue("a.png", width=128),
+               lambda r: r.is_finished)
+out["task"] = [str(result.status), result.return_value, list(result.progress)]
+page = views.start_training(RequestFactory().get("/")).content.decode()
+job_id = re.search(r"/ws/jobs/([^/]+)/", page)[1]
+
+async def watch():
+    app = URLRouter([path("ws/jobs/<str:job_id>/", consumers.JobProgress.as_asgi())])
+    socket = WebsocketCommunicator(app, f"/ws/jobs/{job_id}/")
+    assert (await socket.connect(timeout=10))[0]
+    events = []
+    while not events or events[-1]["event"] != "result":
+        events.append(await socket.receive_json_from(timeout=20))
+    await socket.disconnect()
+    return events
+
+out["events"] = asyncio.run(watch())
+""", env={"PYTHONPATH": path, "BROKER_TASK_QUEUES": "default,other,docs"})
+    finally:
+        _stop(docs_fw)
+        trainer.stop()
+    assert out["task"] == ["SUCCESSFUL", {"path": "a.png", "width": 128}, [1.0, "step 4 of 4"]]
+    events = out["events"]
+    assert events[-1] == {"event": "result", "success": True, "data": {"epochs": 5},
+                          "error": None, "code": None}
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and all(0 < e["progress"] <= 1 for e in progress)

@@ -118,7 +118,7 @@ class Route:
 class _Call:
     """One request in flight: its answer to come, and what to do with its events."""
 
-    __slots__ = ("request", "future", "accepted", "events", "chunks", "attaching")
+    __slots__ = ("request", "future", "accepted", "events", "chunks", "attaching", "watched")
 
     def __init__(self, request: ApiRequest, on_event: Callable[[Event], Any] | None) -> None:
         self.request = request
@@ -130,6 +130,8 @@ class _Call:
         self.chunks: list[Any] = []
         #: Re-attached after a reconnect: a broker that never had it gets it again.
         self.attaching = False
+        #: Started elsewhere (:meth:`Requester.watch`): never sent from here.
+        self.watched = False
 
 
 class Job:
@@ -221,6 +223,9 @@ class _Calls(dict[str, _Call]):
             logger.debug("Answer to unknown request %s dropped", response.request_id)
         elif response.code == ErrorCode.UNKNOWN_REQUEST.value and \
                 not call.future.done() and response.request_id is not None:
+            if call.watched:  # nothing to send: unknown is its answer
+                call.future.set_result(response)
+                return
             if call.attaching:  # re-attached, unknown: it never arrived; it goes now
                 call.attaching = False
                 self.resend(call)
@@ -425,6 +430,24 @@ class Requester:
             self._calls.pop(call.request.request_id, None)
             raise TimeoutError(f"'{command}' was not accepted by {self.url} within "
                                f"{self._limit(call):.1f}s") from None
+        return Job(self, call, queue)
+
+    async def watch(self, request_id: str, *, timeout: float | None = None) -> Job:
+        """A :class:`Job` for a request that this credential started elsewhere (another
+        connection, another process): ``job.events()`` gives its progress from now on,
+        then its result. One unknown to the broker (or answered longer ago than its
+        answer is kept) fails with :class:`~workers.errors.Refused` (``unknown_request``).
+        ``timeout``: how long to wait for its answer (default ``default_timeout``)."""
+        ws = await self._connection()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        call = _Call(ApiRequest("(watched)", request_id=request_id, timeout=timeout,
+                                stream=True), queue.put_nowait)
+        call.watched = True
+        self._calls[request_id] = call
+        try:
+            await ws.send(json.dumps({"attach": request_id, "stream": True}))
+        except ConnectionClosed:
+            pass  # attached again once reconnected
         return Job(self, call, queue)
 
     async def stream(self, command: str, /, *, timeout: float | None = None,

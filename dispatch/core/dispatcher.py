@@ -280,8 +280,7 @@ class Dispatcher:
                           worker.worker_id, worker.connection, request.stream, request.traceparent)
         self.keeper.placed(request, worker.worker_id)
         if request.task:  # a Django task: task_started
-            from ..tasks import signals
-            signals.placed(request)
+            tell_watchers(request, None)
         if request.retry_safe or not self.keeper.after_commit(
                 lambda: self._deliver(request, worker, forward)):
             await self._deliver(request, worker, forward)
@@ -307,8 +306,7 @@ class Dispatcher:
         self.results.put(request.owner, request.request_id, text)
         self.keeper.answered(request, text, now, response.code)
         if request.task:  # a Django task: task_finished
-            from ..tasks import signals
-            signals.answered(request, response)
+            tell_watchers(request, response)
         for watcher in request.watchers:
             try:
                 await watcher.sink.answer(response, text)

@@ -168,9 +168,10 @@ class JobStore:
             return
         row[_STATE], row[_ANSWER], row[_FINISHED] = DONE, text, when
         row[_EXPIRES], row[_CODE] = expires, code or ""
-        if isinstance(row[_REQUEST], Request) and code not in DEAD_LETTERS:
+        if isinstance(row[_REQUEST], Request) and expires is None:
             row[_REQUEST] = ""  # answered before it was ever written: a done row needs its
-            # answer only (a refused one cost disk); a dead letter, what runs it again
+            # answer only (a refused one cost disk); one kept long (a task's result, a dead
+            # letter) its request too
         self._dirty.add(request.key)
         self._wake.set()
 

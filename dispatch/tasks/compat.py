@@ -5,7 +5,7 @@ the ``django-tasks`` backport (Django 5.2). One code path for both: the rest of
 from __future__ import annotations
 
 try:
-    from django.tasks import DEFAULT_TASK_QUEUE_NAME, TaskResultStatus, task_backends
+    from django.tasks import DEFAULT_TASK_QUEUE_NAME, TaskResultStatus, task, task_backends
     from django.tasks.backends.base import BaseTaskBackend
     from django.tasks.base import (TASK_MAX_PRIORITY, TASK_MIN_PRIORITY, Task, TaskContext,
                                    TaskError, TaskResult)
@@ -13,7 +13,7 @@ try:
     from django.tasks.signals import task_enqueued, task_finished, task_started
 except ImportError:  # Django 5.2: pip install django-tasks
     from django_tasks import (  # type: ignore[no-redef]
-        DEFAULT_TASK_QUEUE_NAME, TaskResultStatus, task_backends)
+        DEFAULT_TASK_QUEUE_NAME, TaskResultStatus, task, task_backends)
     from django_tasks.backends.base import BaseTaskBackend  # type: ignore[no-redef]
     from django_tasks.base import (  # type: ignore[no-redef]
         TASK_MAX_PRIORITY, TASK_MIN_PRIORITY, Task, TaskContext, TaskError, TaskResult)
@@ -24,5 +24,5 @@ except ImportError:  # Django 5.2: pip install django-tasks
 
 __all__ = ["BaseTaskBackend", "DEFAULT_TASK_QUEUE_NAME", "InvalidTask", "TASK_MAX_PRIORITY",
            "TASK_MIN_PRIORITY", "Task", "TaskContext", "TaskError", "TaskResult",
-           "TaskResultDoesNotExist", "TaskResultStatus", "task_backends", "task_enqueued",
+           "TaskResultDoesNotExist", "TaskResultStatus", "task", "task_backends", "task_enqueued",
            "task_finished", "task_started"]

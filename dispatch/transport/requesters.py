@@ -15,7 +15,8 @@ reports that queue up behind a slow reader are merged, the newest wins.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from workers import protocol
 from workers.protocol import (ApiRequest, ApiResponse, Attach, Cancel, ErrorCode,
@@ -47,6 +48,9 @@ class RequesterConsumer(BaseSocket):
         self.held_acks: list[tuple[Ack, int]] = []  # chunk acks waiting for the peer to read
         self.held_ack_bytes = 0  # and the size of those chunks
         self._telling: set[asyncio.Task[None]] = set()  # accepted events to come
+        #: request id -> the commit that stores it, for requests that asked "accepted":
+        #: an answer that comes sooner waits for it (it never overtakes its row).
+        self._storing: dict[str, asyncio.Future[None]] = {}
         self._acker: asyncio.Task[None] | None = None
         admitted = await self.admit()
         self.pool = self.grant.pool_labels if admitted else {}  # selected by each request
@@ -150,14 +154,20 @@ class RequesterConsumer(BaseSocket):
             self._tell_accepted(request.request_id, key)
 
     def _tell_accepted(self, request_id: str, key: str) -> None:
-        """Send ``accepted`` once the job store has the request (unless answered first)."""
+        """Send ``accepted`` once the job store has the request (its answer instead, if
+        that came first: what reads the row then finds it)."""
         async def when_stored() -> None:
             await committed
+            if self._storing.get(request_id) is committed:
+                del self._storing[request_id]
             if self.in_flight.get(request_id, ("",))[0] == key:
                 await self.send_text(protocol.event(request_id, "accepted"))
 
-        committed = self.dispatcher.keeper.committed()
-        task = asyncio.get_running_loop().create_task(when_stored())
+        committed = self._storing[request_id] = self.dispatcher.keeper.committed()
+        self._later(when_stored())
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._telling.add(task)
         task.add_done_callback(self._telling.discard)
 
@@ -208,6 +218,14 @@ class RequesterConsumer(BaseSocket):
         elif response.request_id not in self.watching:
             return
         self.watching.discard(response.request_id)  # type: ignore[arg-type]
+        storing = self._storing.pop(response.request_id, None)  # type: ignore[arg-type]
+        if storing is not None and not storing.done():
+            self._later(self._send_once(storing, text))
+            return
+        await self.send_text(text)
+
+    async def _send_once(self, stored: asyncio.Future[None], text: str) -> None:
+        await stored
         await self.send_text(text)
 
     async def event(self, request_id: str, text: str, *, ack: Ack | None = None,

@@ -33,7 +33,8 @@ class ApiRequest:
     trace context, passed on to the worker and given back in the answer; one that is
     not well formed is ignored, as the W3C recommendation says, never refused) and
     ``accepted`` (send an ``accepted`` event once the broker has stored the request, so
-    that no broker restart or crash can lose it; none if its answer comes first), and
+    that no broker restart or crash can lose it; an answer that comes sooner is sent once
+    the request is stored, instead of it), and
     for queued jobs ``not_before``, ``wait_for_workers``, ``keep`` and ``task``."""
 
     command: str
