@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+import django
 
 from dispatch.redis.connection import RedisTarget
 
@@ -59,6 +60,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
 ]
+if django.VERSION < (6, 0):  # the tasks API's backport: its system checks and signals
+    INSTALLED_APPS.append("django_tasks")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

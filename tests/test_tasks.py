@@ -295,3 +295,13 @@ out["events"] = asyncio.run(watch())
                           "error": None, "code": None}
     progress = [e for e in events if e["event"] == "progress"]
     assert progress and all(0 < e["progress"] <= 1 for e in progress)
+
+
+def test_manage_check_runs_the_backends_check() -> None:
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+    from django.test import override_settings
+
+    bad = {"default": {"BACKEND": "dispatch.tasks.FleetBackend", "OPTIONS": {"KEEP": -1}}}
+    with override_settings(TASKS=bad), pytest.raises(SystemCheckError, match="dispatch.T002"):
+        call_command("check")
