@@ -65,6 +65,9 @@ class RedisResults:
         self._clients = Clients(target, **CLIENT_OPTIONS)
         self._prefix = prefix
         self._writes: Batcher[tuple[str, str]] = Batcher(self._write, "dispatch-results")
+        #: This process's own answers too: one attached to right after it was answered,
+        #: while its Redis write is still on its way, is found here.
+        self._local = MemoryResults()
 
     def _key(self, owner: str, request_id: str) -> str:
         return f"{self._prefix}:result:{owner}|{request_id}"
@@ -72,6 +75,7 @@ class RedisResults:
     def put(self, owner: str, request_id: str, text: str) -> None:
         if conf.get("RESULT_TTL") and len(text) <= conf.get("RESULT_STORE_BYTES"):
             self._writes.add((self._key(owner, request_id), text))
+            self._local.put(owner, request_id, text)
 
     async def _write(self, items: list[tuple[str, str]]) -> None:
         ttl_ms = int(conf.get("RESULT_TTL") * 1000)
@@ -85,6 +89,9 @@ class RedisResults:
             log.warning("could not keep %d answer(s) for re-attach: %s", len(items), exc)
 
     async def get(self, owner: str, request_id: str) -> str | None:
+        local = await self._local.get(owner, request_id)
+        if local is not None:
+            return local
         try:
             return await self._clients.get().get(self._key(owner, request_id))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
