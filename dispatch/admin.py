@@ -1,4 +1,4 @@
-"""Admin: read-only worker registrations and request history; credentials.
+"""Admin: read-only worker registrations and request history; credentials; schedules.
 
 History is a record of what happened; editing it by hand would only make it lie.
 Those admins therefore allow browsing, searching and deleting (to prune old rows),
