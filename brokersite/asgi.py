@@ -1,4 +1,5 @@
-"""The broker's one ASGI application: HTTP (admin, health, control API) and both sockets."""
+"""The broker's one ASGI application: HTTP (admin, health, control API), both sockets,
+and the lifespan of servers that send it."""
 
 import os
 
@@ -9,9 +10,11 @@ django_asgi_app = get_asgi_application()  # sets Django up before consumers are 
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-from dispatch.transport.routing import HttpPorts, SocketRouter, StaticFiles  # noqa: E402
+from dispatch.transport.routing import (  # noqa: E402
+    HttpPorts, Lifespan, SocketRouter, StaticFiles)
 
 application = ProtocolTypeRouter({
     "http": HttpPorts(StaticFiles(django_asgi_app)),
     "websocket": SocketRouter(),
+    "lifespan": Lifespan(),  # uvicorn: schedules fire from it too (runbroker starts them)
 })
