@@ -82,7 +82,6 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self._broken: dict[int, str] = {}  # schedule id -> why it cannot fire (said once)
-        self.fired = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dispatch-schedules")
@@ -144,7 +143,6 @@ class Scheduler:
         else:
             log.info("schedule %s: fired %s for %s (%.3f s after its due time)",
                      fired.schedule, fired.command, fired.due.isoformat(), late)
-        self.fired += 1
         if not dispatcher.table.accepting:
             log.warning("schedule %s: its firing %s waits in the job store for the process "
                         "that takes this one's requests over", fired.schedule, fired.key)
