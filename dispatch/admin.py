@@ -1,4 +1,4 @@
-"""Admin: read-only worker registrations and request history; credentials.
+"""Admin: read-only worker registrations and request history; credentials; schedules.
 
 History is a record of what happened; editing it by hand would only make it lie.
 Those admins therefore allow browsing, searching and deleting (to prune old rows),
@@ -31,7 +31,9 @@ from .formats import duration, percent
 from .auth import digest, new_token
 from .control import services
 from .management.base import worker_state
-from .models import Credential, DeadLetter, Job, RequestRecord, WorkerSession
+from .models import Credential, DeadLetter, Job, RequestRecord, Schedule, WorkerSession
+from .schedules import OWNER as SCHEDULE_OWNER
+from .schedules import describe as describe_schedule
 
 #: Rows whose values a history filter lists: the newest ones, never the whole table.
 RECENT_ROWS = 10_000
@@ -466,3 +468,47 @@ class CredentialAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         messages.warning(request, f"Token for '{obj.name}' (copy it now, it is not shown "
                                   f"again): {token}")
+
+
+@admin.register(Schedule)
+class ScheduleAdmin(admin.ModelAdmin):
+    """Periodic jobs: a command run on a cron expression or every N seconds. Each firing
+    is a job (the Jobs list) answered into the request history; see docs/scheduling.md."""
+
+    list_display = ("name", "runs", "when", "timezone", "enabled", "next_run_at",
+                    "last_run_at", "last_request")
+    list_editable = ("enabled",)
+    list_filter = ("enabled",)
+    search_fields = ("name", "command", "task")
+    readonly_fields = ("next_run_at", "last_run_at", "last_request", "created_at")
+    fieldsets = (
+        (None, {"fields": ("name", "enabled")}),
+        ("What it runs", {"fields": ("command", "task", "data", "select", "timeout")}),
+        ("When", {"fields": ("cron", "every", "timezone"),
+                  "description": "A cron expression in the time zone (5 fields, or 6 with "
+                                 "seconds first), or every N seconds (on multiples of N "
+                                 "since 1970-01-01 UTC). A due time the broker missed "
+                                 "(it was down) fires once, however many passed."}),
+        ("Firings", {"fields": ("next_run_at", "last_run_at", "last_request", "created_at")}),
+    )
+
+    @admin.display(description="runs")
+    def runs(self, obj: Schedule) -> str:
+        return describe_schedule(obj)[0]
+
+    @admin.display(description="when")
+    def when(self, obj: Schedule) -> str:
+        return describe_schedule(obj)[1]
+
+    @admin.display(description="last request")
+    def last_request(self, obj: Schedule) -> SafeString | str:
+        """Its last firing: the job while the job store keeps it, else its history."""
+        rid = obj.last_request_id
+        if not rid:
+            return "-"
+        job = Job.objects.filter(request_id=rid, owner=SCHEDULE_OWNER).values_list(
+            "pk", flat=True).first()
+        if job is not None:
+            return format_html('<a href="{}">{}</a>',
+                               reverse("admin:dispatch_job_change", args=[job]), rid)
+        return changelist_link(RequestRecord, rid, q=rid)

@@ -14,6 +14,8 @@ that one odd value violates would fail a whole batch of history, not one row.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
@@ -298,6 +300,26 @@ class Schedule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @classmethod
+    def from_db(cls, db: Any, field_names: Any, values: Any) -> Schedule:
+        from .schedules import remember
+
+        return remember(super().from_db(db, field_names, values))
+
+    def clean(self) -> None:
+        from .schedules import check
+
+        check(self)
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Refuses a schedule that cannot fire (ValidationError); a new one, or one whose
+        timing or ``enabled`` changed, gets its next due time afresh (the first after
+        now; none while disabled). What the brokers write as they fire is left alone."""
+        from .schedules import before_save, remember
+
+        super().save(*args, **before_save(self, kwargs))
+        remember(self)
 
 
 class DeadLetter(Job):

@@ -166,6 +166,7 @@ def serve(host: str, ports: list[int], say: Callable[[str], Any],
             conf.override(WORKER_PORT=worker_port, REQUESTER_PORT=requester_port,
                           HTTP_PORT=http_port)
         graceful_stop_on_signals(conf.get("SHUTDOWN_GRACE"))
+        start_schedules()
         say(f"Broker ready: workers ws://{host}:{worker_port}  "
             f"requesters ws://{host}:{requester_port}  http://{host}:{http_port}  "
             f"(strategy {conf.get('STRATEGY')}, timeout {conf.get('TIMEOUT')}s, "
@@ -283,6 +284,16 @@ def finish_loop(wait: float = 2.0) -> None:
     loop.close()
 
 
+def start_schedules() -> None:
+    """Fire the periodic schedules that fall due from this process too (each due time
+    once in the cluster: :mod:`dispatch.core.scheduler`)."""
+    from daphne.server import twisted_loop as loop
+
+    from .core.scheduler import get_scheduler
+
+    loop.create_task(get_scheduler(), name="dispatch-schedules-start")
+
+
 def graceful_stop_on_signals(grace: float) -> None:
     """SIGTERM/SIGINT: drain (up to ``grace`` seconds), then stop; a second one stops now."""
     from daphne.server import twisted_loop as loop
@@ -293,11 +304,13 @@ def graceful_stop_on_signals(grace: float) -> None:
 
     from .auth import get_guard, stop_guard
     from .core.dispatcher import get_dispatcher, stop_dispatcher
+    from .core.scheduler import stop_scheduler
 
     stopping: list[asyncio.Task[None]] = []
 
     async def drain_and_stop() -> None:
         try:
+            await stop_scheduler()  # fires no more; a firing under way is handed over
             dispatcher = await get_dispatcher()
             if dispatcher.keeper.store is not None:
                 log.warning("stopping: what is in flight is handed over (job store), and "

@@ -305,3 +305,21 @@ def test_manage_check_runs_the_backends_check() -> None:
     bad = {"default": {"BACKEND": "dispatch.tasks.FleetBackend", "OPTIONS": {"KEEP": -1}}}
     with override_settings(TASKS=bad), pytest.raises(SystemCheckError, match="dispatch.T002"):
         call_command("check")
+
+
+def test_a_schedule_runs_a_django_task(fleet: Fleet) -> None:
+    """A schedule naming a task fires it as the backend would enqueue it: a fleetworker
+    runs it, and its result is read like any task's."""
+    out = fleet.web("""
+from dispatch.models import Schedule
+schedule = Schedule.objects.create(name="adds", task="tests.sample_tasks.add",
+                                   data={"a": 1, "b": 2}, every=1)
+end = time.time() + 20
+while not schedule.last_request_id and time.time() < end:
+    time.sleep(0.1)
+    schedule.refresh_from_db()
+result = until(sample_tasks.add.get_result(schedule.last_request_id), lambda r: r.is_finished)
+out["result"] = [str(result.status), result.return_value, result.kwargs]
+Schedule.objects.filter(pk=schedule.pk).delete()
+""")
+    assert out["result"] == ["SUCCESSFUL", 3, {"a": 1, "b": 2}]

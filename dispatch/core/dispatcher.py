@@ -203,7 +203,7 @@ class Dispatcher:
             traceparent=traceparent or "", span=span, target=worker_id, owner=owner,
             priority=priority, select=select, affinity=affinity, hedge=hedge, cost=cost,
             patient_until=self.keeper.patient_until, not_before=due if due > opened else 0.0,
-            task=task, keep=keep, replay_of=replay_of)
+            task=task, keep=keep, replay_of=replay_of, wait_for_workers=wait_for_workers)
         if wait_for_workers:
             request.patient_until = request.deadline
         actions = self.table.submit(request)

@@ -282,7 +282,8 @@ def request_from(row: Kept) -> Request:
         affinity=body.get("affinity"), hedge=bool(body.get("hedge")),
         not_before=loop_now + (row.not_before - now) if row.not_before > now else 0.0,
         task=str(body.get("task") or ""), keep=float(body.get("keep") or 0.0),
-        replay_of=str(body.get("replay_of") or ""))
-    if body.get("wait_for_workers"):
+        replay_of=str(body.get("replay_of") or ""),
+        wait_for_workers=bool(body.get("wait_for_workers")))
+    if request.wait_for_workers:
         request.patient_until = request.deadline
     return request

@@ -146,6 +146,7 @@ class Request:
     not_before: float = 0.0  # event-loop time before which it goes to no worker (deferred)
     task: str = ""  # the Django task it runs (module path), for its job row
     keep: float = 0.0  # seconds its answer is kept in the job store (0: RESULT_TTL)
+    wait_for_workers: bool = False  # no worker offers it: it waits (patient_until: deadline)
     replay_of: str = ""  # the request id of the failed job it runs again
 
     @property

@@ -85,14 +85,12 @@ def payload(request: Request) -> str:
     data, and of the rest what differs from the defaults)."""
     kept: dict[str, Any] = {"data": request.data, "requester": request.requester}
     for name in ("priority", "affinity", "hedge", "target", "traceparent", "task", "keep",
-                 "replay_of"):
+                 "replay_of", "wait_for_workers"):
         value = getattr(request, name)
         if value:
             kept[name] = value
     if request.select:
         kept["select"] = [list(p) for p in request.select]
-    if request.patient_until >= request.deadline:
-        kept["wait_for_workers"] = True
     return protocol.dumps(kept)
 
 

@@ -12,11 +12,11 @@ from typing import Any
 from django.db import transaction
 
 from .backend import FleetBackend, FleetTask, FleetTaskResult, our_priority
-from .compat import task
+from .compat import InvalidTask, Task, task
 from .runner import report_progress
 
 __all__ = ["FleetBackend", "FleetTask", "FleetTaskResult", "enqueue_on_commit",
-           "our_priority", "report_progress", "task"]
+           "our_priority", "report_progress", "schedule_request", "task"]
 
 
 def enqueue_on_commit(task: Any, *args: Any, using: str | None = None, **kwargs: Any) -> None:
@@ -24,3 +24,16 @@ def enqueue_on_commit(task: Any, *args: Any, using: str | None = None, **kwargs:
     task that reads what the view just wrote never runs before it is there, and one
     whose transaction rolled back never runs."""
     transaction.on_commit(lambda: task.enqueue(*args, **kwargs), using=using)
+
+
+def schedule_request(schedule: Any) -> tuple[str, dict[str, Any]]:
+    """The fleet command and data that run a schedule's Django task (``schedule.task``,
+    a module path; ``schedule.data``, its keyword arguments): what
+    :mod:`dispatch.core.scheduler` fires."""
+    from django.utils.module_loading import import_string
+
+    task = import_string(schedule.task.strip())
+    if not isinstance(task, Task):
+        raise InvalidTask(f"{schedule.task!r} is not a task")
+    task.get_backend().validate_task(task)
+    return FleetBackend._request(task, "", [], dict(schedule.data or {}))

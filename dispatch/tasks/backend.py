@@ -141,8 +141,10 @@ class FleetBackend(BaseTaskBackend):  # type: ignore[misc]
         """The fleet request that runs ``task``: its command and data."""
         command = getattr(task, "command", "")
         if not command:
-            return COMMAND_PREFIX + task.queue_name, {
-                "task": task.module_path, "args": args, "kwargs": kwargs, "id": result_id}
+            body = {"task": task.module_path, "args": args, "kwargs": kwargs}
+            if result_id:  # (else its request id: a schedule's firing)
+                body["id"] = result_id
+            return COMMAND_PREFIX + task.queue_name, body
         if args:
             raise InvalidTask(f"task {task.name!r} runs the fleet command {command!r}, "
                               "which takes keyword arguments only")

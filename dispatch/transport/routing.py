@@ -25,6 +25,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotFound
 from workers.protocol import CloseCode, quote
 
 from .. import conf
+from ..core.scheduler import get_scheduler, stop_scheduler
 from .dashboard import DashboardSocket
 from .echo import EchoConsumer
 from .requesters import RequesterConsumer
@@ -115,3 +116,20 @@ class StaticFiles(ASGIStaticFilesHandler):
             return await super().get_response_async(request)
         except SuspiciousOperation:
             return HttpResponseNotFound(b"Not Found", content_type="text/plain")
+
+
+class Lifespan:
+    """ASGI lifespan, for servers that send it (uvicorn; daphne does not, and
+    ``runbroker`` starts the scheduler itself): due periodic schedules fire from this
+    process too, until it stops."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await get_scheduler()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await stop_scheduler()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
