@@ -261,7 +261,12 @@ def task_request(schedule: Schedule) -> tuple[str, dict[str, Any]]:
         raise ScheduleError(f"schedule {schedule.name!r} runs the Django task "
                             f"{schedule.task!r}, but dispatch.tasks has no "
                             "schedule_request(schedule)")
-    command, data = make(schedule)
+    try:
+        command, data = make(schedule)
+    except Exception as exc:  # noqa: BLE001 - said with the schedule's name, and skipped
+        raise ScheduleError(f"schedule {schedule.name!r} runs the Django task "
+                            f"{schedule.task!r}, which cannot be run here: "
+                            f"{type(exc).__name__}: {exc}") from None
     return command, data
 
 

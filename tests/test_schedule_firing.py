@@ -146,6 +146,7 @@ def test_a_schedule_fires_each_second_and_a_real_worker_answers_each_firing(
     assert "every 1 s" in listing.stdout and "schedule-" in listing.stdout
 
 
+@pytest.mark.heavy
 def test_two_processes_fire_each_due_time_once(cluster, workers_started,  # noqa: F811
                                                postgres_url: str,  # noqa: F811
                                                record_property) -> None:

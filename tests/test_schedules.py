@@ -186,21 +186,25 @@ def test_one_due_time_fires_once_however_often_it_is_tried() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_task_schedule_without_a_tasks_backend_says_so_and_waits(monkeypatch) -> None:
-    import sys
+def test_a_task_schedule_that_cannot_run_says_so_and_waits(monkeypatch) -> None:
+    import dispatch.tasks
 
     from dispatch.core.scheduler import _fire_all
     from dispatch.models import Job, Schedule
 
-    monkeypatch.setitem(sys.modules, "dispatch.tasks", None)  # no tasks backend
     due = datetime.now(UTC) - timedelta(seconds=1)
     s = Schedule.objects.create(name="cleanup", task="app.tasks.cleanup", every=60,
                                 next_run_at=due)
-    fired, broken, _ = _fire_all([s.pk], "proc-a", "inbox-a", True)
+    fired, broken, _ = _fire_all([s.pk], "proc-a", "inbox-a", True)  # no such module
     assert fired == [] and not Job.objects.exists()
     assert "runs the Django task 'app.tasks.cleanup'" in broken[s.pk]
-    assert "no tasks backend" in broken[s.pk] and "skipped" in broken[s.pk]
+    assert "No module named 'app'" in broken[s.pk] and "skipped" in broken[s.pk]
     assert Schedule.objects.get().next_run_at > datetime.now(UTC)
+
+    monkeypatch.delattr(dispatch.tasks, "schedule_request")  # a broker without the backend
+    Schedule.objects.filter(pk=s.pk).update(next_run_at=due)
+    fired, broken, _ = _fire_all([s.pk], "proc-a", "inbox-a", True)
+    assert fired == [] and "has no schedule_request" in broken[s.pk]
 
 
 # --------------------------------------------------------------------------- admin, command

@@ -79,7 +79,7 @@ class Fleet:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def stop(self) -> None:
-        _stop(self.fleetworker)
+        _stop(self.fleetworker, signal.SIGKILL)
         self.plain.stop()
         self.broker.stop(signal.SIGKILL)
 
@@ -138,7 +138,7 @@ out["failed"] = [str(failed.status), failed.errors[0].exception_class_path,
                  failed.errors[0].traceback, failed.errors[0].exception_class.__name__]
 async_one = until(sample_tasks.async_add.enqueue(20, 22), lambda r: r.is_finished)
 out["async"] = async_one.return_value
-cancelled = sample_tasks.slow.enqueue(30)
+cancelled = sample_tasks.slow.enqueue(20)
 until(cancelled, lambda r: r.status == "RUNNING")
 cancelled.cancel()
 until(cancelled, lambda r: r.is_finished)
@@ -159,6 +159,9 @@ except Exception as exc:
     assert "raise ValueError(text)" in trace and "boom" in trace
     assert out["async"] == 42
     assert out["cancelled"] == ["FAILED", "workers.errors.Cancelled"]
+    # The cancelled task stopped at its next report (every 2 s): its slot is free.
+    wait_for(lambda: [w["in_flight"] for w in fleet.broker.workers() if w["name"] == "fw"]
+             == [0], 4, "the cancelled task to stop")
     workers = {w["name"]: w["worker_id"] for w in fleet.broker.workers()}
     assert out["command"] == ["SUCCESSFUL", "Echo: hi", [workers["plain"]]]
     assert out["missing"] == "TaskResultDoesNotExist"

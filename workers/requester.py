@@ -281,7 +281,76 @@ class _Calls(dict[str, _Call]):
                 call.future.set_exception(exc)
 
 
-class Requester:
+class _Upkeep:
+    """A :class:`Requester`'s connection over time: reading it, and when it drops,
+    dialling again and re-attaching what still waits, or failing it all."""
+
+    url: str
+    reconnect: bool
+    reconnect_for: float
+    _ws: ClientConnection | None
+    _calls: _Calls
+    _lost: str | None
+    _closing: bool
+    _connected: asyncio.Event
+
+    async def _dial(self) -> ClientConnection:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        """Read until the connection ends; then reconnect and re-attach, or fail all."""
+        while True:
+            reason = await self._read_loop(self._ws)  # type: ignore[arg-type]
+            self._connected.clear()
+            refused = self._ws is not None and self._ws.close_code in FINAL_CLOSE_CODES
+            if self._closing or not self.reconnect or refused or \
+                    not await self._redial(reason):
+                self._lost = f"{reason}: {self._calls.said}" if refused and self._calls.said \
+                    else reason
+                reason = self._lost
+                logger.debug("Connection to %s ended: %s", self.url, reason)
+                self._calls.fail_all(ConnectionLost(f"Connection to {self.url} lost: {reason}"))
+                return
+
+    async def _redial(self, reason: str) -> bool:
+        """Dial again with backoff for up to ``reconnect_for`` seconds; re-attach the calls
+        still waiting (the broker kept them running, and keeps their answers)."""
+        logger.warning("Connection to %s lost (%s); reconnecting", self.url, reason)
+        loop = asyncio.get_running_loop()
+        give_up, delay = loop.time() + self.reconnect_for, 0.1
+        while loop.time() < give_up:
+            try:
+                self._ws = await self._dial()
+            except CONNECT_ERRORS:
+                await asyncio.sleep(min(delay, max(0.0, give_up - loop.time())))
+                delay = min(delay * 2, 2.0)
+                continue
+            try:
+                for call in list(self._calls.values()):
+                    call.attaching = True
+                    await self._ws.send(json.dumps({"attach": call.request.request_id,
+                                                    "stream": call.events is not None}))
+            except ConnectionClosed:  # refused or dropped at once: try again
+                await asyncio.sleep(min(delay, max(0.0, give_up - loop.time())))
+                delay = min(delay * 2, 2.0)
+                continue
+            self._connected.set()
+            logger.info("Reconnected to %s; re-attached %d request(s)", self.url,
+                        len(self._calls))
+            return True
+        return False
+
+    async def _read_loop(self, ws: ClientConnection) -> str:
+        """Resolve waiting calls as answers arrive; return why the connection ended."""
+        try:
+            async for raw in ws:
+                self._calls.on_frame(raw)
+            return _close_reason(ws)
+        except ConnectionClosed as exc:
+            return describe(exc)
+
+
+class Requester(_Upkeep):
     """An asyncio client of the requester API; one connection, many requests in flight.
 
     ``default_timeout`` is what the client assumes the broker allows a request
@@ -547,58 +616,6 @@ class Requester:
                 await self._ws.send(json.dumps({"cancel": request_id}))
             except ConnectionClosed:
                 pass
-
-    async def _run(self) -> None:
-        """Read until the connection ends; then reconnect and re-attach, or fail all."""
-        while True:
-            reason = await self._read_loop(self._ws)  # type: ignore[arg-type]
-            self._connected.clear()
-            refused = self._ws is not None and self._ws.close_code in FINAL_CLOSE_CODES
-            if self._closing or not self.reconnect or refused or \
-                    not await self._redial(reason):
-                self._lost = f"{reason}: {self._calls.said}" if refused and self._calls.said \
-                    else reason
-                reason = self._lost
-                logger.debug("Connection to %s ended: %s", self.url, reason)
-                self._calls.fail_all(ConnectionLost(f"Connection to {self.url} lost: {reason}"))
-                return
-
-    async def _redial(self, reason: str) -> bool:
-        """Dial again with backoff for up to ``reconnect_for`` seconds; re-attach the calls
-        still waiting (the broker kept them running, and keeps their answers)."""
-        logger.warning("Connection to %s lost (%s); reconnecting", self.url, reason)
-        loop = asyncio.get_running_loop()
-        give_up, delay = loop.time() + self.reconnect_for, 0.1
-        while loop.time() < give_up:
-            try:
-                self._ws = await self._dial()
-            except CONNECT_ERRORS:
-                await asyncio.sleep(min(delay, max(0.0, give_up - loop.time())))
-                delay = min(delay * 2, 2.0)
-                continue
-            try:
-                for call in list(self._calls.values()):
-                    call.attaching = True
-                    await self._ws.send(json.dumps({"attach": call.request.request_id,
-                                                    "stream": call.events is not None}))
-            except ConnectionClosed:  # refused or dropped at once: try again
-                await asyncio.sleep(min(delay, max(0.0, give_up - loop.time())))
-                delay = min(delay * 2, 2.0)
-                continue
-            self._connected.set()
-            logger.info("Reconnected to %s; re-attached %d request(s)", self.url,
-                        len(self._calls))
-            return True
-        return False
-
-    async def _read_loop(self, ws: ClientConnection) -> str:
-        """Resolve waiting calls as answers arrive; return why the connection ended."""
-        try:
-            async for raw in ws:
-                self._calls.on_frame(raw)
-            return _close_reason(ws)
-        except ConnectionClosed as exc:
-            return describe(exc)
 
 
 def _close_reason(ws: ClientConnection) -> str:

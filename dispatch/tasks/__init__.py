@@ -13,9 +13,9 @@ from django.db import transaction
 
 from .backend import FleetBackend, FleetTask, FleetTaskResult, our_priority
 from .compat import InvalidTask, Task, task
-from .runner import report_progress
+from .runner import TaskCancelled, report_progress
 
-__all__ = ["FleetBackend", "FleetTask", "FleetTaskResult", "enqueue_on_commit",
+__all__ = ["FleetBackend", "FleetTask", "FleetTaskResult", "TaskCancelled", "enqueue_on_commit",
            "our_priority", "report_progress", "schedule_request", "task"]
 
 

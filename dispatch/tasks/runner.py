@@ -32,12 +32,21 @@ TRACEBACK_CHARS = 8000
 _running = threading.local()
 
 
+class TaskCancelled(Exception):
+    """Raised by :func:`report_progress` in a task whose job was cancelled: a task in a
+    thread cannot be stopped from outside, so it stops at its next report."""
+
+
 def report_progress(fraction: float | None = None, message: str | None = None) -> None:
     """From inside a task run by a fleetworker: how far it got (``result.progress``
-    shows the last report; it also tells the broker the task lives). Elsewhere, nothing."""
+    shows the last report; it also tells the broker the task lives). Raises
+    :class:`TaskCancelled` once its job was cancelled. Elsewhere, nothing."""
     ctx: JobContext | None = getattr(_running, "ctx", None)
-    if ctx is not None:
-        ctx.progress(fraction, message)
+    if ctx is None:
+        return
+    if ctx.cancelled:
+        raise TaskCancelled(ctx.cancel_reason or "cancelled")
+    ctx.progress(fraction, message)
 
 
 def registry_for(queues: list[str], worker_name: str) -> CommandRegistry:
