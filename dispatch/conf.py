@@ -60,6 +60,11 @@ class BrokerSettings(BaseModel):
                           gt=0, le=30 * 86400)
     MAX_TIMEOUT: float = _doc(86400.0, "longest timeout a request may ask for (seconds); "
                                        "long jobs may take hours", gt=0, le=30 * 86400)
+    MAX_DEFER: float = _doc(30 * 86400.0, "how far ahead a request's not_before may be "
+                                          "(30d, 12h; seconds)", ge=0)
+    MAX_KEEP: float = _doc(30 * 86400.0, "longest keep a request may ask for: how long its "
+                                         "answer stays in the job store (30d, 12h; seconds)",
+                           ge=0)
     CANCEL_GRACE: float = _doc(10.0, "seconds a worker has to confirm a cancel before its "
                                      "slot is given back anyway", gt=0)
     RESULT_TTL: float = _doc(300.0, "seconds a request's final answer is kept for re-attach; "
@@ -178,7 +183,8 @@ class BrokerSettings(BaseModel):
         parse_canaries(value)  # raises ValueError, which pydantic reports with the name
         return value
 
-    @field_validator("HISTORY_RETENTION", "DEAD_LETTER_TTL", mode="before")
+    @field_validator("HISTORY_RETENTION", "DEAD_LETTER_TTL", "MAX_DEFER", "MAX_KEEP",
+                     mode="before")
     @classmethod
     def _retention(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

@@ -32,6 +32,7 @@ from workers.requester import Job, Progress, Requester, Result, Route, _unix
 
 from . import conf
 from .balancing import selector
+from .core.requests import over_limits
 
 T = TypeVar("T")
 
@@ -223,6 +224,9 @@ async def _start_here(command: str, data: dict[str, Any], options: Options) -> F
     dispatcher = await get_dispatcher()
     if options.timeout is not None and not 0 < options.timeout <= conf.get("MAX_TIMEOUT"):
         raise ValueError(f"timeout must be between 0 and {conf.get('MAX_TIMEOUT'):g} s")
+    beyond = over_limits(_unix(options.not_before), options.keep)
+    if beyond:
+        raise ValueError(beyond)
     sink = _Answer()
     request_id = options.request_id or protocol.new_id()
     await dispatcher.submit(

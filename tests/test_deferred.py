@@ -70,6 +70,14 @@ async def test_bad_not_before_and_keep_are_refused_with_the_field_named() -> Non
     assert "keep" in (await r.receive_json_from(TIMEOUT))["error"]
     await ask(r, "echo", "c", task="a\nb")
     assert "printable" in (await r.receive_json_from(TIMEOUT))["error"]
+    # Beyond the broker's limits: a row held for years is a tenant's way to fill a disk.
+    await ask(r, "echo", "d", not_before=time.time() + 40 * 86400)
+    assert "MAX_DEFER" not in (reply := await r.receive_json_from(TIMEOUT))["error"]
+    assert "'not_before' is over this broker's limit" in reply["error"]
+    await ask(r, "echo", "e", keep=300 * 86400)
+    assert "'keep' is over this broker's limit" in (await r.receive_json_from(TIMEOUT))["error"]
+    with pytest.raises(ValueError, match="'keep' is over"):
+        await fleet.astart("echo", {}, keep=300 * 86400)
 
 
 async def test_wait_for_workers_holds_a_request_until_a_worker_offers_its_command() -> None:

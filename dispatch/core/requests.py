@@ -32,6 +32,7 @@ request's life lives here, in one place, and tests drive it with a fake clock:
 from __future__ import annotations
 
 import enum
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
@@ -678,3 +679,14 @@ def unavailable(request: Request, reservation: Reservation) -> tuple[str, ErrorC
                 f"'{protocol.quote(request.command)}' has "
                 f"{protocol.quote(reservation.unmatched)}", ErrorCode.NO_WORKERS)
     return protocol.NO_WORKERS, ErrorCode.NO_WORKERS
+
+
+def over_limits(not_before: float | None, keep: float | None) -> str | None:
+    """What a queued job asks beyond this broker's limits (MAX_DEFER, MAX_KEEP), if
+    anything: a job deferred for years, or kept for a year, holds its row that long."""
+    if not_before is not None and not_before - time.time() > conf.get("MAX_DEFER"):
+        return (f"Field 'not_before' is over this broker's limit of "
+                f"{conf.get('MAX_DEFER'):g} seconds ahead")
+    if keep is not None and keep > conf.get("MAX_KEEP"):
+        return f"Field 'keep' is over this broker's limit of {conf.get('MAX_KEEP'):g} seconds"
+    return None

@@ -25,10 +25,12 @@ from workers.protocol import (ApiRequest, ApiResponse, Attach, Cancel, ErrorCode
 from .. import conf
 from ..balancing import selector
 from ..core.dispatcher import Dispatcher, get_dispatcher
+from ..core.requests import over_limits
 from ..core.metering import meter
 from .sockets import BaseSocket, parse
 
 Ack = Callable[[], Awaitable[None]]
+
 #: How often a socket with chunks waiting to be acknowledged looks whether its peer
 #: has read enough.
 ACK_POLL_SECONDS = 0.02
@@ -102,6 +104,10 @@ class RequesterConsumer(BaseSocket):
         if request.timeout is not None and request.timeout > conf.get("MAX_TIMEOUT"):
             await self.refuse(f"Field 'timeout' is over this broker's limit of "
                               f"{conf.get('MAX_TIMEOUT'):g} seconds", request.request_id)
+            return
+        beyond = over_limits(request.not_before, request.keep)
+        if beyond:
+            await self.refuse(beyond, request.request_id)
             return
         if len(self.in_flight) >= conf.get("MAX_IN_FLIGHT"):
             await self.refuse(f"Too many requests in flight on this connection (limit "
