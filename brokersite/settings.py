@@ -102,6 +102,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # fleetworker` serving its queue, a @task(command=...) on any worker offering it.
 TASKS = {"default": {"BACKEND": "dispatch.tasks.FleetBackend",
                      "QUEUES": os.environ.get("BROKER_TASK_QUEUES", "default").split(",")}}
+# Modules of tasks a broker and a fleetworker load at start, besides each app's tasks
+# module (a task's path comes from peers: only tasks of loaded modules are run).
+DISPATCH_TASK_MODULES = [m for m in os.environ.get("BROKER_TASK_MODULES", "").split(",") if m]
 # Where Django code that is not a broker process sends jobs (dispatch.fleet): the
 # broker's requester socket, and a requester key once credentials exist.
 DISPATCH_FLEET = {"URL": os.environ.get("BROKER_FLEET_URL", ""),

@@ -28,7 +28,8 @@ log = logging.getLogger("dispatch.conf")
 #: ``BROKER_*`` environment variables that are not broker settings but the clients'
 #: (``BROKER_URL`` for management commands, ``BROKER_TOKEN`` for workers) or the
 #: project's (brokersite/settings.py: Django tasks and dispatch.fleet).
-NOT_SETTINGS = frozenset({"URL", "TOKEN", "TASK_QUEUES", "FLEET_URL", "FLEET_KEY"})
+NOT_SETTINGS = frozenset({"URL", "TOKEN", "TASK_QUEUES", "TASK_MODULES", "FLEET_URL",
+                          "FLEET_KEY"})
 
 MiB = 1_048_576
 
@@ -119,6 +120,10 @@ class BrokerSettings(BaseModel):
     MAX_PENDING_BYTES: int = _doc(256 * MiB, "bytes of unanswered requests one credential may "
                                              "have per process, counted as they cost parsed",
                                   ge=1024)
+    MAX_KEPT_BYTES: int = _doc(1024 * MiB, "bytes of requests and answers one credential may "
+                                           "have kept past RESULT_TTL per process (keep, dead "
+                                           "letters); beyond, answers are kept RESULT_TTL",
+                               ge=0)
     MAX_UNSENT_BYTES: int = _doc(4 * MiB, "bytes sent to one connection that it has not read "
                                           "yet, at most; beyond, it is closed with 4009",
                                  ge=65536)

@@ -324,6 +324,22 @@ def settings_of() -> tuple[str, str | None]:
     return url, given.get("KEY") or os.environ.get("BROKER_TOKEN") or None
 
 
+def owner_here() -> str:
+    """Whose jobs this process starts, as the job store names owners: the operator's in
+    a broker process, else its key's credential's ("anonymous" without a key)."""
+    if broker_loop() is not None:
+        return OWNER
+    _, key = settings_of()
+    parts = (key or "").split("_")
+    if len(parts) < 3:
+        return "anonymous"
+    from .auth import digest
+    from .models import Credential
+
+    found = Credential.objects.filter(key_id=parts[1]).values_list("pk", "digest").first()
+    return f"credential:{found[0]}" if found and found[1] == digest(key) else "anonymous"
+
+
 def _remote_fleet() -> _Remote:
     global _remote
     with _lock:

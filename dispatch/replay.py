@@ -20,6 +20,10 @@ def replay(job: Job) -> str:
     """Start ``job`` again (in this broker process); its new request id."""
     if job.state != Job.State.DONE or not job.request:
         raise NotReplayable(f"{job.request_id}: its request was not kept")
+    again = Job.objects.filter(replay_of=job.request_id).values_list("request_id", flat=True)
+    if again.exists():  # (a second click, another staff user: it would run twice)
+        raise NotReplayable(f"{job.request_id}: already run again as {again.first()} (run "
+                            "that one again if it failed too)")
     body = protocol.loads_object(job.request)
     started = fleet.start(job.command, body.get("data") or {}, **options_of(job, body))
     return started.request_id

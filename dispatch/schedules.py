@@ -55,6 +55,10 @@ class ScheduleError(ValueError):
         self.field = field
 
 
+#: The longest interval: due times a year apart at most (beyond, dates overflow).
+MAX_EVERY = 366 * 86400
+
+
 @dataclass(frozen=True)
 class Timing:
     """When a schedule is due: a cron expression in a time zone, or every N seconds."""
@@ -73,8 +77,9 @@ class Timing:
             raise ScheduleError("give either a cron expression or an interval (every), "
                                 "not both" if self.cron else
                                 "give a cron expression or an interval (every)", "cron")
-        if self.every is not None and self.every < 1:
-            raise ScheduleError("a whole number of seconds, 1 or more", "every")
+        if self.every is not None and not 1 <= self.every <= MAX_EVERY:
+            raise ScheduleError(f"a whole number of seconds, from 1 to {MAX_EVERY} (a "
+                                "year)", "every")
         zone = self.zone()
         if self.cron:
             try:
@@ -272,11 +277,11 @@ def task_request(schedule: Schedule) -> tuple[str, dict[str, Any]]:
 
 def task_keep(schedule: Schedule) -> float:
     """Seconds a scheduled Django task's result is kept: its backend's KEEP."""
-    from django.utils.module_loading import import_string
-
     from .tasks.backend import DEFAULTS
+    from .tasks.known import loaded_task
 
-    settings = getattr(import_string(schedule.task.strip()).get_backend(), "settings", DEFAULTS)
+    task = loaded_task(schedule.task.strip())
+    settings = getattr(task.get_backend(), "settings", DEFAULTS) if task else DEFAULTS
     return float(settings.get("KEEP") or DEFAULTS["KEEP"])
 
 

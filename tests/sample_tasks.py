@@ -69,3 +69,8 @@ def _record_signals() -> None:
 
 _receivers: list = []
 _record_signals()
+
+
+@task()
+def big(size: int) -> str:
+    return "x" * size

@@ -399,6 +399,7 @@ def test_an_embedded_broker_tidies_the_rows_its_killed_predecessor_left(broker_f
     assert ("orphan", process, "offline") in session_rows(second)
 
 
+@pytest.mark.heavy  # (18 s: in CI and with --heavy)
 async def test_a_rolling_restart_under_load_fails_nothing_and_runs_nothing_twice(
         cluster, workers_started, postgres_url: str, tmp_path: Path, record_property) -> None:
     """Two processes over Redis and PostgreSQL, two workers that know both; four clients

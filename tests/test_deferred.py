@@ -108,3 +108,25 @@ async def test_fleet_inside_a_broker_process_submits_directly() -> None:
         await slow.aresult()
     with pytest.raises(RuntimeError, match="acall"):  # it would block the loop it needs
         fleet.call("echo", {})
+
+
+async def test_answers_kept_long_are_bounded_per_credential() -> None:
+    """``keep`` (and dead letters) hold rows for weeks: a credential's bytes of them are
+    bounded (MAX_KEPT_BYTES); beyond, its answers are kept RESULT_TTL only."""
+    from asgiref.sync import sync_to_async
+
+    from dispatch.core.dispatcher import get_dispatcher
+    from dispatch.models import Job
+
+    with override_settings(BROKER={"HISTORY": False, "HEARTBEAT_INTERVAL": 10,
+                                   "MAX_KEPT_BYTES": 8000}):  # two of them, about
+        w, r = await worker("w1", "echo"), await requester()
+        for n in range(4):
+            await ask(r, "echo", f"k{n}", data={"text": "x" * 1500}, keep=86400)
+            await answer(w)
+            assert (await r.receive_json_from(TIMEOUT))["success"]
+        await (await get_dispatcher()).keeper.committed()
+    kept = await sync_to_async(lambda: dict(Job.objects.filter(
+        request_id__startswith="k").values_list("request_id", "expires_at")))()
+    flags = [bool(kept[f"k{n}"]) for n in range(4)]
+    assert flags[0] and not flags[-1] and flags == sorted(flags, reverse=True), flags

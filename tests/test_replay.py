@@ -66,6 +66,9 @@ async def test_a_lost_job_is_a_dead_letter_that_the_admin_runs_again() -> None:
         assert "old" in page and "refused" not in page
         done = client.post(url, {"action": "run_again", "_selected_action": [dead.pk]},
                            follow=True)
+        twice = client.post(url, {"action": "run_again", "_selected_action": [dead.pk]},
+                            follow=True)  # a second click runs nothing more
+        assert "already run again as" in twice.content.decode()
         return done.content.decode()
 
     page = asyncio.ensure_future(sync_to_async(run_again)())

@@ -105,7 +105,7 @@ def test_a_firing_is_named_after_its_schedule_and_due_time() -> None:
     ({"command": "echo", "cron": "* * *"}, "cron", "Wrong number of fields"),
     ({"command": "echo"}, "cron", "give a cron expression or an interval"),
     ({"command": "echo", "cron": "* * * * *", "every": 5}, "cron", "not both"),
-    ({"command": "echo", "every": 0}, "every", "1 or more"),
+    ({"command": "echo", "every": 0}, "every", "from 1 to"),
     ({"command": "echo", "every": 5, "timezone": "Mars/Olympus"}, "timezone", "unknown time"),
     ({"every": 5}, "command", "give a fleet command"),
     ({"command": "echo", "task": "app.tasks.t", "every": 5}, "command", "not both"),
@@ -186,6 +186,28 @@ def test_one_due_time_fires_once_however_often_it_is_tried() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_row_no_check_foresaw_holds_up_no_other_schedule() -> None:
+    """Rows changed with QuerySet.update() skip save()'s checks: one that breaks its
+    firing is put off a minute, and the others fire."""
+    from dispatch.core.scheduler import _fire_all
+    from dispatch.models import Job, Schedule
+
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    bad = [Schedule.objects.create(name=f"bad{n}", command="echo", every=60).pk
+           for n in range(2)]
+    good = Schedule.objects.create(name="good", command="echo", every=60)
+    Schedule.objects.filter(pk=bad[0]).update(every=10**15, next_run_at=due)
+    Schedule.objects.filter(pk=bad[1]).update(select="notadict", next_run_at=due)
+    Schedule.objects.filter(pk=good.pk).update(next_run_at=due)
+    fired, broken, _ = _fire_all([*bad, good.pk], "proc-a", "inbox-a", True)
+    assert [f.schedule for f in fired] == ["good"] and set(broken) == set(bad)
+    assert Job.objects.count() == 1
+    later = datetime.now(UTC) + timedelta(seconds=50)
+    waits = [Schedule.objects.get(pk=pk).next_run_at for pk in bad]
+    assert all(when is None or when > later for when in waits), waits  # (None: said once)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_task_schedule_that_cannot_run_says_so_and_waits(monkeypatch) -> None:
     import dispatch.tasks
 
@@ -195,10 +217,10 @@ def test_a_task_schedule_that_cannot_run_says_so_and_waits(monkeypatch) -> None:
     due = datetime.now(UTC) - timedelta(seconds=1)
     s = Schedule.objects.create(name="cleanup", task="app.tasks.cleanup", every=60,
                                 next_run_at=due)
-    fired, broken, _ = _fire_all([s.pk], "proc-a", "inbox-a", True)  # no such module
+    fired, broken, _ = _fire_all([s.pk], "proc-a", "inbox-a", True)  # not loaded here
     assert fired == [] and not Job.objects.exists()
     assert "runs the Django task 'app.tasks.cleanup'" in broken[s.pk]
-    assert "No module named 'app'" in broken[s.pk] and "skipped" in broken[s.pk]
+    assert "is not a task the broker loaded" in broken[s.pk] and "skipped" in broken[s.pk]
     assert Schedule.objects.get().next_run_at > datetime.now(UTC)
 
     monkeypatch.delattr(dispatch.tasks, "schedule_request")  # a broker without the backend

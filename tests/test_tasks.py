@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,8 +53,11 @@ class Fleet:
 
     def __init__(self, workdir: Path) -> None:
         self.signals = workdir / "signals.jsonl"
+        self.marker = workdir / "imported.txt"  # tests/import_marker.py writes it
+        os.environ["IMPORT_MARKER"] = str(self.marker)  # (inherited by every process here)
         self.broker = Broker(workdir, env={"TASK_SIGNALS_FILE": str(self.signals),
-                                           "BROKER_TASK_QUEUES": "default,other"}).start()
+                                           "BROKER_TASK_QUEUES": "default,other",
+                                           "BROKER_TASK_MODULES": "tests.sample_tasks"}).start()
         self.fleetworker = self.start_fleetworker("fw")
         self.plain = WorkerProc(self.broker, "plain").start()
         self.broker.wait_workers(2)
@@ -65,7 +69,7 @@ class Fleet:
             [sys.executable, "manage.py", "fleetworker", self.broker.worker_url, "--name", name,
              *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "DATABASE_URL": f"sqlite:///{self.broker.db_path}",
-                 **(env or {})})
+                 "BROKER_TASK_MODULES": "tests.sample_tasks", **(env or {})})
 
     def web(self, code: str, timeout: float = 60, env: dict[str, str] | None = None
             ) -> dict[str, Any]:
@@ -221,6 +225,67 @@ out["rolled_back"] = Job.objects.filter(task="tests.sample_tasks.add").count() -
     assert out == {"inside": 0, "after": 1, "rolled_back": 1}
 
 
+def test_a_peer_cannot_make_a_fleetworker_or_the_broker_import_a_module(fleet: Fleet) -> None:
+    """A task's path comes from the request: a module not loaded at start is refused,
+    never imported (an import runs code: any module on the path would do)."""
+    import asyncio
+
+    from workers.requester import Requester
+
+    async def ask() -> tuple[Any, Any]:
+        async with Requester(fleet.broker.requester_url) as requester:
+            answer = await requester.request("task:default",
+                                             {"task": "tests.import_marker.anything"})
+            bad_args = await requester.request("task:default", {
+                "task": "tests.sample_tasks.add", "args": "ab"})
+            job = await requester.start("echo", {"message": "x"},
+                                        task="tests.import_marker.anything")
+            assert bad_args.code == "bad_params", bad_args  # not add("a", "b")
+            return answer, await job.result()
+
+    answer, plain = asyncio.run(ask())
+    assert answer.code == "bad_params" and "is not a task this fleetworker knows" in answer.error
+    assert plain == "Echo: x"  # a plain job naming it: the broker's task signals skip it
+    time.sleep(0.3)  # (the broker's signals run in a thread of their own)
+    assert not fleet.marker.exists()
+
+
+def test_an_answer_too_large_fails_alone(fleet: Fleet) -> None:
+    """A task's answer over what the broker's server takes in a frame fails that task,
+    not the fleetworker's connection and every other task on it."""
+    out = fleet.web("""
+slow = sample_tasks.slow.enqueue(1.0)
+big = until(sample_tasks.big.enqueue(6_000_000), lambda r: r.is_finished)
+until(slow, lambda r: r.is_finished)
+out["big"] = [str(big.status), big.errors[0].traceback[:200]]
+out["slow"] = [str(slow.status), slow.worker_ids]
+""")
+    assert out["big"][0] == "FAILED" and "Worker answer too large" in out["big"][1]
+    assert out["slow"][0] == "SUCCESSFUL" and len(out["slow"][1]) == 1  # not lost, not re-run
+
+
+@pytest.mark.django_db
+def test_a_result_is_read_from_its_own_credentials_row() -> None:
+    """Another credential may send a job with a task's id (ids are no secret): its row
+    neither forges nor freezes the task's result."""
+    from django.utils import timezone
+
+    from dispatch.models import Job
+    from tests import sample_tasks
+
+    now = timezone.now()
+    common = {"request_id": "t-1", "command": "task:default", "task": "tests.sample_tasks.add",
+              "deadline": now, "request": '{"data": {"args": [1, 2], "kwargs": {}}}'}
+    Job.objects.create(key="mine", owner="anonymous", state="done", created_at=now,
+                       answer='{"success": true, "data": 3}', **common)
+    Job.objects.create(key="forged", owner="credential:9", state="done", created_at=now,
+                       answer='{"success": true, "data": "FORGED"}', **common)
+    Job.objects.create(key="frozen", owner="credential:8", state="queued", created_at=now,
+                       **common)
+    result = sample_tasks.add.get_result("t-1")
+    assert (str(result.status), result.return_value) == ("SUCCESSFUL", 3)
+
+
 def test_priorities_map_onto_the_brokers() -> None:
     assert [our_priority(p) for p in (-100, -50, 0, 50, 99, 100)] == [0, 2, 4, 6, 8, 9]
 
@@ -263,7 +328,8 @@ def test_the_django_page_examples_run(fleet: Fleet, tmp_path: Path) -> None:
     path = os.pathsep.join([str(ROOT), str(tmp_path)])
     trainer = WorkerProc(fleet.broker, "trainer", ["--handlers", "jobs"],
                          env={"PYTHONPATH": path}).start()
-    docs_fw = fleet.start_fleetworker("docs-fw", "--queue", "docs", env={"PYTHONPATH": path})
+    docs_fw = fleet.start_fleetworker("docs-fw", "--queue", "docs", "--tasks", "myapp.tasks",
+                                      env={"PYTHONPATH": path})
     try:
         out = fleet.web("""
 import asyncio, re

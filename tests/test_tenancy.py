@@ -277,6 +277,7 @@ def test_requests_refused_at_once_do_not_fill_the_disk(broker_factory) -> None:
     assert grew_mb < 4, grew_mb  # 40 bodies of 500 KB are 19 MB
 
 
+@pytest.mark.heavy  # (16 s: in CI and with --heavy)
 def test_one_connection_pipelining_cheap_requests_does_not_hold_the_loop(
         broker_factory, spawn_worker, record_property) -> None:
     """A thousand requests in flight on one connection, each refused at once (no worker

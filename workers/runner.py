@@ -25,6 +25,11 @@ logger = logging.getLogger("workers.client")
 STOPPED = "Worker stopped before the command finished"
 
 
+#: The frame a broker's server takes at most, until it says (its default MAX_MESSAGE_BYTES
+#: is 1 MiB).
+DEFAULT_MAX_ANSWER = 4 << 20
+
+
 class Runner:
     """The jobs of one connection: started, cancelled, let stream on, answered."""
 
@@ -40,6 +45,11 @@ class Runner:
         #: (an async handler; a thread cannot be interrupted)
         self.jobs: dict[str, tuple[JobContext, asyncio.Task[Any], bool]] = {}
         self._forgetting: asyncio.Task[None] | None = None  # ends the grace for adoption
+        #: The longest answer the broker's server takes in one frame (four times its
+        #: MAX_MESSAGE_BYTES, which it says when it takes the registration): a longer one
+        #: is failed here, instead of the server cutting the connection off, and every
+        #: other job's answer with it. (Over MAX_MESSAGE_BYTES, the broker fails it.)
+        self.max_answer = DEFAULT_MAX_ANSWER
 
     def start(self, request_id: str, body: RequestBody) -> None:
         """Run it in a task of its own, so that reading frames never waits for a job.
@@ -152,4 +162,9 @@ class Runner:
             text = Message.response(request_id, False, None,
                                     f"Result is not JSON serializable: {exc}",
                                     ErrorCode.NOT_SERIALIZABLE).to_json()
+        if len(text) > self.max_answer:
+            text = Message.response(request_id, False, None,
+                                    f"Worker answer too large: {len(text)} characters > "
+                                    f"limit {self.max_answer}",
+                                    ErrorCode.HANDLER_FAILED).to_json()
         await self.relay.send(request_id, Kind.ANSWER, text)

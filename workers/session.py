@@ -276,6 +276,7 @@ class Session:
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             # Characters, not bytes, are counted while gathering: a quarter is safe.
             self.outbox.batch_limit = min(BATCH_BYTES, limit // 4)
+            self.runner.max_answer = 4 * limit
         self.heard = asyncio.get_running_loop().time()
 
     async def _closed_quietly(self) -> None:

@@ -203,11 +203,22 @@ def _fire_all(due: list[int], process: str, inbox: str, durable: bool
         except IntegrityError:
             _fired_already(pk)
             continue
+        except DatabaseError:
+            raise  # the database away: the whole look is tried again
+        except Exception as exc:  # noqa: BLE001 - a row no check foresaw: it alone waits
+            one = f"schedule {pk} cannot fire: {type(exc).__name__}: {exc}"
+            _put_off(pk)
         if isinstance(one, str):
             broken[pk] = one
         elif one is not None:
             fired.append(one)
     return fired, broken, _earliest()
+
+
+def _put_off(pk: int) -> None:
+    """A schedule whose row breaks its firing: looked at again in a minute, not at once
+    (the others' due times come first meanwhile)."""
+    Schedule.objects.filter(pk=pk).update(next_run_at=datetime.now(UTC) + timedelta(minutes=1))
 
 
 def _fire(pk: int, process: str, inbox: str, durable: bool) -> Fired | str | None:

@@ -15,8 +15,10 @@ rows keep their answer ``RESULT_TTL`` seconds for a requester that comes back.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +114,7 @@ class JobStore:
         self._task: asyncio.Task[None] | None = None
         self._pruned_at = 0.0
         self.commits = 0
+        self.kept = KeptBytes()
 
     # ------------------------------------------------------------------ on the loop
 
@@ -158,7 +161,8 @@ class JobStore:
         keep = request.keep
         if code in DEAD_LETTERS:  # kept to be run again from the admin
             keep = max(keep, conf.get("DEAD_LETTER_TTL"))
-        expires = when + keep if keep > conf.get("RESULT_TTL") else None
+        expires = when + keep if keep > conf.get("RESULT_TTL") and \
+            self.kept.take(request.owner, len(text) + request.cost, when + keep) else None
         row = self._rows.get(request.key)
         if row is None:
             self._change(request.key, state=DONE, answer=text, finished_at=when,
@@ -194,6 +198,8 @@ class JobStore:
     # ------------------------------------------------------------------ writing
 
     async def start(self) -> None:
+        for owner, size, until in await self._thread.run(_kept_by_owner, time.time()):
+            self.kept.add(owner, size, until)
         self._task = asyncio.create_task(self._run(), name="dispatch-store")
 
     async def flush(self) -> None:
@@ -294,6 +300,39 @@ class JobStore:
         return await self._thread.run(_answer_of, owner, request_id)
 
 
+class KeptBytes:
+    """What each credential has kept past RESULT_TTL (``keep``, dead letters), in bytes:
+    within MAX_KEPT_BYTES per process, or a tenant could fill the disk with answers kept
+    a month."""
+
+    def __init__(self) -> None:
+        self.bytes: Counter[str] = Counter()
+        self._until: list[tuple[float, str, int]] = []  # (expires, owner, bytes), a heap
+        self._said: dict[str, float] = {}  # owner -> when it was last said to be over
+
+    def add(self, owner: str, size: int, until: float) -> None:
+        self.bytes[owner] += size
+        heapq.heappush(self._until, (until, owner, size))
+
+    def take(self, owner: str, size: int, until: float) -> bool:
+        """Whether ``size`` more bytes of ``owner`` may be kept until ``until``."""
+        now = time.time()
+        while self._until and self._until[0][0] <= now:
+            _, gone, freed = heapq.heappop(self._until)
+            self.bytes[gone] -= freed
+            if self.bytes[gone] <= 0:
+                del self.bytes[gone]
+        if self.bytes[owner] + size > conf.get("MAX_KEPT_BYTES"):
+            if now - self._said.get(owner, 0.0) > 60:
+                self._said[owner] = now
+                log.warning("%s has %d bytes of answers kept long (MAX_KEPT_BYTES %d): its "
+                            "new ones are kept RESULT_TTL only", owner[:40],
+                            self.bytes[owner], conf.get("MAX_KEPT_BYTES"))
+            return False
+        self.add(owner, size, until)
+        return True
+
+
 def _resolve(waiting: list[asyncio.Future[None]]) -> None:
     for future in waiting:
         if not future.done():
@@ -339,6 +378,17 @@ def _update(changes: dict[str, dict[str, Any]], moment: Any) -> None:
                    f"WHERE {ops.quote_name('key')} = {mark}")
             for one in params:
                 execute(sql, one)
+
+
+def _kept_by_owner(now: float) -> list[tuple[str, int, float]]:
+    """(owner, bytes, until) of the rows kept past RESULT_TTL, per credential: counted
+    again at start, as kept until the last of them expires."""
+    from django.db.models import Max, Sum
+    from django.db.models.functions import Length
+
+    rows = Job.objects.filter(expires_at__gt=utc(now)).values("owner").annotate(
+        size=Sum(Length("answer") + Length("request")), until=Max("expires_at"))
+    return [(r["owner"], int(r["size"] or 0), r["until"].timestamp()) for r in rows]
 
 
 def _prune_done(before: float) -> int:

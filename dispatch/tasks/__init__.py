@@ -12,7 +12,8 @@ from typing import Any
 from django.db import transaction
 
 from .backend import FleetBackend, FleetTask, FleetTaskResult, our_priority
-from .compat import InvalidTask, Task, task
+from .compat import InvalidTask, task
+from .known import loaded_task
 from .runner import TaskCancelled, report_progress
 
 __all__ = ["FleetBackend", "FleetTask", "FleetTaskResult", "TaskCancelled", "enqueue_on_commit",
@@ -30,10 +31,9 @@ def schedule_request(schedule: Any) -> tuple[str, dict[str, Any]]:
     """The fleet command and data that run a schedule's Django task (``schedule.task``,
     a module path; ``schedule.data``, its keyword arguments): what
     :mod:`dispatch.core.scheduler` fires."""
-    from django.utils.module_loading import import_string
-
-    task = import_string(schedule.task.strip())
-    if not isinstance(task, Task):
-        raise InvalidTask(f"{schedule.task!r} is not a task")
+    task = loaded_task(schedule.task.strip())
+    if task is None:
+        raise InvalidTask(f"{schedule.task!r} is not a task the broker loaded (an app's "
+                          "tasks module, or DISPATCH_TASK_MODULES)")
     task.get_backend().validate_task(task)
     return FleetBackend._request(task, "", [], dict(schedule.data or {}))

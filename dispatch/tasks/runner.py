@@ -18,13 +18,14 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.db import close_old_connections
 from django.utils import timezone
-from django.utils.module_loading import import_string
 
 from workers.handlers import BadParams, CommandError, CommandRegistry
 from workers.jobs import JobContext
+from workers.protocol import quote
 
 from .backend import COMMAND_PREFIX, FleetTaskResult
 from .compat import Task, TaskContext, TaskResultStatus
+from .known import loaded_task
 
 #: Characters of a traceback kept in a failure (its end: where it was raised).
 TRACEBACK_CHARS = 8000
@@ -57,6 +58,8 @@ def registry_for(queues: list[str], worker_name: str) -> CommandRegistry:
                  kwargs: dict[str, Any] | None = None, id: str = "", *,
                  ctx: JobContext) -> Any:
         """Run a Django task of this project (by its module path); ``id``: its result's."""
+        if not isinstance(args or [], list) or not isinstance(kwargs or {}, dict):
+            raise BadParams("a task's args must be a list and its kwargs an object")
         return _run(task, list(args or []), dict(kwargs or {}), id or ctx.request_id, ctx,
                     worker_name)
 
@@ -67,12 +70,11 @@ def registry_for(queues: list[str], worker_name: str) -> CommandRegistry:
 
 def _run(path: str, args: list[Any], kwargs: dict[str, Any], result_id: str,
          ctx: JobContext, worker_name: str) -> Any:
-    try:
-        task = import_string(path)
-    except ImportError as exc:
-        raise BadParams(f"no task {path!r} in this project: {exc}") from None
-    if not isinstance(task, Task) or getattr(task, "command", ""):
-        raise BadParams(f"{path!r} is not a plain task of this project")
+    task = loaded_task(path)
+    if task is None or getattr(task, "command", ""):
+        raise BadParams(f"{quote(path, 200)!r} is not a task this fleetworker knows (it "
+                        "knows those of the modules it loaded at start: each app's tasks "
+                        "module, DISPATCH_TASK_MODULES, --tasks)")
     close_old_connections()
     _running.ctx = ctx
     try:

@@ -8,7 +8,6 @@ never on the broker's event loop; one that raises is logged, not fatal.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +15,13 @@ from datetime import datetime, timezone as tz
 from typing import Any
 
 from django.dispatch import Signal
-from django.utils.module_loading import import_string
 
 from workers.protocol import ApiResponse
 
 from ..core.dispatcher import task_watchers
 from ..core.requests import Request
-from .compat import Task, TaskResultStatus, task_finished, task_started
+from .compat import TaskResultStatus, task_finished, task_started
+from .known import load_task_modules, loaded_task
 
 log = logging.getLogger("dispatch.tasks")
 
@@ -30,8 +29,10 @@ _sending = ThreadPoolExecutor(1, "dispatch-task-signals")
 
 
 def install() -> None:
-    """Have this process's dispatchers tell of their tasks' jobs (a broker process)."""
+    """Have this process's dispatchers tell of their tasks' jobs (a broker process),
+    for the tasks of the modules it loads now."""
     if watch not in task_watchers:
+        load_task_modules()
         task_watchers.append(watch)
 
 
@@ -45,22 +46,12 @@ def watch(request: Request, response: ApiResponse | None) -> None:
                         time.time())
 
 
-@functools.lru_cache(maxsize=1024)
-def _task(path: str) -> Task | None:
-    try:
-        task = import_string(path)
-    except ImportError:
-        log.info("task %s is not importable in the broker: no task signals for it", path)
-        return None
-    return task if isinstance(task, Task) else None
-
-
 def _send(signal: Signal, request: Request, status: Any, response: ApiResponse | None,
           when: float) -> None:
     from .backend import COMMAND_PREFIX, FleetBackend, FleetTaskResult
     from .results import task_error
 
-    task = _task(request.task)
+    task = loaded_task(request.task)  # (a peer names it: never imported on its word)
     if task is None:
         return
     data = request.data

@@ -35,6 +35,10 @@ class Command(BaseCommand):
                             help="a queue whose tasks this worker runs; repeatable "
                                  "(default: every queue of the FleetBackend TASKS "
                                  "backends, else 'default')")
+        parser.add_argument("--tasks", action="append", default=[], metavar="MODULE",
+                            help="a module of tasks to load besides each installed app's "
+                                 "tasks module and DISPATCH_TASK_MODULES; repeatable. A task "
+                                 "of a module not loaded is refused, never imported")
         parser.add_argument("--token", default=default_token(),
                             help="worker token, when the broker has credentials "
                                  "(default $BROKER_TOKEN)")
@@ -49,11 +53,16 @@ class Command(BaseCommand):
                             choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     def handle(self, *args: Any, **options: Any) -> None:
+        from ...tasks.known import load_task_modules
         from ...tasks.runner import registry_for
 
         logging.basicConfig(level=options["log_level"],
                             format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         queues = options["queue"] or configured_queues()
+        try:
+            modules = load_task_modules(options["tasks"])
+        except ImportError as exc:
+            raise CommandError(f"cannot load tasks: {exc}") from None
         url = options["url"] or broker_url("127.0.0.1", conf.get("WORKER_PORT"))
         name = options["name"] or default_name()
         try:
@@ -63,8 +72,8 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         logging.getLogger("dispatch.tasks").info(
-            "fleetworker %s runs the tasks of queue(s) %s from %s", worker.name,
-            ", ".join(queues), url)
+            "fleetworker %s runs the tasks of queue(s) %s from %s (tasks of: %s)",
+            worker.name, ", ".join(queues), url, ", ".join(modules) or "no module")
         try:
             asyncio.run(serve(worker))
         except asyncio.CancelledError:
