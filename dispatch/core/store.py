@@ -114,7 +114,7 @@ class JobStore:
         self._task: asyncio.Task[None] | None = None
         self._pruned_at = 0.0
         self.commits = 0
-        self.kept = KeptBytes()
+        self.kept_bytes = KeptBytes()
 
     # ------------------------------------------------------------------ on the loop
 
@@ -162,7 +162,7 @@ class JobStore:
         if code in DEAD_LETTERS:  # kept to be run again from the admin
             keep = max(keep, conf.get("DEAD_LETTER_TTL"))
         expires = when + keep if keep > conf.get("RESULT_TTL") and \
-            self.kept.take(request.owner, len(text) + request.cost, when + keep) else None
+            self.kept_bytes.take(request.owner, len(text) + request.cost, when + keep) else None
         row = self._rows.get(request.key)
         if row is None:
             self._change(request.key, state=DONE, answer=text, finished_at=when,
@@ -199,7 +199,7 @@ class JobStore:
 
     async def start(self) -> None:
         for owner, size, until in await self._thread.run(_kept_by_owner, time.time()):
-            self.kept.add(owner, size, until)
+            self.kept_bytes.add(owner, size, until)
         self._task = asyncio.create_task(self._run(), name="dispatch-store")
 
     async def flush(self) -> None:
