@@ -110,6 +110,7 @@ def test_a_handlers_own_errors_never_eject_its_worker(broker_factory, spawn_work
     assert state_of(broker, "only")["state"] == "online"
 
 
+@pytest.mark.heavy  # (12 s: in CI and with --heavy)
 def test_a_worker_whose_jobs_hang_is_ejected_then_probed_back(broker_factory,
                                                              spawn_worker) -> None:
     """Leases that ran out are faults of the worker; timeouts are not (a requester
