@@ -28,7 +28,7 @@ from workers import protocol
 from workers.address import broker_url
 from workers.errors import RequestFailed
 from workers.protocol import ApiResponse, ErrorCode
-from workers.requester import Job, Progress, Requester, Result, Route, _unix
+from workers.requester import Job, Progress, Requester, Result, Route, unix_seconds
 
 from . import conf
 from .balancing import selector
@@ -58,6 +58,7 @@ class Options:
     task: str | None = None
     request_id: str | None = None
     replay_of: str = ""  # in a broker process only: the admin's "run again"
+    stored: bool = True  # start() returns once it is stored; call() waits for its answer
 
 
 class FleetJob:
@@ -88,12 +89,12 @@ class FleetJob:
 
 def call(command: str, data: dict[str, Any] | None = None, **options: Any) -> Any:
     """Run ``command`` on the best worker and return its answer's data (blocking)."""
-    return start(command, data, **options).result()
+    return start(command, data, stored=False, **options).result()
 
 
 async def acall(command: str, data: dict[str, Any] | None = None, **options: Any) -> Any:
     """:func:`call` for async code."""
-    return await (await astart(command, data, **options)).aresult()
+    return await (await astart(command, data, stored=False, **options)).aresult()
 
 
 def start(command: str, data: dict[str, Any] | None = None, **options: Any) -> FleetJob:
@@ -149,6 +150,13 @@ async def awatch(request_id: str, timeout: float | None = None
                 return
     finally:
         running.cancel()
+
+
+async def _data(answer: Awaitable[ApiResponse]) -> Any:
+    response = await answer
+    if not response.success:
+        raise RequestFailed.from_answer(response.error, response.code, response)
+    return response.data
 
 
 def _result(response: ApiResponse | None, exc: BaseException | None = None
@@ -224,7 +232,7 @@ async def _start_here(command: str, data: dict[str, Any], options: Options) -> F
     dispatcher = await get_dispatcher()
     if options.timeout is not None and not 0 < options.timeout <= conf.get("MAX_TIMEOUT"):
         raise ValueError(f"timeout must be between 0 and {conf.get('MAX_TIMEOUT'):g} s")
-    beyond = over_limits(_unix(options.not_before), options.keep)
+    beyond = over_limits(unix_seconds(options.not_before), options.keep)
     if beyond:
         raise ValueError(beyond)
     sink = _Answer()
@@ -233,10 +241,10 @@ async def _start_here(command: str, data: dict[str, Any], options: Options) -> F
         command, dict(data), sink, request_id=request_id, requester="fleet",
         timeout=options.timeout, owner=OWNER, priority=options.priority,
         select=selector(options.select or {}), affinity=options.affinity,
-        not_before=_unix(options.not_before), wait_for_workers=options.wait_for_workers,
+        not_before=unix_seconds(options.not_before), wait_for_workers=options.wait_for_workers,
         keep=options.keep or 0.0, task=options.task or "", replay_of=options.replay_of)
-    await dispatcher.keeper.committed()  # stored (even if answered already: its row is
-    # there for whoever reads it next)
+    if options.stored:  # (even if answered already: its row is there for whoever reads it)
+        await dispatcher.keeper.committed()
 
     return FleetJob(request_id, sink.result(), lambda: _cancel_here(request_id))
 
@@ -257,10 +265,7 @@ class _Answer:
             await ack()
 
     async def result(self) -> Any:
-        response = await self.future
-        if not response.success:
-            raise RequestFailed.from_answer(response.error, response.code, response)
-        return response.data
+        return await _data(self.future)
 
 
 class _Remote:
@@ -302,7 +307,17 @@ class _Remote:
             push(_result(None, exc))
 
     async def start(self, command: str, data: dict[str, Any], options: Options) -> FleetJob:
-        job: Job = await (await self.connected()).start(
+        requester = await self.connected()
+        if not options.stored and not (options.wait_for_workers or options.keep or
+                                       options.task):  # a call: its answer is what counts
+            request_id = options.request_id or protocol.new_id()
+            answer = requester.request(
+                command, data, timeout=options.timeout, priority=options.priority,
+                route=Route(select=options.select, affinity=options.affinity),
+                not_before=options.not_before, request_id=request_id)
+            return FleetJob(request_id, _data(answer),
+                            lambda: requester._send_cancel(request_id))
+        job: Job = await requester.start(
             command, data, timeout=options.timeout, priority=options.priority,
             route=Route(select=options.select, affinity=options.affinity),
             not_before=options.not_before, wait_for_workers=options.wait_for_workers,

@@ -107,11 +107,18 @@ out["workers"], out["attempts"] = result.worker_ids, result.attempts
 out["args"], out["order"] = result.args, [result.enqueued_at <= result.started_at
                                            <= result.finished_at]
 out["backend"] = result.backend
+from dispatch import fleet
+out["call"] = fleet.call("echo", {"message": "hi"}, timeout=5)
+try:
+    fleet.call("nobody-offers-this", {})
+except Exception as exc:
+    out["call_error"] = type(exc).__name__
 r2 = until(sample_tasks.whoami.enqueue(note="hi"), lambda r: r.is_finished)
 out["context"] = r2.return_value
 out["context_id"] = r2.id
 """)
     assert out["answer"]["status"] == "READY"
+    assert out["call"] == "Echo: hi" and out["call_error"] == "NoWorkers"  # dispatch.fleet
     assert out["status"] == "SUCCESSFUL" and out["value"] == 5
     assert len(out["workers"]) == 1 and out["attempts"] == 1 and out["args"] == [2, 3]
     assert out["order"] == [True] and out["backend"] == "default"

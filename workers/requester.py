@@ -432,7 +432,8 @@ class Requester(_Upkeep):
                       timeout: float | None = None, priority: int = 0,
                       on_event: Callable[[Event], Any] | None = None,
                       route: Route | None = None,
-                      not_before: float | datetime | None = None) -> ApiResponse:
+                      not_before: float | datetime | None = None,
+                      request_id: str | None = None) -> ApiResponse:
         """Send one command and return the broker's answer, successful or not.
 
         ``timeout`` (seconds) is passed to the broker, which answers
@@ -446,7 +447,7 @@ class Requester(_Upkeep):
         from then.
         """
         call = await self._send(command, data, timeout, priority, on_event, route,
-                                not_before=_unix(not_before))
+                                not_before=unix_seconds(not_before), request_id=request_id)
         return await self._wait(call)
 
     async def call(self, command: str, /, *, timeout: float | None = None,
@@ -488,7 +489,7 @@ class Requester(_Upkeep):
         queue: asyncio.Queue[Event] | None = asyncio.Queue() if stream else None
         call = await self._send(command, data, timeout, priority,
                                 queue.put_nowait if queue is not None else None, route,
-                                accepted=True, not_before=_unix(not_before),
+                                accepted=True, not_before=unix_seconds(not_before),
                                 wait_for_workers=wait_for_workers, keep=keep,
                                 request_id=request_id, task=task)
         try:
@@ -628,7 +629,7 @@ def _close_reason(ws: ClientConnection) -> str:
 # --------------------------------------------------------------------------- sync wrapper
 
 
-def _unix(moment: float | datetime | None) -> float | None:
+def unix_seconds(moment: float | datetime | None) -> float | None:
     """Unix seconds of a moment given either way (a naive datetime is refused: whose
     time zone would it be?)."""
     if moment is None or not isinstance(moment, datetime):
