@@ -102,8 +102,8 @@ def cluster(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 def measure(worker_url: str, requester_url: str, db_env: dict[str, str], workdir: Path,
             args: argparse.Namespace) -> dict[str, Any]:
     fleetworker = Proc("fleetworker", [python(), "manage.py", "fleetworker", worker_url,
-                                       "--max-concurrency", "64", "--log-level", "WARNING"],
-                       db_env, workdir)
+                                       "--tasks", "bench.django_tasks", "--max-concurrency",
+                                       "64", "--log-level", "WARNING"], db_env, workdir)
     try:
         time.sleep(3)  # registered (a Django start)
         done = subprocess.run(
@@ -179,7 +179,8 @@ def report(rows: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> 
              "|---|---|---|---|---|"]
     for name, r in rows:
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped'][:200]} | | | |")
+            why = " ".join(r["skipped"].split())[-200:].replace("|", "/")
+            lines.append(f"| {name} | skipped: {why} | | | |")
             continue
         lines.append(
             f"| {name} | {r['enqueue_ms'][0]:.1f} / {r['enqueue_ms'][1]:.1f} ms | "
