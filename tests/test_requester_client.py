@@ -290,3 +290,33 @@ async def test_closing_after_the_broker_is_gone_returns_at_once() -> None:
     with pytest.raises(ConnectionLost, match="closed"):  # at once, not after 30 s
         await asyncio.wait_for(client.call("echo", message="after"), 1)
 
+
+
+async def test_watching_a_request_sent_on_this_connection_shares_its_one_answer() -> None:
+    """``watch`` of a request this connection sent and still waits for: its progress
+    and its one answer reach both the job and the watch (the broker answers a
+    connection once, however it asked)."""
+    from workers.requester import Progress, Result
+
+    async def broker(ws: ServerConnection) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            if "command" in frame:  # the request: stored at once, answered when watched
+                await ws.send(json.dumps({"request_id": frame["request_id"],
+                                          "event": "accepted"}))
+            elif "attach" in frame:
+                rid = frame["attach"]
+                await ws.send(json.dumps({"request_id": rid, "event": "progress",
+                                          "progress": 0.5}))
+                await ws.send(json.dumps(ok({"request_id": rid}, "done")))
+
+    async with serve(broker, "127.0.0.1", 0) as server:
+        url = broker_url("127.0.0.1", server.sockets[0].getsockname()[1])
+        async with Requester(url) as requester:
+            job = await requester.start("train", {})
+            answer = asyncio.ensure_future(job.result())
+            watched = await requester.watch(job.request_id)
+            events = [event async for event in watched.events()]
+            assert isinstance(events[0], Progress) and isinstance(events[-1], Result)
+            assert events[-1].data == "done"
+            assert await asyncio.wait_for(answer, WAIT) == "done"

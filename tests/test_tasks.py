@@ -136,6 +136,16 @@ from django.utils import timezone
 deferred = sample_tasks.add.using(run_after=timezone.now() + timedelta(seconds=1.5))
 later = deferred.enqueue(1, 1)
 out["ready"] = str(sample_tasks.add.get_result(later.id).status)
+import asyncio
+from dispatch import fleet
+watched = sample_tasks.slow.enqueue(0.3)  # watched on the connection that sent it
+
+async def watch(job_id):
+    return [event async for event in fleet.awatch(job_id, timeout=10)]
+
+events = asyncio.run(watch(watched.id))
+out["watched"] = [events[-1]["event"], events[-1]["data"],
+                  sum(e["event"] == "progress" for e in events) > 0]
 slow = sample_tasks.slow.enqueue(1.0)
 until(slow, lambda r: r.status == "RUNNING" and r.progress)
 out["running"], out["progress"] = str(slow.status), slow.progress
@@ -162,6 +172,7 @@ except Exception as exc:
     out["missing"] = type(exc).__name__
 """)
     assert out["ready"] == "READY"
+    assert out["watched"] == ["result", 0.3, True]
     assert out["running"] == "RUNNING" and 0 < out["progress"][0] <= 1
     assert out["slow"] == ["SUCCESSFUL", 1.0]
     assert out["later"][:2] == ["SUCCESSFUL", 2] and out["later"][2] >= 1.4

@@ -510,10 +510,14 @@ class Requester(_Upkeep):
         ``timeout``: how long to wait for its answer (default ``default_timeout``)."""
         ws = await self._connection()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        call = _Call(ApiRequest("(watched)", request_id=request_id, timeout=timeout,
-                                stream=True), queue.put_nowait)
-        call.watched = True
-        self._calls[request_id] = call
+        call = self._calls.get(request_id)
+        if call is not None:  # sent from here, still waited for: one call, one answer
+            call.events = call.events or queue.put_nowait
+        else:
+            call = _Call(ApiRequest("(watched)", request_id=request_id, timeout=timeout,
+                                    stream=True), queue.put_nowait)
+            call.watched = True
+            self._calls[request_id] = call
         try:
             await ws.send(json.dumps({"attach": request_id, "stream": True}))
         except ConnectionClosed:
