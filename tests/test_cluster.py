@@ -304,6 +304,7 @@ def test_history_from_every_process_lands_in_postgres(cluster, workers_started,
     assert sessions == [("pg-worker", a.get("/healthz")["process"])]
 
 
+@pytest.mark.heavy  # (8 s: in CI and with --heavy)
 async def test_redis_stopped_5s_under_load(cluster, workers_started, redis_server,
                                            record_property) -> None:
     """Requests keep coming while Redis is down for 5 s: each gets an answer, no process
@@ -444,6 +445,7 @@ async def test_a_rolling_restart_under_load_fails_nothing_and_runs_nothing_twice
     assert not twice, twice
 
 
+@pytest.mark.heavy  # (8 s: in CI and with --heavy)
 async def test_kill_9_of_the_requesters_process_loses_no_answer_of_a_worker_elsewhere(
         cluster, workers_started, postgres_url: str, tmp_path: Path) -> None:
     """The worker is held by process B, the requester by A; A is killed (kill -9) while
