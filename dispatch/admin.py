@@ -383,9 +383,10 @@ class JobAdmin(ReadOnlyAdmin):
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(ReadOnlyAdmin):
+class DeadLetterAdmin(JobAdmin):
     """Jobs that failed for want of a worker (retries exhausted, poison, worker lost,
-    hung, timed out, a handler's failure): run them again from here."""
+    hung, timed out, a handler's failure): run them again from here. (A job's page, as
+    the Jobs' list shows it.)"""
 
     list_display = ("request_id", "command", "code", "error", "worker_id", "tried",
                     "finished_at", "runs_again")
@@ -393,8 +394,6 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     search_fields = ("request_id", "worker_id", "task")
     ordering = ("-finished_at",)
     actions = ["run_again"]
-    exclude = ("request", "answer")
-    readonly_fields = ("answer_text",)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[DeadLetter]:
         from .core.store import DEAD_LETTERS
@@ -410,10 +409,6 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             return str(protocol.loads_object(obj.answer).get("error") or "")[:200]
         except protocol.ProtocolError:
             return "-"
-
-    @admin.display(description="answer")
-    def answer_text(self, obj: Job) -> str:
-        return obj.answer or "-"
 
     @admin.display(description="run again as")
     def runs_again(self, obj: Job) -> SafeString | str:

@@ -18,6 +18,7 @@ async ones there.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from workers.requester import Job, Progress, Requester, Result, Route, unix_seco
 
 from . import conf
 from .balancing import selector
+from .control import services
+from .control.services import Reply
 from .core.requests import over_limits
 
 T = TypeVar("T")
@@ -221,8 +224,6 @@ def _canceller(request_id: str
 
 
 async def _cancel_here(request_id: str) -> None:
-    from .control import services
-
     await services.cancel(request_id, "Django code")
 
 
@@ -249,20 +250,8 @@ async def _start_here(command: str, data: dict[str, Any], options: Options) -> F
     return FleetJob(request_id, sink.result(), lambda: _cancel_here(request_id))
 
 
-class _Answer:
-    """The sink of an in-process request: a future for its one answer."""
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[ApiResponse] = asyncio.get_running_loop().create_future()
-
-    async def answer(self, response: ApiResponse, text: str) -> None:
-        if not self.future.done():
-            self.future.set_result(response)
-
-    async def event(self, request_id: str, text: str, *, ack: Any = None,
-                    mergeable: bool = False) -> None:
-        if ack is not None:
-            await ack()
+class _Answer(Reply):
+    """The sink of an in-process request, with its answer's data (or typed error)."""
 
     async def result(self) -> Any:
         return await _data(self.future)
@@ -345,7 +334,13 @@ def owner_here() -> str:
     if broker_loop() is not None:
         return OWNER
     _, key = settings_of()
-    parts = (key or "").split("_")
+    return _owner_of(key or "")
+
+
+@functools.lru_cache(maxsize=8)
+def _owner_of(key: str) -> str:
+    """The owner a key's jobs have (looked up once per key: get_result is polled)."""
+    parts = key.split("_")
     if len(parts) < 3:
         return "anonymous"
     from .auth import digest

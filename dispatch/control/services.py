@@ -101,8 +101,9 @@ async def drain(worker_id: str, draining: bool = True) -> bool:
     return await get_registry().set_draining(worker_id, draining)
 
 
-class _Reply:
-    """The control API's sink: a future for the one answer."""
+class Reply:
+    """The sink of a request made in-process (the control API, dispatch.fleet): a future
+    for its one answer; chunks it does not want are acknowledged at once."""
 
     def __init__(self) -> None:
         self.future: asyncio.Future[ApiResponse] = asyncio.get_running_loop().create_future()
@@ -123,7 +124,7 @@ async def request(command: str, data: dict[str, Any], *, timeout: float | None =
                   traceparent: str | None = None) -> ApiResponse:
     """Run one command on the best worker (or on ``worker_id``) and wait for its answer."""
     dispatcher = await get_dispatcher()
-    reply = _Reply()
+    reply = Reply()
     await dispatcher.submit(command, data, reply, request_id=new_id(), requester=requester,
                             timeout=timeout, worker_id=worker_id, owner="operator",
                             select=selector(select), affinity=affinity,

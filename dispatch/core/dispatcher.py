@@ -204,8 +204,6 @@ class Dispatcher:
             priority=priority, select=select, affinity=affinity, hedge=hedge, cost=cost,
             patient_until=self.keeper.patient_until, not_before=due if due > opened else 0.0,
             task=task, keep=keep, replay_of=replay_of, wait_for_workers=wait_for_workers)
-        if wait_for_workers:
-            request.patient_until = request.deadline
         actions = self.table.submit(request)
         if request.state is not State.DONE:  # accepted, not refused at once
             self.keeper.accepted(request)

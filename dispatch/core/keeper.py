@@ -273,7 +273,7 @@ def request_from(row: Kept) -> Request:
     attaches (its answer is kept for them)."""
     now, loop_now = time.time(), asyncio.get_running_loop().time()
     body = row.request
-    request = Request(
+    return Request(
         row.key, row.command, body.get("data") or {}, [], row.request_id,
         str(body.get("requester") or ""), loop_now + (row.deadline - now), row.created_at,
         loop_now - (now - row.created_at), traceparent=str(body.get("traceparent") or ""),
@@ -284,6 +284,3 @@ def request_from(row: Kept) -> Request:
         task=str(body.get("task") or ""), keep=float(body.get("keep") or 0.0),
         replay_of=str(body.get("replay_of") or ""),
         wait_for_workers=bool(body.get("wait_for_workers")))
-    if request.wait_for_workers:
-        request.patient_until = request.deadline
-    return request

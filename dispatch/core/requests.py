@@ -150,6 +150,10 @@ class Request:
     wait_for_workers: bool = False  # no worker offers it: it waits (patient_until: deadline)
     replay_of: str = ""  # the request id of the failed job it runs again
 
+    def __post_init__(self) -> None:
+        if self.wait_for_workers:  # a worker may come any time before its deadline
+            self.patient_until = max(self.patient_until, self.deadline)
+
     @property
     def attempts(self) -> int:
         """Times it was placed on a worker (a hedge counts)."""
