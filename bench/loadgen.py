@@ -40,9 +40,13 @@ class Closed(Exception):
 class WsRequester:
     """One requester socket; answers are matched to requests by ``request_id``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, batch: bool = False) -> None:
         self.url = url
         self.pending: dict[str, asyncio.Future[Any]] = {}
+        #: Requests made in one turn of the loop while others wait go in one frame (a
+        #: JSON array), as ``workers.requester.Requester`` sends them.
+        self.batch = batch
+        self.gathered: list[str] = []
 
     async def open(self) -> None:
         from websockets.asyncio.client import connect
@@ -68,16 +72,27 @@ class WsRequester:
     async def _receive_answers(self) -> None:
         pending = self.pending
         async for text in self.ws:
-            answer = loads(text)
-            future = pending.pop(answer.get("request_id"), None)
-            if future is not None and not future.done():
-                future.set_result(answer)
+            parsed = loads(text)
+            for answer in parsed if text[:1] == "[" else [parsed]:
+                future = pending.pop(answer.get("request_id"), None)
+                if future is not None and not future.done():
+                    future.set_result(answer)
 
     async def call(self, rid: str, text: str) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
         self.pending[rid] = future
-        await self.ws.send(text)
+        if not self.batch or len(self.pending) == 1:
+            await self.ws.send(text)
+        else:
+            self.gathered.append(text)
+            if len(self.gathered) == 1:
+                asyncio.get_running_loop().create_task(self._send_gathered())
         return await future
+
+    async def _send_gathered(self) -> None:
+        await asyncio.sleep(0)  # the others of this turn join
+        texts, self.gathered = self.gathered, []
+        await self.ws.send(texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]")
 
     async def close(self) -> None:
         await self.ws.close()
@@ -159,7 +174,7 @@ class NatsRequester:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     payload = payload_text(args.payload)
     if args.proto == "ws":
-        conns: list[Any] = [WsRequester(args.url) for _ in range(args.connections)]
+        conns: list[Any] = [WsRequester(args.url, args.batch) for _ in range(args.connections)]
     elif args.proto == "sio":
         conns = [SioRequester(args.url) for _ in range(args.connections)]
     else:
@@ -253,6 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds to wait for answers still outstanding at the end")
     p.add_argument("--subject", default="bench.req", help="NATS subject (nats only)")
+    p.add_argument("--batch", action="store_true",
+                   help="ws: requests made together go in one frame (a JSON array), as the "
+                   "Python client sends them; answers may come in batch frames too")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     return p.parse_args(argv)
 

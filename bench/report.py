@@ -59,8 +59,8 @@ def cpu_per_request(row: Row) -> float | None:
 
 def results_table(rows: list[Row]) -> str:
     head = ("| scenario | in flight | workers | payload | req/s | × baseline | p50 ms | p99 ms | "
-            "p99.9 ms | p50 × baseline | broker CPU µs/req | broker CPU% | redis CPU% | workers CPU% | "
-            "loadgen CPU% | other CPU% | broker peak RSS MB | errors | runs |")
+            "p99.9 ms | p50 × baseline | broker CPU µs/req | broker CPU% | redis CPU% | "
+            "workers CPU% | loadgen CPU% | other CPU% | broker peak RSS MB | errors | runs |")
     lines = [head, "|" + " --- |" * 4 + " ---: |" * 14 + " --- |"]
     for row in rows:
         sc = row.scenario

@@ -150,7 +150,7 @@ class Runner:
                 "--url", system.requester_url, "--inflight", str(sc.inflight),
                 "--connections", str(sc.connections), "--payload", str(sc.payload),
                 "--warmup", str(self.warmup), "--duration", str(self.duration),
-                "--subject", subject], log_dir=self.workdir)
+                "--subject", subject, *system.loadgen_args], log_dir=self.workdir)
             groups = {"broker": system.broker_pids, "ext": system.ext_pids,
                       "workers": lambda: [workers.pid], "loadgen": lambda: [loadgen.pid]}
             if loadgen.expect("MEASURE", self.warmup + 40) is None:

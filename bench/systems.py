@@ -32,6 +32,9 @@ class System:
     proto = "ws"
     #: "peak": VmHWM of processes we started; "current": RSS of a service that was running.
     rss_mode = "peak"
+    #: More arguments for the load generator (``--batch``: requests sent together go in
+    #: one frame, as the Python client sends them).
+    loadgen_args: list[str] = []
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
@@ -308,6 +311,15 @@ def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
     if name == "daphne-nostore":
         return OursDaphne(workdir, {"BROKER_JOB_STORE": "0"}, name="daphne-nostore",
                           description="embedded default with BROKER_JOB_STORE=0")
+    if name == "daphne-batch":
+        system = OursDaphne(workdir, name="daphne-batch", description="embedded default, "
+                            "requests and answers in batch frames (the Python client's way)")
+        system.loadgen_args = ["--batch"]
+        return system
+    if name == "daphne-nodb":
+        return OursDaphne(workdir, {"BROKER_JOB_STORE": "0", "BROKER_HISTORY": "0"},
+                          name="daphne-nodb", description="embedded default with "
+                          "BROKER_JOB_STORE=0 and BROKER_HISTORY=0 (no database writes)")
     if name == "uvicorn":
         return OursAsgi(workdir, "uvicorn")
     if name == "uvicorn-sansio":
@@ -324,5 +336,5 @@ def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
 
 
 SYSTEM_NAMES = ["baseline", "baseline-uvloop", "daphne", "daphne-nohist", "daphne-nostore",
-                "uvicorn",
+                "daphne-nodb", "daphne-batch", "uvicorn",
                 "uvicorn-sansio", "granian", "redis-2proc", "nats", "socketio"]

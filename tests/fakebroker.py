@@ -138,13 +138,14 @@ ApiHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 @contextlib.asynccontextmanager
-async def fake_api(answer: ApiHandler) -> AsyncIterator[str]:
-    """Serve the requester API: each request is handed, parsed, to ``answer`` in its own
-    task, and whatever dict it returns is sent back (None: no answer). Yields the URL."""
+async def fake_api(answer: ApiHandler, frames: list[str] | None = None) -> AsyncIterator[str]:
+    """Serve the requester API: each request (alone in its frame, or one of a batch) is
+    handed, parsed, to ``answer`` in its own task, and whatever dict it returns is sent
+    back (None: no answer). Every frame received is added to ``frames``. Yields the URL."""
 
     async def handle(ws: ServerConnection) -> None:
-        async def one(raw: str | bytes) -> None:
-            reply = await answer(json.loads(raw))
+        async def one(req: Any) -> None:
+            reply = await answer(req)
             if reply is not None:
                 with contextlib.suppress(ConnectionClosed):
                     await ws.send(json.dumps(reply))
@@ -152,9 +153,13 @@ async def fake_api(answer: ApiHandler) -> AsyncIterator[str]:
         tasks: set[asyncio.Task[None]] = set()
         with contextlib.suppress(ConnectionClosed):
             async for raw in ws:
-                task = asyncio.create_task(one(raw))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                if frames is not None:
+                    frames.append(str(raw))
+                parsed = json.loads(raw)
+                for req in parsed if isinstance(parsed, list) else [parsed]:
+                    task = asyncio.create_task(one(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
         for task in tasks:
             task.cancel()
 

@@ -238,7 +238,7 @@ async def test_many_requests_in_flight_are_matched_by_request_id() -> None:
 
 @pytest.mark.parametrize("text, error", [
     ("{not json", "Malformed JSON"),
-    ('["a list"]', "Expected a JSON object"),
+    ('["a list"]', "Each frame of a batch must be a JSON object"),  # a batch of one
     ('{"request_id": "x"}', "Missing field 'command'"),
     ('{"request_id": "x", "command": 5}', "Field 'command' must be str"),
     ('{"request_id": "x", "command": "echo", "data": []}', "Field 'data' must be dict"),

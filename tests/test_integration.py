@@ -229,6 +229,39 @@ async def test_many_requests_in_flight_on_one_connection(broker: Broker, spawn_w
     assert elapsed < 2.5  # concurrent, not 20 x 0.5 s
 
 
+async def test_requests_sent_in_one_batch_frame_are_answered_in_batch_frames(
+        broker: Broker, spawn_worker) -> None:
+    """A JSON array of requests is several requests; each is answered once, bad ones
+    refused alone, and a peer that batches gets its answers in batch frames."""
+    spawn_worker("w1")
+    async with websockets.connect(broker.requester_url, max_size=None) as ws:
+        await ws.send(json.dumps({"request_id": "alone", "command": "echo",
+                                  "data": {"message": "a"}}))
+        assert json.loads(await ws.recv())["request_id"] == "alone"  # not batched yet
+        batch = [{"request_id": f"b{i}", "command": "echo", "data": {"message": str(i)}}
+                 for i in range(20)]
+        batch[5] = {"request_id": "bad", "command": 7}
+        batch[9] = "not an object"  # type: ignore[call-overload]
+        await ws.send(json.dumps(batch))
+        answers: dict[str | None, dict] = {}
+        frames = 0
+        while len(answers) < 20:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            frames += 1
+            for answer in frame if isinstance(frame, list) else [frame]:
+                assert answer["request_id"] not in answers or answer["request_id"] is None
+                answers[answer["request_id"] or f"none{frames}"] = answer
+        assert all(answers[f"b{i}"]["success"] and str(i) in json.dumps(answers[f"b{i}"]["data"])
+                   for i in range(20) if i not in (5, 9))
+        assert "command" in answers["bad"]["error"] and not answers["bad"]["success"]
+        assert any("must be a JSON object" in (a.get("error") or "") for a in answers.values())
+        assert frames < 20  # gathered
+        await ws.send("[]")
+        assert "empty array" in json.loads(await ws.recv())["error"]
+        await ws.send(json.dumps([{"request_id": "x", "command": "echo"}] * 1001))
+        assert "at most 256" in json.loads(await ws.recv())["error"]
+
+
 async def test_raw_socket_request_without_id_and_bad_frames(broker: Broker,
                                                             spawn_worker) -> None:
     spawn_worker("w1")

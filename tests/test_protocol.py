@@ -418,5 +418,6 @@ def test_ids_are_unique_and_do_not_count() -> None:
 
     ids = [new_id() for _ in range(10_000)]
     assert len(set(ids)) == len(ids)
-    gaps = {int(b[16:], 16) - int(a[16:], 16) for a, b in zip(ids, ids[1:])}
+    gaps = {int(b[27:], 16) - int(a[27:], 16) for a, b in zip(ids, ids[1:])}
     assert len(gaps) > 9_000  # consecutive ids: no constant step (it was 1)
+    assert [i[:11] for i in ids] == sorted(i[:11] for i in ids)  # time first: the index

@@ -287,3 +287,26 @@ async def test_both_registries_send_an_affinity_key_to_the_same_worker(
     shared = [r.worker.worker_id for r in await registry.reserve_many(keys)]  # type: ignore
     local = [r.worker.worker_id for r in await memory.reserve_many(keys)]  # type: ignore
     assert shared == local
+
+
+async def test_answers_kept_in_redis_are_looked_up_together(
+        registry: RedisRegistry, redis_url: str) -> None:
+    """Every request sent asks whether its id was answered lately: the lookups of one
+    moment go to Redis as one command, each asker getting its own answer (or None),
+    and an outage is each one's error."""
+    from dispatch.core.results import RedisResults
+
+    writer, reader = (RedisResults(registry.target, registry.prefix) for _ in range(2))
+    for i in range(0, 40, 2):
+        writer.put("alice", f"r{i}", f'{{"request_id": "r{i}"}}')
+    await asyncio.sleep(0.2)  # written in a batch of their own
+    plain = aioredis.Redis.from_url(redis_url)
+    before = (await plain.info("commandstats")).get("cmdstat_mget", {}).get("calls", 0)
+    got = await asyncio.gather(*(reader.get("alice", f"r{i}") for i in range(40)),
+                               reader.get("bob", "r0"))
+    after = (await plain.info("commandstats")).get("cmdstat_mget", {}).get("calls", 0)
+    await plain.aclose()
+    assert got[:40] == [f'{{"request_id": "r{i}"}}' if i % 2 == 0 else None
+                        for i in range(40)]
+    assert got[40] is None  # another credential's id: not its answer
+    assert after - before == 1  # 41 lookups, one round trip

@@ -83,6 +83,30 @@ async def test_failure_answer_raises_request_failed_from_call_only(
     assert info.value.response.request_id is not None
 
 
+@pytest.mark.parametrize("batch", [True, False])
+async def test_calls_made_together_go_in_one_batch_frame(batch: bool) -> None:
+    """A lone call goes at once in its own frame; calls made in one turn of the loop
+    while others are in flight go together (a JSON array), unless batches are off;
+    answers in batch frames are matched as well."""
+    frames: list[str] = []
+    async with fake_api(Api(), frames) as url:
+        async with Requester(url, batch=batch) as r:
+            assert await r.call("echo", message="alone") == "Echo: alone"
+            assert json.loads(frames[0])["command"] == "echo"
+            echoes = await asyncio.wait_for(asyncio.gather(
+                *(r.call("echo", message=str(i)) for i in range(20))), WAIT)
+            assert echoes == [f"Echo: {i}" for i in range(20)]
+            sent = len(frames)
+            waiting = [asyncio.ensure_future(r.call("silent")) for _ in range(2)]
+            await asyncio.sleep(0.1)  # the fake answers neither: a batch frame does
+            r._calls.on_frame(json.dumps([ok({"request_id": rid}, rid) for rid in r._calls]))
+            ids = [req["request_id"] for f in frames[sent:]
+                   for req in (json.loads(f) if f.startswith("[") else [json.loads(f)])]
+            assert len(ids) == 2 and sorted(await asyncio.gather(*waiting)) == sorted(ids)
+    batches = [f for f in frames if f.startswith("[")]
+    assert len(frames) < 10 and batches if batch else len(frames) == 23 and not batches
+
+
 async def test_concurrent_calls_are_matched_out_of_order(api: tuple[str, Api]) -> None:
     url, _ = api
     finished: list[int] = []
@@ -124,8 +148,10 @@ async def dropping_api(after: int) -> AsyncIterator[str]:
     """A broker that reads ``after`` requests, answers none, and drops the connection."""
 
     async def handle(ws: ServerConnection) -> None:
-        for _ in range(after):
-            await ws.recv()
+        read = 0
+        while read < after:
+            frame = json.loads(await ws.recv())
+            read += len(frame) if isinstance(frame, list) else 1  # a batch, or one
         await ws.close(1011, "broker crashed")
 
     async with serve(handle, "127.0.0.1", 0) as server:

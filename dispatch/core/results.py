@@ -4,11 +4,14 @@ come back for what it asked for (``{"attach": ...}``, ``GET /api/requests/<id>``
 Kept ``RESULT_TTL`` seconds after the request finished, under the credential that
 sent it: another credential cannot see it. In memory on the embedded default
 (bounded in bytes, oldest first out); in Redis in a cluster, written in batches
-(one pipeline per batch, whatever its size), so that any process can find it.
+(one pipeline per batch, whatever its size), so that any process can find it; and
+read in batches too (one MGET for the lookups of a moment: every request sent asks
+whether its id was answered lately).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -65,6 +68,8 @@ class RedisResults:
         self._clients = Clients(target, **CLIENT_OPTIONS)
         self._prefix = prefix
         self._writes: Batcher[tuple[str, str]] = Batcher(self._write, "dispatch-results")
+        self._reads: Batcher[tuple[str, asyncio.Future[str | None]]] = Batcher(
+            self._read, "dispatch-results-read")
         #: This process's own answers too: one attached to right after it was answered,
         #: while its Redis write is still on its way, is found here.
         self._local = MemoryResults()
@@ -92,11 +97,31 @@ class RedisResults:
         local = await self._local.get(owner, request_id)
         if local is not None:
             return local
+        found: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._reads.add((self._key(owner, request_id), found))
+        return await found
+
+    async def _read(self, items: list[tuple[str, asyncio.Future[str | None]]]) -> None:
         try:
-            return await self._clients.get().get(self._key(owner, request_id))
+            texts = await self._clients.get().mget([key for key, _ in items])
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                 OSError) as exc:
-            raise RegistryUnavailable(f"Redis unavailable: {exc}") from exc
+            texts = [RegistryUnavailable(f"Redis unavailable: {exc}")] * len(items)
+        except BaseException as exc:  # cancelled, or a defect: each asker hears of it
+            for _, found in items:
+                if not found.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        found.cancel()
+                    else:
+                        found.set_exception(exc)
+            raise
+        for (_, found), text in zip(items, texts):
+            if found.done():  # its asker was cancelled
+                continue
+            if isinstance(text, BaseException):
+                found.set_exception(text)
+            else:
+                found.set_result(text)
 
 
 Results = MemoryResults | RedisResults

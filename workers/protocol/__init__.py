@@ -22,7 +22,7 @@ Both share the JSON codec (:mod:`.codec`), the field checks (:mod:`.fields`,
 from __future__ import annotations
 
 from .api import (PRIORITIES, ROUTE_FIELDS, ApiRequest, ApiResponse, Attach, Cancel, event,
-                  requester_frame)
+                  requester_frame, requester_object)
 from .bodies import (CHUNK_WINDOW, MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody,
                      ResponseBody)
 from .codec import (BATCH_BYTES, MAX_BATCH, STDLIB_DECODE_ERRORS, batch_frames, dumps,
@@ -59,4 +59,5 @@ __all__ = [
     "parsed_size", "relayed",
     "parse_schema", "pool_label", "parse_schemas", "parse_traceparent", "quote", "random_id",
     "requester_frame",
+    "requester_object",
 ]

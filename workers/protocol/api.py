@@ -151,7 +151,11 @@ class Attach:
 
 def requester_frame(text: str | bytes) -> ApiRequest | Cancel | Attach:
     """Any frame of the requester socket: a request, or a cancel or attach of one."""
-    obj = loads_object(text)
+    return requester_object(loads_object(text))
+
+
+def requester_object(obj: dict[str, Any]) -> ApiRequest | Cancel | Attach:
+    """A request, cancel or attach: alone in its frame, or one of a batch."""
     for name, kind in (("cancel", Cancel), ("attach", Attach)):
         if name in obj:
             rid = _text(obj, name, MAX_ID_CHARS)
@@ -209,7 +213,10 @@ class ApiResponse:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ApiResponse:
-        obj = loads_object(text)
+        return cls.from_dict(loads_object(text))
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> ApiResponse:
         return cls(
             request_id=_field(obj, "request_id", str, None),
             success=_field(obj, "success", bool),

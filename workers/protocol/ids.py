@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import time
 
 _ID_PREFIX = secrets.token_hex(8)
 _id_counter = itertools.count(1)
@@ -36,14 +37,17 @@ def _scrambled(n: int) -> int:
 
 
 def new_id() -> str:
-    """A unique id for messages and requests: 64 random bits per process, then a counter
-    scrambled (a worker sees the ids of the requests it serves: a bare counter told it
-    the broker's traffic).
+    """A unique id for messages and requests: the time in milliseconds, 64 random bits
+    per process, then a counter scrambled (a worker sees the ids of the requests it
+    serves: a bare counter told it the broker's traffic).
 
-    The broker makes one or two per request; ``uuid4`` costs a system call each
-    (``os.urandom``), which showed up at ~9% of the broker's profile (this: ~0.5 us).
+    Time first, so that ids made together sort together: the job store's unique index
+    on them takes each commit's rows at its right edge, a page or two, not a page per
+    row (random keys cost a quarter more CPU per row written in SQLite). The broker
+    makes one or two per request; ``uuid4`` costs a system call each (``os.urandom``),
+    which showed up at ~9% of the broker's profile (this: ~0.5 us).
     """
-    return f"{_ID_PREFIX}{_scrambled(next(_id_counter)):016x}"
+    return f"{int(time.time() * 1000):011x}{_ID_PREFIX}{_scrambled(next(_id_counter)):016x}"
 
 
 def random_id(nbytes: int = 6) -> str:
