@@ -167,6 +167,30 @@ async def test_a_batch_from_another_process_reaches_its_workers_and_answers_come
     assert got["k2"]["type"] == Lost.TYPE and got["k2"]["worker_id"] == "gone"
 
 
+async def test_a_big_request_in_a_batch_counts_its_own_bytes_in_flight() -> None:
+    """A batch of one big request and small ones that are answered at once: the
+    big one still holds its bytes against MAX_IN_FLIGHT_BYTES (a share of the frame's
+    size would let a peer hold many of them almost uncounted)."""
+    w1 = await worker("w1", "echo", "slow", max_concurrency=300)
+    comm = await requester()
+    with override_settings(BROKER={"HISTORY": False, "MAX_IN_FLIGHT_BYTES": 150_000}):
+        big = {"request_id": "big", "command": "slow", "data": {"blob": "x" * 100_000}}
+        small = [{"request_id": f"s{i}", "command": "echo", "data": {}} for i in range(30)]
+        await comm.send_to(text_data=json.dumps([big, *small]))
+        for _ in range(31):
+            request = await frame(w1, "request")
+            if request.data["action"] == "echo":
+                await w1.send_to(text_data=Message.response(request.msg_id, True, 1).to_json())
+        answered = 0
+        while answered < 30:
+            got = json.loads(await comm.receive_from(TIMEOUT))
+            answered += len(got) if isinstance(got, list) else 1
+        await comm.send_to(text_data=json.dumps([{**big, "request_id": "big2"}]))
+        refused = json.loads(await comm.receive_from(TIMEOUT))
+    refused = refused[0] if isinstance(refused, list) else refused
+    assert refused["request_id"] == "big2" and refused["code"] == "limit_exceeded"
+
+
 async def test_no_worker_answers_at_once() -> None:
     r = await requester()
     loop = asyncio.get_running_loop()

@@ -100,7 +100,6 @@ class RequesterConsumer(BaseSocket):
             await self.rate_limited()
             return
         self.batching = True
-        share = protocol.parsed_size(text) // len(objects) + 1  # of the in-flight bytes
         for obj in objects:
             if self.state is not SocketState.OPEN:
                 return
@@ -111,7 +110,9 @@ class RequesterConsumer(BaseSocket):
             except ProtocolError as exc:
                 await self.refuse(str(exc), exc.request_id)
                 continue
-            await self._handle(frame, share)
+            # Its own size, not a share of the frame's: one big request among small ones
+            # that finish at once would otherwise hold its bytes almost uncounted.
+            await self._handle(frame, protocol.parsed_size(protocol.dumps_fast(obj) or text))
 
     async def _handle(self, frame: ApiRequest | Cancel | Attach, size: int) -> None:
         if isinstance(frame, Cancel):
