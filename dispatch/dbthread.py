@@ -97,15 +97,21 @@ def db_datetime() -> Callable[[float], Any]:
     return moment
 
 
+def rows_per_statement(columns: int, most_rows: int = 500) -> int:
+    """How many rows of ``columns`` values one statement may carry here (the
+    database's parameter limit; a few dozen at least)."""
+    most_params = connection.features.max_query_params or most_rows * columns
+    return max(1, min(most_rows, most_params // columns))
+
+
 def insert_rows(table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
                 most_rows: int = 500, then: str = "") -> int:
     """``INSERT INTO table (columns) VALUES (...), (...) <then>``: as few statements as
-    the database's parameter limit allows (a few dozen rows each at least); ``then``
-    may be an ``ON CONFLICT ...`` clause."""
+    the database's parameter limit allows (:func:`rows_per_statement`); ``then`` may
+    be an ``ON CONFLICT ...`` clause."""
     ops = connection.ops
     names = ", ".join(ops.quote_name(c) for c in columns)
-    most_params = connection.features.max_query_params or most_rows * len(columns)
-    per_statement = max(1, min(most_rows, most_params // len(columns)))
+    per_statement = rows_per_statement(len(columns), most_rows)
     with connection.cursor() as cursor:
         execute, mark = raw_execute(cursor)
         one_row = f"({', '.join([mark] * len(columns))})"
