@@ -174,7 +174,9 @@ class NatsRequester:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     payload = payload_text(args.payload)
     if args.proto == "ws":
-        conns: list[Any] = [WsRequester(args.url, args.batch) for _ in range(args.connections)]
+        urls = args.url.split(",")  # several brokers: the connections take them in turn
+        conns: list[Any] = [WsRequester(urls[i % len(urls)], args.batch)
+                            for i in range(args.connections)]
     elif args.proto == "sio":
         conns = [SioRequester(args.url) for _ in range(args.connections)]
     else:
@@ -259,7 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--proto", choices=("ws", "nats", "sio"), default="ws")
-    p.add_argument("--url", required=True, help="requester endpoint on 127.0.0.1")
+    p.add_argument("--url", required=True, help="requester endpoint on 127.0.0.1 (ws: several, "
+                   "comma-separated, taken in turn by the connections)")
     p.add_argument("--inflight", type=int, default=1, help="requests kept in flight")
     p.add_argument("--connections", type=int, default=1, help="requester connections")
     p.add_argument("--payload", type=int, default=100, help="payload bytes each way")

@@ -256,9 +256,16 @@ class OursRedis2P(Ours):
                    "on the other (every request crosses processes)")
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None,
-                 redis_db: int = 15) -> None:
+                 redis_db: int = 15, spread: bool = False) -> None:
         super().__init__(workdir, env)
         self.redis_db = redis_db
+        #: Requesters and workers on both processes (connections alternate), as a cluster
+        #: behind a load balancer: some requests stay in their process, some cross.
+        self.spread = spread
+        if spread:
+            self.name = "redis-2proc-spread"
+            self.description = ("our broker, 2 runbroker processes over Redis, requesters and "
+                                "workers spread over both")
         self.prefix = f"bench{os.getpid()}x{free_port()}"
 
     def ext_pids(self) -> list[int]:
@@ -276,8 +283,9 @@ class OursRedis2P(Ours):
             self.b.start()
         finally:
             self.procs = self.a.procs + self.b.procs
-        self.requester_url = self.a.requester_url
-        self.worker_url = self.b.worker_url
+        both = self.spread
+        self.requester_url = self.a.requester_url + (f",{self.b.requester_url}" if both else "")
+        self.worker_url = (f"{self.a.worker_url}," if both else "") + self.b.worker_url
         self.health_url = self.a.health_url  # the requester side must see B's workers
 
     def stop(self) -> None:
@@ -328,6 +336,8 @@ def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
         return OursAsgi(workdir, "granian")
     if name == "redis-2proc":
         return OursRedis2P(workdir, redis_db=redis_db)
+    if name == "redis-2proc-spread":
+        return OursRedis2P(workdir, redis_db=redis_db, spread=True)
     if name == "nats":
         return Nats(workdir)
     if name == "socketio":
@@ -337,4 +347,5 @@ def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
 
 SYSTEM_NAMES = ["baseline", "baseline-uvloop", "daphne", "daphne-nohist", "daphne-nostore",
                 "daphne-nodb", "daphne-batch", "uvicorn",
-                "uvicorn-sansio", "granian", "redis-2proc", "nats", "socketio"]
+                "uvicorn-sansio", "granian", "redis-2proc", "redis-2proc-spread", "nats",
+                "socketio"]

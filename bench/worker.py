@@ -123,8 +123,8 @@ class WsWorkerSession:
     async def open(self, idx: int) -> "WsWorkerConn":
         from websockets.asyncio.client import connect
 
-        sources = self.args.source
-        ws = await connect(self.args.url, compression=None, max_size=None, ping_interval=None,
+        sources, urls = self.args.source, self.args.url.split(",")  # spread over brokers
+        ws = await connect(urls[idx % len(urls)], compression=None, max_size=None, ping_interval=None,
                            proxy=None, open_timeout=30, close_timeout=1,
                            local_addr=(sources[idx % len(sources)], 0) if sources else None)
         worker_id = f"{self.args.prefix}-{idx}"
@@ -364,7 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--proto", choices=sorted(SESSIONS), default="ws", help="wire protocol")
     p.add_argument("--url", required=True,
-                   help="worker endpoint: ws://127.0.0.1:PORT[/ws/worker/], nats://127.0.0.1:4222 "
+                   help="worker endpoint: ws://127.0.0.1:PORT[/ws/worker/] (several, comma-"
+                        "separated: connections take them in turn), nats://127.0.0.1:4222 "
                         "or http-less base ws://127.0.0.1:PORT for socket.io")
     p.add_argument("--count", type=int, default=1, help="worker connections in this process")
     p.add_argument("--max-concurrency", type=int, default=1024,

@@ -497,6 +497,45 @@ async def test_unknown_path_is_refused() -> None:
     assert not connected and code == 4404
 
 
+async def test_worker_server_actions_in_a_batch_compute_on_big_integers() -> None:
+    """A worker's own request in a batch frame is read as a single one is: its numbers
+    beyond 64 bits are numbers (they were passed on as text, and ``calculate`` said
+    they were none)."""
+    w = await worker("w1", features=frozenset({Feature.BATCH}))
+    batch = [Message.request("calculate", {"a": 10 ** 25, "b": 1, "op": "+"}),
+             Message.request("calculate", {"a": 5, "b": 1, "op": "+"})]
+    await w.send_to(text_data="[" + ",".join(m.to_json() for m in batch) + "]")
+    got = {}
+    while len(got) < 2:
+        resp = await frame(w, "response")
+        got[resp.data["request_id"]] = resp.data["data"]
+    assert got == {batch[0].msg_id: 10 ** 25 + 1, batch[1].msg_id: 6}
+
+
+async def test_a_batching_requester_closed_for_its_rate_hears_why_first() -> None:
+    """Refusals gathered for a batch frame go out before the close (they were dropped
+    with it, and the peer never heard why it was cut off)."""
+    with override_settings(BROKER={"HISTORY": False, "RATE_LIMIT": 50}):
+        flood = await requester()
+        for _ in range(3):
+            await flood.send_to(text_data=json.dumps([{"cancel": "nobody"}] * 60))
+        errors = []
+        while (out := await flood.receive_output(TIMEOUT))["type"] != "websocket.close":
+            got = json.loads(out["text"])
+            errors += [a["error"] for a in (got if isinstance(got, list) else [got])]
+    assert out["code"] == 4008 and errors[-1] == "Rate limit exceeded (50 frames/s)"
+
+
+async def test_a_request_sent_again_after_its_answer_gets_no_accepted_event() -> None:
+    """Sent again with "accepted", a request that failed before it was stored gets its
+    kept answer, and no "accepted" event after it (nothing was stored)."""
+    comm = await requester()
+    for _ in range(2):
+        await ask(comm, "nobody-offers-this", "again", accepted=True)
+        assert (await comm.receive_json_from(TIMEOUT))["code"] == "no_workers"
+    assert await comm.receive_nothing(0.3)
+
+
 def test_json_dumps_of_frames_is_compact() -> None:
     assert json.loads(Message.heartbeat(ack="x").to_json())["data"] == {"ack": "x"}
 

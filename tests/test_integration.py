@@ -260,6 +260,10 @@ async def test_requests_sent_in_one_batch_frame_are_answered_in_batch_frames(
         assert "empty array" in json.loads(await ws.recv())["error"]
         await ws.send(json.dumps([{"request_id": "x", "command": "echo"}] * 1001))
         assert "at most 256" in json.loads(await ws.recv())["error"]
+        await ws.send(json.dumps([{"request_id": f"big{i}", "command": "echo",
+                                   "data": {"message": "z" * 400_000}} for i in range(3)]))
+        refused = json.loads(await ws.recv())  # whole: not as if big0 alone was refused
+        assert refused["code"] == "too_large" and refused["request_id"] is None
 
 
 async def test_raw_socket_request_without_id_and_bad_frames(broker: Broker,

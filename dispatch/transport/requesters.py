@@ -28,7 +28,7 @@ from ..balancing import selector
 from ..core.dispatcher import Dispatcher, get_dispatcher
 from ..core.requests import over_limits
 from ..core.metering import meter
-from .sockets import BaseSocket, SocketState, parse
+from .sockets import BaseSocket, SocketState, parse, take_turns
 
 Ack = Callable[[], Awaitable[None]]
 
@@ -101,6 +101,7 @@ class RequesterConsumer(BaseSocket):
             return
         self.batching = True
         for obj in objects:
+            await take_turns()  # a batch holds the loop no longer than a run of frames
             if self.state is not SocketState.OPEN:
                 return
             try:
@@ -110,9 +111,7 @@ class RequesterConsumer(BaseSocket):
             except ProtocolError as exc:
                 await self.refuse(str(exc), exc.request_id)
                 continue
-            # Its own size, not a share of the frame's: one big request among small ones
-            # that finish at once would otherwise hold its bytes almost uncounted.
-            await self._handle(frame, protocol.parsed_size(protocol.dumps_fast(obj) or text))
+            await self._handle(frame, _size(obj))
 
     async def _handle(self, frame: ApiRequest | Cancel | Attach, size: int) -> None:
         if isinstance(frame, Cancel):
@@ -172,8 +171,8 @@ class RequesterConsumer(BaseSocket):
                                         request.stream):
             # Sent again (the first may have been lost with a connection): the same job,
             # not a second run; its answer (kept or to come) is the answer to this one.
-            if request.accepted:
-                await self._out(protocol.event(request.request_id, "accepted"))
+            if request.accepted and request.request_id in self.watching:  # still running
+                self._tell_accepted(request.request_id, None)
             return
         self.watching.discard(request.request_id)
         held = self.dispatcher.table.held  # a new job (not one sent again): it must fit
@@ -201,14 +200,16 @@ class RequesterConsumer(BaseSocket):
         if request.accepted and request.request_id in self.in_flight:
             self._tell_accepted(request.request_id, key)
 
-    def _tell_accepted(self, request_id: str, key: str) -> None:
+    def _tell_accepted(self, request_id: str, key: str | None) -> None:
         """Send ``accepted`` once the job store has the request (its answer instead, if
-        that came first: what reads the row then finds it)."""
+        that came first: what reads the row then finds it). ``key`` None: a request sent
+        again, joined to the one running."""
         async def when_stored() -> None:
             await committed
             if self._storing.get(request_id) is committed:
                 del self._storing[request_id]
-            if self.in_flight.get(request_id, ("",))[0] == key:
+            if (self.in_flight.get(request_id, ("",))[0] == key if key is not None
+                    else request_id in self.watching):
                 await self._out(protocol.event(request_id, "accepted"))
 
         committed = self._storing[request_id] = self.dispatcher.keeper.committed()
@@ -250,8 +251,10 @@ class RequesterConsumer(BaseSocket):
 
     async def too_large(self, text: str, size: int, limit: int) -> None:
         """Refused, with its request_id when it is near the start (it is not parsed: a
-        refusal must cost next to nothing), so the caller can match it."""
-        request_id = protocol.peek(text, "request_id")
+        refusal must cost next to nothing), so the caller can match it. A batch frame is
+        refused whole, with none: the ids of its other requests are not known, and the
+        first one's would say that it alone was refused."""
+        request_id = None if text[:1] == "[" else protocol.peek(text, "request_id")
         await self.refuse(f"Message too large: {size} bytes (limit {limit})",
                           request_id if request_id and len(request_id) <= protocol.MAX_ID_CHARS
                           else None, ErrorCode.TOO_LARGE)
@@ -311,3 +314,16 @@ class RequesterConsumer(BaseSocket):
                     await ack()
         finally:
             self._acker = None
+
+
+def _size(obj: dict[str, Any]) -> int:
+    """What one request of a batch costs parsed: its own size, not a share of the
+    frame's (one big request among small ones that finish at once would otherwise hold
+    its bytes almost uncounted)."""
+    text = protocol.dumps_fast(obj)
+    if text is None:  # an integer orjson cannot write: the exact encoder
+        try:
+            text = protocol.dumps(obj)
+        except (TypeError, ValueError):
+            text = str(obj)
+    return protocol.parsed_size(text)

@@ -166,6 +166,8 @@ class BaseSocket(AsyncWebsocketConsumer):
         next frames are dropped."""
         if self.state is SocketState.CLOSING:
             return
+        if self.gathered:  # answers gathered this turn go first (a refusal saying why)
+            await self._send_gathered()
         self.state = SocketState.CLOSING
         message: dict[str, Any] = {"type": "websocket.close"}
         if code is not None and code is not True:

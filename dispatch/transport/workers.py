@@ -68,8 +68,9 @@ class WorkerConsumer(BaseSocket):
         assert link is not None
         link.heard()
         if text[:1] == "[" and Feature.BATCH in link.features:
-            try:
-                frames = await parse(protocol.loads_frames, text)
+            try:  # as a single frame: the broker's own commands compute on their numbers
+                frames = await parse(protocol.loads_frames, text,
+                                     relay='"request"' not in text)
             except ProtocolError as exc:
                 await self.refuse(str(exc))
                 return
