@@ -61,7 +61,8 @@ def records(start: int, count: int, now: float, span: float, rnd: random.Random
             "command": COMMANDS[min(int(rnd.expovariate(0.4)), len(COMMANDS) - 1)],
             "worker_id": "" if code == "no_workers" else worker, "success": not failed,
             "error": error, "latency_ms": latency, "attempts": 1 + (rnd.random() < 0.02),
-            "requester": f"10.0.{rnd.randrange(256)}.{rnd.randrange(256)}:{rnd.randrange(1024, 65535)}",
+            "requester": (f"10.0.{rnd.randrange(256)}.{rnd.randrange(256)}:"
+                          f"{rnd.randrange(1024, 65535)}"),
             "started_at": finished - latency / 1000, "finished_at": finished,
             "workers_lost": int(code == "worker_lost") * 3, "code": code,
             "routing": f"least_loaded: 2 of 3; {worker} 1.05 vs 4.2",

@@ -320,8 +320,9 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[Row],
         "show who spent the budget. Ratios are to the plain-websockets baseline at the same "
         "in-flight/workers/payload point. *other CPU%* is the rest of the machine's busy time "
         "in the window (of 200%: other users' jobs, kernel work not charged to our "
-        "processes); a high value marks a disturbed row. Load generator: one process, `min(8, in flight)` "
-        "requester connections, closed loop; all workers in one bench-worker process.",
+        "processes); a high value marks a disturbed row. Load generator: one process, "
+        "`min(8, in flight)` requester connections, closed loop; all workers in one "
+        "bench-worker process.",
         "",
         "## Results", "", results_table(rows), "",
         "## Targets", "", targets_table(target_items), "",

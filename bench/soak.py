@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "that reconnect between them, moderate request load, and chaos (kill -9 "
                     "of random workers every few seconds and of a broker process about every "
                     "minute). Reports requests sent / ok / errors (by text) / re-attached "
-                    "after a reconnect / duplicates / never answered, broker RSS and Redis keys over "
-                    "time, and the kills; writes the table to --out. Exits 1 if any request "
+                    "after a reconnect / duplicates / never answered, broker RSS and Redis keys "
+                    "over time, and the kills; writes the table to --out. Exits 1 if any request "
                     "got two answers, an answer with another request's payload, or no "
                     "answer on a connection that stayed up; 2 if the cluster could not "
                     "start. Everything runs on 127.0.0.1 and is killed on exit.")

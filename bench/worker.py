@@ -124,8 +124,8 @@ class WsWorkerSession:
         from websockets.asyncio.client import connect
 
         sources, urls = self.args.source, self.args.url.split(",")  # spread over brokers
-        ws = await connect(urls[idx % len(urls)], compression=None, max_size=None, ping_interval=None,
-                           proxy=None, open_timeout=30, close_timeout=1,
+        ws = await connect(urls[idx % len(urls)], compression=None, max_size=None,
+                           ping_interval=None, proxy=None, open_timeout=30, close_timeout=1,
                            local_addr=(sources[idx % len(sources)], 0) if sources else None)
         worker_id = f"{self.args.prefix}-{idx}"
         data = {"worker_id": worker_id, "name": worker_id, "commands": [COMMAND],
