@@ -265,15 +265,22 @@ def tree_rss_mb(pids: list[int]) -> float | None:
     return sum(_status_kb(pid, "VmRSS") for pid in seen) / 1024
 
 
-def find_pids(name: str) -> list[int]:
-    """Pids of running processes called ``name`` (redis-server, nats-server)."""
+def find_pids(name: str, listen: str = "") -> list[int]:
+    """Pids of running processes called ``name`` (redis-server, nats-server).
+
+    With ``listen`` (e.g. ``":6379"``), only those whose command line (redis-server's
+    title is ``redis-server 127.0.0.1:6379``) contains it, when any does: a test suite's
+    own redis-server on another port is not the one the bench uses.
+    """
     if psutil is None:
         return []
-    found = []
-    for p in psutil.process_iter(["name"]):
+    found: list[tuple[int, str]] = []
+    for p in psutil.process_iter(["name", "cmdline"]):
         if p.info["name"] == name:
-            found.append(p.pid)
-    return found
+            found.append((p.pid, " ".join(p.info["cmdline"] or ())))
+    if listen and any(listen in cmd for _, cmd in found):
+        return [pid for pid, cmd in found if listen in cmd]
+    return [pid for pid, _ in found]
 
 
 class RssSampler:

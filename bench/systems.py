@@ -269,7 +269,7 @@ class OursRedis2P(Ours):
         self.prefix = f"bench{os.getpid()}x{free_port()}"
 
     def ext_pids(self) -> list[int]:
-        return find_pids("redis-server")
+        return find_pids("redis-server", ":6379")
 
     def start(self) -> None:
         if not port_open(6379):
