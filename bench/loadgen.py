@@ -12,7 +12,9 @@ Timeline, printed on stdout so the harness can sample CPU at the same instants:
 ``RESULT {json}``. Only answers that arrive inside the measured window count.
 
 Protocols: ``ws`` (the requester JSON API: ``{"request_id","command","data"}``),
-``nats`` (request-reply on a subject), ``sio`` (a raw Socket.IO event with an ack).
+``nats`` (request-reply on a subject), ``sio`` (a raw Socket.IO event with an ack),
+``celery`` (``apply_async()`` then ``AsyncResult.get()`` from ``--inflight`` threads:
+:func:`celery_main`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import itertools
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -243,7 +246,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
-    elapsed = window[1] - window[0]
+    return summary(latencies, counts, window[1] - window[0], len(unfinished), first_error)
+
+
+def summary(latencies: list[float], counts: dict[str, int], elapsed: float, unanswered: int,
+            first_error: list[str]) -> dict[str, Any]:
+    """The ``RESULT`` of a run (the same fields whatever the protocol)."""
     p50, p90, p99, p999 = percentiles(latencies, (50, 90, 99, 99.9))
     return {
         "ok": counts["ok"], "errors": counts["errors"], "seconds": elapsed,
@@ -252,15 +260,104 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "max_ms": max(latencies) * 1000 if latencies else float("nan"),
         "mean_ms": sum(latencies) / len(latencies) * 1000 if latencies else float("nan"),
         "warmup_ok": counts["warm_ok"], "warmup_errors": counts["warm_errors"],
-        "unanswered": len(unfinished), "sent": counts["sent"],
+        "unanswered": unanswered, "sent": counts["sent"],
         "first_error": first_error[0] if first_error else "",
     }
+
+
+def celery_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Celery as a Django view calls it: ``apply_async()``, then ``AsyncResult.get()``.
+
+    That call blocks, so each of the ``--inflight`` loops is a thread of its own, as
+    each would be a request thread of a sync Django server. (An asyncio way would need
+    ``get()`` in an executor, the same threads with a hop added, or a poll of the result
+    key, which is not how Celery waits: its Redis backend waits on pub/sub.) The threads
+    share one result backend (``result_backend_thread_safe``, see bench/celery_app.py),
+    so one pub/sub connection; producers come from a pool of ``--inflight``
+    connections. Latency is timed from before ``apply_async`` to the return of
+    ``get()``; same timeline and ``RESULT`` as :func:`main`. The warm-up starts once
+    every thread has had its first answer, as the other protocols open their
+    connections first: a producer's first publish opens its connection and declares
+    the queue (more than a second for 64 threads at once here).
+    """
+    from bench.celery_app import TASK, make_app
+
+    app = make_app(args.url, args.celery_prefix, args.subject, pool_limit=args.inflight)
+    echo = app.tasks[TASK]
+    payload = payload_text(args.payload)
+    perf = time.perf_counter
+    measuring = threading.Event()
+    stopping = threading.Event()
+    window = [0.0, 0.0]
+    first_error: list[str] = []
+    # One record per thread, merged at the end: no lock on the hot path.
+    records: list[dict[str, Any]] = []
+    opened = threading.Semaphore(0)
+
+    def loop() -> None:
+        mine: dict[str, Any] = {"lat": [], "ok": 0, "errors": 0, "warm_ok": 0,
+                                "warm_errors": 0, "sent": 0}
+        records.append(mine)
+        lat = mine["lat"]
+        while not stopping.is_set():
+            if mine["sent"] == 1:
+                opened.release()
+            mine["sent"] += 1
+            t0 = perf()
+            try:
+                answer = echo.apply_async((payload,)).get(timeout=60)
+                good = answer == payload
+                error = "" if good else "wrong payload in answer"
+            except Exception as exc:  # noqa: BLE001 - a timeout, Redis gone, a failed task
+                good, error = False, f"{type(exc).__name__}: {exc}"
+            t1 = perf()
+            if measuring.is_set() and window[0] <= t1:
+                if good:
+                    mine["ok"] += 1
+                    lat.append(t1 - t0)
+                else:
+                    mine["errors"] += 1
+            elif good:
+                mine["warm_ok"] += 1
+            else:
+                mine["warm_errors"] += 1
+            if not good:
+                if not first_error:
+                    first_error.append(error[:300])
+                time.sleep(0.002)  # an error comes back fast: do not spin
+
+    threads = [threading.Thread(target=loop, name=f"l{i}", daemon=True)
+               for i in range(args.inflight)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for _ in threads:
+        if not opened.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            break  # a stuck thread: its errors will tell
+    print("WARMUP", flush=True)
+    time.sleep(args.warmup)
+    window[0] = perf()
+    measuring.set()
+    print("MEASURE", flush=True)
+    time.sleep(args.duration)
+    window[1] = perf()
+    measuring.clear()
+    stopping.set()
+    print("END", flush=True)
+    deadline = time.monotonic() + args.drain_timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    unanswered = sum(thread.is_alive() for thread in threads)
+    counts = {k: sum(r[k] for r in records)
+              for k in ("ok", "errors", "warm_ok", "warm_errors", "sent")}
+    latencies = [x for r in records for x in r["lat"]]
+    return summary(latencies, counts, window[1] - window[0], unanswered, first_error)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--proto", choices=("ws", "nats", "sio"), default="ws")
+    p.add_argument("--proto", choices=("ws", "nats", "sio", "celery"), default="ws")
     p.add_argument("--url", required=True, help="requester endpoint on 127.0.0.1 (ws: several, "
                    "comma-separated, taken in turn by the connections)")
     p.add_argument("--inflight", type=int, default=1, help="requests kept in flight")
@@ -270,7 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured")
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds to wait for answers still outstanding at the end")
-    p.add_argument("--subject", default="bench.req", help="NATS subject (nats only)")
+    p.add_argument("--subject", default="bench.req",
+                   help="NATS subject (nats), Celery queue (celery)")
+    p.add_argument("--celery-prefix", default="", help="Redis key prefix (celery only)")
     p.add_argument("--batch", action="store_true",
                    help="ws: requests made together go in one frame (a JSON array), as the "
                    "Python client sends them; answers may come in batch frames too")
@@ -280,8 +379,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     ns = parse_args()
-    if not ns.url.startswith(("ws://127.0.0.1", "nats://127.0.0.1")):
+    if not ns.url.startswith(("ws://127.0.0.1", "nats://127.0.0.1", "redis://127.0.0.1")):
         sys.exit("bench.loadgen: only 127.0.0.1 may be targeted")
+    if ns.proto == "celery":  # two sockets a thread (producer, pub/sub), plus spares
+        raise_fd_limit(3 * ns.inflight + 256)
+        print("RESULT " + dumps(celery_main(ns)), flush=True)
+        sys.exit(0)
     ns.connections = max(1, min(ns.connections, ns.inflight))
     raise_fd_limit(ns.connections + 256)
     if not ns.no_uvloop:

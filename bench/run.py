@@ -1,4 +1,5 @@
-"""Benchmark harness: our broker against a plain-websockets baseline, NATS and python-socketio.
+"""Benchmark harness: our broker against a plain-websockets baseline, NATS, python-socketio
+and Celery.
 
 Runs a matrix of scenarios, each with fresh processes on fresh loopback ports:
 the system under test, one bench-worker process (``bench/worker.py``) and one
@@ -12,6 +13,8 @@ Examples:
   python -m bench --scale         # add 50,000 idle workers and the reconnect test
   python -m bench --profile       # add a py-spy profile of the broker (daphne, 64 in flight)
   python -m bench --systems baseline,daphne --points 64:4:100,1:4:100
+  python -m bench --systems baseline,daphne,celery --points 64:4:100,1:4:100
+                                  # Celery 5 (apply_async + get) over the local Redis
   python -m bench --list          # show the scenarios without running them
 """
 
@@ -38,16 +41,18 @@ from bench import report  # noqa: E402
 from bench.common import BENCH, ROOT, psutil, raise_fd_limit  # noqa: E402
 from bench.scenarios import (REFERENCE, Row, Runner, Scenario, matrix, median_rows,
                              parse_point)  # noqa: E402
-from bench.systems import SYSTEM_NAMES, Ours  # noqa: E402
+from bench.systems import CELERY_POOL, SYSTEM_NAMES, Ours  # noqa: E402
 
 MATRIX_NOTE = """\
 Reference point: 64 requests in flight, 4 workers, 100 B payload each way. Full run: every
-system (baseline, daphne, uvicorn, granian, redis-2proc, nats, socketio) at 1 in flight
-(4 workers, 100 B), at the reference point, and at 64 KiB payloads (64 in flight, 4 workers);
+system (baseline, daphne, uvicorn, granian, redis-2proc, nats, socketio, celery) at 1 in
+flight (4 workers, 100 B), at the reference point, and at 64 KiB payloads (64 in flight,
+4 workers);
 the worker count swept to 1 and 16 (64 in flight, 100 B) on baseline, daphne and uvicorn;
 at the reference point only: daphne with BROKER_HISTORY=0, uvicorn with the websockets-sansio
 protocol, and the baseline on uvloop. Quick run: every system at the reference point,
-daphne with BROKER_HISTORY=0, and baseline and daphne at 1 in flight.
+daphne with BROKER_HISTORY=0, and baseline, daphne and celery at 1 in flight. Celery's
+"workers" is its one worker process and pool, whatever the point's worker count.
 Each request carries a payload of random letters that the worker echoes back; the worker
 does no other work, so the figures are the cost of the broker path. No connection
 negotiates compression."""
@@ -77,7 +82,8 @@ def cpu_model() -> str:
 def versions() -> dict[str, str]:
     out = {}
     for name in ("django", "channels", "daphne", "channels-redis", "websockets", "uvicorn",
-                 "uvloop", "granian", "python-socketio", "nats-py", "orjson"):
+                 "uvloop", "granian", "python-socketio", "nats-py", "orjson", "celery",
+                 "kombu", "redis"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -133,6 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-db", type=int, default=15,
                    help="Redis database for redis-2proc (keys under a unique prefix, removed "
                         "afterwards)")
+    p.add_argument("--celery-redis-db", type=int, default=14,
+                   help="Redis database for celery, its broker and result backend (keys under "
+                        "a unique prefix, removed afterwards; nothing is flushed)")
+    p.add_argument("--celery-pool", default=CELERY_POOL, metavar="POOL:CONCURRENCY",
+                   help=f"the celery worker's pool and size (default {CELERY_POOL}; e.g. "
+                        "prefork:4)")
     p.add_argument("--out", default=str(BENCH / "results"),
                    help="directory for latest.md/.json/.png (default bench/results)")
     p.add_argument("--name", default="latest", help="base name of the output files")
@@ -197,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     profile_md = None
     started = time.monotonic()
     try:
-        if any(sc.system not in ("baseline", "baseline-uvloop", "nats", "socketio")
+        if any(sc.system not in ("baseline", "baseline-uvloop", "nats", "socketio", "celery")
                for sc in plan) or args.scale or args.scale_only or args.profile:
             error = Ours.migrate_template(workdir)
             if error:
                 say(f"warning: {error}")
-        runner = Runner(workdir, args.warmup, args.duration, redis_db=args.redis_db)
+        runner = Runner(workdir, args.warmup, args.duration, redis_db=args.redis_db,
+                        celery_redis_db=args.celery_redis_db, celery_pool=args.celery_pool)
         for i, sc in enumerate(plan, 1):
             if args.settle:
                 wait_quiet(args.settle)
@@ -260,7 +273,8 @@ def run_profile(workdir: Path, out_dir: Path, args: argparse.Namespace, system: 
         old.unlink()
     spy = PySpy(out_dir / f"{args.name}-profile-{system}", rate=100)
     runner = Runner(workdir, args.warmup, max(args.duration, 8.0), redis_db=args.redis_db,
-                    profile=spy)
+                    profile=spy, celery_redis_db=args.celery_redis_db,
+                    celery_pool=args.celery_pool)
     say(f"profiling the broker ({system} at the reference point) with py-spy ...")
     row = runner.run(Scenario(system, *REFERENCE))
     if not spy.outputs:
@@ -328,9 +342,12 @@ def _progress(i: int, n: int, row: Row) -> str:
     if row.status != "ok":
         return f"{head} n/a ({row.reason})  [{row.seconds:.0f}s]"
     cpu, other = row.cpu.get("broker"), row.cpu.get("other")
+    redis = row.cpu.get("ext")
     return (f"{head} {row.rps:9,.0f} req/s  p50 {row.p50_ms:7.2f}  p99 {row.p99_ms:7.2f} ms  "
-            f"broker CPU {cpu if cpu is not None else '–'}%  other {other if other is not None else '–'}%"
-            f"  [{row.seconds:.0f}s]")
+            f"broker CPU {cpu if cpu is not None else '–'}%"
+            + (f"  redis {redis}%" if redis is not None else "")
+            + f"  workers {row.cpu.get('workers', '–')}%"
+            f"  other {other if other is not None else '–'}%  [{row.seconds:.0f}s]")
 
 
 def _has(module: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import (Proc, loads, machine_busy_seconds, python, tree_cpu_seconds,
                           tree_peak_rss_mb, tree_rss_mb)
-from bench.systems import System, Unavailable, make_system
+from bench.systems import CELERY_POOL, System, Unavailable, make_system
 
 REFERENCE = (64, 4, 100)  # in flight, workers, payload bytes
 _subjects = itertools.count()
@@ -63,11 +63,13 @@ def matrix(mode: str, systems: list[str] | None = None,
     if points:
         names = systems or ["baseline", "daphne"]
         return [Scenario(s, *p) for p in points for s in names]
-    every = ["baseline", "daphne", "uvicorn", "granian", "redis-2proc", "nats", "socketio"]
+    every = ["baseline", "daphne", "uvicorn", "granian", "redis-2proc", "nats", "socketio",
+             "celery"]
     if mode == "quick":
         plan = [Scenario(s, *REFERENCE) for s in every]
         plan += [Scenario(s, *REFERENCE) for s in ("daphne-nohist", "daphne-nostore")]
-        plan += [Scenario(s, 1, 4, 100) for s in ("baseline", "daphne", "daphne-nostore")]
+        plan += [Scenario(s, 1, 4, 100)
+                 for s in ("baseline", "daphne", "daphne-nostore", "celery")]
     else:
         plan = []
         for point in [(1, 4, 100), REFERENCE, (64, 4, 65536)]:
@@ -119,16 +121,20 @@ class Runner:
     """Runs scenarios one at a time, each with fresh processes on fresh ports."""
 
     def __init__(self, workdir: Path, warmup: float, duration: float, redis_db: int = 15,
-                 profile: Any = None, log: Any = print) -> None:
+                 profile: Any = None, log: Any = print, celery_redis_db: int = 14,
+                 celery_pool: str = CELERY_POOL) -> None:
         self.workdir = workdir
         self.warmup = warmup
         self.duration = duration
         self.redis_db = redis_db
+        self.celery_redis_db = celery_redis_db
+        self.celery_pool = celery_pool
         self.profile = profile  # callable(pid list, seconds) started at MEASURE, or None
         self.log = log
 
     def run(self, sc: Scenario) -> Row:
-        system = make_system(sc.system, self.workdir, self.redis_db)
+        system = make_system(sc.system, self.workdir, self.redis_db, self.celery_redis_db,
+                             self.celery_pool)
         row = Row(sc, description=system.description)
         started = time.monotonic()
         workers = loadgen = None
@@ -138,7 +144,8 @@ class Runner:
             workers = Proc(f"workers-{sc.system}", [
                 python(), "-m", "bench.worker", "--proto", system.proto,
                 "--url", system.worker_url, "--count", str(sc.workers),
-                "--subject", subject, "--max-seconds", "600"], log_dir=self.workdir)
+                "--subject", subject, "--max-seconds", "600", *system.worker_args],
+                log_dir=self.workdir)
             if workers.expect("READY", 30) is None:
                 raise Unavailable(f"workers did not register in 30s: "
                                   f"{workers.log_tail(3) or system.log_tail() or 'no output'}")
@@ -165,10 +172,11 @@ class Runner:
             t1 = time.monotonic()
             cpu1 = {k: tree_cpu_seconds(f()) for k, f in groups.items()}
             busy1 = machine_busy_seconds()
-            if system.rss_mode == "peak":
-                row.broker_rss_mb = tree_peak_rss_mb(system.broker_pids())
-            else:
-                row.broker_rss_mb = tree_rss_mb(system.broker_pids())
+            pids = system.broker_pids()  # none for celery: Redis is its broker
+            if pids and system.rss_mode == "peak":
+                row.broker_rss_mb = tree_peak_rss_mb(pids)
+            elif pids:
+                row.broker_rss_mb = tree_rss_mb(pids)
                 row.rss_kind = "current"
             line = loadgen.expect("RESULT", 40)
             if profiler is not None:

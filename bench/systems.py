@@ -1,9 +1,11 @@
 """The systems under test: how to start each, where its sockets are, which pids are it.
 
 Every system takes the same bench worker and load generator; ``proto`` tells them
-which wire format to speak. ``start`` raises :class:`Unavailable` with a reason
-when a system cannot run here (no NATS server, an ASGI server not installed, ...):
-the harness then reports the row as ``n/a (reason)`` and goes on.
+which wire format to speak (for ``celery`` the bench-worker process is a ``celery
+worker`` and the load generator calls ``apply_async``). ``start`` raises
+:class:`Unavailable` with a reason when a system cannot run here (no NATS server, an
+ASGI server not installed, ...): the harness then reports the row as ``n/a (reason)``
+and goes on.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import importlib.util
 import os
 import shutil
 import signal
+from importlib import metadata
 from pathlib import Path
 
 from bench.common import (HOST, Proc, find_pids, free_port, http_json, port_open, python,
                           wait_until)
 
 START_TIMEOUT = 40.0
+#: The celery worker's pool, ``POOL:CONCURRENCY`` (``--celery-pool``; why this one:
+#: bench/README.md).
+CELERY_POOL = "threads:64"
 
 
 class Unavailable(Exception):
@@ -35,6 +41,8 @@ class System:
     #: More arguments for the load generator (``--batch``: requests sent together go in
     #: one frame, as the Python client sends them).
     loadgen_args: list[str] = []
+    #: More arguments for the bench worker (celery: its pool and key prefix).
+    worker_args: list[str] = []
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
@@ -290,23 +298,87 @@ class OursRedis2P(Ours):
 
     def stop(self) -> None:
         super().stop()
-        try:  # remove our keys only (bounded scan)
-            import redis
-
-            client = redis.Redis.from_url(f"redis://{HOST}:6379/{self.redis_db}")
-            keys = []
-            for i, key in enumerate(client.scan_iter(match=f"{self.prefix}*", count=1000)):
-                keys.append(key)
-                if i > 200_000:
-                    break
-            for i in range(0, len(keys), 1000):
-                client.delete(*keys[i:i + 1000])
-            client.close()
-        except Exception:  # noqa: BLE001 - cleanup is best effort
-            pass
+        delete_prefixed(self.redis_db, self.prefix)
 
 
-def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
+def delete_prefixed(db: int, prefix: str) -> None:
+    """Remove the keys starting with ``prefix`` from Redis database ``db`` (a bounded
+    scan; nothing else is touched, nothing flushed). Best effort."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(f"redis://{HOST}:6379/{db}")
+        keys = []
+        for i, key in enumerate(client.scan_iter(match=f"{prefix}*", count=1000)):
+            keys.append(key)
+            if i > 200_000:
+                break
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i:i + 1000])
+        client.close()
+    except Exception:  # noqa: BLE001 - cleanup is best effort
+        pass
+
+
+# ---------------------------------------------------------------------------- celery
+
+
+class CeleryRedis(System):
+    """Celery 5 over the local Redis: what a Django user would otherwise pick.
+
+    Redis is Celery's broker, so its CPU is the redis column (``ext_pids``) and the
+    broker column stays empty; the ``celery worker`` process (with its pool: threads,
+    or prefork children) is the harness's bench-worker process, so it is the workers
+    column; the callers (``apply_async`` + ``get``) are the load generator's.
+    """
+
+    name = "celery"
+    proto = "celery"
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, redis_db: int = 14,
+                 pool: str = CELERY_POOL) -> None:
+        super().__init__(workdir, env)
+        self.redis_db = redis_db
+        self.pool = pool
+        self.prefix = f"celerybench{os.getpid()}x{free_port()}:"
+        self.worker_args = ["--celery-pool", pool, "--celery-prefix", self.prefix]
+        self.loadgen_args = ["--celery-prefix", self.prefix]
+        kind, _, size = pool.partition(":")
+        self.description = (f"Celery {_version('celery')} over Redis (db {redis_db}): "
+                            "apply_async() + AsyncResult.get() from a thread per request in "
+                            "flight, task_acks_late, Redis result backend (get() waits on "
+                            f"pub/sub); one celery worker process, -P {kind} -c {size or 1}; "
+                            "broker CPU: none of its own, Redis is the redis column")
+
+    def broker_pids(self) -> list[int]:
+        return []  # no broker process of Celery's own: Redis is it (the ext column)
+
+    def ext_pids(self) -> list[int]:
+        return find_pids("redis-server", ":6379")
+
+    def start(self) -> None:
+        for module, package in (("celery", "celery"), ("redis", "redis")):
+            if importlib.util.find_spec(module) is None:
+                raise Unavailable(f"{package} is not installed (pip install -r "
+                                  "bench/requirements.txt)")
+        if not port_open(6379):
+            raise Unavailable(f"no Redis server on {HOST}:6379")
+        self.worker_url = self.requester_url = f"redis://{HOST}:6379/{self.redis_db}"
+
+    def stop(self) -> None:
+        super().stop()
+        delete_prefixed(self.redis_db, self.prefix)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def make_system(name: str, workdir: Path, redis_db: int = 15, celery_redis_db: int = 14,
+                celery_pool: str = CELERY_POOL) -> System:
     if name == "baseline":
         return Baseline(workdir)
     if name == "baseline-uvloop":
@@ -342,10 +414,12 @@ def make_system(name: str, workdir: Path, redis_db: int = 15) -> System:
         return Nats(workdir)
     if name == "socketio":
         return SocketIO(workdir)
+    if name == "celery":
+        return CeleryRedis(workdir, redis_db=celery_redis_db, pool=celery_pool)
     raise KeyError(name)
 
 
 SYSTEM_NAMES = ["baseline", "baseline-uvloop", "daphne", "daphne-nohist", "daphne-nostore",
                 "daphne-nodb", "daphne-batch", "uvicorn",
                 "uvicorn-sansio", "granian", "redis-2proc", "redis-2proc-spread", "nats",
-                "socketio"]
+                "socketio", "celery"]

@@ -11,6 +11,9 @@ Protocols:
 * ``nats`` a NATS queue-group subscriber per connection; replies to each request.
 * ``sio``  a raw Socket.IO v5 / Engine.IO v4 client over websockets that registers
            with ``bench/socketio_server.py`` and answers its ``call()`` with an ack.
+* ``celery`` not a client of ours: ``celery worker`` itself runs in this process
+           (``bench/celery_app.py``), on the queue ``--subject``, with the pool
+           ``--celery-pool``; ``--count`` does not apply.
 
 The command ``bench`` returns ``params["payload"]`` unchanged. The worker does no
 other work, so a run measures what the broker adds. Each connection redials with
@@ -362,16 +365,22 @@ async def main(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--proto", choices=sorted(SESSIONS), default="ws", help="wire protocol")
+    p.add_argument("--proto", choices=sorted([*SESSIONS, "celery"]), default="ws",
+                   help="wire protocol")
     p.add_argument("--url", required=True,
                    help="worker endpoint: ws://127.0.0.1:PORT[/ws/worker/] (several, comma-"
-                        "separated: connections take them in turn), nats://127.0.0.1:4222 "
-                        "or http-less base ws://127.0.0.1:PORT for socket.io")
+                        "separated: connections take them in turn), nats://127.0.0.1:4222, "
+                        "http-less base ws://127.0.0.1:PORT for socket.io, or "
+                        "redis://127.0.0.1:6379/DB for celery")
     p.add_argument("--count", type=int, default=1, help="worker connections in this process")
     p.add_argument("--max-concurrency", type=int, default=1024,
                    help="slots each worker announces (high: the broker, not the worker, limits)")
     p.add_argument("--prefix", default=f"bw{os.getpid()}", help="worker id prefix")
-    p.add_argument("--subject", default="bench.req", help="NATS subject (nats only)")
+    p.add_argument("--subject", default="bench.req",
+                   help="NATS subject (nats), Celery queue (celery)")
+    p.add_argument("--celery-pool", default="threads:64", metavar="POOL:CONCURRENCY",
+                   help="celery worker pool and its size (celery only)")
+    p.add_argument("--celery-prefix", default="", help="Redis key prefix (celery only)")
     p.add_argument("--dial-concurrency", type=int, default=200,
                    help="connections dialled at once on start-up")
     p.add_argument("--backoff-initial", type=float, default=1.0,
@@ -392,8 +401,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     ns = parse_args()
-    if not ns.url.startswith(("ws://127.0.0.1", "nats://127.0.0.1")):
+    if not ns.url.startswith(("ws://127.0.0.1", "nats://127.0.0.1", "redis://127.0.0.1")):
         sys.exit("bench.worker: only 127.0.0.1 may be targeted")
+    if ns.proto == "celery":
+        from bench.celery_app import run_worker
+
+        sys.exit(run_worker(ns))
     raise_fd_limit(ns.count + 256)
     if not ns.no_uvloop:
         install_fast_loop()
