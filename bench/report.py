@@ -160,6 +160,17 @@ def targets(rows: list[Row], scale: dict[str, Any] | None) -> list[dict[str, Any
     add("p50 at 1 in flight added by the job store (daphne, 4 workers, 100 B)",
         "–" if extra is None else f"{extra:+.2f} ms ({d1.p50_ms:.2f} vs {s1.p50_ms:.2f} ms)",  # type: ignore
         "≤ +0.3 ms", None if extra is None else extra <= 0.3)
+    for point, where in ((ref, at), (one, "1 in flight, 4 workers, 100 B")):
+        ours, celery = _find(rows, "daphne", point), _find(rows, "celery", point)
+        beats = None if not ours or not celery else (
+            ours.rps > celery.rps and ours.p50_ms < celery.p50_ms)
+        reason = next((r.reason for r in rows if r.scenario.system == "celery"
+                       and r.scenario.point == point and r.status != "ok"), "")
+        add(f"our durable mode (daphne, job store on) beats Celery on throughput and p50 "
+            f"({where})",
+            "–" if beats is None else f"{ours.rps:,.0f} vs {celery.rps:,.0f} req/s, "  # type: ignore
+            f"p50 {ours.p50_ms:.2f} vs {celery.p50_ms:.2f} ms",  # type: ignore
+            "daphne ahead on both", beats, f"celery n/a ({reason})" if reason else "")
     if scale and scale.get("idle"):
         idle = scale["idle"]
         if idle.get("status") == "ok":
