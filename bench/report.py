@@ -10,6 +10,11 @@ from typing import Any
 from bench.scenarios import REFERENCE, Row
 
 ASGI_SERVERS = ("daphne", "uvicorn", "uvicorn-sansio", "granian")
+CELERY_COLUMNS = (
+    " For **celery** the broker column is empty (Celery has no broker process of its "
+    "own: Redis is its broker and result backend, the redis column), *workers* is the "
+    "celery worker process with its pool, and *loadgen* the callers: a thread per "
+    "request in flight, each `apply_async()` then `AsyncResult.get()`.")
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -333,7 +338,7 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[Row],
         "in the window (of 200%: other users' jobs, kernel work not charged to our "
         "processes); a high value marks a disturbed row. Load generator: one process, "
         "`min(8, in flight)` requester connections, closed loop; all workers in one "
-        "bench-worker process.",
+        "bench-worker process." + (CELERY_COLUMNS if "celery" in systems else ""),
         "",
         "## Results", "", results_table(rows), "",
         "## Targets", "", targets_table(target_items), "",
