@@ -364,6 +364,14 @@ class CeleryRedis(System):
         if not port_open(6379):
             raise Unavailable(f"no Redis server on {HOST}:6379")
         self.worker_url = self.requester_url = f"redis://{HOST}:6379/{self.redis_db}"
+        try:  # e.g. a database number the server does not have: say so now, not in 30 s
+            import redis
+
+            client = redis.Redis.from_url(self.worker_url, socket_timeout=5)
+            client.ping()
+            client.close()
+        except Exception as exc:  # noqa: BLE001 - any failure is the reason
+            raise Unavailable(f"Redis database {self.redis_db}: {exc}") from exc
 
     def stop(self) -> None:
         super().stop()
