@@ -74,14 +74,15 @@ def matrix(mode: str, systems: list[str] | None = None,
         plan = []
         for point in [(1, 4, 100), REFERENCE, (64, 4, 65536)]:
             plan += [Scenario(s, *point) for s in every]
-        plan += [Scenario("daphne-nohist", *REFERENCE), Scenario("daphne-nostore", *REFERENCE),
-                 Scenario("uvicorn-sansio", *REFERENCE), Scenario("baseline-uvloop", *REFERENCE),
-                 Scenario("daphne-nostore", 1, 4, 100)]
+        plan += [Scenario(s, *REFERENCE) for s in (
+            "daphne-nohist", "daphne-nostore", "daphne-nodb", "daphne-batch", "uvicorn-batch",
+            "redis-2proc-spread", "uvicorn-sansio", "baseline-uvloop")]
+        plan += [Scenario(s, 1, 4, 100) for s in ("daphne-nostore", "daphne-batch")]
         for workers in (1, 16):
             plan += [Scenario(s, 64, workers, 100) for s in ("baseline", "daphne", "uvicorn")]
         # The figures the targets hang on run three times (interleaved); the median counts.
-        again = [Scenario(s, *REFERENCE)
-                 for s in ("baseline", "daphne", "daphne-nohist", "daphne-nostore")]
+        again = [Scenario(s, *REFERENCE) for s in ("baseline", "daphne", "daphne-nohist",
+                                                    "daphne-nostore", "daphne-batch")]
         again += [Scenario(s, 1, 4, 100) for s in ("baseline", "daphne", "daphne-nostore")]
         plan += again * 2
     if systems:

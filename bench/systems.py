@@ -399,10 +399,11 @@ def make_system(name: str, workdir: Path, redis_db: int = 15, celery_redis_db: i
     if name == "daphne-nostore":
         return OursDaphne(workdir, {"BROKER_JOB_STORE": "0"}, name="daphne-nostore",
                           description="embedded default with BROKER_JOB_STORE=0")
-    if name == "daphne-batch":
-        system = OursDaphne(workdir, name="daphne-batch", description="embedded default, "
-                            "requests and answers in batch frames (the Python client's way)")
-        system.loadgen_args = ["--batch"]
+    if name.endswith("-batch") and name != "-batch":  # requesters that send batch frames
+        system = make_system(name.removesuffix("-batch"), workdir, redis_db)
+        system.name, system.loadgen_args = name, ["--batch"]
+        system.description += ("; requests and answers in batch frames (as the Python client "
+                               "sends them)")
         return system
     if name == "daphne-nodb":
         return OursDaphne(workdir, {"BROKER_JOB_STORE": "0", "BROKER_HISTORY": "0"},
@@ -428,6 +429,6 @@ def make_system(name: str, workdir: Path, redis_db: int = 15, celery_redis_db: i
 
 
 SYSTEM_NAMES = ["baseline", "baseline-uvloop", "daphne", "daphne-nohist", "daphne-nostore",
-                "daphne-nodb", "daphne-batch", "uvicorn",
+                "daphne-nodb", "daphne-batch", "uvicorn", "uvicorn-batch",
                 "uvicorn-sansio", "granian", "redis-2proc", "redis-2proc-spread", "nats",
                 "socketio", "celery"]

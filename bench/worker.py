@@ -401,7 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     ns = parse_args()
-    if not ns.url.startswith(("ws://127.0.0.1", "nats://127.0.0.1", "redis://127.0.0.1")):
+    if not all(url.startswith(("ws://127.0.0.1", "nats://127.0.0.1", "redis://127.0.0.1"))
+               for url in ns.url.split(",")):
         sys.exit("bench.worker: only 127.0.0.1 may be targeted")
     if ns.proto == "celery":
         from bench.celery_app import run_worker
