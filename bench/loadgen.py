@@ -211,16 +211,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - e.g. a NATS request timeout
                 good, error = False, f"{type(exc).__name__}: {exc}"
             t1 = perf()
-            if state["measuring"] and window[0] <= t1:
-                if good:
-                    counts["ok"] += 1
-                    latencies.append(t1 - t0)
-                else:
-                    counts["errors"] += 1
-            elif good:
-                counts["warm_ok"] += 1
-            else:
-                counts["warm_errors"] += 1
+            tally(counts, latencies, state["measuring"] and window[0] <= t1, good, t1 - t0)
             if not good:
                 if not first_error:
                     first_error.append(error[:300])
@@ -247,6 +238,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
     return summary(latencies, counts, window[1] - window[0], len(unfinished), first_error)
+
+
+def tally(counts: dict[str, Any], latencies: list[float], measured: bool, good: bool,
+          seconds: float) -> None:
+    """Count one answer: in the measured window (with its latency), or in the warm-up."""
+    if measured:
+        counts["ok" if good else "errors"] += 1
+        if good:
+            latencies.append(seconds)
+    else:
+        counts["warm_ok" if good else "warm_errors"] += 1
 
 
 def summary(latencies: list[float], counts: dict[str, int], elapsed: float, unanswered: int,
@@ -311,16 +313,7 @@ def celery_main(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - a timeout, Redis gone, a failed task
                 good, error = False, f"{type(exc).__name__}: {exc}"
             t1 = perf()
-            if measuring.is_set() and window[0] <= t1:
-                if good:
-                    mine["ok"] += 1
-                    lat.append(t1 - t0)
-                else:
-                    mine["errors"] += 1
-            elif good:
-                mine["warm_ok"] += 1
-            else:
-                mine["warm_errors"] += 1
+            tally(mine, lat, measuring.is_set() and window[0] <= t1, good, t1 - t0)
             if not good:
                 if not first_error:
                     first_error.append(error[:300])
