@@ -698,3 +698,14 @@ async def test_a_key_capped_at_a_priority_is_served_at_it() -> None:
     await w.send_to(text_data=Message.response(served.msg_id, True, "second").to_json())
     answer = await app.receive_json_from(TIMEOUT)  # 5 before a capped 9
     assert (answer["request_id"], answer["data"]) == ("normal", "second")
+
+
+def test_a_batch_element_counts_its_own_size_even_with_an_integer_orjson_cannot_write(
+        ) -> None:
+    """-9999999999999999999 is below int64: orjson cannot write it back, and the element
+    counted the whole frame's size (refused limit_exceeded) instead of its own."""
+    from dispatch.transport.requesters import _size
+
+    small = {"request_id": "a", "command": "echo", "data": {}, "note": -9999999999999999999}
+    assert _size(small) < 1000  # its own few hundred bytes parsed
+    assert _size({**small, "data": {"blob": "x" * 5000}}) > 5000
