@@ -76,7 +76,7 @@ class WsRequester:
         pending = self.pending
         async for text in self.ws:
             parsed = loads(text)
-            for answer in parsed if text[:1] == "[" else [parsed]:
+            for answer in parsed if isinstance(parsed, list) else [parsed]:
                 future = pending.pop(answer.get("request_id"), None)
                 if future is not None and not future.done():
                     future.set_result(answer)

@@ -47,7 +47,7 @@ def requester_frame(i: int) -> Frame:
     """The i-th malformed frame for the requester socket, cycling through the kinds."""
     kinds: list[Callable[[], Frame]] = [
         lambda: (f'{{"request_id": "r{i}", "command": "echo", "data": {{', "Malformed JSON"),
-        lambda: (f"[{i}, {i}]", "Expected a JSON object, got list"),
+        lambda: (f'"{i}"', "Expected a JSON object, got str"),  # (an array is a batch)
         lambda: ("null" if i % 2 else f"{i}", "Expected a JSON object"),
         lambda: (json.dumps({"request_id": f"r{i}", "command": i}),
                  "Field 'command' must be str, got int"),

@@ -379,8 +379,10 @@ def request_frames() -> st.SearchStrategy[str | bytes]:
         lambda n: dumps({"command": "echo", "data": {"x": "é" * n}}))
     oversized = st.integers(LIMIT - 40, LIMIT + 40).map(
         lambda n: dumps({"command": "echo", "data": {"x": "a" * n}}))
-    return st.one_of(api_requests.map(dumps), raw_inputs.filter(on_the_wire), multibyte,
-                     oversized)
+    # (a text frame that is a JSON array is a batch: test_a_batch_frame_... below)
+    single = raw_inputs.filter(lambda r: on_the_wire(r) and (isinstance(r, bytes) or
+                                                             not protocol.is_batch(r)))
+    return st.one_of(api_requests.map(dumps), single, multibyte, oversized)
 
 
 ANY_ID = object()  # the frame named no request_id: the broker assigns one
@@ -446,6 +448,46 @@ async def test_requester_socket_answers_every_frame_once_and_stays_usable(
         assert await next_reply(r, w) == {"request_id": after, "success": True,
                                           "data": echo_result({"ok": 1}), "error": None,
                                           "processed_by": worker_id}
+    finally:
+        await r.disconnect()
+        await w.disconnect()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("fresh_broker")
+@SOCKET_FUZZ
+@given(elements=st.lists(api_requests | field_values, min_size=1, max_size=8))
+async def test_a_batch_frame_gets_one_answer_per_element_and_the_socket_goes_on(
+        elements: list[Any]) -> None:
+    """A batch of anything (requests good and bad, ids repeated, things that are no
+    object): one answer per element, named ones under their id, none more; then the
+    socket still serves."""
+    w, worker_id = await open_worker()
+    r = await open_socket("/ws/requester/")
+    try:
+        await send_raw(r, dumps(elements))
+        answers: list[dict[str, Any]] = []
+        while len(answers) < len(elements):
+            got = await next_reply(r, w)
+            answers += got if isinstance(got, list) else [got]  # type: ignore[list-item]
+        await answer_requests(w)
+        assert await r.receive_nothing(0.01), "an extra answer arrived"
+        assert len(answers) == len(elements)
+        for answer in answers:
+            assert set(answer) - {"code"} == {"request_id", "success", "data", "error",
+                                              "processed_by"}, answer
+        named = [e["request_id"] for e in elements if isinstance(e, dict) and
+                 isinstance(e.get("request_id"), str) and e["request_id"].isprintable() and
+                 0 < len(e["request_id"]) <= protocol.MAX_ID_CHARS]
+        got_ids = [a["request_id"] for a in answers]
+        assert all(got_ids.count(rid) >= named.count(rid) for rid in named), (elements,
+                                                                             answers)
+        after = f"after-{worker_id}"
+        await r.send_json_to({"request_id": after, "command": "echo", "data": {"ok": 1}})
+        got = await next_reply(r, w)
+        assert (got if isinstance(got, list) else [got]) == [{  # type: ignore[comparison-overlap]
+            "request_id": after, "success": True, "data": echo_result({"ok": 1}),
+            "error": None, "processed_by": worker_id}]
     finally:
         await r.disconnect()
         await w.disconnect()

@@ -77,7 +77,7 @@ class RequesterConsumer(BaseSocket):
         self.in_flight_bytes = 0
 
     async def receive_text(self, text: str) -> None:
-        if text[:1] == "[":
+        if protocol.is_batch(text):
             await self._receive_batch(text)
             return
         try:
@@ -254,7 +254,7 @@ class RequesterConsumer(BaseSocket):
         refusal must cost next to nothing), so the caller can match it. A batch frame is
         refused whole, with none: the ids of its other requests are not known, and the
         first one's would say that it alone was refused."""
-        request_id = None if text[:1] == "[" else protocol.peek(text, "request_id")
+        request_id = None if protocol.is_batch(text) else protocol.peek(text, "request_id")
         await self.refuse(f"Message too large: {size} bytes (limit {limit})",
                           request_id if request_id and len(request_id) <= protocol.MAX_ID_CHARS
                           else None, ErrorCode.TOO_LARGE)

@@ -67,7 +67,7 @@ class WorkerConsumer(BaseSocket):
         link = self.link
         assert link is not None
         link.heard()
-        if text[:1] == "[" and Feature.BATCH in link.features:
+        if Feature.BATCH in link.features and protocol.is_batch(text):
             try:  # as a single frame: the broker's own commands compute on their numbers
                 frames = await parse(protocol.loads_frames, text,
                                      relay='"request"' not in text)

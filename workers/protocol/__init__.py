@@ -26,7 +26,8 @@ from .api import (PRIORITIES, ROUTE_FIELDS, ApiRequest, ApiResponse, Attach, Can
 from .bodies import (CHUNK_WINDOW, MAX_PROGRESS_MESSAGE, ChunkBody, ProgressBody, RequestBody,
                      ResponseBody)
 from .codec import (BATCH_BYTES, MAX_BATCH, STDLIB_DECODE_ERRORS, batch_frames, dumps,
-                    dumps_fast, loads_frames, loads_object, parsed_size, peek, relayed)
+                    dumps_fast, is_batch, loads_frames, loads_object, parsed_size, peek,
+                    relayed)
 from .codes import (ALL_BUSY, ANSWER_TOO_LARGE, ANSWERED_ELSEWHERE, BROKER_OVERLOADED,
                     BROKER_UNAVAILABLE, CANCELLED, LEASE_EXPIRED, NO_WORKERS, SHUTTING_DOWN,
                     TIMEOUT, WORKER_ANSWER_CODES, WORKER_LOST, CloseCode, ErrorCode)
@@ -54,6 +55,7 @@ __all__ = [
     "ApiRequest", "ApiResponse", "Attach", "Cancel", "ChunkBody", "CloseCode", "ErrorCode",
     "Feature", "Message", "MessageType", "ProgressBody", "ProtocolError", "Registration",
     "RequestBody", "ResponseBody", "SchemaError", "batch_frames", "batch_messages", "dumps",
+    "is_batch",
     "dumps_fast",
     "event", "label", "loads_frames", "loads_object", "peek", "new_id", "parse_labels",
     "parsed_size", "relayed",

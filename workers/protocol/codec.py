@@ -159,6 +159,14 @@ def loads_frames(text: str | bytes) -> list[dict[str, Any]]:
     return obj
 
 
+def is_batch(text: str | bytes) -> bool:
+    """Whether a frame is a batch: a JSON array (JSON may begin with whitespace)."""
+    head = text[:1]
+    if head.isspace():
+        head = text.lstrip()[:1]
+    return head in ("[", b"[")
+
+
 def batch_frames(texts: list[str], limit: int = BATCH_BYTES) -> Iterator[str]:
     """Encoded envelopes joined into as few frames as ``limit`` allows, in order."""
 
