@@ -8,7 +8,8 @@
   once it is idle again: no worker, nothing pending; else a fresh one).
 - ``spawn_worker``: ``python -m workers`` processes against either.
 - ``--heavy``: also run the system tests marked ``heavy`` (wheel build, Sentinel,
-  Autobahn, browser, bench harness, soak); without it they are skipped, saying so.
+  Autobahn, browser, bench harness, soak, the slowest end-to-end tests); without it
+  they are skipped, saying so.
 - ``TEST_TIME_FACTOR``: multiplies every bounded wait and every test's timeout.
 """
 
@@ -35,7 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--heavy", action="store_true", default=False,
                      help="also run the heavy system tests (marker 'heavy'): the wheel "
                           "build, Sentinel failover, Autobahn, the browser, the bench "
-                          "harness, the soak; -m heavy runs only them")
+                          "harness, the soak, the slowest end-to-end tests; -m heavy runs "
+                          "only them")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

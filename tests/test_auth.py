@@ -140,6 +140,7 @@ async def test_tokens_are_stored_hashed(broker_state) -> None:
     assert row.key_id in token
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_real_broker_with_credentials(broker_factory, tmp_path: Path) -> None:
     """Tokens made with the management command, used by the real worker and requester."""
     broker = broker_factory(env={"BROKER_AUTH_REFRESH_SECONDS": "0.3"})

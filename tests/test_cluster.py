@@ -96,6 +96,7 @@ async def first_dashboard_snapshot(broker: Broker) -> dict:
         return json.loads(await asyncio.wait_for(ws.recv(), 10))
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_round_robin_is_global(cluster, workers_started) -> None:
     a, b = cluster(2, args=["--strategy", "round_robin"])
     for name, broker in (("w1", a), ("w2", a), ("w3", b)):
@@ -149,6 +150,7 @@ async def test_kill_9_of_a_broker_process(cluster, workers_started) -> None:
     assert info["name"] == "roamer" and info["process"] == b.get("/healthz")["process"]
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_redis_restart_while_brokers_run(cluster, workers_started, redis_server) -> None:
     a, b = cluster(2, url=redis_server.url)
     start_worker(workers_started, a, "steady")
@@ -173,6 +175,7 @@ async def test_redis_restart_while_brokers_run(cluster, workers_started, redis_s
     assert "unavailable" in (a.log() + b.log()).lower()
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_runbroker_processes_flag(tmp_path: Path, redis_url: str, stop_signal: int) -> None:
     step = 7
@@ -233,6 +236,7 @@ def test_runbroker_processes_flag(tmp_path: Path, redis_url: str, stop_signal: i
     assert "Traceback" not in text and text.count("broker stopped") == 2, text
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_runbroker_processes_stop_at_once_when_one_cannot_listen(tmp_path: Path,
                                                                 redis_url: str) -> None:
     import socket
@@ -281,6 +285,7 @@ def postgres_url() -> Iterator[str]:
         conn.close()
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_history_from_every_process_lands_in_postgres(cluster, workers_started,
                                                       postgres_url: str) -> None:
     import psycopg
@@ -355,6 +360,7 @@ def session_rows(broker: Broker) -> list[tuple[str, str, str]]:
                           "ORDER BY connected_at").fetchall()
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_killed_process_leaves_nothing_online(cluster, workers_started, redis_url,
                                                record_property) -> None:
     """Its workers' rows go offline, and its inbox leaves the broadcast group, soon."""
@@ -389,6 +395,7 @@ def test_a_killed_process_leaves_nothing_online(cluster, workers_started, redis_
     assert offline_after < 15
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_an_embedded_broker_tidies_the_rows_its_killed_predecessor_left(broker_factory,
                                                                        spawn_worker) -> None:
     first = broker_factory()
@@ -471,6 +478,7 @@ async def test_kill_9_of_the_requesters_process_loses_no_answer_of_a_worker_else
     assert starts == {f"J{i}": 1 for i in range(4)}, starts
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_while_a_process_stops_its_fleet_is_waited_for_not_failed(
         cluster, workers_started, postgres_url: str) -> None:
     """The only worker is on A; A is stopped (SIGTERM) and its worker moves to B. A

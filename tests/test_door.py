@@ -82,6 +82,7 @@ def timed(call: Callable[[], Any]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_slow_heads_from_a_few_addresses_cannot_take_the_broker_down(
         broker_factory, spawn_worker, record_property) -> None:
     broker = broker_factory(env={**FAST_AUTH, "BROKER_MAX_CONNECTIONS_PER_ADDRESS": str(CAP),

@@ -100,6 +100,7 @@ def test_a_request_sent_again_is_the_same_job(broker: Broker, spawn_worker: Call
     assert again == answer and runs(log) == ["start X", "end X"]
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_the_python_client_rides_out_a_restart(broker: Broker, spawn_worker: Callable[
         ..., WorkerProc], tmp_path: Path) -> None:
     """start() returns once the job is stored; the broker is killed and comes back; the
@@ -123,6 +124,7 @@ async def test_the_python_client_rides_out_a_restart(broker: Broker, spawn_worke
     assert all(runs(log).count(f"start {tag}") == 1 for tag in ("J1", "J2", "C")), runs(log)
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_a_job_that_must_not_run_twice_is_sent_only_once_it_is_kept(
         broker_factory, spawn_worker: Callable[..., WorkerProc], tmp_path: Path) -> None:
     """kill -9 before the store committed a request (commits 1 s apart here). A command

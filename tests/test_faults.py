@@ -164,6 +164,7 @@ async def test_without_a_job_store_sigterm_finishes_work_and_exits_0(
            shutdown_seconds=round(took, 2))
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_sigterm_hands_over_and_every_call_is_answered_after_the_restart(
         broker: Broker, spawn_worker, tmp_path, record_property) -> None:
     """With the job store (the default), a stopping broker does not wait for work in
@@ -191,6 +192,7 @@ async def test_sigterm_hands_over_and_every_call_is_answered_after_the_restart(
            shutdown_seconds=round(took, 2))
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_drain_takes_a_worker_out_of_rotation(broker: Broker, spawn_worker) -> None:
     spawn_worker("a")
     spawn_worker("b")

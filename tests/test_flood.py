@@ -161,6 +161,7 @@ async def flood_worker(url: str, frames: list[Frame]) -> list[Message]:
         return answers
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_ten_thousand_malformed_frames_are_each_answered_and_hurt_nothing(
         broker_factory: Callable[..., Broker], record_property) -> None:
     # Default heartbeats: with the tests' fast ones (a 2 s window) the flooder's pong

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 ROUNDS = 6
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_sigterm_and_sigint_exit_0_right_after_serving(broker_factory, tmp_path) -> None:
     """The requester is a raw socket that stays open until the broker has exited (a
     library client would have closed politely, or waited on its own close)."""

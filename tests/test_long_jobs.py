@@ -221,6 +221,7 @@ async def test_the_worker_knows_the_time_left(broker: Broker, worker: WorkerProc
     assert 10 < left <= 12
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_hung_leased_job_fails_over_then_expires(broker_factory, spawn_worker) -> None:
     broker = broker_factory(env={"BROKER_MAX_RETRIES": "1"})
     for name in ("a", "b"):
@@ -243,6 +244,7 @@ def test_a_hung_leased_job_fails_over_then_expires(broker_factory, spawn_worker)
 # --------------------------------------------------------------------------- re-attach
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_a_new_connection_attaches_to_a_running_or_finished_request(
         broker_factory, spawn_worker) -> None:
     broker = broker_factory(env={"BROKER_AUTH_REFRESH_SECONDS": "0.3"})
@@ -381,6 +383,7 @@ def test_a_poison_request_takes_down_at_most_max_retries_plus_one_workers(
     assert wait_for(row, 10, "the history row") == (3, "worker_lost", 3)
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_one_keys_burst_does_not_starve_another_key(broker_factory, spawn_worker) -> None:
     broker = broker_factory(env={"BROKER_AUTH_REFRESH_SECONDS": "0.3"})
     bulk, small, worker_token, admin = broker.tokens(

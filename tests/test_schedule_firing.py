@@ -124,6 +124,7 @@ def report(record_property: Callable[[str, Any], None], name: str, figures: Any)
     logging.getLogger("tests.schedules").warning("figures %s: %s", name, figures)
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_schedule_fires_each_second_and_a_real_worker_answers_each_firing(
         broker: Broker, spawn_worker: Callable[..., WorkerProc], record_property) -> None:
     spawn_worker("w1")

@@ -60,8 +60,11 @@ def test_a_tenants_requests_never_reach_another_tenants_worker(broker_factory,
                     assert response.success, response
                     served[response.processed_by] = served.get(response.processed_by, 0) + 1
         assert served == {victim["worker_id"]: 90}  # the impostor saw none of A's data
+        seen = []  # not even one request (the broker's pings to a silent worker, maybe)
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(impostor.recv(), 0.3)  # not even one frame
+            while True:
+                seen.append(Message.from_json(await asyncio.wait_for(impostor.recv(), 0.3)))
+                assert seen[-1].type == "heartbeat", seen[-1]
         # B's key is served by B's workers only: A's get_time is not there for it.
         async with Requester(broker.requester_url, token=b_app) as b:
             refused = await b.request("get_time", {})
@@ -107,6 +110,7 @@ def test_a_worker_token_pins_labels_version_and_weight(broker_factory) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_changed_credential_sends_its_workers_back_to_take_the_new_rights(
         broker_factory, spawn_worker) -> None:
     """Moving a token to another pool must not leave its live workers serving the old."""
@@ -162,6 +166,7 @@ def as_key(broker: Broker, key: str) -> Any:
     return connect(broker.requester_url, additional_headers={"Authorization": f"Bearer {key}"})
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_tenant_that_fills_the_queue_and_leaves_does_not_keep_another_out(
         broker_factory, spawn_worker) -> None:
     """B queues more than the queue holds and leaves: A was refused all_busy at once."""
@@ -182,6 +187,7 @@ def test_a_tenant_that_fills_the_queue_and_leaves_does_not_keep_another_out(
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_credentials_limits_hold_across_its_reconnects(broker_factory, spawn_worker) -> None:
     """Requests outlive their connection: connect, fill, close, again, used to leave
     any number pending for one key (160 of 1 MB in 20 rounds)."""

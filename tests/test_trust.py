@@ -212,6 +212,7 @@ async def register(broker: Broker, token: str | None, registration: Registration
     return ws, Message.from_json(await asyncio.wait_for(ws.recv(), 5))
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_worker_id_belongs_to_the_credential_that_registered_it(broker_factory,
                                                                  spawn_worker) -> None:
     broker = broker_factory(env=FAST_AUTH)
@@ -332,6 +333,7 @@ def test_protected_mode_keeps_web_pages_and_proxies_out(broker_factory, spawn_wo
         assert json.loads(client.recv().text)["data"] == "Echo: ran 0"
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_any_credential_ends_protected_mode_for_good(broker_factory, spawn_worker) -> None:
     broker = broker_factory(env=FAST_AUTH)
     spawn_worker("early", wait=True, target=broker)
@@ -404,6 +406,7 @@ class PeakRss:
         return self.peak_mb - self.base_mb
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_requester_that_never_reads_is_cut_off(broker_factory, spawn_worker,
                                                  record_property) -> None:
     broker = broker_factory()
@@ -590,6 +593,7 @@ def test_a_flooding_peer_is_closed_by_the_rate_limit(broker_factory) -> None:
 # --------------------------------------------------------------------------- found by attacking
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_worker_id_stays_with_its_credential_across_a_broker_restart(broker_factory,
                                                                      spawn_worker) -> None:
     """The claim must not live only in the registry that a restart empties."""
@@ -623,6 +627,7 @@ def test_a_worker_id_stays_with_its_credential_across_a_broker_restart(broker_fa
     assert code == 4409 and second.workers_as(admin) == []
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_get_client_info_is_no_amplifier(broker_factory, record_property) -> None:
     """Fat registrations and a reader that never reads must not blow the broker up."""
     broker = broker_factory(env=FAST_AUTH)
@@ -687,6 +692,7 @@ def test_get_client_info_is_no_amplifier(broker_factory, record_property) -> Non
     assert broker.get("/healthz")["status"] == "ok"
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_bad_host_headers_cannot_flood_the_log(broker_factory, record_property) -> None:
     broker = broker_factory()
     before = broker.log_path.stat().st_size
@@ -893,6 +899,7 @@ def test_megabytes_of_huge_integers_from_one_peer_do_not_hold_the_loop(
     assert during[50] < 20, during  # was 111 ms
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_bad_tokens_at_the_door_cannot_flood_the_log(broker_factory, record_property) -> None:
     """Each refused handshake on the worker socket wrote a line of its own (a budget
     per connection): an outsider grew the log by ~80 KB/s without any credential."""
