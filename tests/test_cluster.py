@@ -108,6 +108,7 @@ def test_round_robin_is_global(cluster, workers_started) -> None:
     assert sorted(served.values()) == [10, 10, 10]
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_max_concurrency_holds_across_processes(cluster, workers_started) -> None:
     a, b = cluster(2)
     start_worker(workers_started, a, "narrow", "--max-concurrency", "2")
@@ -131,6 +132,7 @@ async def test_max_concurrency_holds_across_processes(cluster, workers_started) 
     assert peak <= 2 and elapsed >= 1.15  # two at a time, three rounds
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_kill_9_of_a_broker_process(cluster, workers_started) -> None:
     a, b = cluster(2)
     # the worker knows both brokers: after a dies it reconnects to b

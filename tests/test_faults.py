@@ -88,6 +88,7 @@ async def test_frozen_worker_detected_by_heartbeat(broker: Broker, spawn_worker,
            heartbeat_interval=0.5, misses=3)
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_worker_that_stops_reading_is_cut_off(broker_factory, record_property) -> None:
     # One requester sends all 100 MB: let it (its own limit is tested in test_trust.py).
     broker = broker_factory(env={"BROKER_MAX_MESSAGE_BYTES": str(2 ** 20),

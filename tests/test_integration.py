@@ -135,6 +135,7 @@ def test_worker_side_imports_no_django() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_worker_reconnects_and_reregisters_after_broker_restart(broker_factory,
                                                                 spawn_worker) -> None:
     broker = broker_factory()

@@ -258,6 +258,7 @@ async def test_a_command_not_opted_in_is_never_hedged(broker: Broker, spawn_work
 # ---------------------------------------------------------------------------- explained
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 async def test_a_failover_is_told_in_the_answer_and_the_history_row(
         broker_factory, spawn_worker) -> None:
     broker = broker_factory()  # the one history row of 'slow'

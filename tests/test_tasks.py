@@ -129,6 +129,7 @@ out["context_id"] = r2.id
     assert out["enqueue_ms"] < 1000  # stored before it returns (a few ms; see the note)
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_results_go_through_every_status(fleet: Fleet) -> None:
     out = fleet.web("""
 from datetime import timedelta
@@ -202,6 +203,7 @@ out["id"] = result.id
                       ["finished", "add", out["id"], "SUCCESSFUL"]]
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_a_task_waits_for_a_worker_of_its_queue(fleet: Fleet) -> None:
     out = fleet.web("""
 other = sample_tasks.add.using(queue_name="other").enqueue(7, 8)

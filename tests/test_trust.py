@@ -294,6 +294,7 @@ def http(broker: Broker, method: str, path: str, body: bytes | None = None,
             return exc.code, {"raw": raw[:200].decode(errors="replace")}
 
 
+@pytest.mark.heavy  # (slow on a 2-core machine: in CI and with --heavy)
 def test_protected_mode_keeps_web_pages_and_proxies_out(broker_factory, spawn_worker) -> None:
     broker = broker_factory(env={**FAST_AUTH, "BROKER_TRUSTED_PROXIES": "127.0.0.2"})
     spawn_worker("local", wait=True, target=broker)
