@@ -113,9 +113,6 @@ class JobStore:
         self._waiting: list[asyncio.Future[None]] = []  # resolved by the next commit
         self._wake = asyncio.Event()
         self._thread = DbThread("job-store")
-        #: Lookups a peer asks for (attach, status by id), beside the commits: a flood of
-        #: them must not delay what waits for a commit (SQLite's WAL lets both run).
-        self._lookups = DbThread("job-store-lookups")
         self._task: asyncio.Task[None] | None = None
         self._pruned_at = 0.0
         self.commits = 0
@@ -221,7 +218,6 @@ class JobStore:
             self._task = None
         await self.flush()
         await self._thread.close()
-        await self._lookups.close()
 
     async def _run(self) -> None:
         while True:
@@ -299,11 +295,11 @@ class JobStore:
 
     async def unanswered(self, owner: str, request_id: str) -> bool:
         """Whether a request of ``owner`` is held, not answered yet (by any process)."""
-        return await self._lookups.run(_unanswered, owner, request_id)
+        return await self._thread.run(_unanswered, owner, request_id)
 
     async def kept(self, owner: str, request_id: str) -> str | None:
         """The answer of a request answered lately (within RESULT_TTL), if any."""
-        return await self._lookups.run(_answer_of, owner, request_id)
+        return await self._thread.run(_answer_of, owner, request_id)
 
 
 class KeptBytes:
