@@ -320,10 +320,8 @@ def _size(obj: dict[str, Any]) -> int:
     """What one request of a batch costs parsed: its own size, not a share of the
     frame's (one big request among small ones that finish at once would otherwise hold
     its bytes almost uncounted)."""
-    text = protocol.dumps_fast(obj)
-    if text is None:  # an integer orjson cannot write: the exact encoder
-        try:
-            text = protocol.dumps(obj)
-        except (TypeError, ValueError):
-            text = str(obj)
+    try:  # (dumps tries orjson first, then the exact encoder for what orjson cannot write)
+        text = protocol.dumps(obj)
+    except (TypeError, ValueError):
+        text = str(obj)
     return protocol.parsed_size(text)
